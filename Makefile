@@ -1,0 +1,39 @@
+# The README's two commands: `make demo` and `make test`. Both set everything up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit prometheus bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Until the simulated fleet and `stacklens demo` land, the main job is the agent on simulated GPUs.
+demo: $(STAMP)
+	$(BIN)/stacklens-agent --simulate --once -o table
+
+# Debian's Prometheus server, used by the tests that scrape the agent (needs root, as CI has).
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict collector correlator tests benchmarks
+
+unit: $(STAMP)
+	$(BIN)/pytest -q
+
+test: prometheus lint typecheck unit
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -1,0 +1,58 @@
+"""Rates from cumulative counters, robust to wraps and resets.
+
+NVML's cumulative counters (PCIe bytes, NVLink KiB per link, energy) are read with NVML's own
+timestamps; a rate is the delta over the delta of those timestamps, not of the agent's clock, so
+sampling jitter in the agent does not show up as traffic jitter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class _Last:
+    value: int
+    time_ns: int
+
+
+class CounterRates:
+    """Turns successive (value, time) reads of many counters into per-second rates.
+
+    A counter that goes down either wrapped (it was within ``wrap_window`` of its width's maximum)
+    or was reset (driver reload, GPU reset); a wrap yields a rate, a reset yields no rate for that
+    interval and re-baselines. The first read of a counter yields no rate.
+    """
+
+    def __init__(self, wrap_window: float = 0.25) -> None:
+        self._last: dict[Hashable, _Last] = {}
+        self._wrap_window = wrap_window
+        self.resets = 0
+        self.wraps = 0
+
+    def update(self, key: Hashable, value: int, time_ns: int, width_bits: int = 64) -> float | None:
+        """Record a read; return the rate in units per second since the previous read, or None."""
+        last = self._last.get(key)
+        self._last[key] = _Last(value, time_ns)
+        if last is None:
+            return None
+        dt_ns = time_ns - last.time_ns
+        if dt_ns <= 0:
+            # Same NVML timestamp: the driver has not refreshed the counter since the last read.
+            # Keep the earlier baseline so the next read spans the whole interval.
+            self._last[key] = last
+            return None
+        if value >= last.value:
+            return (value - last.value) * 1e9 / dt_ns
+        modulus = 1 << width_bits
+        if last.value >= modulus * (1 - self._wrap_window) and value < modulus * self._wrap_window:
+            self.wraps += 1
+            return (modulus - last.value + value) * 1e9 / dt_ns
+        self.resets += 1
+        return None
+
+    def forget(self, key_prefix: Hashable) -> None:
+        """Drop every counter whose key is a tuple starting with ``key_prefix`` (a lost GPU)."""
+        for key in [k for k in self._last if isinstance(k, tuple) and k and k[0] == key_prefix]:
+            del self._last[key]

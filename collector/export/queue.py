@@ -1,0 +1,156 @@
+"""A bounded export queue with retry and backoff, on its own thread.
+
+The sampling loop never waits on the network: it hands encoded requests to :meth:`ExportQueue.put`
+and goes on. While the endpoint is unreachable the queue keeps the newest requests up to a byte bound,
+drops the oldest beyond it (counting what it dropped), and retries with capped exponential backoff.
+Queued requests are sent merged, so a backlog drains in a few large requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from collector.export.otlp_encode import merge_requests
+from collector.export.otlp_transport import ExportError, MetricsTransport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ExportStats:
+    sent_requests: int = 0
+    sent_bytes: int = 0
+    failed_attempts: int = 0
+    dropped_requests: int = 0  # lost to the bound or to a non-retryable rejection
+    queued_requests: int = 0
+    queued_bytes: int = 0
+
+
+class ExportQueue:
+    def __init__(
+        self,
+        transport: MetricsTransport,
+        max_bytes: int = 16 << 20,
+        max_request_bytes: int = 4 << 20,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        rng: random.Random | None = None,
+        on_drop: Callable[[int], None] | None = None,
+    ) -> None:
+        self._transport = transport
+        self._max_bytes = max_bytes
+        self._max_request_bytes = max_request_bytes
+        self._backoff_initial_s = backoff_initial_s
+        self._backoff_max_s = backoff_max_s
+        self._rng = rng or random.Random(0)
+        self._on_drop = on_drop
+        self._items: deque[bytes] = deque()
+        self._bytes = 0
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.stats = ExportStats()
+        self._last_error: str | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="stacklens-export", daemon=True)
+        self._thread.start()
+
+    def put(self, payload: bytes) -> None:
+        with self._cond:
+            self._items.append(payload)
+            self._bytes += len(payload)
+            while self._bytes > self._max_bytes and len(self._items) > 1:
+                dropped = self._items.popleft()
+                self._bytes -= len(dropped)
+                self._drop(1)
+            self._update_stats()
+            self._cond.notify()
+
+    def _drop(self, n: int) -> None:
+        self.stats.dropped_requests += n
+        if self._on_drop is not None:
+            self._on_drop(n)
+
+    def _update_stats(self) -> None:
+        self.stats.queued_requests = len(self._items)
+        self.stats.queued_bytes = self._bytes
+
+    def _take(self) -> tuple[int, bytes] | None:
+        with self._cond:
+            while not self._items and not self._stop:
+                self._cond.wait()
+            if not self._items:
+                return None
+            count, size = 0, 0
+            for item in self._items:
+                if count and size + len(item) > self._max_request_bytes:
+                    break
+                count += 1
+                size += len(item)
+            return count, merge_requests([self._items[i] for i in range(count)])
+
+    def _commit(self, count: int) -> None:
+        with self._cond:
+            for _ in range(min(count, len(self._items))):
+                self._bytes -= len(self._items.popleft())
+            self._update_stats()
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        failures = 0
+        while True:
+            taken = self._take()
+            if taken is None:
+                return
+            count, payload = taken
+            try:
+                self._transport.send(payload)
+            except ExportError as exc:
+                self.stats.failed_attempts += 1
+                if self._last_error != str(exc):
+                    log.warning("OTLP export failed (%s); %s", exc, "retrying" if exc.retryable else "dropped")
+                    self._last_error = str(exc)
+                if not exc.retryable:
+                    self._commit(count)
+                    self._drop(count)
+                    continue
+                failures += 1
+                delay = min(self._backoff_max_s, self._backoff_initial_s * 2 ** (failures - 1))
+                delay *= 0.5 + self._rng.random() / 2  # jitter, so a fleet does not retry in lockstep
+                with self._cond:
+                    if self._stop:
+                        return
+                    self._cond.wait(timeout=delay)
+                continue
+            except Exception:  # a transport bug must not kill the export thread
+                log.exception("unexpected error in OTLP export; dropping %d request(s)", count)
+                self._commit(count)
+                self._drop(count)
+                continue
+            if failures:
+                log.info("OTLP export recovered after %d failed attempt(s)", failures)
+                self._last_error = None
+            failures = 0
+            self.stats.sent_requests += count
+            self.stats.sent_bytes += len(payload)
+            self._commit(count)
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until the queue is empty (True) or the timeout passes (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._items, timeout=timeout_s)
+
+    def stop(self, flush_timeout_s: float = 2.0) -> None:
+        self.flush(flush_timeout_s)
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=self._backoff_max_s + 1)
+        self._transport.close()

@@ -1,0 +1,289 @@
+"""The one choke point for every NVML call the agent makes.
+
+Everything that talks to ``pynvml`` goes through :class:`NvmlAccess`, which:
+
+- loads and initialises NVML lazily, and classifies a failure once (``library_not_found`` is the
+  normal answer on a CPU-only node);
+- remembers ``NOT_SUPPORTED`` per (call, device, key) and ``FUNCTION_NOT_FOUND`` per call, and never
+  asks again;
+- turns ``GPU_IS_LOST`` into :class:`GpuLost` and remembers the device as lost;
+- counts every other error by (call, error name) for the agent's own metrics, and logs each kind once;
+- reads field values in one batched ``nvmlDeviceGetFieldValues`` call per device, on a ctypes array
+  prepared once, keeping NVML's own per-value timestamps.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# NVML return codes this layer treats specially (values from nvml.h, stable across drivers).
+NVML_SUCCESS = 0
+NVML_ERROR_UNINITIALIZED = 1
+NVML_ERROR_NOT_SUPPORTED = 3
+NVML_ERROR_NO_PERMISSION = 4
+NVML_ERROR_DRIVER_NOT_LOADED = 9
+NVML_ERROR_TIMEOUT = 10
+NVML_ERROR_LIBRARY_NOT_FOUND = 12
+NVML_ERROR_FUNCTION_NOT_FOUND = 13
+NVML_ERROR_GPU_IS_LOST = 15
+
+_VALUE_TYPE_DOUBLE = 0
+_VALUE_READERS: dict[int, str] = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal",
+                                  6: "usVal"}
+
+
+class GpuLost(Exception):
+    """NVML said the GPU has fallen off the bus; the device is remembered as lost."""
+
+    def __init__(self, device: int) -> None:
+        super().__init__(f"GPU {device} is lost")
+        self.device = device
+
+
+@dataclass(frozen=True, slots=True)
+class FieldValue:
+    field_id: int
+    scope_id: int
+    value: int | float | None  # None when this field's own return code was not SUCCESS
+    time_ns: int  # NVML's timestamp of the value; 0 when NVML gave none
+    return_code: int
+
+
+@dataclass(frozen=True, slots=True)
+class InitResult:
+    status: str  # "ok", "library_not_found", "driver_not_loaded", "no_permission", "error"
+    message: str = ""
+    driver_version: str | None = None
+    nvml_version: str | None = None
+
+
+def _error_code(exc: BaseException) -> int | None:
+    value = getattr(exc, "value", None)
+    return value if isinstance(value, int) else None
+
+
+class NvmlAccess:
+    """Thread-safe gateway to pynvml. Pass ``nvml`` to use another module with pynvml's API."""
+
+    def __init__(self, nvml: ModuleType | None = None) -> None:
+        self._nvml = nvml
+        self._lock = threading.Lock()
+        self._init: InitResult | None = None
+        self._unsupported: set[tuple[str, int, Hashable]] = set()
+        self._missing_functions: set[str] = set()
+        self._lost: set[int] = set()
+        self._logged: set[tuple[str, str]] = set()
+        self.errors: Counter[tuple[str, str]] = Counter()
+        self.calls = 0
+        self._field_arrays: dict[tuple[int, tuple[tuple[int, int], ...]], Any] = {}
+        self._field_fn: Any = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @property
+    def nvml(self) -> Any:
+        if self._nvml is None:
+            import pynvml  # deferred: a CPU-only node never needs it loaded
+
+            self._nvml = pynvml
+        return self._nvml
+
+    def init(self) -> InitResult:
+        """Initialise NVML once; later calls return the first result (call :meth:`reset` to retry)."""
+        with self._lock:
+            if self._init is not None:
+                return self._init
+            self._init = self._do_init()
+            if self._init.status != "ok":
+                log.warning("NVML unavailable (%s): %s; exporting host signals only",
+                            self._init.status, self._init.message)
+            return self._init
+
+    def _do_init(self) -> InitResult:
+        nvml = self.nvml
+        try:
+            nvml.nvmlInit()
+        except nvml.NVMLError as exc:
+            code = _error_code(exc)
+            status = {
+                NVML_ERROR_LIBRARY_NOT_FOUND: "library_not_found",
+                NVML_ERROR_DRIVER_NOT_LOADED: "driver_not_loaded",
+                NVML_ERROR_NO_PERMISSION: "no_permission",
+            }.get(code if code is not None else -1, "error")
+            return InitResult(status, str(exc))
+        driver = self._system_string("nvmlSystemGetDriverVersion")
+        version = self._system_string("nvmlSystemGetNVMLVersion")
+        return InitResult("ok", "", driver, version)
+
+    def _system_string(self, name: str) -> str | None:
+        try:
+            value = getattr(self.nvml, name)()
+        except self.nvml.NVMLError as exc:
+            self._count(name, exc)
+            return None
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    def reset(self) -> None:
+        """Forget the init result (so :meth:`init` retries) and every cached verdict."""
+        self.shutdown()
+        with self._lock:
+            self._init = None
+            self._unsupported.clear()
+            self._missing_functions.clear()
+            self._lost.clear()
+            self._field_arrays.clear()
+            self._field_fn = None
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._init is not None and self._init.status == "ok":
+                try:
+                    self.nvml.nvmlShutdown()
+                except self.nvml.NVMLError as exc:
+                    self._count("nvmlShutdown", exc)
+                self._init = InitResult("error", "shut down")
+
+    @property
+    def ok(self) -> bool:
+        return self._init is not None and self._init.status == "ok"
+
+    def is_lost(self, device: int) -> bool:
+        return device in self._lost
+
+    def is_unsupported(self, name: str, device: int, key: Hashable = None) -> bool:
+        return (name, device, key) in self._unsupported or name in self._missing_functions
+
+    # -- the choke point -----------------------------------------------------------------------
+    def call(self, name: str, device: int, *args: Any, key: Hashable = None) -> Any:
+        """Call ``pynvml.<name>(*args)`` for ``device`` (-1 for system calls).
+
+        Returns None when the call is not supported there (remembered: never asked again) or failed;
+        raises :class:`GpuLost` when NVML says the GPU is lost.
+        """
+        if device in self._lost:
+            raise GpuLost(device)
+        if name in self._missing_functions or (name, device, key) in self._unsupported:
+            return None
+        nvml = self.nvml
+        self.calls += 1
+        try:
+            return getattr(nvml, name)(*args)
+        except nvml.NVMLError as exc:
+            code = _error_code(exc)
+            if code == NVML_ERROR_NOT_SUPPORTED:
+                self._unsupported.add((name, device, key))
+                return None
+            if code == NVML_ERROR_FUNCTION_NOT_FOUND:
+                self._missing_functions.add(name)
+                log.info("NVML has no %s (older driver); not asking again", name)
+                return None
+            if code == NVML_ERROR_GPU_IS_LOST:
+                self._mark_lost(device, name)
+                raise GpuLost(device) from None
+            self._count(name, exc)
+            return None
+
+    def call_raising(self, name: str, device: int, *args: Any) -> Any:
+        """Like :meth:`call` but lets NVML errors other than GPU_IS_LOST propagate (for callers such
+        as the event thread that must see TIMEOUT)."""
+        if device in self._lost:
+            raise GpuLost(device)
+        nvml = self.nvml
+        self.calls += 1
+        try:
+            return getattr(nvml, name)(*args)
+        except nvml.NVMLError as exc:
+            if _error_code(exc) == NVML_ERROR_GPU_IS_LOST:
+                self._mark_lost(device, name)
+                raise GpuLost(device) from None
+            raise
+
+    def _mark_lost(self, device: int, name: str) -> None:
+        with self._lock:
+            if device not in self._lost:
+                self._lost.add(device)
+                self.errors[(name, "GPU_IS_LOST")] += 1
+                log.error("GPU %d is lost (NVML %s); it is reported lost from now on", device, name)
+
+    def _count(self, name: str, exc: BaseException) -> None:
+        kind = type(exc).__name__.removeprefix("NVMLError_") or "unknown"
+        with self._lock:
+            self.errors[(name, kind)] += 1
+            first = (name, kind) not in self._logged
+            self._logged.add((name, kind))
+        if first:
+            log.warning("NVML %s failed: %s (counted from now on, logged once)", name, exc)
+
+    # -- batched field values --------------------------------------------------------------------
+    def field_values(self, device: int, handle: Any, fields: Sequence[tuple[int, int]]) -> list[FieldValue]:
+        """Read ``fields`` ((field id, scope id) pairs) of one device in one NVML call.
+
+        Fields NVML answered NOT_SUPPORTED for before are left out of the request. A field whose own
+        return code is an error comes back with ``value=None``.
+        """
+        if device in self._lost:
+            raise GpuLost(device)
+        wanted = tuple(f for f in fields if ("field", device, f) not in self._unsupported)
+        if not wanted or "nvmlDeviceGetFieldValues" in self._missing_functions:
+            return []
+        nvml = self.nvml
+        array = self._field_arrays.get((device, wanted))
+        if array is None:
+            array = (nvml.c_nvmlFieldValue_t * len(wanted))()
+            self._field_arrays[(device, wanted)] = array
+        for i, (fid, scope) in enumerate(wanted):
+            entry = array[i]
+            entry.fieldId = fid
+            entry.scopeId = scope
+        if self._field_fn is None:
+            try:
+                self._field_fn = nvml._nvmlGetFunctionPointer("nvmlDeviceGetFieldValues")
+            except nvml.NVMLError as exc:
+                if _error_code(exc) == NVML_ERROR_FUNCTION_NOT_FOUND:
+                    self._missing_functions.add("nvmlDeviceGetFieldValues")
+                    return []
+                raise
+        self.calls += 1
+        # pynvml's own wrapper allocates a fresh array per call; the reused one is the hot path.
+        ret = self._field_fn(handle, ctypes.c_int32(len(wanted)), ctypes.byref(array))
+        if ret != NVML_SUCCESS:
+            if ret == NVML_ERROR_GPU_IS_LOST:
+                self._mark_lost(device, "nvmlDeviceGetFieldValues")
+                raise GpuLost(device)
+            self._count("nvmlDeviceGetFieldValues", nvml.NVMLError(ret))
+            return []
+        out: list[FieldValue] = []
+        for i, key in enumerate(wanted):
+            entry = array[i]
+            rc = entry.nvmlReturn
+            value: int | float | None = None
+            if rc == NVML_SUCCESS:
+                value = getattr(entry.value, _VALUE_READERS.get(entry.valueType, "ullVal"))
+            elif rc == NVML_ERROR_NOT_SUPPORTED:
+                self._unsupported.add(("field", device, key))
+            elif rc == NVML_ERROR_GPU_IS_LOST:
+                self._mark_lost(device, "nvmlDeviceGetFieldValues")
+                raise GpuLost(device)
+            else:
+                self._count(f"field {key[0]}", nvml.NVMLError(rc))
+            out.append(FieldValue(key[0], key[1], value, max(entry.timestamp, 0) * 1000, rc))
+        return out
+
+
+def first_ok(*candidates: Callable[[], T | None]) -> T | None:
+    """The first candidate that returns something other than None (fallback chains)."""
+    for candidate in candidates:
+        value = candidate()
+        if value is not None:
+            return value
+    return None

@@ -1,0 +1,362 @@
+"""The real GPU backend: samples every GPU through :class:`~collector.nvml.access.NvmlAccess`.
+
+Per cycle and GPU: one batched field-values read (power, energy, memory temperature, PCIe and NVLink
+byte counters, error counters, throttle time counters) plus six cheap getters (GPU temperature, SM
+and memory clocks, clock-event reasons, framebuffer, utilisation). Slowly changing state (link
+generation and width, NVLink link states, max clocks) and the process list are read when the agent asks.
+``nvmlDeviceGetPcieThroughput`` blocks ~20 ms per call, so where the PCIe byte counters are not
+supported it runs on its own thread, off the sampling path.
+
+Semantics of missing values: a field NVML does not support on this GPU is simply absent (asked once);
+a field that fails this time, a rate on the first read or after a counter reset, and every signal of a
+lost GPU are exported as missing (``None``), never as 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from collector.counters import CounterRates
+from collector.nvml.access import GpuLost, NvmlAccess
+from collector.nvml.events import XidWatcher
+from collector.nvml.fields import (
+    FI_NVLINK_LINK_COUNT,
+    FI_PCIE_COUNT_RX_BYTES,
+    FI_PCIE_COUNT_TX_BYTES,
+    FieldSpec,
+    field_plan,
+)
+from collector.records import GpuIdentity, GpuProcess, GpuSample, Reading, XidEvent
+
+log = logging.getLogger(__name__)
+
+NVML_TEMPERATURE_GPU = 0
+NVML_CLOCK_SM = 1
+NVML_CLOCK_MEM = 2
+NVML_PCIE_UTIL_TX_BYTES = 0
+NVML_PCIE_UTIL_RX_BYTES = 1
+MAX_NVLINKS = 18  # NVML_NVLINK_MAX_LINKS is larger, but no GPU so far has more than 18
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(slots=True)
+class _Device:
+    ident: GpuIdentity
+    handle: Any
+    links: tuple[int, ...] = ()
+    request: tuple[tuple[int, int], ...] = ()
+    specs: dict[tuple[int, int], FieldSpec] = field(default_factory=dict)
+
+
+class _PcieThroughputPoller:
+    """Polls the slow ``nvmlDeviceGetPcieThroughput`` on its own thread for GPUs without the PCIe
+    byte counters; the sampler picks up the latest values."""
+
+    def __init__(self, access: NvmlAccess, devices: list[_Device], clock_ns: Callable[[], int],
+                 interval_s: float) -> None:
+        self._access = access
+        self._devices = devices
+        self._clock_ns = clock_ns
+        self._interval_s = interval_s
+        self._latest: dict[int, tuple[float | None, float | None, int]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stacklens-pcie", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for dev in self._devices:
+                i = dev.ident.index
+                try:
+                    tx = self._access.call("nvmlDeviceGetPcieThroughput", i, dev.handle, NVML_PCIE_UTIL_TX_BYTES,
+                                           key="tx")
+                    rx = self._access.call("nvmlDeviceGetPcieThroughput", i, dev.handle, NVML_PCIE_UTIL_RX_BYTES,
+                                           key="rx")
+                except GpuLost:
+                    continue
+                # NVML reports KiB/s averaged over a 20 ms window
+                with self._lock:
+                    self._latest[i] = (
+                        None if tx is None else tx * 1024.0,
+                        None if rx is None else rx * 1024.0,
+                        self._clock_ns(),
+                    )
+            self._stop.wait(self._interval_s)
+
+    def take(self, index: int) -> tuple[float | None, float | None, int] | None:
+        with self._lock:
+            return self._latest.pop(index, None)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2.0)
+
+
+class NvmlGpuSource:
+    """:class:`~collector.backend.GpuBackend` over real NVML (pynvml)."""
+
+    def __init__(
+        self,
+        access: NvmlAccess | None = None,
+        clock_ns: Callable[[], int] = time.time_ns,
+        xid_events: bool = True,
+        pcie_poll_interval_s: float = 1.0,
+    ) -> None:
+        self.access = access or NvmlAccess()
+        self._clock_ns = clock_ns
+        self._want_xid = xid_events
+        self._pcie_poll_interval_s = pcie_poll_interval_s
+        self._devices: list[_Device] = []
+        self._rates = CounterRates()
+        self._xid: XidWatcher | None = None
+        self._pcie: _PcieThroughputPoller | None = None
+        self._status = "closed"
+        self._driver: str | None = None
+        self._cycles = 0
+
+    @property
+    def status(self) -> str:
+        return self._status
+
+    @property
+    def driver_version(self) -> str | None:
+        return self._driver
+
+    @property
+    def counter_rates(self) -> CounterRates:
+        return self._rates
+
+    def identities(self) -> tuple[GpuIdentity, ...]:
+        return tuple(d.ident for d in self._devices)
+
+    def open(self) -> str:
+        if self._status != "closed":  # a retry after a failed start: start from scratch
+            self.access.reset()
+            self._devices.clear()
+        result = self.access.init()
+        self._status = result.status
+        self._driver = result.driver_version
+        if result.status != "ok":
+            return self._status
+        count = self.access.call("nvmlDeviceGetCount", -1) or 0
+        plan = field_plan(self._driver)
+        for index in range(count):
+            try:
+                dev = self._open_device(index, plan)
+            except GpuLost:
+                log.error("GPU %d was lost before it could be opened", index)
+                continue
+            if dev is not None:
+                self._devices.append(dev)
+        if self._want_xid and self._devices:
+            self._xid = XidWatcher(self.access, [(d.ident, d.handle) for d in self._devices], self._clock_ns)
+            if not self._xid.start():
+                self._xid = None
+        log.info("NVML %s, driver %s: %d GPU(s)", self.access.init().nvml_version, self._driver,
+                 len(self._devices))
+        return self._status
+
+    def _open_device(self, index: int, plan: tuple[FieldSpec, ...]) -> _Device | None:
+        a = self.access
+        handle = a.call("nvmlDeviceGetHandleByIndex", index, index)
+        if handle is None:
+            return None
+        uuid = a.call("nvmlDeviceGetUUID", index, handle)
+        name = a.call("nvmlDeviceGetName", index, handle)
+        pci = a.call("nvmlDeviceGetPciInfo", index, handle)
+        minor = a.call("nvmlDeviceGetMinorNumber", index, handle)
+        ident = GpuIdentity(
+            index=index,
+            uuid=_text(uuid) if uuid is not None else f"GPU-index-{index}",
+            name=_text(name) if name is not None else "unknown",
+            pci_bus_id=_text(pci.busId) if pci is not None else "",
+            minor_number=minor,
+        )
+        dev = _Device(ident, handle)
+        dev.links = self._discover_links(dev)
+        request: list[tuple[int, int]] = []
+        for spec in plan:
+            scopes = dev.links if spec.per_link else (0,)
+            for scope in scopes:
+                request.append((spec.field_id, scope))
+                dev.specs[(spec.field_id, scope)] = spec
+        dev.request = tuple(request)
+        return dev
+
+    def _discover_links(self, dev: _Device) -> tuple[int, ...]:
+        i = dev.ident.index
+        values = self.access.field_values(i, dev.handle, [(FI_NVLINK_LINK_COUNT, 0)])
+        count = next((int(v.value) for v in values if v.value is not None), None)
+        if count is not None:
+            return tuple(range(min(count, MAX_NVLINKS)))
+        # no link-count field: ask each link for its state until NVML says there is none
+        links = []
+        for link in range(MAX_NVLINKS):
+            if self.access.call("nvmlDeviceGetNvLinkState", i, dev.handle, link, key=link) is None:
+                break
+            links.append(link)
+        return tuple(links)
+
+    # -- sampling -------------------------------------------------------------------------------
+    def sample(self, now_ns: int, slow: bool, processes: bool) -> tuple[GpuSample, ...]:
+        self._cycles += 1
+        out = []
+        for dev in self._devices:
+            i = dev.ident.index
+            if self.access.is_lost(i):
+                out.append(self._lost_sample(dev, now_ns))
+                continue
+            try:
+                readings, procs = self._read(dev, now_ns, slow, processes)
+            except GpuLost:
+                self._rates.forget(i)
+                out.append(self._lost_sample(dev, now_ns))
+                continue
+            out.append(GpuSample(dev.ident, now_ns, tuple(readings), procs))
+        if self._pcie is None and self._cycles == 1 and self._devices:
+            self._maybe_start_pcie_poller()
+        return tuple(out)
+
+    def _lost_sample(self, dev: _Device, now_ns: int) -> GpuSample:
+        return GpuSample(dev.ident, now_ns, (Reading("gpu_lost", 1.0, now_ns),), (), lost=True)
+
+    def _maybe_start_pcie_poller(self) -> None:
+        without = [
+            d for d in self._devices
+            if self.access.is_unsupported("field", d.ident.index, (FI_PCIE_COUNT_TX_BYTES, 0))
+            and self.access.is_unsupported("field", d.ident.index, (FI_PCIE_COUNT_RX_BYTES, 0))
+        ]
+        if without:
+            self._pcie = _PcieThroughputPoller(self.access, without, self._clock_ns, self._pcie_poll_interval_s)
+            self._pcie.start()
+
+    def _read(self, dev: _Device, now_ns: int, slow: bool, processes: bool
+              ) -> tuple[list[Reading], tuple[GpuProcess, ...]]:
+        a = self.access
+        i, h = dev.ident.index, dev.handle
+        readings: list[Reading] = [Reading("gpu_lost", 0.0, now_ns)]
+        add = readings.append
+        have: set[str] = set()
+        link_rates: dict[str, list[float | None]] = {}
+        for fv in a.field_values(i, h, dev.request):
+            spec = dev.specs[(fv.field_id, fv.scope_id)]
+            t = fv.time_ns or now_ns
+            labels = (("link", str(fv.scope_id)),) if spec.per_link else ()
+            value: float | None
+            if fv.value is None:
+                if a.is_unsupported("field", i, (fv.field_id, fv.scope_id)):
+                    continue
+                value = None
+            elif spec.treatment == "rate":
+                rate = self._rates.update((i, fv.field_id, fv.scope_id), int(fv.value), t)
+                value = None if rate is None else rate * spec.scale
+                if spec.per_link:
+                    link_rates.setdefault(spec.signal, []).append(value)
+            else:
+                value = float(fv.value) * spec.scale
+            have.add(spec.signal)
+            add(Reading(spec.signal, value, t, labels))
+        for per_link, total in (("nvlink_tx_bytes_per_s", "nvlink_tx_total_bytes_per_s"),
+                                ("nvlink_rx_bytes_per_s", "nvlink_rx_total_bytes_per_s")):
+            rates = link_rates.get(per_link)
+            if rates:
+                known = [r for r in rates if r is not None]
+                add(Reading(total, sum(known) if len(known) == len(rates) else None, now_ns))
+        # fallbacks for drivers without the power/energy fields
+        if "power_w" not in have and (mw := a.call("nvmlDeviceGetPowerUsage", i, h)) is not None:
+            add(Reading("power_w", mw / 1000.0, now_ns))
+        if "power_limit_w" not in have and (mw := a.call("nvmlDeviceGetEnforcedPowerLimit", i, h)) is not None:
+            add(Reading("power_limit_w", mw / 1000.0, now_ns))
+        if "energy_j" not in have and (mj := a.call("nvmlDeviceGetTotalEnergyConsumption", i, h)) is not None:
+            add(Reading("energy_j", mj / 1000.0, now_ns))
+        if self._pcie is not None and (latest := self._pcie.take(i)) is not None:
+            tx, rx, t = latest
+            add(Reading("pcie_tx_bytes_per_s", tx, t))
+            add(Reading("pcie_rx_bytes_per_s", rx, t))
+        self._read_getters(dev, now_ns, add)
+        if slow:
+            self._read_slow(dev, now_ns, add)
+        procs = self._read_processes(dev) if processes else ()
+        return readings, procs
+
+    def _read_getters(self, dev: _Device, now_ns: int, add: Callable[[Reading], None]) -> None:
+        a = self.access
+        i, h = dev.ident.index, dev.handle
+        temp = a.call("nvmlDeviceGetTemperature", i, h, NVML_TEMPERATURE_GPU)
+        if temp is not None:
+            add(Reading("gpu_temp_c", float(temp), now_ns))
+        sm = a.call("nvmlDeviceGetClockInfo", i, h, NVML_CLOCK_SM, key="sm")
+        if sm is not None:
+            add(Reading("sm_clock_hz", sm * 1e6, now_ns))
+        mem = a.call("nvmlDeviceGetClockInfo", i, h, NVML_CLOCK_MEM, key="mem")
+        if mem is not None:
+            add(Reading("memory_clock_hz", mem * 1e6, now_ns))
+        reasons = a.call("nvmlDeviceGetCurrentClocksEventReasons", i, h)
+        if reasons is None:
+            reasons = a.call("nvmlDeviceGetCurrentClocksThrottleReasons", i, h)
+        if reasons is not None:
+            # the exporters expand the bitmask into one flag per named reason
+            add(Reading("clock_event_reasons", float(reasons), now_ns))
+        memory = a.call("nvmlDeviceGetMemoryInfo", i, h)
+        if memory is not None:
+            add(Reading("fb_used_bytes", float(memory.used), now_ns))
+            add(Reading("fb_free_bytes", float(memory.free), now_ns))
+            add(Reading("fb_total_bytes", float(memory.total), now_ns))
+        util = a.call("nvmlDeviceGetUtilizationRates", i, h)
+        if util is not None:
+            add(Reading("gpu_util_ratio", util.gpu / 100.0, now_ns))
+            add(Reading("memory_busy_ratio", util.memory / 100.0, now_ns))
+
+    def _read_slow(self, dev: _Device, now_ns: int, add: Callable[[Reading], None]) -> None:
+        a = self.access
+        i, h = dev.ident.index, dev.handle
+        for signal, fn in (("pcie_link_gen", "nvmlDeviceGetCurrPcieLinkGeneration"),
+                           ("pcie_link_width", "nvmlDeviceGetCurrPcieLinkWidth"),
+                           ("pcie_link_gen_max", "nvmlDeviceGetMaxPcieLinkGeneration"),
+                           ("pcie_link_width_max", "nvmlDeviceGetMaxPcieLinkWidth")):
+            value = a.call(fn, i, h)
+            if value is not None:
+                add(Reading(signal, float(value), now_ns))
+        max_sm = a.call("nvmlDeviceGetMaxClockInfo", i, h, NVML_CLOCK_SM, key="sm")
+        if max_sm is not None:
+            add(Reading("sm_clock_max_hz", max_sm * 1e6, now_ns))
+        for link in dev.links:
+            state = a.call("nvmlDeviceGetNvLinkState", i, h, link, key=link)
+            if state is not None:
+                add(Reading("nvlink_link_up", 1.0 if state else 0.0, now_ns, (("link", str(link)),)))
+
+    def _read_processes(self, dev: _Device) -> tuple[GpuProcess, ...]:
+        a = self.access
+        i, h = dev.ident.index, dev.handle
+        procs: dict[int, GpuProcess] = {}
+        for kind, fn in (("graphics", "nvmlDeviceGetGraphicsRunningProcesses"),
+                         ("compute", "nvmlDeviceGetComputeRunningProcesses")):
+            for p in a.call(fn, i, h) or ():
+                used = p.usedGpuMemory
+                procs[int(p.pid)] = GpuProcess(int(p.pid), int(used) if used is not None else None,
+                                               "compute" if kind == "compute" else "graphics")
+        return tuple(sorted(procs.values(), key=lambda p: p.pid))
+
+    def drain_events(self) -> list[XidEvent]:
+        return self._xid.drain() if self._xid is not None else []
+
+    def close(self) -> None:
+        if self._xid is not None:
+            self._xid.stop()
+            self._xid = None
+        if self._pcie is not None:
+            self._pcie.stop()
+            self._pcie = None
+        self.access.shutdown()
+        self._status = "closed"

@@ -1,0 +1,321 @@
+"""The signal catalog: every signal stacklens knows, its canonical name and unit, and the names other
+sources give it (dcgm-exporter, OpenTelemetry hardware conventions).
+
+This is the one place that maps source names to canonical names. The agent exports canonical names
+over OTLP (prefixed ``stacklens.``) and DCGM names on /metrics; the correlator normalises whatever it
+receives through :func:`resolve`.
+
+Canonical units (UCUM as OpenTelemetry uses them): ``s``, ``By``, ``By/s``, ``W``, ``J``, ``Cel``,
+``Hz``, ``1`` (a ratio 0..1 or a count), ``{bitmask}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Literal
+
+
+class Group(StrEnum):
+    POWER_THERMAL = "power_thermal"
+    CLOCKS = "clocks"
+    MEMORY = "memory"
+    INTERCONNECT = "interconnect"
+    COMPUTE = "compute"
+    FAULTS = "faults"
+    PLACEMENT = "placement"
+    HOST = "host"
+    AGENT = "agent"
+
+
+Kind = Literal["gauge", "counter"]
+# What one reading of the signal is attached to: a GPU, one NVLink of a GPU, one decoded clock-event
+# reason of a GPU, a process on a GPU, a cgroup of the host, or the host itself.
+Scope = Literal["gpu", "gpu_link", "gpu_reason", "gpu_process", "cgroup", "host", "agent"]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceName:
+    """A name another source uses for a signal; ``scale`` converts canonical values into its unit
+    (source_value = canonical_value * scale)."""
+
+    name: str
+    scale: float = 1.0
+    kind: Kind | None = None  # when the source types it differently from the canonical signal
+    attributes: tuple[tuple[str, str], ...] = ()  # discriminating attributes (OTel hw.* names)
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    name: str
+    unit: str
+    kind: Kind
+    group: Group
+    scope: Scope
+    description: str
+    dcgm: SourceName | None = None
+    dcgm_aliases: tuple[SourceName, ...] = ()
+    otel: SourceName | None = None
+    # label carried by per-link / per-reason / per-process readings, e.g. "link"
+    label_names: tuple[str, ...] = field(default=())
+
+    @property
+    def otlp_name(self) -> str:
+        return f"stacklens.{self.name}"
+
+    @property
+    def prometheus_name(self) -> str:
+        return f"stacklens_{self.name}"
+
+
+_MIB = 1.0 / (1 << 20)
+_MHZ = 1e-6
+_US = 1e6  # seconds -> microseconds
+_MJ = 1e3  # joules -> millijoules
+_PCT = 100.0
+
+
+def _s(
+    name: str,
+    unit: str,
+    kind: Kind,
+    group: Group,
+    scope: Scope,
+    description: str,
+    dcgm: SourceName | None = None,
+    otel: SourceName | None = None,
+    labels: tuple[str, ...] = (),
+    dcgm_aliases: tuple[SourceName, ...] = (),
+) -> Signal:
+    return Signal(name, unit, kind, group, scope, description, dcgm, dcgm_aliases, otel, labels)
+
+
+G, PT, CL, ME, IC, CO, FA, PL, HO, AG = (
+    "gpu",
+    Group.POWER_THERMAL,
+    Group.CLOCKS,
+    Group.MEMORY,
+    Group.INTERCONNECT,
+    Group.COMPUTE,
+    Group.FAULTS,
+    Group.PLACEMENT,
+    Group.HOST,
+    Group.AGENT,
+)
+
+# Decoded clock-event ("throttle") reasons: NVML bit -> reason label.
+CLOCK_EVENT_REASONS: Mapping[int, str] = {
+    0x1: "gpu_idle",
+    0x2: "applications_clocks",
+    0x4: "sw_power_cap",
+    0x8: "hw_slowdown",
+    0x10: "sync_boost",
+    0x20: "sw_thermal",
+    0x40: "hw_thermal",
+    0x80: "hw_power_brake",
+    0x100: "display_clocks",
+}
+
+
+def decode_clock_event_reasons(mask: int) -> tuple[str, ...]:
+    """Names of the reasons set in an NVML clocks-event bitmask, in bit order."""
+    return tuple(name for bit, name in CLOCK_EVENT_REASONS.items() if mask & bit)
+
+
+_CATALOG: tuple[Signal, ...] = (
+    # power & thermal
+    _s("power_w", "W", "gauge", PT, G, "Power draw.", SourceName("DCGM_FI_DEV_POWER_USAGE"),
+       SourceName("hw.power", attributes=(("hw.type", "gpu"),))),
+    _s("power_limit_w", "W", "gauge", PT, G, "Enforced power limit.",
+       SourceName("DCGM_FI_DEV_POWER_MGMT_LIMIT"),
+       dcgm_aliases=(SourceName("DCGM_FI_DEV_ENFORCED_POWER_LIMIT"),)),
+    _s("energy_j", "J", "counter", PT, G, "Energy consumed since the driver loaded.",
+       SourceName("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", _MJ),
+       SourceName("hw.energy", attributes=(("hw.type", "gpu"),))),
+    _s("gpu_temp_c", "Cel", "gauge", PT, G, "GPU die temperature.", SourceName("DCGM_FI_DEV_GPU_TEMP"),
+       SourceName("hw.temperature", attributes=(("hw.type", "gpu"),))),
+    _s("memory_temp_c", "Cel", "gauge", PT, G, "HBM temperature.", SourceName("DCGM_FI_DEV_MEMORY_TEMP")),
+    # clocks and clock-event (throttle) reasons
+    _s("sm_clock_hz", "Hz", "gauge", CL, G, "SM clock.", SourceName("DCGM_FI_DEV_SM_CLOCK", _MHZ)),
+    _s("memory_clock_hz", "Hz", "gauge", CL, G, "Memory clock.", SourceName("DCGM_FI_DEV_MEM_CLOCK", _MHZ)),
+    _s("sm_clock_max_hz", "Hz", "gauge", CL, G, "Maximum SM clock.",
+       SourceName("DCGM_FI_DEV_MAX_SM_CLOCK", _MHZ)),
+    _s("clock_event_reasons", "{bitmask}", "gauge", CL, G, "NVML clocks-event (throttle) reasons bitmask.",
+       SourceName("DCGM_FI_DEV_CLOCKS_EVENT_REASONS"),
+       dcgm_aliases=(SourceName("DCGM_FI_DEV_CLOCK_THROTTLE_REASONS"),)),
+    _s("clock_event_reason_active", "1", "gauge", CL, "gpu_reason",
+       "1 while the named clocks-event reason holds the clocks down, else 0.", labels=("reason",)),
+    _s("power_cap_throttle_s", "s", "counter", CL, G, "Time clocks were held down by the power cap.",
+       SourceName("DCGM_FI_DEV_POWER_VIOLATION", _US)),
+    _s("thermal_throttle_s", "s", "counter", CL, G, "Time clocks were held down by thermal policy.",
+       SourceName("DCGM_FI_DEV_THERMAL_VIOLATION", _US)),
+    _s("sync_boost_throttle_s", "s", "counter", CL, G, "Time clocks were held down by sync boost.",
+       SourceName("DCGM_FI_DEV_SYNC_BOOST_VIOLATION", _US)),
+    _s("board_limit_throttle_s", "s", "counter", CL, G, "Time clocks were held down by the board limit.",
+       SourceName("DCGM_FI_DEV_BOARD_LIMIT_VIOLATION", _US)),
+    _s("low_util_throttle_s", "s", "counter", CL, G, "Time clocks were lowered for low utilisation.",
+       SourceName("DCGM_FI_DEV_LOW_UTIL_VIOLATION", _US)),
+    _s("reliability_throttle_s", "s", "counter", CL, G, "Time clocks were held down for reliability.",
+       SourceName("DCGM_FI_DEV_RELIABILITY_VIOLATION", _US)),
+    _s("sw_thermal_throttle_s", "s", "counter", CL, G, "Time in software thermal slowdown."),
+    _s("hw_thermal_throttle_s", "s", "counter", CL, G, "Time in hardware thermal slowdown."),
+    _s("hw_power_brake_throttle_s", "s", "counter", CL, G, "Time in hardware power-brake slowdown."),
+    # memory
+    _s("fb_used_bytes", "By", "gauge", ME, G, "Framebuffer memory used.",
+       SourceName("DCGM_FI_DEV_FB_USED", _MIB),
+       SourceName("hw.gpu.memory.usage")),
+    _s("fb_free_bytes", "By", "gauge", ME, G, "Framebuffer memory free.", SourceName("DCGM_FI_DEV_FB_FREE", _MIB)),
+    _s("fb_total_bytes", "By", "gauge", ME, G, "Framebuffer memory total.",
+       SourceName("DCGM_FI_DEV_FB_TOTAL", _MIB), SourceName("hw.gpu.memory.limit")),
+    _s("memory_busy_ratio", "1", "gauge", ME, G,
+       "Share of the sample period the memory controller was busy (NVML memory utilisation).",
+       SourceName("DCGM_FI_DEV_MEM_COPY_UTIL", _PCT), SourceName("hw.gpu.memory.utilization")),
+    _s("dram_active_ratio", "1", "gauge", ME, G, "Ratio of cycles the HBM interface was active (profiling).",
+       SourceName("DCGM_FI_PROF_DRAM_ACTIVE")),
+    _s("ecc_sbe_volatile_total", "1", "counter", ME, G, "Corrected (single-bit) ECC errors since boot.",
+       SourceName("DCGM_FI_DEV_ECC_SBE_VOL_TOTAL")),
+    _s("ecc_dbe_volatile_total", "1", "counter", ME, G, "Uncorrected (double-bit) ECC errors since boot.",
+       SourceName("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL")),
+    _s("ecc_sbe_aggregate_total", "1", "counter", ME, G, "Corrected ECC errors over the GPU's life.",
+       SourceName("DCGM_FI_DEV_ECC_SBE_AGG_TOTAL")),
+    _s("ecc_dbe_aggregate_total", "1", "counter", ME, G, "Uncorrected ECC errors over the GPU's life.",
+       SourceName("DCGM_FI_DEV_ECC_DBE_AGG_TOTAL")),
+    _s("retired_pages_sbe", "1", "gauge", ME, G, "Pages retired for corrected errors.",
+       SourceName("DCGM_FI_DEV_RETIRED_SBE")),
+    _s("retired_pages_dbe", "1", "gauge", ME, G, "Pages retired for uncorrected errors.",
+       SourceName("DCGM_FI_DEV_RETIRED_DBE")),
+    _s("retired_pages_pending", "1", "gauge", ME, G, "1 when a page retirement awaits a reset.",
+       SourceName("DCGM_FI_DEV_RETIRED_PENDING")),
+    _s("remapped_rows_correctable", "1", "gauge", ME, G, "Rows remapped for corrected errors.",
+       SourceName("DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS")),
+    _s("remapped_rows_uncorrectable", "1", "gauge", ME, G, "Rows remapped for uncorrected errors.",
+       SourceName("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS")),
+    _s("remapped_rows_pending", "1", "gauge", ME, G, "1 when a row remap awaits a reset.",
+       SourceName("DCGM_FI_DEV_ROW_REMAP_PENDING")),
+    _s("remapped_rows_failure", "1", "gauge", ME, G, "1 when a row remap failed.",
+       SourceName("DCGM_FI_DEV_ROW_REMAP_FAILURE")),
+    # interconnect
+    _s("pcie_tx_bytes_per_s", "By/s", "gauge", IC, G, "PCIe bytes sent by the GPU per second.",
+       SourceName("DCGM_FI_PROF_PCIE_TX_BYTES"),
+       SourceName("hw.gpu.io", kind="counter", attributes=(("network.io.direction", "transmit"),))),
+    _s("pcie_rx_bytes_per_s", "By/s", "gauge", IC, G, "PCIe bytes received by the GPU per second.",
+       SourceName("DCGM_FI_PROF_PCIE_RX_BYTES"),
+       SourceName("hw.gpu.io", kind="counter", attributes=(("network.io.direction", "receive"),))),
+    _s("pcie_replay_total", "1", "counter", IC, G, "PCIe replays (link-level retransmissions).",
+       SourceName("DCGM_FI_DEV_PCIE_REPLAY_COUNTER")),
+    _s("pcie_link_gen", "1", "gauge", IC, G, "Current PCIe link generation.",
+       SourceName("DCGM_FI_DEV_PCIE_LINK_GEN")),
+    _s("pcie_link_width", "1", "gauge", IC, G, "Current PCIe link width (lanes).",
+       SourceName("DCGM_FI_DEV_PCIE_LINK_WIDTH")),
+    _s("pcie_link_gen_max", "1", "gauge", IC, G, "Maximum PCIe link generation.",
+       SourceName("DCGM_FI_DEV_PCIE_MAX_LINK_GEN")),
+    _s("pcie_link_width_max", "1", "gauge", IC, G, "Maximum PCIe link width (lanes).",
+       SourceName("DCGM_FI_DEV_PCIE_MAX_LINK_WIDTH")),
+    _s("nvlink_tx_bytes_per_s", "By/s", "gauge", IC, "gpu_link", "NVLink data bytes sent per second, per link.",
+       labels=("link",)),
+    _s("nvlink_rx_bytes_per_s", "By/s", "gauge", IC, "gpu_link",
+       "NVLink data bytes received per second, per link.", labels=("link",)),
+    _s("nvlink_tx_total_bytes_per_s", "By/s", "gauge", IC, G, "NVLink data bytes sent per second, all links.",
+       SourceName("DCGM_FI_PROF_NVLINK_TX_BYTES")),
+    _s("nvlink_rx_total_bytes_per_s", "By/s", "gauge", IC, G,
+       "NVLink data bytes received per second, all links.", SourceName("DCGM_FI_PROF_NVLINK_RX_BYTES")),
+    _s("nvlink_link_up", "1", "gauge", IC, "gpu_link", "1 when the NVLink is active.", labels=("link",)),
+    _s("nvlink_crc_flit_errors_total", "1", "counter", IC, G, "NVLink CRC flit errors, all links.",
+       SourceName("DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL")),
+    _s("nvlink_crc_data_errors_total", "1", "counter", IC, G, "NVLink CRC data errors, all links.",
+       SourceName("DCGM_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL")),
+    _s("nvlink_replay_errors_total", "1", "counter", IC, G, "NVLink replay errors, all links.",
+       SourceName("DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL")),
+    _s("nvlink_recovery_errors_total", "1", "counter", IC, G, "NVLink recovery errors, all links.",
+       SourceName("DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL")),
+    # compute
+    _s("gpu_util_ratio", "1", "gauge", CO, G, "Share of the sample period a kernel was running.",
+       SourceName("DCGM_FI_DEV_GPU_UTIL", _PCT),
+       SourceName("hw.gpu.utilization", attributes=(("hw.gpu.task", "general"),))),
+    _s("sm_active_ratio", "1", "gauge", CO, G, "Ratio of cycles an SM had a warp resident (profiling).",
+       SourceName("DCGM_FI_PROF_SM_ACTIVE")),
+    _s("gr_engine_active_ratio", "1", "gauge", CO, G, "Ratio of time the graphics engine was active.",
+       SourceName("DCGM_FI_PROF_GR_ENGINE_ACTIVE")),
+    # faults
+    _s("xid_last", "1", "gauge", FA, G, "Number of the last XID the GPU raised (DCGM semantics).",
+       SourceName("DCGM_FI_DEV_XID_ERRORS")),
+    _s("xid_events_total", "1", "counter", FA, G, "XID events seen by the agent, by XID number.",
+       labels=("xid",)),
+    _s("gpu_lost", "1", "gauge", FA, G, "1 once NVML reported the GPU lost (fallen off the bus)."),
+    # placement
+    _s("gpu_process_memory_bytes", "By", "gauge", PL, "gpu_process",
+       "GPU memory held by a process, with its container and pod.",
+       labels=("pid", "container_id", "pod", "namespace", "container")),
+    # host (per node)
+    _s("host_cpu_util_ratio", "1", "gauge", HO, "host", "Share of CPU time not idle, all CPUs."),
+    _s("host_cpu_steal_ratio", "1", "gauge", HO, "host", "Share of CPU time stolen by the hypervisor."),
+    _s("host_cpu_iowait_ratio", "1", "gauge", HO, "host", "Share of CPU time waiting for I/O."),
+    _s("host_run_queue", "1", "gauge", HO, "host", "Runnable threads (procs_running)."),
+    _s("host_load1", "1", "gauge", HO, "host", "One-minute load average."),
+    _s("host_cpu_count", "1", "gauge", HO, "host", "Online CPUs."),
+    _s("host_memory_used_bytes", "By", "gauge", HO, "host", "Memory used (total minus available)."),
+    _s("host_memory_total_bytes", "By", "gauge", HO, "host", "Memory total."),
+    _s("cgroup_cpu_throttled_s", "s", "counter", HO, "cgroup",
+       "CFS throttled time of the cgroup of a process that holds a GPU.", labels=("cgroup", "container_id")),
+    _s("cgroup_cpu_throttled_periods", "1", "counter", HO, "cgroup", "CFS periods the cgroup was throttled in.",
+       labels=("cgroup", "container_id")),
+    _s("cgroup_cpu_periods", "1", "counter", HO, "cgroup", "CFS enforcement periods of the cgroup.",
+       labels=("cgroup", "container_id")),
+)
+
+SIGNALS: Mapping[str, Signal] = {s.name: s for s in _CATALOG}
+
+
+def _index_dcgm() -> dict[str, tuple[Signal, SourceName]]:
+    out: dict[str, tuple[Signal, SourceName]] = {}
+    for s in _CATALOG:
+        for src in (s.dcgm, *s.dcgm_aliases):
+            if src is not None:
+                out[src.name] = (s, src)
+    return out
+
+
+_BY_DCGM = _index_dcgm()
+_BY_OTEL: dict[str, list[tuple[Signal, SourceName]]] = {}
+for _sig in _CATALOG:
+    if _sig.otel is not None:
+        _BY_OTEL.setdefault(_sig.otel.name, []).append((_sig, _sig.otel))
+_BY_OTLP = {s.otlp_name: s for s in _CATALOG}
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A source name resolved to a canonical signal: canonical = source_value * factor."""
+
+    signal: Signal
+    factor: float
+    source: str
+
+
+def resolve(name: str, attributes: Mapping[str, object] | None = None) -> Resolved | None:
+    """Map a metric name from any accepted source to its canonical signal, or None if unknown.
+
+    Accepts the agent's own OTLP names (``stacklens.power_w``), Prometheus-style ones
+    (``stacklens_power_w``), DCGM field names and OpenTelemetry ``hw.*`` names (whose meaning depends
+    on attributes such as ``hw.type``).
+    """
+    if name in _BY_OTLP:
+        return Resolved(_BY_OTLP[name], 1.0, "stacklens")
+    if name.startswith("stacklens_") and name[len("stacklens_"):] in SIGNALS:
+        return Resolved(SIGNALS[name[len("stacklens_"):]], 1.0, "stacklens")
+    if name in _BY_DCGM:
+        sig, src = _BY_DCGM[name]
+        return Resolved(sig, 1.0 / src.scale, "dcgm")
+    attrs = attributes or {}
+    for sig, src in _BY_OTEL.get(name, []):
+        if all(str(attrs.get(k)) == v for k, v in src.attributes if k != "hw.type") and (
+            attrs.get("hw.type", "gpu") == "gpu"
+        ):
+            return Resolved(sig, 1.0 / src.scale, "otel")
+    return None
+
+
+def dcgm_name(signal: str) -> SourceName | None:
+    """The DCGM exporter name and scale for a canonical signal, if DCGM has one."""
+    return SIGNALS[signal].dcgm
