@@ -289,6 +289,12 @@ def run_daemon(settings: AgentSettings, otlp: OtlpConfig | None, backend: GpuBac
         agent.run(stop, max_cycles=cycles)
     finally:
         agent.close()
+        import resource
+
+        st = agent.stats
+        log.info("stopped after %d cycles: %.3f ms CPU per cycle, %d overruns, peak RSS %.1f MB", st.cycles,
+                 1e3 * st.cycle_cpu_s_total / max(1, st.cycles), st.overruns,
+                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         if queue is not None:
             queue.stop(flush_timeout_s=5.0)
         if server is not None:

@@ -106,11 +106,13 @@ def load_file(path: Path) -> dict[str, Any]:
     table = raw.get("agent", raw)
     if not isinstance(table, dict):
         raise ConfigError(f"config file {path}: [agent] must be a table")
-    unknown = sorted(set(table) - set(_FIELD_TYPES) - {"agent"})
+    # file keys are the user-facing names: `interval`, not the internal `interval_s`
+    by_key = {name.removesuffix("_s"): name for name in _FIELD_TYPES}
+    unknown = sorted(set(table) - set(by_key) - {"agent"})
     if unknown:
         raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}; "
-                          f"known: {', '.join(sorted(_FIELD_TYPES))}")
-    return {k: _coerce(k, v, str(path)) for k, v in table.items() if k != "agent"}
+                          f"known: {', '.join(sorted(by_key))}")
+    return {by_key[k]: _coerce(by_key[k], v, str(path)) for k, v in table.items() if k != "agent"}
 
 
 def resolve_settings(flags: Mapping[str, Any], env: Mapping[str, str], config_file: Path | None) -> AgentSettings:

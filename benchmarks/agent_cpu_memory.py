@@ -1,0 +1,192 @@
+"""Figures: the whole agent's CPU share at a 100 ms cadence, and its resident memory after an hour.
+
+Both run the real agent against the C stand-in for ``libnvidia-ml.so.1`` (8 GPUs, every field
+supported), exporting OTLP/HTTP to a local receiver and serving /metrics that is scraped once a second.
+
+1. ``realtime``: the ``stacklens-agent`` process at ``--interval 100ms`` for ``--seconds``; its CPU
+   time over wall time (utime+stime from /proc), side by side with the same process at 1 s.
+2. ``hour``: one hour of 100 ms cycles (36,000) run accelerated in one process with an injected
+   clock; resident memory sampled along the way (a leak shows as growth, not only as a final value),
+   with the export endpoint down for the middle third so the bounded buffer fills and drains.
+
+    python -m benchmarks.agent_cpu_memory --seconds 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from benchmarks.nvml_call_overhead import REPO, machine, standard_script
+
+
+class _Sink(BaseHTTPRequestHandler):
+    received = 0
+    down = False
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        if _Sink.down:
+            self.send_response(503)
+            self.end_headers()
+            return
+        _Sink.received += 1
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        return
+
+
+def _receiver() -> tuple[ThreadingHTTPServer, int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, server.server_address[1]
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mb(pid: int | str = "self") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def realtime(env: dict[str, str], seconds: float, interval: str, port: int) -> dict[str, Any]:
+    free = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "collector.cli", "--interval", interval, "--otlp-endpoint", f"http://127.0.0.1:{port}",
+         "--prometheus-port", str(free), "--prometheus-address", "127.0.0.1", "--log-level", "warning"],
+        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(3.0)  # start-up (imports, NVML init) is not the steady state
+        cpu0, t0 = _cpu_s(proc.pid), time.monotonic()
+        end = t0 + seconds
+        while time.monotonic() < end:
+            time.sleep(1.0)
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{free}/metrics", timeout=5).read()
+            except OSError:
+                pass
+        cpu1, t1 = _cpu_s(proc.pid), time.monotonic()
+        rss = _rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    return {"interval": interval, "cpu_share_of_one_core": (cpu1 - cpu0) / (t1 - t0), "rss_mb": rss,
+            "stderr_tail": err.decode()[-300:]}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def hour(port: int, cycles: int) -> dict[str, Any]:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from collector.agent import Agent
+    from collector.cli import OtlpSink, PrometheusSink
+    from collector.export.otlp_encode import OtlpMetricsEncoder, ResourceInfo
+    from collector.export.otlp_transport import HttpTransport, OtlpConfig
+    from collector.export.prometheus import SnapshotCollector
+    from collector.export.queue import ExportQueue
+    from collector.host import HostSource
+    from collector.nvml.source import NvmlGpuSource
+
+    queue = ExportQueue(HttpTransport(OtlpConfig(f"http://127.0.0.1:{port}/v1/metrics")), backoff_max_s=1.0)
+    queue.start()
+    registry = CollectorRegistry()
+    collector = SnapshotCollector("bench-node")
+    registry.register(collector)
+    clock = [1_767_225_600_000_000_000]
+
+    def now() -> int:
+        clock[0] += 100_000_000
+        return clock[0]
+
+    agent = Agent("bench-node", NvmlGpuSource(clock_ns=now, xid_events=False),
+                  [OtlpSink(OtlpMetricsEncoder(ResourceInfo("bench-node")), queue), PrometheusSink(collector)],
+                  HostSource(), None, interval_s=0.1, clock_ns=now)
+    agent.open()
+    trajectory = []
+    start = time.process_time()
+    for i in range(cycles):
+        if i == cycles // 3:
+            _Sink.down = True  # the correlator goes away for a third of the hour
+        if i == 2 * cycles // 3:
+            _Sink.down = False
+        agent.cycle()
+        if i % 10 == 0:
+            generate_latest(registry)  # a scrape per simulated second
+        if i % (cycles // 12) == 0:
+            trajectory.append({"cycle": i, "rss_mb": round(_rss_mb(), 1), "queued_mb": round(
+                queue.stats.queued_bytes / 2**20, 1)})
+        if i % 50 == 0:
+            time.sleep(0)  # let the export thread run
+    cpu = time.process_time() - start
+    queue.flush(30)
+    trajectory.append({"cycle": cycles, "rss_mb": round(_rss_mb(), 1), "queued_mb": 0.0})
+    stats = queue.stats
+    agent.close()
+    queue.stop()
+    return {"cycles": cycles, "cpu_ms_per_cycle_incl_export": 1e3 * cpu / cycles, "rss_trajectory": trajectory,
+            "final_rss_mb": trajectory[-1]["rss_mb"], "sent_requests": stats.sent_requests,
+            "dropped_requests": stats.dropped_requests}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--cycles", type=int, default=36_000)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if "NVML_STANDIN_SCRIPT" not in os.environ:
+        from tests.nvml_standin.script import build_standin, standin_env
+
+        tmp = Path(tempfile.mkdtemp(prefix="stacklens-bench-"))
+        lib = build_standin(tmp / "lib")
+        script = standard_script(8).write(tmp / "script.txt")
+        return subprocess.call([sys.executable, "-m", "benchmarks.agent_cpu_memory", *sys.argv[1:]],
+                               env=standin_env(lib, script), cwd=REPO)
+    server, port = _receiver()
+    env = dict(os.environ)
+    fast = realtime(env, args.seconds, "100ms", port)
+    slow = realtime(env, args.seconds, "1s", port)
+    accelerated = hour(port, args.cycles)
+    server.shutdown()
+    result = {"machine": machine(), "realtime_100ms": fast, "realtime_1s": slow, "accelerated_hour": accelerated}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    print(f"\n8 stand-in GPUs on {result['machine']['cpu']} ({result['machine']['cores']} cores)")
+    print(f"{'cadence':10} {'CPU % of one core':>18} {'RSS MB':>8}")
+    for r in (fast, slow):
+        print(f"{r['interval']:10} {100 * r['cpu_share_of_one_core']:18.2f} {r['rss_mb']:8.1f}")
+    print(f"ratio 100ms/1s CPU: {fast['cpu_share_of_one_core'] / max(slow['cpu_share_of_one_core'], 1e-9):.1f}x")
+    print(f"accelerated hour: {accelerated['cycles']} cycles, {accelerated['cpu_ms_per_cycle_incl_export']:.3f} ms "
+          f"CPU per cycle incl. export, RSS {[p['rss_mb'] for p in accelerated['rss_trajectory']]} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""The /metrics exposition: DCGM names, units and labels, stacklens_ extras, missing left out."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from collector.export.prometheus import SnapshotCollector
+from collector.records import GpuIdentity, GpuSample, HostSample, NodeSnapshot, Placement, Reading, XidEvent
+
+T0 = 1_767_225_600_000_000_000
+GPU = GpuIdentity(2, "GPU-aaaa", "NVIDIA H100 80GB HBM3", "00000000:1A:00.0", 2)
+
+
+def _scrape(snapshot: NodeSnapshot) -> tuple[str, dict[str, list[tuple[dict[str, str], float]]]]:
+    registry = CollectorRegistry()
+    collector = SnapshotCollector("node-7")
+    registry.register(collector)
+    collector.update(snapshot)
+    text = generate_latest(registry).decode()
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            samples.setdefault(s.name, []).append((s.labels, s.value))
+    return text, samples
+
+
+def test_dcgm_names_units_and_labels() -> None:
+    snap = NodeSnapshot("node-7", T0, (GpuSample(GPU, T0, (
+        Reading("power_w", 612.0, T0), Reading("sm_clock_hz", 1.755e9, T0), Reading("fb_used_bytes", 3 * 2**30, T0),
+        Reading("energy_j", 1500.0, T0), Reading("gpu_util_ratio", 0.97, T0),
+        Reading("clock_event_reasons", float(0x4), T0),
+        Reading("nvlink_tx_bytes_per_s", 5e9, T0, (("link", "3"),)),
+        Reading("memory_temp_c", None, T0),
+    )),), placements=(Placement(GPU.uuid, 2, 4120, T0, 1 << 30, "c1", None, "vllm-0", "serving", "engine"),),
+        events=(XidEvent(GPU.uuid, 2, 79, T0),), driver_version="580.82.07")
+    text, s = _scrape(snap)
+    labels, value = s["DCGM_FI_DEV_POWER_USAGE"][0]
+    assert value == 612.0
+    assert labels == {"gpu": "2", "UUID": "GPU-aaaa", "pci_bus_id": "00000000:1A:00.0", "device": "nvidia2",
+                      "modelName": "NVIDIA H100 80GB HBM3", "Hostname": "node-7", "container": "engine",
+                      "namespace": "serving", "pod": "vllm-0"}
+    assert s["DCGM_FI_DEV_SM_CLOCK"][0][1] == 1755.0  # MHz, as DCGM
+    assert s["DCGM_FI_DEV_FB_USED"][0][1] == 3072.0  # MiB, as DCGM
+    assert s["DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"][0][1] == 1_500_000.0  # mJ, as DCGM
+    assert s["DCGM_FI_DEV_GPU_UTIL"][0][1] == 97.0
+    # the sample keeps DCGM's bare counter name, which is what DCGM dashboards query
+    assert "\nDCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{" in text
+    assert s["DCGM_FI_DEV_CLOCKS_EVENT_REASONS"][0][1] == 4.0
+    flags = {lbl["reason"]: v for lbl, v in s["stacklens_clock_event_reason_active"]}
+    assert flags["sw_power_cap"] == 1.0 and flags["hw_thermal"] == 0.0
+    (link_labels, link_value), = s["stacklens_nvlink_tx_bytes_per_s"]
+    assert link_labels["link"] == "3" and link_value == 5e9
+    assert "DCGM_FI_DEV_MEMORY_TEMP" not in s  # missing is left out, not 0
+    assert s["DCGM_FI_DEV_XID_ERRORS"][0][1] == 79.0
+    assert s["stacklens_xid_events_total"][0][0]["xid"] == "79"
+    proc_labels, proc_value = s["stacklens_gpu_process_memory_bytes"][0]
+    assert proc_labels["pid"] == "4120" and proc_labels["pod"] == "vllm-0" and proc_value == float(1 << 30)
+
+
+def test_cpu_only_node_still_exposes_host_signals_and_status() -> None:
+    snap = NodeSnapshot("node-7", T0, (), host=HostSample(T0, (Reading("host_run_queue", 3.0, T0),)),
+                        gpu_status="library_not_found")
+    _, s = _scrape(snap)
+    assert s["stacklens_agent_gpu_status"] == [({"status": "library_not_found"}, 1.0)]
+    assert s["stacklens_host_run_queue"] == [({"Hostname": "node-7"}, 3.0)]
