@@ -167,7 +167,7 @@ def make_backend(settings: AgentSettings) -> GpuBackend:
         return SimulatedGpuSource(settings.simulate_gpus, settings.simulate_model, settings.seed)
     from collector.nvml.source import NvmlGpuSource
 
-    return NvmlGpuSource(xid_events=settings.xid_events)
+    return NvmlGpuSource(xid_events=settings.xid_events, interval_s=settings.interval_s)
 
 
 class SelfMetrics:

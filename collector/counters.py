@@ -20,9 +20,10 @@ class _Last:
 class CounterRates:
     """Turns successive (value, time) reads of many counters into per-second rates.
 
-    A counter that goes down either wrapped (it was within ``wrap_window`` of its width's maximum)
-    or was reset (driver reload, GPU reset); a wrap yields a rate, a reset yields no rate for that
-    interval and re-baselines. The first read of a counter yields no rate.
+    A 32-bit counter that goes down wrapped once (the caller reads it often enough that it cannot wrap
+    twice: see the PCIe counter poller). A 64-bit counter that goes down wrapped if it was within
+    ``wrap_window`` of its maximum, else it was reset (driver reload, GPU reset); a wrap yields a rate,
+    a reset yields no rate for that interval and re-baselines. The first read yields no rate.
     """
 
     def __init__(self, wrap_window: float = 0.25) -> None:
@@ -46,7 +47,10 @@ class CounterRates:
         if value >= last.value:
             return (value - last.value) * 1e9 / dt_ns
         modulus = 1 << width_bits
-        if last.value >= modulus * (1 - self._wrap_window) and value < modulus * self._wrap_window:
+        # A 32-bit counter wraps within seconds under load (NVML's PCIe byte counters do every 4.3 GB),
+        # so going down means a wrap; a 64-bit one wraps only near its top, else it was reset.
+        near_top = last.value >= modulus * (1 - self._wrap_window) and value < modulus * self._wrap_window
+        if width_bits <= 32 or near_top:
             self.wraps += 1
             return (modulus - last.value + value) * 1e9 / dt_ns
         self.resets += 1

@@ -39,6 +39,7 @@ NVML_ERROR_FUNCTION_NOT_FOUND = 13
 NVML_ERROR_GPU_IS_LOST = 15
 
 _VALUE_TYPE_DOUBLE = 0
+_VALUE_TYPES_32 = {1, 5}  # unsigned int, signed int
 _VALUE_READERS: dict[int, str] = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal",
                                   6: "usVal"}
 
@@ -58,6 +59,7 @@ class FieldValue:
     value: int | float | None  # None when this field's own return code was not SUCCESS
     time_ns: int  # NVML's timestamp of the value; 0 when NVML gave none
     return_code: int
+    width_bits: int = 64  # 32 for NVML's 32-bit value types: such counters wrap at 2**32
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,7 +278,8 @@ class NvmlAccess:
                 raise GpuLost(device)
             else:
                 self._count(f"field {key[0]}", nvml.NVMLError(rc))
-            out.append(FieldValue(key[0], key[1], value, max(entry.timestamp, 0) * 1000, rc))
+            out.append(FieldValue(key[0], key[1], value, max(entry.timestamp, 0) * 1000, rc,
+                                  32 if entry.valueType in _VALUE_TYPES_32 else 64))
         return out
 
 

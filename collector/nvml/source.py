@@ -28,9 +28,11 @@ from collector.nvml.fields import (
     FI_NVLINK_LINK_COUNT,
     FI_PCIE_COUNT_RX_BYTES,
     FI_PCIE_COUNT_TX_BYTES,
+    PCIE_BYTE_FIELDS,
     FieldSpec,
     field_plan,
 )
+from collector.nvml.pcie import PcieCounterPoller, wrap_safe_period_s
 from collector.records import GpuIdentity, GpuProcess, GpuSample, Reading, XidEvent
 
 log = logging.getLogger(__name__)
@@ -52,8 +54,13 @@ class _Device:
     ident: GpuIdentity
     handle: Any
     links: tuple[int, ...] = ()
-    request: tuple[tuple[int, int], ...] = ()
+    fast_request: tuple[tuple[int, int], ...] = ()
+    slow_request: tuple[tuple[int, int], ...] = ()
     specs: dict[tuple[int, int], FieldSpec] = field(default_factory=dict)
+
+    @property
+    def request(self) -> tuple[tuple[int, int], ...]:
+        return self.fast_request + self.slow_request
 
 
 class _PcieThroughputPoller:
@@ -112,6 +119,8 @@ class NvmlGpuSource:
         clock_ns: Callable[[], int] = time.time_ns,
         xid_events: bool = True,
         pcie_poll_interval_s: float = 1.0,
+        interval_s: float = 1.0,
+        pcie_counter_poll: bool = True,
     ) -> None:
         self.access = access or NvmlAccess()
         self._clock_ns = clock_ns
@@ -121,6 +130,10 @@ class NvmlGpuSource:
         self._rates = CounterRates()
         self._xid: XidWatcher | None = None
         self._pcie: _PcieThroughputPoller | None = None
+        self._interval_s = interval_s
+        self._want_counter_poll = pcie_counter_poll
+        self._counters: PcieCounterPoller | None = None
+        self._polled: set[int] = set()
         self._status = "closed"
         self._driver: str | None = None
         self._cycles = 0
@@ -159,6 +172,7 @@ class NvmlGpuSource:
                 continue
             if dev is not None:
                 self._devices.append(dev)
+        self._start_counter_poller()
         if self._want_xid and self._devices:
             self._xid = XidWatcher(self.access, [(d.ident, d.handle) for d in self._devices], self._clock_ns)
             if not self._xid.start():
@@ -166,6 +180,32 @@ class NvmlGpuSource:
         log.info("NVML %s, driver %s: %d GPU(s)", self.access.init().nvml_version, self._driver,
                  len(self._devices))
         return self._status
+
+    def _start_counter_poller(self) -> None:
+        """Poll the 32-bit PCIe byte counters at their wrap-safe period where the agent's interval is
+        longer than that period (see collector/nvml/pcie.py)."""
+        if not self._want_counter_poll:
+            return
+        chosen: list[tuple[int, Any]] = []
+        period = float("inf")
+        for dev in self._devices:
+            i, h = dev.ident.index, dev.handle
+            values = self.access.field_values(i, h, [(fid, 0) for fid in PCIE_BYTE_FIELDS])
+            if len([v for v in values if v.value is not None]) < len(PCIE_BYTE_FIELDS):
+                continue
+            safe = wrap_safe_period_s(self.access.call("nvmlDeviceGetMaxPcieLinkGeneration", i, h),
+                                      self.access.call("nvmlDeviceGetMaxPcieLinkWidth", i, h))
+            if self._interval_s <= safe:
+                continue
+            chosen.append((i, h))
+            period = min(period, safe)
+            dev.fast_request = tuple(f for f in dev.fast_request if f[0] not in PCIE_BYTE_FIELDS)
+            self._polled.add(i)
+        if chosen:
+            self._counters = PcieCounterPoller(self.access, chosen, period)
+            self._counters.start()
+            log.info("PCIe byte counters of %d GPU(s) polled every %.0f ms (32-bit, wrap-safe)", len(chosen),
+                     period * 1e3)
 
     def _open_device(self, index: int, plan: tuple[FieldSpec, ...]) -> _Device | None:
         a = self.access
@@ -185,13 +225,14 @@ class NvmlGpuSource:
         )
         dev = _Device(ident, handle)
         dev.links = self._discover_links(dev)
-        request: list[tuple[int, int]] = []
+        fast: list[tuple[int, int]] = []
+        slow: list[tuple[int, int]] = []
         for spec in plan:
             scopes = dev.links if spec.per_link else (0,)
             for scope in scopes:
-                request.append((spec.field_id, scope))
+                (fast if spec.tier == "fast" else slow).append((spec.field_id, scope))
                 dev.specs[(spec.field_id, scope)] = spec
-        dev.request = tuple(request)
+        dev.fast_request, dev.slow_request = tuple(fast), tuple(slow)
         return dev
 
     def _discover_links(self, dev: _Device) -> tuple[int, ...]:
@@ -249,7 +290,7 @@ class NvmlGpuSource:
         add = readings.append
         have: set[str] = set()
         link_rates: dict[str, list[float | None]] = {}
-        for fv in a.field_values(i, h, dev.request):
+        for fv in a.field_values(i, h, dev.request if slow else dev.fast_request):
             spec = dev.specs[(fv.field_id, fv.scope_id)]
             t = fv.time_ns or now_ns
             labels = (("link", str(fv.scope_id)),) if spec.per_link else ()
@@ -259,7 +300,7 @@ class NvmlGpuSource:
                     continue
                 value = None
             elif spec.treatment == "rate":
-                rate = self._rates.update((i, fv.field_id, fv.scope_id), int(fv.value), t)
+                rate = self._rates.update((i, fv.field_id, fv.scope_id), int(fv.value), t, fv.width_bits)
                 value = None if rate is None else rate * spec.scale
                 if spec.per_link:
                     link_rates.setdefault(spec.signal, []).append(value)
@@ -280,6 +321,11 @@ class NvmlGpuSource:
             add(Reading("power_limit_w", mw / 1000.0, now_ns))
         if "energy_j" not in have and (mj := a.call("nvmlDeviceGetTotalEnergyConsumption", i, h)) is not None:
             add(Reading("energy_j", mj / 1000.0, now_ns))
+        if self._counters is not None and i in self._polled:
+            for fid, (total, t) in self._counters.totals(i).items():
+                spec = dev.specs[(fid, 0)]
+                rate = self._rates.update((i, fid, 0), total, t or now_ns)
+                add(Reading(spec.signal, rate, t or now_ns))
         if self._pcie is not None and (latest := self._pcie.take(i)) is not None:
             tx, rx, t = latest
             add(Reading("pcie_tx_bytes_per_s", tx, t))
@@ -358,5 +404,8 @@ class NvmlGpuSource:
         if self._pcie is not None:
             self._pcie.stop()
             self._pcie = None
+        if self._counters is not None:
+            self._counters.stop()
+            self._counters = None
         self.access.shutdown()
         self._status = "closed"
