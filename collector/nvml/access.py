@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import struct
 import threading
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,6 @@ NVML_ERROR_GPU_IS_LOST = 15
 
 _VALUE_TYPE_DOUBLE = 0
 _VALUE_TYPES_32 = {1, 5}  # unsigned int, signed int
-_VALUE_READERS: dict[int, str] = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal",
-                                  6: "usVal"}
 
 
 class GpuLost(Exception):
@@ -52,8 +51,7 @@ class GpuLost(Exception):
         self.device = device
 
 
-@dataclass(frozen=True, slots=True)
-class FieldValue:
+class FieldValue(NamedTuple):
     field_id: int
     scope_id: int
     value: int | float | None  # None when this field's own return code was not SUCCESS
@@ -265,22 +263,59 @@ class NvmlAccess:
             self._count("nvmlDeviceGetFieldValues", nvml.NVMLError(ret))
             return []
         out: list[FieldValue] = []
-        for i, key in enumerate(wanted):
-            entry = array[i]
-            rc = entry.nvmlReturn
-            value: int | float | None = None
+        # Decode the whole array in one pass over its bytes: attribute access on each ctypes struct
+        # costs several microseconds per field, the agent reads a few hundred fields per cycle.
+        rows = (_FIELD_ROW.iter_unpack(bytes(array)) if ctypes.sizeof(array) == _FIELD_ROW.size * len(wanted)
+                else _rows_slow(array))
+        for key, (fid, scope, ts_us, _latency, vtype, rc, raw) in zip(wanted, rows, strict=True):
             if rc == NVML_SUCCESS:
-                value = getattr(entry.value, _VALUE_READERS.get(entry.valueType, "ullVal"))
-            elif rc == NVML_ERROR_NOT_SUPPORTED:
+                out.append(FieldValue(fid, scope, _decode(vtype, raw), max(ts_us, 0) * 1000, rc,
+                                      32 if vtype in _VALUE_TYPES_32 else 64))
+                continue
+            if rc == NVML_ERROR_NOT_SUPPORTED:
                 self._unsupported.add(("field", device, key))
             elif rc == NVML_ERROR_GPU_IS_LOST:
                 self._mark_lost(device, "nvmlDeviceGetFieldValues")
                 raise GpuLost(device)
             else:
                 self._count(f"field {key[0]}", nvml.NVMLError(rc))
-            out.append(FieldValue(key[0], key[1], value, max(entry.timestamp, 0) * 1000, rc,
-                                  32 if entry.valueType in _VALUE_TYPES_32 else 64))
+            out.append(FieldValue(fid, scope, None, max(ts_us, 0) * 1000, rc))
         return out
+
+
+# nvmlFieldValue_t: fieldId u32, scopeId u32, timestamp i64 (us), latencyUsec i64, valueType u32,
+# nvmlReturn u32, value (an 8-byte union, read here as its raw unsigned 64 bits)
+_FIELD_ROW = struct.Struct("<IIqqIIQ")
+_DOUBLE = struct.Struct("<d")
+_U64 = struct.Struct("<Q")
+
+
+def _decode(vtype: int, raw: int) -> int | float:
+    """The union's value for NVML's value type (little-endian: the narrow members are the low bits)."""
+    if vtype == 3 or vtype == 2:  # unsigned long long / unsigned long
+        return raw
+    if vtype == 0:
+        return float(_DOUBLE.unpack(_U64.pack(raw))[0])
+    if vtype == 1:
+        return raw & 0xFFFFFFFF
+    if vtype == 4:
+        return raw - (1 << 64) if raw >> 63 else raw
+    if vtype == 5:
+        low = raw & 0xFFFFFFFF
+        return low - (1 << 32) if low >> 31 else low
+    if vtype == 6:
+        return raw & 0xFFFF
+    return raw
+
+
+def _rows_slow(array: Any) -> list[tuple[int, int, int, int, int, int, int]]:
+    """Field-by-field decoding, for a pynvml whose struct layout differs from the packed row."""
+    rows = []
+    for entry in array:
+        raw = _U64.unpack(bytes(entry.value)[:8])[0]
+        rows.append((entry.fieldId, entry.scopeId, entry.timestamp, entry.latencyUsec, entry.valueType,
+                     entry.nvmlReturn, raw))
+    return rows
 
 
 def first_ok(*candidates: Callable[[], T | None]) -> T | None:
