@@ -15,6 +15,7 @@ supported), exporting OTLP/HTTP to a local receiver and serving /metrics that is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -34,7 +35,7 @@ class _Sink(BaseHTTPRequestHandler):
     received = 0
     down = False
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", "0")))
         if _Sink.down:
             self.send_response(503)
@@ -80,10 +81,8 @@ def realtime(env: dict[str, str], seconds: float, interval: str, port: int) -> d
         end = t0 + seconds
         while time.monotonic() < end:
             time.sleep(1.0)
-            try:
+            with contextlib.suppress(OSError):
                 urllib.request.urlopen(f"http://127.0.0.1:{free}/metrics", timeout=5).read()
-            except OSError:
-                pass
         cpu1, t1 = _cpu_s(proc.pid), time.monotonic()
         rss = _rss_mb(proc.pid)
     finally:

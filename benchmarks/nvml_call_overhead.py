@@ -64,7 +64,7 @@ def run(cycles: int, repeat: int) -> dict[str, Any]:
     if status != "ok":
         return {"status": status}
     access = source.access
-    devices = source._devices  # noqa: SLF001 - the benchmark reaches into the device list on purpose
+    devices = source._devices
     dev = devices[0]
     h = dev.handle
     raw = NvmlAccess()  # a second gateway, so the timed calls do not share caches with the source
@@ -103,7 +103,7 @@ def run(cycles: int, repeat: int) -> dict[str, Any]:
 
     poller = PcieCounterPoller(access, [(d.ident.index, d.handle) for d in devices], 1.0)
     poll_cpu = _time_cpu(poller.poll_once, max(20, cycles // 5))
-    unsupported = sorted(str(k) for k in access._unsupported)  # noqa: SLF001
+    unsupported = sorted(str(k) for k in access._unsupported)
     result = {
         "status": status,
         "gpus": len(devices),
@@ -134,7 +134,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
     if args.standin and "NVML_STANDIN_SCRIPT" not in os.environ:
-        from tests.nvml_standin.script import StandinScript, build_standin, standin_env
+        from tests.nvml_standin.script import build_standin, standin_env
 
         tmp = Path(tempfile.mkdtemp(prefix="stacklens-bench-"))
         lib = build_standin(tmp / "lib")
@@ -165,13 +165,14 @@ def standard_script(gpus: int) -> Any:
     from tests.nvml_standin.script import StandinScript
 
     s = StandinScript().driver("580.82.07").gpus(gpus)
-    for key, values in {
+    getters: dict[str, list[object]] = {
         "name": ["NVIDIA H100 80GB HBM3"], "temp.gpu": [55, 56, 57], "clock.sm": [1980, 1755], "clock.mem": [2619],
         "clock_max.sm": [1980], "reasons": [0, 4], "mem.total": [85520809984], "mem.used": [76000000000],
         "mem.free": [9520809984], "util.gpu": [97], "util.mem": [61], "pcie.gen": [5], "pcie.width": [16],
         "pcie.max_gen": [5], "pcie.max_width": [16], "power_mw": [612000], "power_limit_mw": [700000],
         "procs.compute": ["4120:76000000000"], "procs.graphics": ["-"],
-    }.items():
+    }
+    for key, values in getters.items():
         s.set(None, key, *values)
     s.set(None, "field.91", 18)
     for fid in (186, 190, 83, 82, 94, 197, 198, 38, 45, 52, 59, 3, 4, 5, 6, 29, 30, 31, 142, 143, 144, 145,

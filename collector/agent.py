@@ -111,7 +111,7 @@ class Agent:
             host = self._guard("host", lambda: self.host.sample(now_ns, pids))  # type: ignore[union-attr]
         snapshot = NodeSnapshot(
             node=self.node, time_ns=now_ns, gpus=gpus, host=host,
-            placements=placements if want_placement else (), events=tuple(events),
+            placements=placements if want_placement else None, events=tuple(events),
             gpu_status=self.backend.status, driver_version=self.backend.driver_version,
         )
         for sink in self.sinks:

@@ -88,7 +88,7 @@ def snapshot_to_json(snapshot: NodeSnapshot) -> dict[str, Any]:
         "driver_version": snapshot.driver_version,
         "gpus": gpus,
         "host": readings(snapshot.host.readings) if snapshot.host else None,
-        "placements": [asdict(p) for p in snapshot.placements],
+        "placements": None if snapshot.placements is None else [asdict(p) for p in snapshot.placements],
         "xid_events": [asdict(e) for e in snapshot.events],
     }
 
@@ -118,7 +118,8 @@ def print_table(snapshot: NodeSnapshot, out: TextIO) -> None:
             fmt(v.get("gpu_temp_c")), fmt(v.get("sm_clock_hz"), 1e-6), fmt(v.get("gpu_util_ratio"), 100),
             fmt(v.get("memory_busy_ratio"), 100), fmt(v.get("fb_used_bytes"), 1 / 2**30, 1),
             f"{fmt(v.get('pcie_rx_bytes_per_s'), 1e-6)}/{fmt(v.get('pcie_tx_bytes_per_s'), 1e-6)}",
-            f"{fmt(v.get('nvlink_rx_total_bytes_per_s'), 1e-9, 1)}/{fmt(v.get('nvlink_tx_total_bytes_per_s'), 1e-9, 1)}",
+            f"{fmt(v.get('nvlink_rx_total_bytes_per_s'), 1e-9, 1)}/"
+            f"{fmt(v.get('nvlink_tx_total_bytes_per_s'), 1e-9, 1)}",
             ",".join(decode_clock_event_reasons(int(mask))) if mask is not None else "—",
             " ".join(str(p.pid) for p in gs.processes) or "—",
         )
@@ -167,7 +168,8 @@ def make_backend(settings: AgentSettings) -> GpuBackend:
         return SimulatedGpuSource(settings.simulate_gpus, settings.simulate_model, settings.seed)
     from collector.nvml.source import NvmlGpuSource
 
-    return NvmlGpuSource(xid_events=settings.xid_events, interval_s=settings.interval_s)
+    return NvmlGpuSource(xid_events=settings.xid_events, interval_s=settings.interval_s,
+                         pcie_counter_poll=settings.pcie_counter_poll)
 
 
 class SelfMetrics:
@@ -232,7 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     pods = PodResourcesClient(Path(settings.pod_resources_socket))
     placement = PlacementResolver(pod_resources=pods)
     if args.once:
-        agent = Agent(settings.node_name, backend, [], host, placement, interval_s=settings.interval_s)
+        # every signal, slow tier included, in both reads
+        agent = Agent(settings.node_name, backend, [], host, placement, interval_s=settings.interval_s,
+                      slow_interval_s=settings.interval_s)
         agent.open()
         agent.cycle()  # rates and CPU ratios need a previous read
         time.sleep(min(settings.interval_s, 0.5))
@@ -269,7 +273,7 @@ def run_daemon(settings: AgentSettings, otlp: OtlpConfig | None, backend: GpuBac
         registry = CollectorRegistry()
         collector = SnapshotCollector(settings.node_name)
         registry.register(collector)
-        registry.register(SelfMetrics(agent, queue))  # type: ignore[arg-type]
+        registry.register(SelfMetrics(agent, queue))
         try:
             server, _ = start_http_server(settings.prometheus_port, settings.prometheus_address, registry)
         except OSError as exc:
@@ -289,12 +293,12 @@ def run_daemon(settings: AgentSettings, otlp: OtlpConfig | None, backend: GpuBac
         agent.run(stop, max_cycles=cycles)
     finally:
         agent.close()
-        import resource
+        import resource as rusage
 
         st = agent.stats
         log.info("stopped after %d cycles: %.3f ms CPU per cycle, %d overruns, peak RSS %.1f MB", st.cycles,
                  1e3 * st.cycle_cpu_s_total / max(1, st.cycles), st.overruns,
-                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                 rusage.getrusage(rusage.RUSAGE_SELF).ru_maxrss / 1024)
         if queue is not None:
             queue.stop(flush_timeout_s=5.0)
         if server is not None:

@@ -18,6 +18,8 @@ from typing import Any
 
 from collector.export.otlp_transport import ConfigError
 
+__all__ = ["AgentSettings", "ConfigError", "env_var", "parse_duration", "resolve_settings"]
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_S = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -52,6 +54,7 @@ class AgentSettings:
     prometheus_address: str = "0.0.0.0"
     pod_resources_socket: str = "/var/lib/kubelet/pod-resources/kubelet.sock"
     xid_events: bool = True
+    pcie_counter_poll: bool = True  # poll the 32-bit PCIe byte counters at their wrap-safe period
     export_buffer_bytes: int = 16 << 20
     log_level: str = "info"
 

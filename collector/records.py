@@ -89,7 +89,8 @@ class NodeSnapshot:
     time_ns: int
     gpus: tuple[GpuSample, ...]
     host: HostSample | None = None
-    placements: tuple[Placement, ...] = ()
+    # None: placement was not resolved this cycle (it runs on its own cadence); () : resolved, none
+    placements: tuple[Placement, ...] | None = None
     events: tuple[XidEvent, ...] = ()
     # why there are no GPU samples, if there are none (e.g. "library_not_found" on a CPU-only node)
     gpu_status: str = "ok"

@@ -91,18 +91,10 @@ def _s(
     return Signal(name, unit, kind, group, scope, description, dcgm, dcgm_aliases, otel, labels)
 
 
-G, PT, CL, ME, IC, CO, FA, PL, HO, AG = (
-    "gpu",
-    Group.POWER_THERMAL,
-    Group.CLOCKS,
-    Group.MEMORY,
-    Group.INTERCONNECT,
-    Group.COMPUTE,
-    Group.FAULTS,
-    Group.PLACEMENT,
-    Group.HOST,
-    Group.AGENT,
-)
+# short names keep the catalog table below readable
+G: Scope = "gpu"
+PT, CL, ME, IC, CO, FA, PL, HO = (Group.POWER_THERMAL, Group.CLOCKS, Group.MEMORY, Group.INTERCONNECT, Group.COMPUTE,
+                                  Group.FAULTS, Group.PLACEMENT, Group.HOST)
 
 # Decoded clock-event ("throttle") reasons: NVML bit -> reason label.
 CLOCK_EVENT_REASONS: Mapping[int, str] = {

@@ -4,6 +4,7 @@ fine cadence under PCIe load (width and wrap), and the raw values at the renumbe
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -29,7 +30,8 @@ def main(out_path: str) -> None:
             v = pynvml.nvmlDeviceGetFieldValues(h, [fid])[0]
         costs[fid] = {"cpu_us": (time.process_time() - t0) / 20 * 1e6, "wall_us": (time.perf_counter() - w0) / 20 * 1e6,
                       "latency_usec": v.latencyUsec, "ret": v.nvmlReturn, "type": v.valueType,
-                      "value": v.value.ullVal if v.valueType == 3 else (v.value.dVal if v.valueType == 0 else v.value.uiVal)}
+                      "value": (v.value.ullVal if v.valueType == 3
+                                else v.value.dVal if v.valueType == 0 else v.value.uiVal)}
     result["field_costs"] = costs
     # PCIe byte counters under load, every 5 ms
     load = subprocess.Popen([sys.executable, "devtools/gpu_workload.py", "--phase-s", "3"], stdout=subprocess.DEVNULL)
@@ -37,7 +39,6 @@ def main(out_path: str) -> None:
     t_end = time.time() + 14
     while time.time() < t_end:
         vals = pynvml.nvmlDeviceGetFieldValues(h, [197, 198])
-        tp = None
         trace.append([time.time(), vals[0].timestamp, vals[0].value.ullVal, vals[1].value.ullVal, vals[0].valueType])
         time.sleep(0.005)
     load.wait()
@@ -48,7 +49,7 @@ def main(out_path: str) -> None:
         thr.append({"kb_per_s": tx, "wall_ms": (time.perf_counter() - t0) * 1e3})
     result["pcie_throughput_call"] = thr
     result["pcie_trace"] = trace
-    decreases = [(a, b) for a, b in zip(trace, trace[1:]) if b[2] < a[2]]
+    decreases = [(a, b) for a, b in itertools.pairwise(trace) if b[2] < a[2]]
     result["pcie_tx_decreases"] = decreases[:20]
     result["pcie_tx_max"] = max(t[2] for t in trace)
     with open(out_path, "w") as f:

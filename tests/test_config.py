@@ -52,11 +52,13 @@ def test_malformed_config_file_names_the_problem(tmp_path: Path, content: str, m
 def test_malformed_config_exits_2_with_a_clear_message(tmp_path: Path) -> None:
     cfg = tmp_path / "agent.toml"
     cfg.write_text("interval = 'soon'\n")
-    proc = subprocess.run([sys.executable, "-m", "collector.cli", "--config", str(cfg), "--simulate", "--once"],
+    proc = subprocess.run(  # noqa: PLW1510 - the tests read returncode
+        [sys.executable, "-m", "collector.cli", "--config", str(cfg), "--simulate", "--once"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "configuration error" in proc.stderr and "interval" in proc.stderr
-    missing = subprocess.run([sys.executable, "-m", "collector.cli", "--config", str(tmp_path / "nope.toml")],
+    missing = subprocess.run(  # noqa: PLW1510 - the tests read returncode
+        [sys.executable, "-m", "collector.cli", "--config", str(tmp_path / "nope.toml")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 

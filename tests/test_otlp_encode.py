@@ -130,6 +130,7 @@ def test_key_value_encoding_round_trips(key: str, value: str | int | float | boo
     kv = KeyValue.FromString(key_value(key, value))
     assert kv.key == key
     which = kv.value.WhichOneof("value")
+    assert which is not None
     decoded = getattr(kv.value, which)
     assert decoded == value and type(decoded) is type(value)
 

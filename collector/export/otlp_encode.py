@@ -15,6 +15,7 @@ monotonic sums whose start time is when the agent first saw them.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -91,7 +92,7 @@ def attributes(field: int, attrs: Iterable[tuple[str, str | int | float | bool]]
 def number_point(attrs: bytes, time_ns: int, value: float | None, start_ns: int = 0) -> bytes:
     """A ``data_points`` entry (tag, length and ``NumberDataPoint``); ``attrs`` is pre-encoded
     field-7 KeyValues. A None or NaN value is written as missing (flag, no value)."""
-    if value is None or value != value:
+    if value is None or math.isnan(value):
         tail = (_START_TIME.pack(_T_START, start_ns, _T_TIME, time_ns) if start_ns
                 else _TIME.pack(_T_TIME, time_ns)) + _NO_VALUE
     elif start_ns:
@@ -189,7 +190,7 @@ class OtlpMetricsEncoder:
             by_signal.setdefault("gpu_info", []).append(number_point(info, gpu_sample.time_ns, 1.0))
         if snapshot.host is not None:
             self._readings(by_signal, "", b"", snapshot.host.readings)
-        for p in snapshot.placements:
+        for p in snapshot.placements or ():
             labels = tuple((k, v) for k, v in (
                 ("process.pid", str(p.pid)), ("container.id", p.container_id), ("k8s.pod.uid", p.pod_uid),
                 ("k8s.pod.name", p.pod), ("k8s.namespace.name", p.namespace),

@@ -14,6 +14,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 Protocol_ = Literal["grpc", "http/protobuf"]
@@ -164,7 +165,7 @@ class GrpcTransport:
         secure = parsed.scheme == "https" or (config.insecure is False and parsed.scheme != "http")
         options = [("grpc.max_send_message_length", 64 << 20)]
         if secure:
-            root = open(config.certificate, "rb").read() if config.certificate else None
+            root = Path(config.certificate).read_bytes() if config.certificate else None
             self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root), options=options)
         else:
             self._channel = grpc.insecure_channel(target, options=options)

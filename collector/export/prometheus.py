@@ -43,10 +43,13 @@ class SnapshotCollector(Collector):
         self._snapshot: NodeSnapshot | None = None
         self._xid_counts: dict[tuple[str, int], int] = {}
         self._xid_last: dict[str, int] = {}
+        self._placements: tuple[Placement, ...] = ()
 
     def update(self, snapshot: NodeSnapshot) -> None:
         with self._lock:
             self._snapshot = snapshot
+            if snapshot.placements is not None:  # placement runs on its own cadence: keep the last known
+                self._placements = snapshot.placements
             for ev in snapshot.events:
                 self._xid_counts[(ev.gpu_uuid, ev.xid)] = self._xid_counts.get((ev.gpu_uuid, ev.xid), 0) + 1
                 self._xid_last[ev.gpu_uuid] = ev.xid
@@ -61,6 +64,7 @@ class SnapshotCollector(Collector):
             snapshot = self._snapshot
             xid_counts = dict(self._xid_counts)
             xid_last = dict(self._xid_last)
+            placements = self._placements
         status = Metric("stacklens_agent_gpu_status", "1 for the agent's current GPU backend status.", "gauge")
         status.add_sample("stacklens_agent_gpu_status",
                           {"status": snapshot.gpu_status if snapshot else "starting"}, 1.0)
@@ -71,7 +75,7 @@ class SnapshotCollector(Collector):
 
         # pod labels: the pod that holds the GPU, when exactly one does (as dcgm-exporter does)
         pods: dict[str, Placement] = {}
-        for p in snapshot.placements:
+        for p in placements:
             if p.pod:
                 pods.setdefault(p.gpu_uuid, p)
         for gs in snapshot.gpus:
@@ -92,7 +96,7 @@ class SnapshotCollector(Collector):
             for r in snapshot.host.readings:
                 self._add(families, r, host_labels)
         by_uuid = {gs.gpu.uuid: gs.gpu for gs in snapshot.gpus}
-        for p in snapshot.placements:
+        for p in placements:
             gpu = by_uuid.get(p.gpu_uuid)
             if gpu is None or p.used_memory_bytes is None:
                 continue

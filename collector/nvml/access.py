@@ -292,7 +292,7 @@ _U64 = struct.Struct("<Q")
 
 def _decode(vtype: int, raw: int) -> int | float:
     """The union's value for NVML's value type (little-endian: the narrow members are the low bits)."""
-    if vtype == 3 or vtype == 2:  # unsigned long long / unsigned long
+    if vtype in {3, 2}:  # unsigned long long / unsigned long
         return raw
     if vtype == 0:
         return float(_DOUBLE.unpack(_U64.pack(raw))[0])

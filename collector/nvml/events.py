@@ -6,6 +6,7 @@ agent keeps each event with its time instead.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import threading
@@ -114,8 +115,6 @@ class XidWatcher:
         if self._thread is not None:
             self._thread.join(timeout=2 * self._wait_ms / 1000 + 1)
         if self._event_set is not None:
-            try:
+            with contextlib.suppress(GpuLost):
                 self._access.call("nvmlEventSetFree", -1, self._event_set)
-            except GpuLost:
-                pass
             self._event_set = None

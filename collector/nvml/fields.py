@@ -86,10 +86,7 @@ def throttle_time_field_ids(driver_version: str | None) -> dict[str, int]:
     version = parse_driver_version(driver_version)
     if not version or version < (575,):
         return {}
-    if version < (580, 82):
-        base = 251
-    else:
-        base = 269
+    base = 251 if version < (580, 82) else 269
     return {"sw_thermal_throttle_s": base, "hw_thermal_throttle_s": base + 1, "hw_power_brake_throttle_s": base + 2}
 
 

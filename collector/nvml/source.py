@@ -309,12 +309,12 @@ class NvmlGpuSource:
             else:
                 value = float(fv.value) * spec.scale
             add(Reading(spec.signal, value, t, labels))
-        for per_link, total in (("nvlink_tx_bytes_per_s", "nvlink_tx_total_bytes_per_s"),
-                                ("nvlink_rx_bytes_per_s", "nvlink_rx_total_bytes_per_s")):
+        for per_link, total_signal in (("nvlink_tx_bytes_per_s", "nvlink_tx_total_bytes_per_s"),
+                                       ("nvlink_rx_bytes_per_s", "nvlink_rx_total_bytes_per_s")):
             rates = link_rates.get(per_link)
             if rates:
                 known = [r for r in rates if r is not None]
-                add(Reading(total, sum(known) if len(known) == len(rates) else None, now_ns))
+                add(Reading(total_signal, sum(known) if len(known) == len(rates) else None, now_ns))
         # fallbacks for drivers without the power/energy fields (not for fields merely off-tier this cycle:
         # the energy getter costs as much as the energy field, ~2.8 ms on an H100)
         if (a.is_unsupported("field", i, (FI_POWER_INSTANT, 0))
@@ -327,10 +327,10 @@ class NvmlGpuSource:
                 and (mj := a.call("nvmlDeviceGetTotalEnergyConsumption", i, h)) is not None):
             add(Reading("energy_j", mj / 1000.0, now_ns))
         if self._counters is not None and i in self._polled:
-            for fid, (total, t) in self._counters.totals(i).items():
+            for fid, (total_bytes, t_ns) in self._counters.totals(i).items():
                 spec = dev.specs[(fid, 0)]
-                rate = self._rates.update((i, fid, 0), total, t or now_ns)
-                add(Reading(spec.signal, rate, t or now_ns))
+                rate = self._rates.update((i, fid, 0), total_bytes, t_ns or now_ns)
+                add(Reading(spec.signal, rate, t_ns or now_ns))
         if self._pcie is not None and (latest := self._pcie.take(i)) is not None:
             tx, rx, t = latest
             add(Reading("pcie_tx_bytes_per_s", tx, t))

@@ -26,7 +26,7 @@ def _file_descriptor() -> descriptor_pb2.FileDescriptorProto:
     def message(name: str, *fields: tuple[str, int, int, int, str | None]) -> None:
         m = fd.message_type.add(name=name)
         for fname, number, ftype, label, type_name in fields:
-            f = m.field.add(name=fname, number=number, type=ftype, label=label)  # type: ignore[arg-type]
+            f = m.field.add(name=fname, number=number, type=ftype, label=label)
             if type_name:
                 f.type_name = type_name
 
@@ -106,7 +106,7 @@ class PodResourcesClient:
         except grpc.RpcError as exc:
             code = exc.code().name if hasattr(exc, "code") and exc.code() is not None else "UNKNOWN"
             raise PodResourcesUnavailable(f"kubelet pod-resources List failed: {code}") from None
-        out = []
+        out: list[PodDevice] = []
         for pod in response.pod_resources:
             for container in pod.containers:
                 for dev in container.devices:
