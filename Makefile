@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy --strict collector correlator tests benchmarks
+	$(BIN)/mypy --strict collector correlator tests benchmarks devtools
 
 unit: $(STAMP)
 	$(BIN)/pytest -q
