@@ -8,13 +8,6 @@ sampling jitter in the agent does not show up as traffic jitter.
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass
-
-
-@dataclass(slots=True)
-class _Last:
-    value: int
-    time_ns: int
 
 
 class CounterRates:
@@ -27,7 +20,8 @@ class CounterRates:
     """
 
     def __init__(self, wrap_window: float = 0.25) -> None:
-        self._last: dict[Hashable, _Last] = {}
+        # key -> (last value, its time in ns); tuples: this runs for every counter of every GPU each cycle
+        self._last: dict[Hashable, tuple[int, int]] = {}
         self._wrap_window = wrap_window
         self.resets = 0
         self.wraps = 0
@@ -35,24 +29,25 @@ class CounterRates:
     def update(self, key: Hashable, value: int, time_ns: int, width_bits: int = 64) -> float | None:
         """Record a read; return the rate in units per second since the previous read, or None."""
         last = self._last.get(key)
-        self._last[key] = _Last(value, time_ns)
         if last is None:
+            self._last[key] = (value, time_ns)
             return None
-        dt_ns = time_ns - last.time_ns
+        last_value, last_ns = last
+        dt_ns = time_ns - last_ns
         if dt_ns <= 0:
             # Same NVML timestamp: the driver has not refreshed the counter since the last read.
             # Keep the earlier baseline so the next read spans the whole interval.
-            self._last[key] = last
             return None
-        if value >= last.value:
-            return (value - last.value) * 1e9 / dt_ns
+        self._last[key] = (value, time_ns)
+        if value >= last_value:
+            return (value - last_value) * 1e9 / dt_ns
         modulus = 1 << width_bits
         # A 32-bit counter wraps within seconds under load (NVML's PCIe byte counters do every 4.3 GB),
         # so going down means a wrap; a 64-bit one wraps only near its top, else it was reset.
-        near_top = last.value >= modulus * (1 - self._wrap_window) and value < modulus * self._wrap_window
+        near_top = last_value >= modulus * (1 - self._wrap_window) and value < modulus * self._wrap_window
         if width_bits <= 32 or near_top:
             self.wraps += 1
-            return (modulus - last.value + value) * 1e9 / dt_ns
+            return (modulus - last_value + value) * 1e9 / dt_ns
         self.resets += 1
         return None
 

@@ -8,12 +8,14 @@ as 0.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Reading:
-    """One value of one canonical signal (see :mod:`collector.signals`) at its source's own time."""
+class Reading(NamedTuple):
+    """One value of one canonical signal (see :mod:`collector.signals`) at its source's own time.
+
+    Immutable like the other records; a NamedTuple because the agent builds several hundred of these
+    per cycle and a frozen dataclass costs several times more to construct."""
 
     signal: str
     value: float | None

@@ -8,7 +8,7 @@ import ctypes
 import pynvml
 import pytest
 
-from collector.nvml.access import _FIELD_ROW, _decode, _rows_slow
+from collector.nvml.access import _FIELD_ROW, _rows_slow, decode_value
 
 CASES = [(0, "dVal", -3.25), (1, "uiVal", 4_291_001_968), (2, "ulVal", 2**40 + 5), (3, "ullVal", 2**64 - 1),
          (4, "sllVal", -7), (5, "siVal", -2), (6, "usVal", 65_535)]
@@ -29,4 +29,4 @@ def test_decode_every_value_type(vtype: int, member: str, value: float) -> None:
     assert fast == _rows_slow(arr)
     fid, scope, ts, latency, vt, rc, raw = fast[1]
     assert (fid, scope, ts, latency, vt, rc) == (197, 3, 1_795_392_289_860_539, 71, vtype, 0)
-    assert _decode(vt, raw) == value
+    assert decode_value(vt, raw) == value

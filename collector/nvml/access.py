@@ -27,6 +27,7 @@ from typing import Any, NamedTuple, TypeVar
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_Fields = tuple[tuple[int, int], ...]
 
 # NVML return codes this layer treats specially (values from nvml.h, stable across drivers).
 NVML_SUCCESS = 0
@@ -40,7 +41,7 @@ NVML_ERROR_FUNCTION_NOT_FOUND = 13
 NVML_ERROR_GPU_IS_LOST = 15
 
 _VALUE_TYPE_DOUBLE = 0
-_VALUE_TYPES_32 = {1, 5}  # unsigned int, signed int
+VALUE_TYPES_32 = {1, 5}  # unsigned int, signed int
 
 
 class GpuLost(Exception):
@@ -86,7 +87,8 @@ class NvmlAccess:
         self._logged: set[tuple[str, str]] = set()
         self.errors: Counter[tuple[str, str]] = Counter()
         self.calls = 0
-        self._field_arrays: dict[tuple[int, tuple[tuple[int, int], ...]], Any] = {}
+        # (device, requested fields) -> (size of the unsupported set when built, wanted fields, array)
+        self._field_arrays: dict[tuple[int, _Fields], tuple[int, _Fields, Any]] = {}
         self._field_fn: Any = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -231,46 +233,61 @@ class NvmlAccess:
         Fields NVML answered NOT_SUPPORTED for before are left out of the request. A field whose own
         return code is an error comes back with ``value=None``.
         """
+        _, rows = self.field_rows(device, handle, fields)
+        return [FieldValue(fid, scope, decode_value(vtype, raw) if rc == NVML_SUCCESS else None,
+                           ts_us * 1000 if ts_us > 0 else 0, rc, 32 if vtype in VALUE_TYPES_32 else 64)
+                for fid, scope, ts_us, _latency, vtype, rc, raw in rows]
+
+    def field_rows(self, device: int, handle: Any, fields: Sequence[tuple[int, int]]
+                   ) -> tuple[_Fields, list[tuple[int, int, int, int, int, int, int]]]:
+        """The raw rows of one batched read: (field id, scope id, timestamp us, latency us, value type,
+        return code, the value union's 64 raw bits), one per wanted field, in the order of the returned
+        field tuple. Errors are already handled here: NOT_SUPPORTED remembered, GPU_IS_LOST raised,
+        others counted. The sampler decodes these itself; it reads several hundred per cycle."""
         if device in self._lost:
             raise GpuLost(device)
-        wanted = tuple(f for f in fields if ("field", device, f) not in self._unsupported)
-        if not wanted or "nvmlDeviceGetFieldValues" in self._missing_functions:
-            return []
-        nvml = self.nvml
-        array = self._field_arrays.get((device, wanted))
+        if "nvmlDeviceGetFieldValues" in self._missing_functions:
+            return (), []
+        # The request minus what NVML refused, and its ctypes array, are cached until NVML refuses
+        # another field: filling the ids goes through pynvml's Python-level __setattr__, and NVML
+        # leaves them as they are.
+        fields = tuple(fields)
+        cached = self._field_arrays.get((device, fields))
+        if cached is None or cached[0] != len(self._unsupported):
+            wanted = tuple(f for f in fields if ("field", device, f) not in self._unsupported)
+            array: Any = (self.nvml.c_nvmlFieldValue_t * len(wanted))() if wanted else None
+            for i, (fid, scope) in enumerate(wanted):
+                array[i].fieldId = fid
+                array[i].scopeId = scope
+            cached = (len(self._unsupported), wanted, array)
+            self._field_arrays[(device, fields)] = cached
+        _, wanted, array = cached
         if array is None:
-            array = (nvml.c_nvmlFieldValue_t * len(wanted))()
-            self._field_arrays[(device, wanted)] = array
-        for i, (fid, scope) in enumerate(wanted):
-            entry = array[i]
-            entry.fieldId = fid
-            entry.scopeId = scope
+            return (), []
+        nvml = self.nvml
         if self._field_fn is None:
             try:
                 self._field_fn = nvml._nvmlGetFunctionPointer("nvmlDeviceGetFieldValues")
             except nvml.NVMLError as exc:
                 if _error_code(exc) == NVML_ERROR_FUNCTION_NOT_FOUND:
                     self._missing_functions.add("nvmlDeviceGetFieldValues")
-                    return []
+                    return (), []
                 raise
         self.calls += 1
-        # pynvml's own wrapper allocates a fresh array per call; the reused one is the hot path.
         ret = self._field_fn(handle, ctypes.c_int32(len(wanted)), ctypes.byref(array))
         if ret != NVML_SUCCESS:
             if ret == NVML_ERROR_GPU_IS_LOST:
                 self._mark_lost(device, "nvmlDeviceGetFieldValues")
                 raise GpuLost(device)
             self._count("nvmlDeviceGetFieldValues", nvml.NVMLError(ret))
-            return []
-        out: list[FieldValue] = []
+            return (), []
         # Decode the whole array in one pass over its bytes: attribute access on each ctypes struct
-        # costs several microseconds per field, the agent reads a few hundred fields per cycle.
-        rows = (_FIELD_ROW.iter_unpack(bytes(array)) if ctypes.sizeof(array) == _FIELD_ROW.size * len(wanted)
+        # costs several microseconds per field.
+        rows = (list(_FIELD_ROW.iter_unpack(bytes(array))) if ctypes.sizeof(array) == _FIELD_ROW.size * len(wanted)
                 else _rows_slow(array))
-        for key, (fid, scope, ts_us, _latency, vtype, rc, raw) in zip(wanted, rows, strict=True):
+        for key, row in zip(wanted, rows, strict=True):
+            rc = row[5]
             if rc == NVML_SUCCESS:
-                out.append(FieldValue(fid, scope, _decode(vtype, raw), max(ts_us, 0) * 1000, rc,
-                                      32 if vtype in _VALUE_TYPES_32 else 64))
                 continue
             if rc == NVML_ERROR_NOT_SUPPORTED:
                 self._unsupported.add(("field", device, key))
@@ -279,9 +296,7 @@ class NvmlAccess:
                 raise GpuLost(device)
             else:
                 self._count(f"field {key[0]}", nvml.NVMLError(rc))
-            out.append(FieldValue(fid, scope, None, max(ts_us, 0) * 1000, rc))
-        return out
-
+        return wanted, rows
 
 # nvmlFieldValue_t: fieldId u32, scopeId u32, timestamp i64 (us), latencyUsec i64, valueType u32,
 # nvmlReturn u32, value (an 8-byte union, read here as its raw unsigned 64 bits)
@@ -290,7 +305,7 @@ _DOUBLE = struct.Struct("<d")
 _U64 = struct.Struct("<Q")
 
 
-def _decode(vtype: int, raw: int) -> int | float:
+def decode_value(vtype: int, raw: int) -> int | float:
     """The union's value for NVML's value type (little-endian: the narrow members are the low bits)."""
     if vtype in {3, 2}:  # unsigned long long / unsigned long
         return raw
