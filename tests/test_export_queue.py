@@ -103,3 +103,20 @@ def test_non_retryable_rejection_is_dropped_and_counted() -> None:
     assert q.flush(2.0)
     q.stop()
     assert q.stats.dropped_requests == 1 and t.delivered == []
+
+
+def test_a_long_outage_never_kills_the_export_thread() -> None:
+    """Thousands of failed attempts (a correlator down for hours) and then recovery."""
+    t = ScriptedTransport()
+    t.down.set()
+    q = ExportQueue(t, backoff_initial_s=1e-6, backoff_max_s=1e-5)
+    q.start()
+    q.put(_payload(1))
+    deadline = time.monotonic() + 20
+    while t.attempts < 3000 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert t.attempts >= 3000
+    t.down.clear()
+    assert q.flush(5.0), "the export thread died during the outage"
+    q.stop()
+    assert _delivered_values(t) == [1.0]

@@ -108,38 +108,44 @@ class ExportQueue:
             taken = self._take()
             if taken is None:
                 return
-            count, payload = taken
             try:
-                self._transport.send(payload)
-            except ExportError as exc:
-                self.stats.failed_attempts += 1
-                if self._last_error != str(exc):
-                    log.warning("OTLP export failed (%s); %s", exc, "retrying" if exc.retryable else "dropped")
-                    self._last_error = str(exc)
-                if not exc.retryable:
-                    self._commit(count)
-                    self._drop(count)
-                    continue
-                failures += 1
-                delay = min(self._backoff_max_s, self._backoff_initial_s * 2 ** (failures - 1))
-                delay *= 0.5 + self._rng.random() / 2  # jitter, so a fleet does not retry in lockstep
-                with self._cond:
-                    if self._stop:
-                        return
-                    self._cond.wait(timeout=delay)
-                continue
-            except Exception:  # a transport bug must not kill the export thread
-                log.exception("unexpected error in OTLP export; dropping %d request(s)", count)
+                failures = self._attempt(*taken, failures)
+            except Exception:  # nothing may kill this thread: the agent would go on sampling into the void
+                log.exception("unexpected error in the OTLP export loop; dropping %d request(s)", taken[0])
+                self._commit(taken[0])
+                self._drop(taken[0])
+            if failures < 0:
+                return
+
+    def _attempt(self, count: int, payload: bytes, failures: int) -> int:
+        """Send the oldest ``count`` requests merged; return the new failure streak (-1: stopping)."""
+        try:
+            self._transport.send(payload)
+        except ExportError as exc:
+            self.stats.failed_attempts += 1
+            if self._last_error != str(exc):
+                log.warning("OTLP export failed (%s); %s", exc, "retrying" if exc.retryable else "dropped")
+                self._last_error = str(exc)
+            if not exc.retryable:
                 self._commit(count)
                 self._drop(count)
-                continue
-            if failures:
-                log.info("OTLP export recovered after %d failed attempt(s)", failures)
-                self._last_error = None
-            failures = 0
-            self.stats.sent_requests += count
-            self.stats.sent_bytes += len(payload)
-            self._commit(count)
+                return failures
+            failures += 1
+            # the exponent is capped: an outage of thousands of attempts must not overflow the delay
+            delay = min(self._backoff_max_s, self._backoff_initial_s * 2.0 ** min(failures - 1, 32))
+            delay *= 0.5 + self._rng.random() / 2  # jitter, so a fleet does not retry in lockstep
+            with self._cond:
+                if self._stop:
+                    return -1
+                self._cond.wait(timeout=delay)
+            return failures
+        if failures:
+            log.info("OTLP export recovered after %d failed attempt(s)", failures)
+            self._last_error = None
+        self.stats.sent_requests += count
+        self.stats.sent_bytes += len(payload)
+        self._commit(count)
+        return 0
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until the queue is empty (True) or the timeout passes (False)."""
