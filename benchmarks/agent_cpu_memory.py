@@ -101,22 +101,18 @@ def _free_port() -> int:
 
 
 def hour(port: int, cycles: int) -> dict[str, Any]:
-    from prometheus_client import CollectorRegistry, generate_latest
-
     from collector.agent import Agent
     from collector.cli import OtlpSink, PrometheusSink
     from collector.export.otlp_encode import OtlpMetricsEncoder, ResourceInfo
     from collector.export.otlp_transport import HttpTransport, OtlpConfig
-    from collector.export.prometheus import SnapshotCollector
+    from collector.export.prometheus import PrometheusExposition
     from collector.export.queue import ExportQueue
     from collector.host import HostSource
     from collector.nvml.source import NvmlGpuSource
 
     queue = ExportQueue(HttpTransport(OtlpConfig(f"http://127.0.0.1:{port}/v1/metrics")), backoff_max_s=1.0)
     queue.start()
-    registry = CollectorRegistry()
-    collector = SnapshotCollector("bench-node")
-    registry.register(collector)
+    exposition = PrometheusExposition("bench-node")
     clock = [1_767_225_600_000_000_000]
 
     def now() -> int:
@@ -124,7 +120,7 @@ def hour(port: int, cycles: int) -> dict[str, Any]:
         return clock[0]
 
     agent = Agent("bench-node", NvmlGpuSource(clock_ns=now, xid_events=False),
-                  [OtlpSink(OtlpMetricsEncoder(ResourceInfo("bench-node")), queue), PrometheusSink(collector)],
+                  [OtlpSink(OtlpMetricsEncoder(ResourceInfo("bench-node")), queue), PrometheusSink(exposition)],
                   HostSource(), None, interval_s=0.1, clock_ns=now)
     agent.open()
     trajectory = []
@@ -136,7 +132,7 @@ def hour(port: int, cycles: int) -> dict[str, Any]:
             _Sink.down = False
         agent.cycle()
         if i % 10 == 0:
-            generate_latest(registry)  # a scrape per simulated second
+            exposition.render()  # a scrape per simulated second
         if i % (cycles // 12) == 0:
             trajectory.append({"cycle": i, "rss_mb": round(_rss_mb(), 1), "queued_mb": round(
                 queue.stats.queued_bytes / 2**20, 1)})

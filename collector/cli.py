@@ -24,7 +24,7 @@ from collector.backend import GpuBackend
 from collector.config import AgentSettings, ConfigError, resolve_settings
 from collector.export.otlp_encode import OtlpMetricsEncoder, ResourceInfo
 from collector.export.otlp_transport import OtlpConfig, config_from_env, make_transport
-from collector.export.prometheus import SnapshotCollector
+from collector.export.prometheus import PrometheusExposition, serve_metrics
 from collector.export.queue import ExportQueue
 from collector.host import HostSource
 from collector.placement.podresources import PodResourcesClient
@@ -47,11 +47,11 @@ class OtlpSink:
 
 
 class PrometheusSink:
-    def __init__(self, collector: SnapshotCollector) -> None:
-        self.collector = collector
+    def __init__(self, exposition: PrometheusExposition) -> None:
+        self.exposition = exposition
 
     def handle(self, snapshot: NodeSnapshot) -> None:
-        self.collector.update(snapshot)
+        self.exposition.update(snapshot)
 
 
 class JsonLinesSink:
@@ -252,12 +252,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_daemon(settings: AgentSettings, otlp: OtlpConfig | None, backend: GpuBackend, host: HostSource,
                placement: PlacementResolver, output: str | None, cycles: int | None) -> int:
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry
 
     sinks: list[SnapshotSink] = []
     queue: ExportQueue | None = None
     if otlp is not None:
-        queue = ExportQueue(make_transport(otlp), max_bytes=settings.export_buffer_bytes)
+        queue = ExportQueue(make_transport(otlp), max_bytes=settings.export_buffer_bytes,
+                            export_interval_s=settings.export_interval_s)
         queue.start()
         resource = ResourceInfo(settings.node_name, settings.k8s_node_name or None)
         sinks.append(OtlpSink(OtlpMetricsEncoder(resource), queue))
@@ -271,18 +272,17 @@ def run_daemon(settings: AgentSettings, otlp: OtlpConfig | None, backend: GpuBac
     server = None
     if settings.prometheus_port:
         registry = CollectorRegistry()
-        collector = SnapshotCollector(settings.node_name)
-        registry.register(collector)
         registry.register(SelfMetrics(agent, queue))
+        exposition = PrometheusExposition(settings.node_name)
         try:
-            server, _ = start_http_server(settings.prometheus_port, settings.prometheus_address, registry)
+            server = serve_metrics(settings.prometheus_address, settings.prometheus_port, exposition, registry)
         except OSError as exc:
             print(f"stacklens-agent: cannot serve /metrics on {settings.prometheus_address}:"
                   f"{settings.prometheus_port}: {exc}", file=sys.stderr)
             if queue is not None:
                 queue.stop(0)
             return 1
-        agent.sinks.append(PrometheusSink(collector))
+        agent.sinks.append(PrometheusSink(exposition))
         log.info("serving /metrics on %s:%d", settings.prometheus_address, settings.prometheus_port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -56,6 +56,7 @@ class AgentSettings:
     xid_events: bool = True
     pcie_counter_poll: bool = True  # poll the 32-bit PCIe byte counters at their wrap-safe period
     export_buffer_bytes: int = 16 << 20
+    export_interval_s: float = 1.0  # samples are batched and sent at most this often
     log_level: str = "info"
 
 
@@ -151,5 +152,7 @@ def validate(s: AgentSettings) -> None:
         raise ConfigError(f"simulate_gpus must be 1 to 64, got {s.simulate_gpus}")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level must be debug, info, warning or error, got {s.log_level!r}")
+    if not 0 <= s.export_interval_s <= 60:
+        raise ConfigError(f"export_interval must be between 0 and 60s, got {s.export_interval_s}s")
     if s.export_buffer_bytes < 1 << 16:
         raise ConfigError("export_buffer_bytes must be at least 65536")

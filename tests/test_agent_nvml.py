@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from collector.signals import SIGNALS
 from tests.nvml_standin.script import StandinScript, build_standin, read_call_log, standin_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,6 +66,23 @@ def h100_node(gpus: int = 8, driver: str = "580.82.07") -> StandinScript:
     for i in range(gpus):
         s.set(i, "uuid", f"GPU-{i:08x}-aaaa-bbbb-cccc-{i:012x}")
     return s
+
+
+# every per-GPU signal the NVML backend produces on an H100 node with NVLink (not: profiling-only
+# signals such as DRAM or SM active, which need DCGM, and XIDs, which need an event)
+NVML_GPU_SIGNALS = sorted(
+    name for name, sig in SIGNALS.items()
+    if sig.scope in ("gpu", "gpu_link", "gpu_reason", "gpu_process")
+    and name not in {"dram_active_ratio", "sm_active_ratio", "gr_engine_active_ratio", "xid_last", "xid_events_total"}
+)
+
+
+def prometheus_name(signal: str) -> str:
+    """Where a signal appears on /metrics: DCGM's name, or stacklens_<name> (counters end in _total)."""
+    sig = SIGNALS[signal]
+    if sig.dcgm is not None and not sig.label_names:
+        return sig.dcgm.name
+    return sig.prometheus_name + ("_total" if sig.kind == "counter" and not sig.name.endswith("_total") else "")
 
 
 def run_agent(lib: Path, script: StandinScript, tmp: Path, *args: str, call_log: bool = False,
@@ -172,6 +190,14 @@ def test_otlp_and_prometheus_carry_nvml_values_times_and_labels(standin_lib: Pat
         assert {float(s["value"][1]) for s in ecc} == {5.0}
         procs = prom.wait_for('stacklens_gpu_process_memory_bytes{job="agent",pid="4120"}')
         assert len(procs) == 2
+        # every GPU signal the agent measures reaches both exports, under the catalog's names
+        otlp_names = {p.name for p in otlp_sink.metric_points()}
+        assert {SIGNALS[n].otlp_name for n in NVML_GPU_SIGNALS} <= otlp_names, \
+            sorted({SIGNALS[n].otlp_name for n in NVML_GPU_SIGNALS} - otlp_names)
+        prom.wait_for('DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{job="agent"}')  # a slow-tier signal, between reads
+        prom_names = set(prom.label_values("__name__"))
+        expected = {prometheus_name(n) for n in NVML_GPU_SIGNALS}
+        assert expected <= prom_names, sorted(expected - prom_names)
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=20)

@@ -120,3 +120,19 @@ def test_a_long_outage_never_kills_the_export_thread() -> None:
     assert q.flush(5.0), "the export thread died during the outage"
     q.stop()
     assert _delivered_values(t) == [1.0]
+
+
+def test_export_interval_merges_a_fast_cadence_into_few_requests() -> None:
+    t = ScriptedTransport()
+    q = ExportQueue(t, export_interval_s=0.4)
+    q.start()
+    for i in range(10):  # ten samples at a 20 ms cadence
+        q.put(_payload(i))
+        time.sleep(0.02)
+    time.sleep(0.1)
+    early = len(t.delivered)
+    assert q.flush(5.0)
+    q.stop()
+    assert early <= 2  # the first went at once, the rest wait for the interval
+    assert len(t.delivered) <= 3
+    assert _delivered_values(t) == [float(i) for i in range(10)]  # merged, in order, complete

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from collector.export.prometheus import SnapshotCollector
+from collector.export.prometheus import PrometheusExposition
 from collector.records import GpuIdentity, GpuSample, HostSample, NodeSnapshot, Placement, Reading, XidEvent
 
 T0 = 1_767_225_600_000_000_000
@@ -13,11 +12,9 @@ GPU = GpuIdentity(2, "GPU-aaaa", "NVIDIA H100 80GB HBM3", "00000000:1A:00.0", 2)
 
 
 def _scrape(snapshot: NodeSnapshot) -> tuple[str, dict[str, list[tuple[dict[str, str], float]]]]:
-    registry = CollectorRegistry()
-    collector = SnapshotCollector("node-7")
-    registry.register(collector)
-    collector.update(snapshot)
-    text = generate_latest(registry).decode()
+    exposition = PrometheusExposition("node-7")
+    exposition.update(snapshot)
+    text = exposition.render()
     samples: dict[str, list[tuple[dict[str, str], float]]] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -42,10 +39,12 @@ def test_dcgm_names_units_and_labels() -> None:
                       "namespace": "serving", "pod": "vllm-0"}
     assert s["DCGM_FI_DEV_SM_CLOCK"][0][1] == 1755.0  # MHz, as DCGM
     assert s["DCGM_FI_DEV_FB_USED"][0][1] == 3072.0  # MiB, as DCGM
-    assert s["DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"][0][1] == 1_500_000.0  # mJ, as DCGM
+    # (prometheus_client's parser renames counter samples to *_total; Prometheus itself does not)
+    energy_line = next(x for x in text.splitlines() if x.startswith("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{"))
+    assert float(energy_line.rsplit(" ", 1)[1]) == 1_500_000.0  # mJ, as DCGM
     assert s["DCGM_FI_DEV_GPU_UTIL"][0][1] == 97.0
-    # the sample keeps DCGM's bare counter name, which is what DCGM dashboards query
-    assert "\nDCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{" in text
+    # DCGM's own exposition of a counter: a bare name on the TYPE line and on the samples
+    assert "# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION counter\nDCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{" in text
     assert s["DCGM_FI_DEV_CLOCKS_EVENT_REASONS"][0][1] == 4.0
     flags = {lbl["reason"]: v for lbl, v in s["stacklens_clock_event_reason_active"]}
     assert flags["sw_power_cap"] == 1.0 and flags["hw_thermal"] == 0.0
@@ -64,3 +63,24 @@ def test_cpu_only_node_still_exposes_host_signals_and_status() -> None:
     _, s = _scrape(snap)
     assert s["stacklens_agent_gpu_status"] == [({"status": "library_not_found"}, 1.0)]
     assert s["stacklens_host_run_queue"] == [({"Hostname": "node-7"}, 3.0)]
+
+
+def test_slow_signals_persist_between_cycles_expire_and_clear_on_loss() -> None:
+    collector = PrometheusExposition("node-7", stale_after_s=30)
+
+    def names() -> set[str]:
+        return {s.name for fam in text_string_to_metric_families(collector.render()) for s in fam.samples}
+
+    s = 1_000_000_000
+    # a slow cycle: energy and link generation; NVML's clock differs from the agent's on purpose
+    collector.update(NodeSnapshot("n", T0, (GpuSample(GPU, T0, (
+        Reading("power_w", 600.0, 5), Reading("pcie_link_gen", 5.0, 5))),)))
+    # fast cycles after it carry power only
+    collector.update(NodeSnapshot("n", T0 + 1 * s, (GpuSample(GPU, T0 + s, (Reading("power_w", 610.0, 6),)),)))
+    assert {"DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_PCIE_LINK_GEN"} <= names()
+    collector.update(NodeSnapshot("n", T0 + 40 * s, (GpuSample(GPU, T0 + 40 * s, (Reading("power_w", 1.0, 7),)),)))
+    assert "DCGM_FI_DEV_PCIE_LINK_GEN" not in names()  # not read again for 40 s: stale
+    collector.update(NodeSnapshot("n", T0 + 41 * s, (GpuSample(GPU, T0 + 41 * s, (Reading("gpu_lost", 1.0, 8),),
+                                                               lost=True),)))
+    assert "DCGM_FI_DEV_POWER_USAGE" not in names()  # a lost GPU keeps no old values
+    assert "stacklens_gpu_lost" in names()

@@ -9,9 +9,8 @@ export queue's job.
 from __future__ import annotations
 
 import gzip
-import urllib.error
+import http.client
 import urllib.parse
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,33 +123,60 @@ def config_from_env(
 
 
 class HttpTransport:
+    """OTLP/HTTP with protobuf bodies over one kept-alive connection.
+
+    A failure closes the connection and is reported as retryable; the export queue retries on a new
+    connection after its backoff. No retry happens here: re-sending a POST whose response was lost
+    could deliver it twice."""
+
     def __init__(self, config: OtlpConfig) -> None:
         self._config = config
         self._url = config.endpoint if "://" in config.endpoint else f"http://{config.endpoint}"
+        parsed = urllib.parse.urlparse(self._url)
+        self._https = parsed.scheme == "https"
+        self._host = parsed.hostname or "localhost"
+        self._port = parsed.port or (443 if self._https else 80)
+        self._path = (parsed.path or "/") + (f"?{parsed.query}" if parsed.query else "")
         self._headers = {"Content-Type": "application/x-protobuf", "User-Agent": "stacklens-agent"}
         self._headers.update(dict(config.headers))
         if config.compression == "gzip":
             self._headers["Content-Encoding"] = "gzip"
         self._context: Any = None
-        if config.certificate and self._url.startswith("https://"):
+        if self._https:
             import ssl
 
             self._context = ssl.create_default_context(cafile=config.certificate)
+        self._conn: http.client.HTTPConnection | None = None
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            if self._https:
+                self._conn = http.client.HTTPSConnection(self._host, self._port, timeout=self._config.timeout_s,
+                                                         context=self._context)
+            else:
+                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self._config.timeout_s)
+        return self._conn
 
     def send(self, payload: bytes) -> None:
         body = gzip.compress(payload, compresslevel=1) if self._config.compression == "gzip" else payload
-        request = urllib.request.Request(self._url, data=body, headers=self._headers, method="POST")
+        conn = self._connection()
         try:
-            with urllib.request.urlopen(request, timeout=self._config.timeout_s, context=self._context) as resp:
-                resp.read()
-        except urllib.error.HTTPError as exc:
-            detail = exc.read()[:200].decode(errors="replace")
-            raise ExportError(f"HTTP {exc.code} from {self._url}: {detail}", exc.code in _HTTP_RETRYABLE) from None
-        except (urllib.error.URLError, OSError) as exc:
+            conn.request("POST", self._path, body=body, headers=self._headers)
+            response = conn.getresponse()
+            detail = response.read()
+        except (http.client.HTTPException, OSError) as exc:
+            self.close()
             raise ExportError(f"cannot reach {self._url}: {exc}", True) from None
+        if response.will_close:
+            self.close()
+        if not 200 <= response.status < 300:
+            text = detail[:200].decode(errors="replace")
+            raise ExportError(f"HTTP {response.status} from {self._url}: {text}", response.status in _HTTP_RETRYABLE)
 
     def close(self) -> None:
-        return None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 class GrpcTransport:

@@ -1,9 +1,11 @@
 """A bounded export queue with retry and backoff, on its own thread.
 
 The sampling loop never waits on the network: it hands encoded requests to :meth:`ExportQueue.put`
-and goes on. While the endpoint is unreachable the queue keeps the newest requests up to a byte bound,
-drops the oldest beyond it (counting what it dropped), and retries with capped exponential backoff.
-Queued requests are sent merged, so a backlog drains in a few large requests.
+and goes on. Requests are sent at most once per ``export_interval_s`` (merged), as OpenTelemetry's
+periodic readers do: at a 100 ms cadence that is one request a second instead of ten. While the
+endpoint is unreachable the queue keeps the newest requests up to a byte bound, drops the oldest
+beyond it (counting what it dropped), and retries with capped exponential backoff. Queued requests
+are sent merged, so a backlog drains in a few large requests.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +44,8 @@ class ExportQueue:
         backoff_max_s: float = 30.0,
         rng: random.Random | None = None,
         on_drop: Callable[[int], None] | None = None,
+        export_interval_s: float = 0.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._transport = transport
         self._max_bytes = max_bytes
@@ -50,6 +55,10 @@ class ExportQueue:
         self._rng = rng or random.Random(0)
         self._on_drop = on_drop
         self._items: deque[bytes] = deque()
+        self._export_interval_s = export_interval_s
+        self._monotonic = monotonic
+        self._last_send = -float("inf")
+        self._flushing = False
         self._bytes = 0
         self._cond = threading.Condition()
         self._stop = False
@@ -83,10 +92,16 @@ class ExportQueue:
 
     def _take(self) -> tuple[int, bytes] | None:
         with self._cond:
-            while not self._items and not self._stop:
-                self._cond.wait()
-            if not self._items:
-                return None
+            while True:
+                while not self._items and not self._stop:
+                    self._cond.wait()
+                if not self._items:
+                    return None
+                # wait out the export interval, unless stopping, flushing or holding a full request
+                due = self._last_send + self._export_interval_s - self._monotonic()
+                if due <= 0 or self._stop or self._flushing or self._bytes >= self._max_request_bytes:
+                    break
+                self._cond.wait(timeout=due)
             count, size = 0, 0
             for item in self._items:
                 if count and size + len(item) > self._max_request_bytes:
@@ -119,6 +134,7 @@ class ExportQueue:
 
     def _attempt(self, count: int, payload: bytes, failures: int) -> int:
         """Send the oldest ``count`` requests merged; return the new failure streak (-1: stopping)."""
+        self._last_send = self._monotonic()
         try:
             self._transport.send(payload)
         except ExportError as exc:
@@ -148,9 +164,14 @@ class ExportQueue:
         return 0
 
     def flush(self, timeout_s: float) -> bool:
-        """Wait until the queue is empty (True) or the timeout passes (False)."""
+        """Send what is queued now and wait until the queue is empty (True) or the timeout passes."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._items, timeout=timeout_s)
+            self._flushing = True
+            self._cond.notify_all()
+            try:
+                return self._cond.wait_for(lambda: not self._items, timeout=timeout_s)
+            finally:
+                self._flushing = False
 
     def stop(self, flush_timeout_s: float = 2.0) -> None:
         self.flush(flush_timeout_s)
