@@ -299,3 +299,20 @@ def test_malformed_script_or_driver_error_keeps_the_agent_alive(standin_lib: Pat
                         "--prometheus-port", "0")
     assert proc.returncode == 0, proc.stderr
     assert [line["gpu_status"] for line in json_lines(proc.stdout)] == ["driver_not_loaded"] * 2
+
+
+def test_pcie_throughput_fallback_runs_off_the_sampling_path(standin_lib: Path, tmp_path: Path) -> None:
+    """A driver without the PCIe byte-counter fields: the slow (20 ms) throughput call runs on its own
+    thread and its values (KiB/s) reach the samples; the sampling cadence does not suffer."""
+    script = (h100_node(gpus=2).set(None, "field.197", "NS").set(None, "field.198", "NS")
+              .set(None, "pcie.tx_kbps", 1_000_000).set(None, "pcie.rx_kbps", 250_000))
+    proc, _ = run_agent(standin_lib, script, tmp_path, "--interval", "100ms", "--cycles", "25", "-o", "json",
+                        "--prometheus-port", "0", "--no-xid-events")
+    assert proc.returncode == 0, proc.stderr
+    lines = json_lines(proc.stdout)
+    tx = [line["gpus"][1]["signals"].get("pcie_tx_bytes_per_s") for line in lines]
+    rx = [line["gpus"][1]["signals"].get("pcie_rx_bytes_per_s") for line in lines]
+    assert 1_000_000 * 1024.0 in tx and 250_000 * 1024.0 in rx
+    times = [line["time_ns"] for line in lines]
+    span_s = (times[-1] - times[0]) / 1e9
+    assert span_s < 24 * 0.1 * 1.5  # 40 ms of blocking calls per poll did not stretch the 100 ms cycles

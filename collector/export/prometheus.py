@@ -87,8 +87,6 @@ class PrometheusExposition:
                     latest.clear()  # nothing it said before holds for a GPU that fell off the bus
                 for r in gs.readings:
                     latest[(r.signal, r.labels)] = (r, snapshot.time_ns)
-                for key in [k for k, (_, at) in latest.items() if snapshot.time_ns - at > self._stale_after_ns]:
-                    del latest[key]
             for gone in set(self._latest) - {gs.gpu.uuid for gs in snapshot.gpus}:
                 del self._latest[gone]
             if snapshot.placements is not None:  # placement runs on its own cadence: keep the last known
@@ -110,6 +108,10 @@ class PrometheusExposition:
             xid_counts = dict(self._xid_counts)
             xid_last = dict(self._xid_last)
             placements = self._placements
+            now = snapshot.time_ns if snapshot is not None else 0
+            for readings in self._latest.values():  # stale values are swept at scrapes, not every cycle
+                for key in [k for k, (_, at) in readings.items() if now - at > self._stale_after_ns]:
+                    del readings[key]
             latest = {uuid: [r for r, _ in readings.values()] for uuid, readings in self._latest.items()}
         families = _Families()
         families.add("stacklens_agent_gpu_status", "1 for the agent's current GPU backend status.", "gauge",
