@@ -16,6 +16,9 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 DEFAULT_SOCKET = Path("/var/lib/kubelet/pod-resources/kubelet.sock")
 _METHOD = "/v1.PodResourcesLister/List"
+# a node with many pods can answer more than gRPC's default 4 MiB receive limit; the kubelet's own client
+# of this API reads up to 16 MiB
+_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 
 _F = descriptor_pb2.FieldDescriptorProto
 
@@ -74,6 +77,11 @@ class PodDevice:
 
 
 class PodResourcesClient:
+    """Asks the kubelet which pod and container each device was allocated to.
+
+    The channel is made on the first call. After any failed call it is dropped, so that the next call
+    dials afresh rather than waiting out gRPC's reconnect backoff once a restarted kubelet is back."""
+
     def __init__(self, socket_path: Path = DEFAULT_SOCKET, timeout_s: float = 1.0) -> None:
         self.socket_path = socket_path
         self.timeout_s = timeout_s
@@ -81,22 +89,29 @@ class PodResourcesClient:
         self._list: Any = None
 
     def available(self) -> bool:
+        """Whether the socket exists (the kubelet may still refuse or fail the call)."""
         return self.socket_path.exists()
 
     def _connect(self) -> Any:
         if self._list is None:
             import grpc
 
-            self._channel = grpc.insecure_channel(f"unix://{self.socket_path}")
+            self._channel = grpc.insecure_channel(
+                f"unix://{self.socket_path.absolute()}",
+                options=[("grpc.max_receive_message_length", _MAX_RESPONSE_BYTES)],
+            )
             self._list = self._channel.unary_unary(
                 _METHOD,
-                request_serializer=lambda m: m.SerializeToString(),
+                request_serializer=_serialize,
                 response_deserializer=_CLASSES["ListPodResourcesResponse"].FromString,
             )
         return self._list
 
     def list_gpu_devices(self, resource_prefixes: tuple[str, ...] = ("nvidia.com/",)) -> list[PodDevice]:
-        """One :class:`PodDevice` per allocated device whose resource name starts with a prefix."""
+        """One :class:`PodDevice` per allocated device whose resource name starts with a prefix.
+
+        Raises :class:`PodResourcesUnavailable` for an absent socket, a refused connection, a deadline
+        (``timeout_s``) or any other gRPC error."""
         if not self.available():
             raise PodResourcesUnavailable(f"no kubelet pod-resources socket at {self.socket_path}")
         import grpc
@@ -104,8 +119,9 @@ class PodResourcesClient:
         try:
             response = self._connect()(_CLASSES["ListPodResourcesRequest"](), timeout=self.timeout_s)
         except grpc.RpcError as exc:
-            code = exc.code().name if hasattr(exc, "code") and exc.code() is not None else "UNKNOWN"
-            raise PodResourcesUnavailable(f"kubelet pod-resources List failed: {code}") from None
+            self.close()
+            raise PodResourcesUnavailable(
+                f"kubelet pod-resources List on {self.socket_path} failed: {_describe(exc)}") from None
         out: list[PodDevice] = []
         for pod in response.pod_resources:
             for container in pod.containers:
@@ -116,9 +132,9 @@ class PodResourcesClient:
         return out
 
     def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-        self._channel = self._list = None
+        channel, self._channel, self._list = self._channel, None, None
+        if channel is not None:
+            channel.close()
 
     def __enter__(self) -> PodResourcesClient:
         return self
@@ -126,6 +142,23 @@ class PodResourcesClient:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _serialize(message: Any) -> bytes:
+    data: bytes = message.SerializeToString()
+    return data
+
+
+def _describe(exc: Exception) -> str:
+    """``CODE: details`` of a failed call (a grpc.RpcError raised by a call is also a grpc.Call)."""
+    code = getattr(exc, "code", None)
+    details = getattr(exc, "details", None)
+    try:
+        name = code().name if callable(code) and code() is not None else "UNKNOWN"
+        text = details() if callable(details) else None
+    except Exception:  # a broken error object must not hide the failure itself
+        name, text = "UNKNOWN", None
+    return f"{name}: {text}" if text else name
 
 
 def gpu_to_pods(devices: list[PodDevice]) -> dict[str, list[PodDevice]]:
