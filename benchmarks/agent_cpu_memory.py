@@ -145,7 +145,8 @@ def hour(port: int, cycles: int) -> dict[str, Any]:
     agent.close()
     queue.stop()
     return {"cycles": cycles, "cpu_ms_per_cycle_incl_export": 1e3 * cpu / cycles, "rss_trajectory": trajectory,
-            "final_rss_mb": trajectory[-1]["rss_mb"], "sent_requests": stats.sent_requests,
+            "final_rss_mb": trajectory[-1]["rss_mb"], "sent_snapshots": stats.sent_snapshots,
+            "sent_batches": stats.sent_batches,
             "dropped_requests": stats.dropped_requests}
 
 

@@ -200,8 +200,10 @@ class SelfMetrics:
         yield nvml
         if self.queue is not None:
             q = self.queue.stats
-            yield CounterMetricFamily("stacklens_agent_export_sent_requests", "OTLP requests exported.",
-                                      value=q.sent_requests)
+            yield CounterMetricFamily("stacklens_agent_export_sent_snapshots", "Samples exported over OTLP.",
+                                      value=q.sent_snapshots)
+            yield CounterMetricFamily("stacklens_agent_export_batches", "OTLP export calls (samples are merged).",
+                                      value=q.sent_batches)
             yield CounterMetricFamily("stacklens_agent_export_failed_attempts", "OTLP export attempts that failed.",
                                       value=q.failed_attempts)
             yield CounterMetricFamily("stacklens_agent_dropped_samples",

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class ExportStats:
-    sent_requests: int = 0
+    sent_snapshots: int = 0  # encoded snapshots delivered
+    sent_batches: int = 0  # export calls that delivered them (snapshots are merged)
     sent_bytes: int = 0
     failed_attempts: int = 0
     dropped_requests: int = 0  # lost to the bound or to a non-retryable rejection
@@ -158,7 +159,8 @@ class ExportQueue:
         if failures:
             log.info("OTLP export recovered after %d failed attempt(s)", failures)
             self._last_error = None
-        self.stats.sent_requests += count
+        self.stats.sent_snapshots += count
+        self.stats.sent_batches += 1
         self.stats.sent_bytes += len(payload)
         self._commit(count)
         return 0
