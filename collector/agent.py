@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol, TypeVar
 
 from collector.backend import GpuBackend
@@ -98,24 +99,24 @@ class Agent:
         want_placement = n % self._placement_every == 0
         gpus: tuple[GpuSample, ...] = ()
         if self.backend.status == "ok":
-            gpus = self._guard("gpu", lambda: self.backend.sample(now_ns, slow, want_placement)) or ()
+            gpus = self._guard("gpu", partial(self.backend.sample, now_ns, slow, want_placement)) or ()
         events = self._guard("events", self.backend.drain_events) or []
         placements = self._last_placements
-        if want_placement and self.placement is not None and gpus:
-            placements = self._guard("placement", lambda: self.placement.resolve(gpus, now_ns)  # type: ignore[union-attr]
-                                     ) or ()
+        resolver, host_source = self.placement, self.host
+        if want_placement and resolver is not None and gpus:
+            placements = self._guard("placement", partial(resolver.resolve, gpus, now_ns)) or ()
             self._last_placements = placements
         host: HostSample | None = None
-        if self.host is not None:
+        if host_source is not None:
             pids = [p.pid for p in placements if p.pid > 0]
-            host = self._guard("host", lambda: self.host.sample(now_ns, pids))  # type: ignore[union-attr]
+            host = self._guard("host", partial(host_source.sample, now_ns, pids))
         snapshot = NodeSnapshot(
             node=self.node, time_ns=now_ns, gpus=gpus, host=host,
             placements=placements if want_placement else None, events=tuple(events),
             gpu_status=self.backend.status, driver_version=self.backend.driver_version,
         )
         for sink in self.sinks:
-            self._guard(type(sink).__name__, lambda s=sink: s.handle(snapshot))  # type: ignore[misc]
+            self._guard(type(sink).__name__, partial(sink.handle, snapshot))
         self.stats.cycles += 1
         cpu = time.process_time() - cpu0
         self.stats.cycle_cpu_s_total += cpu
