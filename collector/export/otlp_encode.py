@@ -62,9 +62,7 @@ _DOUBLE = struct.Struct("<d")
 # NumberDataPoint tails: [start_time_unix_nano (2, fixed64)] time_unix_nano (3, fixed64) then
 # as_double (4, double) or flags (8, varint)
 _TIME_VALUE = struct.Struct("<BQBd")
-_START_TIME_VALUE = struct.Struct("<BQBQBd")
 _TIME = struct.Struct("<BQ")
-_START_TIME = struct.Struct("<BQBQ")
 _START = struct.Struct("<BQ")
 _NO_VALUE = bytes([8 << 3 | 0, _FLAG_NO_RECORDED_VALUE])
 _T_START, _T_TIME, _T_DOUBLE = 2 << 3 | 1, 3 << 3 | 1, 4 << 3 | 1
@@ -90,18 +88,20 @@ def attributes(field: int, attrs: Iterable[tuple[str, str | int | float | bool]]
     return b"".join(_ld(field, key_value(k, v)) for k, v in attrs)
 
 
-def number_point(attrs: bytes, time_ns: int, value: float | None, start_ns: int = 0) -> bytes:
-    """A ``data_points`` entry (tag, length and ``NumberDataPoint``); ``attrs`` is pre-encoded
-    field-7 KeyValues. A None or NaN value is written as missing (flag, no value)."""
+def point(prefix: bytes, time_ns: int, value: float | None) -> bytes:
+    """A ``data_points`` entry: tag, length and a ``NumberDataPoint`` whose fields before the time
+    (attributes, start time) are ``prefix``. A None or NaN value is written as missing: the
+    NO_RECORDED_VALUE flag and no value, never a 0."""
     if value is None or math.isnan(value):
-        tail = (_START_TIME.pack(_T_START, start_ns, _T_TIME, time_ns) if start_ns
-                else _TIME.pack(_T_TIME, time_ns)) + _NO_VALUE
-    elif start_ns:
-        tail = _START_TIME_VALUE.pack(_T_START, start_ns, _T_TIME, time_ns, _T_DOUBLE, value)
+        body = prefix + _TIME.pack(_T_TIME, time_ns) + _NO_VALUE
     else:
-        tail = _TIME_VALUE.pack(_T_TIME, time_ns, _T_DOUBLE, value)
-    body = attrs + tail
+        body = prefix + _TIME_VALUE.pack(_T_TIME, time_ns, _T_DOUBLE, value)
     return _DATA_POINT_TAG + _varint(len(body)) + body
+
+
+def number_point(attrs: bytes, time_ns: int, value: float | None, start_ns: int = 0) -> bytes:
+    """A data point from pre-encoded field-7 KeyValues and, for a cumulative sum, its start time."""
+    return point(attrs + _START.pack(_T_START, start_ns) if start_ns else attrs, time_ns, value)
 
 
 _METRIC_HEADS: dict[str, bytes] = {}
@@ -222,7 +222,7 @@ class OtlpMetricsEncoder:
         prefixes = self._prefixes
         for r in readings:
             # Everything of a point but its time and value is fixed per series: its attributes, and for
-            # a counter its start time. Cached, a point costs one pack and two concatenations.
+            # a counter its start time. Cached, a point costs one pack and a few concatenations.
             series = (key, r.signal, r.labels)
             prefix = prefixes.get(series)
             if prefix is None:
@@ -231,15 +231,10 @@ class OtlpMetricsEncoder:
                     prefix += _START.pack(_T_START, self._start(series, r.time_ns))
                 if len(prefixes) < 100_000:  # bounded: labels of processes and cgroups come and go
                     prefixes[series] = prefix
-            value = r.value
-            if value is None or math.isnan(value):
-                body = prefix + _TIME.pack(_T_TIME, r.time_ns) + _NO_VALUE
-            else:
-                body = prefix + _TIME_VALUE.pack(_T_TIME, r.time_ns, _T_DOUBLE, value)
             points = by_signal.get(r.signal)
             if points is None:
                 points = by_signal[r.signal] = []
-            points.append(_DATA_POINT_TAG + _SMALL_VARINTS[len(body)] + body)
+            points.append(point(prefix, r.time_ns, r.value))
             if r.signal == "clock_event_reasons" and r.value is not None:
                 # decoded flags ride along with the bitmask, one point per named reason
                 mask = int(r.value)

@@ -55,8 +55,8 @@ class _Families:
     def text(self) -> str:
         out: list[str] = []
         for name, (doc, kind, lines) in self.by_name.items():
-            out.append(f"# HELP {name} {doc.replace(chr(92), chr(92) * 2).replace(chr(10), chr(92) + 'n')}\n"
-                       f"# TYPE {name} {kind}\n")
+            help_text = doc.replace("\\", "\\\\").replace("\n", "\\n")
+            out.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
             out.extend(lines)
         return "".join(out)
 
