@@ -7,7 +7,7 @@ as 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 
@@ -97,4 +97,3 @@ class NodeSnapshot:
     # why there are no GPU samples, if there are none (e.g. "library_not_found" on a CPU-only node)
     gpu_status: str = "ok"
     driver_version: str | None = None
-    extra_resource: tuple[tuple[str, str], ...] = field(default=())

@@ -26,13 +26,12 @@ class Group(StrEnum):
     FAULTS = "faults"
     PLACEMENT = "placement"
     HOST = "host"
-    AGENT = "agent"
 
 
 Kind = Literal["gauge", "counter"]
 # What one reading of the signal is attached to: a GPU, one NVLink of a GPU, one decoded clock-event
 # reason of a GPU, a process on a GPU, a cgroup of the host, or the host itself.
-Scope = Literal["gpu", "gpu_link", "gpu_reason", "gpu_process", "cgroup", "host", "agent"]
+Scope = Literal["gpu", "gpu_link", "gpu_reason", "gpu_process", "cgroup", "host"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +112,12 @@ CLOCK_EVENT_REASONS: Mapping[int, str] = {
 def decode_clock_event_reasons(mask: int) -> tuple[str, ...]:
     """Names of the reasons set in an NVML clocks-event bitmask, in bit order."""
     return tuple(name for bit, name in CLOCK_EVENT_REASONS.items() if mask & bit)
+
+
+def clock_event_flags(mask: int) -> tuple[tuple[str, float], ...]:
+    """Every named reason with 1.0 if the bitmask sets it, else 0.0: the exporters' expansion of the
+    bitmask into ``clock_event_reason_active{reason}``."""
+    return tuple((name, 1.0 if mask & bit else 0.0) for bit, name in CLOCK_EVENT_REASONS.items())
 
 
 _CATALOG: tuple[Signal, ...] = (
@@ -307,7 +312,3 @@ def resolve(name: str, attributes: Mapping[str, object] | None = None) -> Resolv
             return Resolved(sig, 1.0 / src.scale, "otel")
     return None
 
-
-def dcgm_name(signal: str) -> SourceName | None:
-    """The DCGM exporter name and scale for a canonical signal, if DCGM has one."""
-    return SIGNALS[signal].dcgm

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from collector import __version__
 from collector.records import GpuIdentity, NodeSnapshot, Reading
-from collector.signals import CLOCK_EVENT_REASONS, SIGNALS, Signal
+from collector.signals import SIGNALS, Signal, clock_event_flags
 
 _FLAG_NO_RECORDED_VALUE = 1
 _CUMULATIVE = 2
@@ -239,9 +239,9 @@ class OtlpMetricsEncoder:
                 # decoded flags ride along with the bitmask, one point per named reason
                 mask = int(r.value)
                 points = by_signal.setdefault("clock_event_reason_active", [])
-                for bit, name in CLOCK_EVENT_REASONS.items():
+                for name, flag in clock_event_flags(mask):
                     renc = self._with_labels(key, attrs, (("reason", name),))
-                    points.append(number_point(renc, r.time_ns, 1.0 if mask & bit else 0.0))
+                    points.append(number_point(renc, r.time_ns, flag))
 
 
 def merge_requests(payloads: Iterator[bytes] | list[bytes]) -> bytes:

@@ -18,7 +18,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 
 from collector.records import GpuIdentity, NodeSnapshot, Placement, Reading
-from collector.signals import CLOCK_EVENT_REASONS, SIGNALS
+from collector.signals import SIGNALS, clock_event_flags
 
 DCGM_LABELS = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "container", "namespace", "pod")
 
@@ -172,9 +172,9 @@ class PrometheusExposition:
         if r.signal == "clock_event_reasons":
             mask = int(r.value)
             flag = SIGNALS["clock_event_reason_active"]
-            for bit, reason in CLOCK_EVENT_REASONS.items():
+            for reason, active in clock_event_flags(mask):
                 families.add(flag.prometheus_name, flag.description, "gauge", flag.prometheus_name,
-                             f'{labels},reason="{reason}"', 1.0 if mask & bit else 0.0)
+                             f'{labels},reason="{reason}"', active)
 
 
 class _MetricsHandler(BaseHTTPRequestHandler):

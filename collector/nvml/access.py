@@ -19,14 +19,13 @@ import logging
 import struct
 import threading
 from collections import Counter
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 _Fields = tuple[tuple[int, int], ...]
 
 # NVML return codes this layer treats specially (values from nvml.h, stable across drivers).
@@ -332,11 +331,3 @@ def _rows_slow(array: Any) -> list[tuple[int, int, int, int, int, int, int]]:
                      entry.nvmlReturn, raw))
     return rows
 
-
-def first_ok(*candidates: Callable[[], T | None]) -> T | None:
-    """The first candidate that returns something other than None (fallback chains)."""
-    for candidate in candidates:
-        value = candidate()
-        if value is not None:
-            return value
-    return None

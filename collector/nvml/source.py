@@ -152,10 +152,6 @@ class NvmlGpuSource:
     def driver_version(self) -> str | None:
         return self._driver
 
-    @property
-    def counter_rates(self) -> CounterRates:
-        return self._rates
-
     def identities(self) -> tuple[GpuIdentity, ...]:
         return tuple(d.ident for d in self._devices)
 
