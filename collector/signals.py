@@ -312,3 +312,68 @@ def resolve(name: str, attributes: Mapping[str, object] | None = None) -> Resolv
             return Resolved(sig, 1.0 / src.scale, "otel")
     return None
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# Serving-engine signals (per replica): what vLLM and the OpenTelemetry GenAI server metrics report.
+# The correlator stores them next to the GPU signals; they are the scheduling and KV-cache evidence.
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSignal:
+    name: str
+    unit: str
+    kind: Kind  # "gauge" or "counter"; histograms are stored as their _sum and _count counters
+    description: str
+    # accepted source names, current first; older names that a vLLM release renamed stay accepted
+    sources: tuple[str, ...] = ()
+
+
+_ENGINE_CATALOG: tuple[EngineSignal, ...] = (
+    EngineSignal("engine_requests_running", "1", "gauge", "Requests in the running batch.",
+                 ("vllm:num_requests_running",)),
+    EngineSignal("engine_requests_waiting", "1", "gauge", "Requests waiting in the queue.",
+                 ("vllm:num_requests_waiting",)),
+    EngineSignal("engine_kv_cache_usage_ratio", "1", "gauge", "Share of the KV cache in use (0..1).",
+                 ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")),
+    EngineSignal("engine_preemptions_total", "1", "counter", "Requests preempted (KV cache exhausted).",
+                 ("vllm:num_preemptions_total", "vllm:num_preemptions")),
+    EngineSignal("engine_prompt_tokens_total", "1", "counter", "Prompt tokens processed.",
+                 ("vllm:prompt_tokens_total", "vllm:prompt_tokens")),
+    EngineSignal("engine_generation_tokens_total", "1", "counter", "Output tokens generated.",
+                 ("vllm:generation_tokens_total", "vllm:generation_tokens")),
+    EngineSignal("engine_ttft_seconds_sum", "s", "counter", "Sum of time to first token.",
+                 ("vllm:time_to_first_token_seconds_sum", "gen_ai.server.time_to_first_token_sum")),
+    EngineSignal("engine_ttft_seconds_count", "1", "counter", "Requests with a first token.",
+                 ("vllm:time_to_first_token_seconds_count", "gen_ai.server.time_to_first_token_count")),
+    EngineSignal("engine_tpot_seconds_sum", "s", "counter", "Sum of inter-token latency.",
+                 ("vllm:inter_token_latency_seconds_sum", "vllm:time_per_output_token_seconds_sum",
+                  "gen_ai.server.time_per_output_token_sum")),
+    EngineSignal("engine_tpot_seconds_count", "1", "counter", "Inter-token intervals.",
+                 ("vllm:inter_token_latency_seconds_count", "vllm:time_per_output_token_seconds_count",
+                  "gen_ai.server.time_per_output_token_count")),
+    EngineSignal("engine_e2e_seconds_sum", "s", "counter", "Sum of end-to-end request latency.",
+                 ("vllm:e2e_request_latency_seconds_sum", "gen_ai.server.request.duration_sum")),
+    EngineSignal("engine_e2e_seconds_count", "1", "counter", "Finished requests.",
+                 ("vllm:e2e_request_latency_seconds_count", "gen_ai.server.request.duration_count")),
+    EngineSignal("engine_queue_seconds_sum", "s", "counter", "Sum of time in the queue.",
+                 ("vllm:request_queue_time_seconds_sum",)),
+    EngineSignal("engine_queue_seconds_count", "1", "counter", "Requests that left the queue.",
+                 ("vllm:request_queue_time_seconds_count",)),
+)
+
+ENGINE_SIGNALS: Mapping[str, EngineSignal] = {s.name: s for s in _ENGINE_CATALOG}
+_ENGINE_BY_SOURCE: dict[str, EngineSignal] = {}
+for _es in _ENGINE_CATALOG:
+    _ENGINE_BY_SOURCE[_es.name] = _es
+    _ENGINE_BY_SOURCE[f"stacklens.{_es.name}"] = _es
+    for _src in _es.sources:
+        _ENGINE_BY_SOURCE[_src] = _es
+        # Prometheus receivers and older exporters write the colon as an underscore
+        _ENGINE_BY_SOURCE[_src.replace(":", "_")] = _es
+
+
+def resolve_engine(name: str) -> EngineSignal | None:
+    """Map a serving-engine metric name (vLLM's, renamed ones included, or GenAI server metrics' _sum and
+    _count) to its engine signal, or None."""
+    return _ENGINE_BY_SOURCE.get(name)

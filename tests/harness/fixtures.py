@@ -115,3 +115,18 @@ def otlp_sink() -> Iterator[OtlpSink]:
     """Yield a started OtlpSink (gRPC + HTTP on 127.0.0.1), closed at teardown."""
     with OtlpSink() as sink:
         yield sink
+
+
+@pytest.fixture
+def correlator(tmp_path: Any) -> Iterator[Any]:
+    """A started :class:`~correlator.server.serve.Correlator` on free loopback ports, over a DuckDB file
+    in ``tmp_path``; stopped at teardown."""
+    from correlator.server.serve import Correlator, ServeConfig
+
+    c = Correlator(ServeConfig(db=str(tmp_path / "c.duckdb"), otlp_grpc="127.0.0.1:0", otlp_http="127.0.0.1:0",
+                               api="127.0.0.1:0"))
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()

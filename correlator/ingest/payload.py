@@ -1,0 +1,147 @@
+"""Bytes on the wire → OTLP messages → normalised rows, with every way a payload can be bad turned into
+a :class:`PayloadError` carrying the HTTP status to answer with. Transport-free: the HTTP and gRPC
+servers and ``stacklens import`` all call these functions.
+
+Limits: a compressed body is read up to ``max_body_bytes``; it is inflated in bounded steps and refused
+(413) as soon as it grows past ``max_decoded_bytes``, so a gzip bomb costs at most that much memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import zlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from correlator.ingest.batch import IngestBatch
+from correlator.ingest.otlp_metrics import decode_metrics
+from correlator.ingest.otlp_spans import decode_spans
+
+Signal = Literal["traces", "metrics"]
+DEFAULT_MAX_BODY_BYTES = 16 << 20
+DEFAULT_MAX_DECODED_BYTES = 64 << 20
+
+
+class PayloadError(Exception):
+    """A payload that cannot be accepted; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
+
+
+def inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """Undo Content-Encoding (gzip, deflate or none) without ever holding more than ``limit`` bytes."""
+    enc = encoding.strip().lower()
+    if enc in ("", "identity"):
+        if len(body) > limit:
+            raise PayloadError(413, f"payload of {len(body)} bytes is over the limit of {limit}")
+        return body
+    if enc not in ("gzip", "deflate"):
+        raise PayloadError(415, f"unsupported Content-Encoding {encoding!r}: use gzip, deflate or none")
+    d = zlib.decompressobj(wbits=47)  # 32 + 15: zlib or gzip header, detected
+    out = bytearray()
+    data = body
+    try:
+        while data:
+            chunk = d.decompress(data, limit + 1 - len(out))
+            out += chunk
+            if len(out) > limit:
+                raise PayloadError(413, f"payload inflates past the limit of {limit} bytes")
+            data = d.unconsumed_tail
+        out += d.flush()
+    except zlib.error as e:
+        raise PayloadError(400, f"body is not valid {enc}: {e}") from e
+    if not d.eof:
+        raise PayloadError(400, f"{enc} body is truncated")
+    if len(out) > limit:
+        raise PayloadError(413, f"payload inflates past the limit of {limit} bytes")
+    return bytes(out)
+
+
+_ID_KEYS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
+
+
+def _hex_ids_to_base64(node: Any) -> None:
+    """OTLP/JSON writes trace and span ids as hex; protobuf's JSON mapping expects base64 for bytes."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k in _ID_KEYS and isinstance(v, str):
+                try:
+                    node[k] = base64.b64encode(bytes.fromhex(v)).decode()
+                except ValueError as e:
+                    raise PayloadError(400, f"{k} {v[:40]!r} is not hex") from e
+            else:
+                _hex_ids_to_base64(v)
+    elif isinstance(node, list):
+        for x in node:
+            _hex_ids_to_base64(x)
+
+
+def parse_message(signal: Signal, body: bytes, fmt: Literal["protobuf", "json"]) -> Any:
+    msg: Any = ExportTraceServiceRequest() if signal == "traces" else ExportMetricsServiceRequest()
+    if fmt == "protobuf":
+        try:
+            msg.ParseFromString(body)
+        except DecodeError as e:
+            raise PayloadError(400, f"body is not a valid OTLP {signal} protobuf message: {e}") from e
+        return msg
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PayloadError(400, f"body is not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise PayloadError(400, "an OTLP/JSON body must be a JSON object")
+    _hex_ids_to_base64(doc)
+    try:
+        json_format.ParseDict(doc, msg, ignore_unknown_fields=True)
+    except (json_format.ParseError, ValueError, TypeError, AttributeError, RecursionError) as e:
+        raise PayloadError(400, f"body is not a valid OTLP/JSON {signal} message: {e}") from e
+    return msg
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def decode(signal: Signal, body: bytes, content_type: str, content_encoding: str = "",
+           limits: Limits = DEFAULT_LIMITS) -> IngestBatch:
+    """One HTTP request body → normalised rows, or a PayloadError. Nothing is kept on error."""
+    ctype = content_type.split(";", maxsplit=1)[0].strip().lower()
+    if ctype in ("application/x-protobuf", "application/protobuf"):
+        fmt: Literal["protobuf", "json"] = "protobuf"
+    elif ctype == "application/json":
+        fmt = "json"
+    else:
+        raise PayloadError(415, f"unsupported Content-Type {content_type!r}: use application/x-protobuf or "
+                                "application/json")
+    if len(body) > limits.max_body_bytes:
+        raise PayloadError(413, f"body of {len(body)} bytes is over the limit of {limits.max_body_bytes}")
+    raw = inflate(body, content_encoding, limits.max_decoded_bytes)
+    return decode_message(signal, parse_message(signal, raw, fmt))
+
+
+def decode_message(signal: Signal, msg: Any) -> IngestBatch:
+    try:
+        return decode_spans(msg) if signal == "traces" else decode_metrics(msg)
+    except (ValueError, TypeError, OverflowError) as e:  # pragma: no cover - defensive
+        raise PayloadError(400, f"OTLP {signal} message could not be normalised: {e}") from e
+
+
+def upb_active() -> bool:
+    """True when protobuf runs on its C (upb) backend; the pure-Python one decodes ~20x slower."""
+    from google.protobuf.internal import api_implementation
+
+    return api_implementation.Type() == "upb"
