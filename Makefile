@@ -12,9 +12,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Until the simulated fleet and `stacklens demo` land, the main job is the agent on simulated GPUs.
+# The main job: a simulated 2-node x 4-GPU fleet with a PCIe fault, over OTLP into the correlator, to a verdict.
 demo: $(STAMP)
-	$(BIN)/stacklens-agent --simulate --once -o table
+	$(BIN)/stacklens demo
 
 # Debian's Prometheus server, used by the tests that scrape the agent (needs root, as CI has).
 prometheus:

@@ -85,6 +85,7 @@ class Store:
         self._last_xid: dict[tuple[int, str], float] = {}
         self._thread: threading.Thread | None = None
         self._column_cache: dict[str, list[str]] = {}
+        self._gpu_info: dict[str, tuple[object, ...]] = {}
         if not read_only:
             self._load_ids()
             self._thread = threading.Thread(target=self._run, name="stacklens-store-writer", daemon=True)
@@ -120,6 +121,16 @@ class Store:
             self._cond.notify()
         return fut
 
+    def flush(self, timeout_s: float = 60.0) -> None:
+        """Wait until everything submitted before this call is committed (or has failed)."""
+        fut: Future[None] = Future()
+        with self._cond:
+            if self._thread is None or self._closing:
+                return
+            self._pending.append((IngestBatch(), fut))
+            self._cond.notify()
+        fut.result(timeout_s)
+
     def write(self, batch: IngestBatch, timeout_s: float = 30.0) -> None:
         """Submit and wait until committed (raises what the commit raised)."""
         self.submit(batch).result(timeout_s)
@@ -150,6 +161,7 @@ class Store:
             merged.extend(b)
         ids_before = {k: dict(v) for k, v in self._ids.items()}
         mask_before, xid_before = dict(self._last_mask), dict(self._last_xid)
+        info_before = dict(self._gpu_info)
         cur = self._con.cursor()
         try:
             cur.execute("BEGIN TRANSACTION")
@@ -159,6 +171,7 @@ class Store:
             with contextlib.suppress(duckdb.Error):
                 cur.execute("ROLLBACK")
             self._ids, self._last_mask, self._last_xid = ids_before, mask_before, xid_before
+            self._gpu_info = info_before
             self.stats.failed_transactions += 1
             log.error("store: transaction of %d rows failed: %s", merged.row_count(), e)
             for _, f in taken:
@@ -248,12 +261,17 @@ class Store:
         sig_ids = self._signal_ids(cur, sorted(str(s) for s in sig_names))
 
         if len(gi):
-            for t, n, u, idx, model, bus, dev in zip(*(gi.data[c] for c in gi.columns), strict=True):
-                del t
+            # identity changes rarely: keep the latest per GPU and write only what differs from the cache
+            latest: dict[str, tuple[object, ...]] = {}
+            for _t, n, u, idx, model, bus, dev in zip(*(gi.data[c] for c in gi.columns), strict=True):
+                latest[str(u)] = (node_ids[str(n)], idx, model, bus, dev)
+            for u, info in latest.items():
+                if self._gpu_info.get(u) == info:
+                    continue
                 cur.execute("UPDATE gpus SET node_id = ?, gpu_index = COALESCE(?, gpu_index), "
                             "model = COALESCE(?, model), pci_bus_id = COALESCE(?, pci_bus_id), "
-                            "device = COALESCE(?, device) WHERE uuid = ?",
-                            [node_ids[str(n)], idx, model, bus, dev, u])
+                            "device = COALESCE(?, device) WHERE uuid = ?", [*info, u])
+                self._gpu_info[u] = info
         if len(g):
             t = _arrow(g)
             view = pa.table({
@@ -367,9 +385,9 @@ class Store:
         out: dict[str, int] = {}
         with self.reader() as cur:
             for table, col in TIMED_TABLES.items():
-                n = cur.execute(f"SELECT count(*) FROM {table} WHERE {col} < ?", [older_than_ns]).fetchone()
+                n = cur.execute(f"SELECT count(*) FROM {table} WHERE {col} < ?", [older_than_ns]).fetchall()
                 cur.execute(f"DELETE FROM {table} WHERE {col} < ?", [older_than_ns])
-                out[table] = int(n[0]) if n else 0
+                out[table] = int(n[0][0]) if n else 0
         return out
 
     def export_parquet(self, directory: str | os.PathLike[str]) -> list[str]:

@@ -1,0 +1,278 @@
+"""From a measured regression and the evidence to ranked findings.
+
+Each hypothesis of the cause vocabulary (DESIGN.md) looks for its primary evidence on every GPU, node
+or replica: the robust change of its signals between baseline and incident, whether the GPU stands out
+from its peers, and whether the latency component the cause produces (TTFT for compute and transfers,
+TPOT for memory-bound decode, queue time for scheduling) did go up on the replicas that GPU serves. A
+cause is preferred over the symptoms it produces: KV pressure explains preemptions; a slow GPU explains
+the queue that builds in front of it, so queueing needs the arrival rate to have gone up.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from correlator.analysis.evidence import Evidence, Stat, pcie_capacity_bytes_per_s
+from correlator.analysis.requests import Unit
+
+
+@dataclass(frozen=True, slots=True)
+class UnitLatency:
+    """How one replica's requests changed between the windows."""
+
+    unit: Unit
+    n_base: int
+    n_inc: int
+    ttft_ratio: float
+    tpot_ratio: float
+    queue_base_s: float
+    queue_inc_s: float
+    prefill_ratio: float  # per prompt token
+    arrival_ratio: float
+    tokens_ratio: float  # output tokens per second
+    excess_share: float  # share of the fleet's excess latency its requests carry
+
+
+@dataclass
+class Candidate:
+    cause: str
+    subcause: str
+    strength: float
+    units: list[str]
+    gpu_id: int | None
+    node_id: int
+    evidence: list[dict[str, object]]
+    symptom: str  # "ttft", "tpot", "queue" or "any"
+    description: str
+    pid: int | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+_UNITS = {"power_w": "W", "power_limit_w": "W", "gpu_temp_c": "Cel", "memory_temp_c": "Cel", "sm_clock_hz": "Hz",
+          "gpu_util_ratio": "1", "memory_busy_ratio": "1", "pcie_rx_bytes_per_s": "B/s",
+          "pcie_tx_bytes_per_s": "B/s", "nvlink_tx_total_bytes_per_s": "B/s", "nvlink_rx_total_bytes_per_s": "B/s",
+          "host_run_queue": "1", "host_cpu_steal_ratio": "1", "host_cpu_util_ratio": "1",
+          "cgroup_throttled_ratio": "1", "engine_kv_cache_usage_ratio": "1", "engine_preemptions_per_s": "1/s",
+          "pcie_link_width": "1", "pcie_link_gen": "1", "engine_requests_running": "1",
+          "engine_requests_waiting": "1"}
+
+
+def _ev(signal: str, st: Stat | None, unit: str | None = None) -> dict[str, object]:
+    if st is None:
+        return {"signal": signal, "unit": unit or _UNITS.get(signal, "1"), "baseline": None, "incident": None,
+                "robust_z": None}
+    return {"signal": signal, "unit": unit or _UNITS.get(signal, "1"), "baseline": _round(st.base_median),
+            "incident": _round(st.inc_median), "robust_z": round(st.z(signal), 2)}
+
+
+def _raw(signal: str, base: float | None, inc: float | None, unit: str = "1", z: float | None = None
+         ) -> dict[str, object]:
+    return {"signal": signal, "unit": unit, "baseline": _round(base), "incident": _round(inc),
+            "robust_z": None if z is None else round(z, 2)}
+
+
+def _round(v: float | None) -> float | None:
+    if v is None or math.isnan(v):
+        return None
+    return float(f"{v:.4g}")
+
+
+def _squash(z: float, at: float) -> float:
+    """0 at z=0, 0.5 at z=at, toward 1 beyond."""
+    return 1.0 - math.exp(-max(0.0, z) * math.log(2) / at)
+
+
+def _widespread(ev: Evidence, signal: str, gpu_ids: list[int], threshold: float, sign: float = 1.0) -> float:
+    """Share of GPUs whose ``signal`` moved past ``threshold`` z in the same direction (fleet-wide moves are
+    load or drift, not a culprit)."""
+    moved = sum(1 for g in gpu_ids if sign * ev.gpu.get(g, {}).get(signal, Stat(None, None, None)).z(signal)
+                >= threshold)
+    return moved / max(1, len(gpu_ids))
+
+
+def gpu_candidates(ev: Evidence, units_of_gpu: dict[int, list[str]], engine_pids: set[int]) -> list[Candidate]:
+    out: list[Candidate] = []
+    all_gpus = sorted(ev.gpu_meta)
+    for gid in all_gpus:
+        st = ev.gpu.get(gid, {})
+        nid = ev.gpu_meta[gid][2]
+        units = units_of_gpu.get(gid, [])
+        get = st.get
+        clock = get("sm_clock_hz")
+
+        # hardware_fault/xid: the GPU raised XIDs during the incident
+        if gid in ev.xids:
+            n, codes, _first = ev.xids[gid]
+            out.append(Candidate("hardware_fault", "xid", 0.97, units, gid, nid,
+                                 [_raw("xid_events", 0, n, "1"), _ev("sm_clock_hz", clock)], "any",
+                                 f"XID {', '.join(map(str, codes)) or '?'} raised {n} times"))
+        dbe = ev.gpu_counter_delta.get(gid, {}).get("ecc_dbe_volatile_total")
+        if dbe and dbe[1] > 0 and dbe[0] == 0:
+            out.append(Candidate("hardware_fault", "ecc", 0.9, units, gid, nid,
+                                 [_raw("ecc_dbe_volatile_total", dbe[0], dbe[1])], "any",
+                                 f"{int(dbe[1])} uncorrectable ECC errors"))
+        width, gen = get("pcie_link_width"), get("pcie_link_gen")
+        for s, name in ((width, "pcie_link_width"), (gen, "pcie_link_gen")):
+            if s and s.base_median and s.inc_median is not None and s.inc_median < s.base_median - 0.5:
+                out.append(Candidate("hardware_fault", "link_degraded", 0.85, units, gid, nid, [_ev(name, s)],
+                                     "ttft", f"PCIe link down-trained ({name} {s.base_median:g} → {s.inc_median:g})"))
+
+        # interconnect/nvlink: a link went down (traffic rerouted over the others), or link errors
+        down_b, down_i = ev.links_down.get(gid, (0, 0))
+        if down_i > down_b:
+            tx = get("nvlink_tx_total_bytes_per_s")
+            out.append(Candidate("interconnect", "nvlink", 0.93, units, gid, nid,
+                                 [_raw("nvlink_links_down", down_b, down_i), _ev("nvlink_tx_total_bytes_per_s", tx)],
+                                 "any", f"{down_i - down_b} NVLink link(s) down"))
+        else:
+            errs = ev.gpu_counter_delta.get(gid, {})
+            crc = errs.get("nvlink_crc_flit_errors_total", (0.0, 0.0))
+            if crc[1] > 10 * (crc[0] + 1):
+                out.append(Candidate("interconnect", "nvlink", 0.7, units, gid, nid,
+                                     [_raw("nvlink_crc_flit_errors", crc[0], crc[1])], "any",
+                                     f"NVLink CRC errors ({int(crc[1])} in the incident)"))
+
+        # interconnect/pcie: traffic near the link's capacity, well above its baseline
+        cap = pcie_capacity_bytes_per_s(st)
+        best_dir = max(("pcie_rx_bytes_per_s", "pcie_tx_bytes_per_s"),
+                       key=lambda s: get(s).z(s) if get(s) else 0.0)  # type: ignore[union-attr]
+        ps = get(best_dir)
+        if ps is not None and ps.inc_median is not None:
+            z = ps.z(best_dir)
+            util = ps.inc_median / cap if cap else None
+            if z >= 4 and (util is None or util >= 0.2) and _widespread(ev, best_dir, all_gpus, 4) < 0.75:
+                strength = 0.55 + 0.4 * min(1.0, (util or 0.5))
+                direction = "RX" if "rx" in best_dir else "TX"
+                cap_txt = f" of {cap / 1e9:.1f} GB/s" if cap else ""
+                out.append(Candidate("interconnect", "pcie", strength, units, gid, nid,
+                                     [_ev(best_dir, ps), _raw("pcie_link_utilization", (ps.base_median or 0) / cap
+                                                              if cap else None, util, "1")],
+                                     "ttft", f"PCIe {direction} saturated ({ps.inc_median / 1e9:.1f} GB/s{cap_txt})"))
+
+        # thermal_power: clocks held down by the power cap or by temperature
+        shares = ev.throttle_share.get(gid, {"power": (0.0, 0.0), "thermal": (0.0, 0.0)})
+        limit, power, temp = get("power_limit_w"), get("power_w"), get("gpu_temp_c")
+        clock_drop = -(clock.z("sm_clock_hz")) if clock else 0.0
+        p_b, p_i = shares["power"]
+        limit_drop = -(limit.z("power_limit_w")) if limit else 0.0
+        if (p_i - p_b >= 0.2 or limit_drop >= 4) and _widespread(ev, "power_limit_w", all_gpus, 4, -1) < 0.75:
+            strength = 0.5 + 0.25 * min(1.0, max(0.0, p_i - p_b) / 0.5) + 0.2 * _squash(clock_drop, 3)
+            text = "power cap"
+            if limit and limit_drop >= 4 and limit.inc_median:
+                text += f" lowered to {limit.inc_median:.0f} W"
+            if clock and clock.inc_median:
+                text += f", SM clock {clock.inc_median / 1e6:.0f} MHz"
+            out.append(Candidate("thermal_power", "power_cap", strength, units, gid, nid,
+                                 [_ev("power_limit_w", limit), _ev("power_w", power), _ev("sm_clock_hz", clock),
+                                  _raw("power_cap_throttle_share", p_b, p_i)], "ttft", text))
+        t_b, t_i = shares["thermal"]
+        temp_up = temp.z("gpu_temp_c") if temp else 0.0
+        if (t_i - t_b >= 0.2 or (temp_up >= 4 and clock_drop >= 3)) and \
+                _widespread(ev, "gpu_temp_c", all_gpus, 4) < 0.75:
+            strength = 0.5 + 0.25 * min(1.0, max(0.0, t_i - t_b) / 0.5) + 0.2 * _squash(clock_drop, 3)
+            out.append(Candidate("thermal_power", "thermal_throttle", strength, units, gid, nid,
+                                 [_ev("gpu_temp_c", temp), _ev("sm_clock_hz", clock),
+                                  _raw("thermal_throttle_share", t_b, t_i)],
+                                 "ttft", f"thermal throttling at {temp.inc_median:.0f} °C, SM clock "
+                                         f"{(clock.inc_median or 0) / 1e6:.0f} MHz" if temp and clock
+                                 else "thermal throttling"))
+
+        # a process that is not a serving engine appeared on the GPU
+        pids_b, pids_i = ev.gpu_pids.get(gid, (set(), set()))
+        foreign = sorted(p for p in pids_i - pids_b if p not in engine_pids)
+        busy, util_s = get("memory_busy_ratio"), get("gpu_util_ratio")
+        busy_z = busy.z("memory_busy_ratio") if busy else 0.0
+        util_z = util_s.z("gpu_util_ratio") if util_s else 0.0
+        if busy_z >= 4 and _widespread(ev, "memory_busy_ratio", all_gpus, 4) < 0.75:
+            strength = 0.45 + 0.3 * _squash(busy_z, 6) + (0.2 if foreign else 0.0) - (0.15 if util_z >= 3 else 0.0)
+            out.append(Candidate("memory", "hbm_bandwidth", strength, units, gid, nid,
+                                 [_ev("memory_busy_ratio", busy), _ev("gpu_util_ratio", util_s)]
+                                 + ([_raw("foreign_processes", 0, len(foreign))] if foreign else []),
+                                 "tpot", f"HBM bandwidth contention (memory busy {busy.inc_median:.0%})"
+                                 if busy and busy.inc_median is not None else "HBM bandwidth contention",
+                                 pid=foreign[0] if foreign else None))
+        if foreign:
+            strength = 0.6 + (0.3 if util_z >= 3 and busy_z < 4 else 0.1 if util_z >= 2 else 0.0)
+            out.append(Candidate("scheduling", "noisy_neighbor", strength, units, gid, nid,
+                                 [_raw("foreign_processes", 0, len(foreign)), _ev("gpu_util_ratio", util_s),
+                                  _ev("memory_busy_ratio", busy)],
+                                 "any", f"foreign process {foreign[0]} on the GPU", pid=foreign[0]))
+    return out
+
+
+def unit_candidates(ev: Evidence, lat: dict[str, UnitLatency]) -> list[Candidate]:
+    out: list[Candidate] = []
+    by_node: dict[int, list[str]] = {}
+    for key, ul in lat.items():
+        by_node.setdefault(ul.unit.node_id, []).append(key)
+        eng = ev.engine.get((ul.unit.node_id, ul.unit.pid)) or {}
+        kv, pre = eng.get("engine_kv_cache_usage_ratio"), eng.get("engine_preemptions_per_s")
+        kv_hot = kv is not None and kv.inc_median is not None and (
+            (kv.inc_max or 0) >= 0.97 or (kv.inc_median >= 0.85 and kv.z("engine_kv_cache_usage_ratio") >= 3))
+        pre_up = pre is not None and (pre.inc_median or 0) > (pre.base_median or 0) + 0.02
+        if kv_hot or pre_up:
+            strength = 0.55 + (0.2 if kv_hot else 0) + (0.2 if pre_up else 0)
+            gid = ul.unit.gpu_ids[0] if ul.unit.gpu_ids else None
+            out.append(Candidate("memory", "kv_cache_pressure", strength, [key], gid, ul.unit.node_id,
+                                 [_ev("engine_kv_cache_usage_ratio", kv), _ev("engine_preemptions_per_s", pre)],
+                                 "any", f"KV cache {'full' if kv_hot else 'under pressure'}"
+                                        f"{', requests preempted' if pre_up else ''}", pid=ul.unit.pid))
+        queue_up = ul.queue_inc_s > max(2.0 * ul.queue_base_s, ul.queue_base_s + 0.05)
+        if queue_up and ul.arrival_ratio >= 1.25:
+            strength = 0.55 + 0.35 * min(1.0, (ul.arrival_ratio - 1.0))
+            out.append(Candidate("scheduling", "queueing", strength, [key], None, ul.unit.node_id,
+                                 [_raw("arrival_rate_ratio", 1.0, ul.arrival_ratio),
+                                  _raw("queue_time_s", ul.queue_base_s, ul.queue_inc_s, "s")],
+                                 "queue", f"arrivals {ul.arrival_ratio:.1f}x baseline, queue time "
+                                          f"{ul.queue_base_s:.2f}s → {ul.queue_inc_s:.2f}s", pid=ul.unit.pid))
+        elif queue_up and ul.arrival_ratio < 1.15:
+            running = eng.get("engine_requests_running")
+            util_drop = [-(ev.gpu.get(g, {}).get("gpu_util_ratio", Stat(None, None, None)).z("gpu_util_ratio"))
+                         for g in ul.unit.gpu_ids]
+            run_drop = -(running.z("engine_requests_running")) if running else 0.0
+            if run_drop >= 3 or (util_drop and max(util_drop) >= 3):
+                strength = 0.6 + 0.3 * _squash(max(run_drop, *util_drop) if util_drop else run_drop, 5)
+                out.append(Candidate("scheduling", "batching", strength, [key], None, ul.unit.node_id,
+                                     [_ev("engine_requests_running", running),
+                                      _raw("queue_time_s", ul.queue_base_s, ul.queue_inc_s, "s"),
+                                      _raw("arrival_rate_ratio", 1.0, ul.arrival_ratio)],
+                                     "queue", "batch size too small: queue grows while the GPU is under-used",
+                                     pid=ul.unit.pid))
+    for nid, keys in by_node.items():
+        host = ev.host.get(nid, {})
+        scored = []
+        for s in ("host_run_queue", "host_cpu_steal_ratio", "cgroup_throttled_ratio", "host_load1"):
+            st = host.get(s)
+            if st is not None:
+                scored.append((st.z(s), s, st))
+        if not scored:
+            continue
+        z, sig, st = max(scored, key=lambda x: x[0])
+        if z >= 4:
+            out.append(Candidate("scheduling", "cpu_contention", 0.5 + 0.4 * _squash(z, 8), keys, None, nid,
+                                 [_ev(s, st_) for _, s, st_ in sorted(scored, key=lambda x: -x[0])[:3]], "any",
+                                 f"host CPU contention ({sig.replace('_', ' ')} {st.base_median or 0:.2g} → "
+                                 f"{st.inc_median or 0:.2g})"))
+    return out
+
+
+_SYMPTOM_RATIO = 1.08
+
+
+def score(c: Candidate, lat: dict[str, UnitLatency]) -> tuple[float, float]:
+    """(score, explained share): the strength of the evidence, times whether the replicas it touches show the
+    latency the cause produces, and the share of the regression their requests carry."""
+    uls = [lat[u] for u in c.units if u in lat]
+    if not uls:
+        return c.strength * 0.3, 0.0
+    share = min(1.0, sum(u.excess_share for u in uls))
+    if c.symptom == "ttft":
+        hit = max(u.ttft_ratio for u in uls) >= _SYMPTOM_RATIO
+    elif c.symptom == "tpot":
+        hit = max(u.tpot_ratio for u in uls) >= _SYMPTOM_RATIO
+    elif c.symptom == "queue":
+        hit = any(u.queue_inc_s > u.queue_base_s * 1.5 for u in uls)
+    else:
+        hit = max(max(u.ttft_ratio, u.tpot_ratio) for u in uls) >= _SYMPTOM_RATIO
+    return c.strength * (1.0 if hit else 0.35) * (0.6 + 0.4 * min(1.0, share * 2)), share

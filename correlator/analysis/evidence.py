@@ -1,0 +1,189 @@
+"""Per-GPU, per-node and per-engine signal statistics in the baseline and the incident window, computed
+in DuckDB (one grouped scan per table), and the robust change score of each.
+
+Robust change: z = (incident median − baseline median) / max(1.4826 · baseline MAD, floor), where the
+floor is the smallest change of that signal that means anything (a watt of power is noise, 2 % of HBM
+busy is not a cause), so that a perfectly flat baseline does not turn noise into infinite z.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import duckdb
+
+from collector.signals import CLOCK_EVENT_REASONS
+
+# smallest meaningful change per signal, in its canonical unit
+FLOORS: dict[str, float] = {
+    "power_w": 15.0, "power_limit_w": 5.0, "gpu_temp_c": 2.0, "memory_temp_c": 2.0, "sm_clock_hz": 45e6,
+    "memory_clock_hz": 50e6, "gpu_util_ratio": 0.05, "sm_active_ratio": 0.05, "memory_busy_ratio": 0.05,
+    "dram_active_ratio": 0.05, "fb_used_bytes": 2.0 * 2**30, "pcie_tx_bytes_per_s": 1e9, "pcie_rx_bytes_per_s": 1e9,
+    "nvlink_tx_total_bytes_per_s": 5e9, "nvlink_rx_total_bytes_per_s": 5e9, "pcie_link_gen": 0.5,
+    "pcie_link_width": 0.5, "host_cpu_util_ratio": 0.05, "host_cpu_steal_ratio": 0.02, "host_run_queue": 2.0,
+    "host_load1": 2.0, "engine_kv_cache_usage_ratio": 0.05, "engine_requests_waiting": 2.0,
+    "engine_requests_running": 2.0, "cgroup_throttled_ratio": 0.05, "engine_preemptions_per_s": 0.05,
+}
+
+GPU_SIGNALS = ("power_w", "power_limit_w", "gpu_temp_c", "memory_temp_c", "sm_clock_hz", "sm_clock_max_hz",
+               "gpu_util_ratio", "sm_active_ratio", "memory_busy_ratio", "dram_active_ratio", "fb_used_bytes",
+               "pcie_tx_bytes_per_s", "pcie_rx_bytes_per_s", "pcie_link_gen", "pcie_link_width",
+               "pcie_link_gen_max", "pcie_link_width_max", "nvlink_tx_total_bytes_per_s",
+               "nvlink_rx_total_bytes_per_s")
+GPU_COUNTERS = ("pcie_replay_total", "ecc_dbe_volatile_total", "ecc_sbe_volatile_total",
+                "nvlink_crc_flit_errors_total", "nvlink_replay_errors_total")
+HOST_SIGNALS = ("host_cpu_util_ratio", "host_cpu_steal_ratio", "host_run_queue", "host_load1", "host_cpu_count")
+ENGINE_SIGNALS = ("engine_kv_cache_usage_ratio", "engine_requests_waiting", "engine_requests_running")
+_BIT = {name: bit for bit, name in CLOCK_EVENT_REASONS.items()}
+THERMAL_MASK = _BIT["sw_thermal"] | _BIT["hw_thermal"] | _BIT["hw_slowdown"]
+POWER_MASK = _BIT["sw_power_cap"] | _BIT["hw_power_brake"]
+
+# usable PCIe bytes/s per lane and direction, by generation (after line encoding)
+PCIE_LANE_BYTES_PER_S = {1: 0.25e9, 2: 0.5e9, 3: 0.985e9, 4: 1.969e9, 5: 3.938e9, 6: 7.563e9}
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    base_median: float | None
+    base_mad: float | None
+    inc_median: float | None
+    inc_max: float | None = None
+    base_max: float | None = None
+
+    def z(self, signal: str) -> float:
+        if self.base_median is None or self.inc_median is None:
+            return 0.0
+        scale = max(1.4826 * (self.base_mad or 0.0), FLOORS.get(signal, abs(self.base_median) * 0.05 or 1e-9))
+        return (self.inc_median - self.base_median) / scale
+
+
+@dataclass
+class Evidence:
+    """Everything measured about the hardware and the engines in the two windows."""
+
+    gpu: dict[int, dict[str, Stat]] = field(default_factory=dict)
+    gpu_counter_delta: dict[int, dict[str, tuple[float, float]]] = field(default_factory=dict)  # (base, inc)
+    throttle_share: dict[int, dict[str, tuple[float, float]]] = field(default_factory=dict)  # power/thermal
+    links_down: dict[int, tuple[int, int]] = field(default_factory=dict)  # links seen down (base, inc)
+    xids: dict[int, tuple[int, list[int], int | None]] = field(default_factory=dict)  # (count, codes, first ns)
+    gpu_pids: dict[int, tuple[set[int], set[int]]] = field(default_factory=dict)  # pids seen (base, inc)
+    host: dict[int, dict[str, Stat]] = field(default_factory=dict)
+    engine: dict[tuple[int, int | None], dict[str, Stat]] = field(default_factory=dict)
+    gpu_meta: dict[int, tuple[str, int | None, int, str | None]] = field(default_factory=dict)  # uuid, idx, node, model
+    node_names: dict[int, str] = field(default_factory=dict)
+
+
+def _windows_sql(col: str) -> tuple[str, str]:
+    return (f"{col} >= $b0 AND {col} <= $i1 AND ({col} < $b1 OR {col} >= $i0)", f"({col} >= $i0)::INT")
+
+
+def collect(cur: duckdb.DuckDBPyConnection, b0: int, b1: int, i0: int, i1: int) -> Evidence:
+    ev = Evidence()
+    params = {"b0": b0, "b1": b1, "i0": i0, "i1": i1}
+    where, w = _windows_sql("time_ns")
+    ev.node_names = dict(cur.execute("SELECT node_id, name FROM nodes").fetchall())
+    for gid, uuid, idx, nid, model in cur.execute("SELECT gpu_id, uuid, gpu_index, node_id, model FROM gpus"
+                                                  ).fetchall():
+        ev.gpu_meta[gid] = (uuid, idx, nid, model)
+
+    def stats(rows: list[tuple[object, ...]]) -> dict[tuple[object, str], Stat]:
+        tmp: dict[tuple[object, str], dict[int, tuple[float | None, float | None, float | None]]] = {}
+        for key, name, win, med, mad, mx in rows:
+            if isinstance(key, list):
+                key = tuple(key)  # noqa: PLW2901 - engine keys come back as [node, pid] lists
+            tmp.setdefault((key, str(name)), {})[int(win)] = (med, mad, mx)  # type: ignore[assignment,call-overload]
+        out = {}
+        for k, v in tmp.items():
+            b, i = v.get(0, (None, None, None)), v.get(1, (None, None, None))
+            out[k] = Stat(b[0], b[1], i[0], i[2], b[2])
+        return out
+
+    rows = cur.execute(
+        f"SELECT gpu_id, s.name, {w} AS w, median(value), mad(value), max(value) FROM gpu_samples "
+        f"JOIN signals s USING (signal_id) WHERE {where} AND sub IS NULL AND s.name IN "
+        f"({', '.join(repr(x) for x in GPU_SIGNALS)}) GROUP BY ALL", params).fetchall()
+    for (gid, name), st in stats(rows).items():
+        ev.gpu.setdefault(int(gid), {})[name] = st  # type: ignore[call-overload]
+
+    for gid, name, win, lo, hi in cur.execute(
+            f"SELECT gpu_id, s.name, {w}, min(value), max(value) FROM gpu_samples JOIN signals s USING (signal_id) "
+            f"WHERE {where} AND s.name IN ({', '.join(repr(x) for x in GPU_COUNTERS)}) GROUP BY ALL",
+            params).fetchall():
+        d = ev.gpu_counter_delta.setdefault(gid, {}).setdefault(name, (0.0, 0.0))
+        delta = max(0.0, (hi or 0.0) - (lo or 0.0))
+        ev.gpu_counter_delta[gid][name] = (delta, d[1]) if win == 0 else (d[0], delta)
+
+    for gid, win, power, thermal in cur.execute(
+            f"SELECT gpu_id, {w}, avg((((value::BIGINT) & {POWER_MASK}) != 0)::INT), "
+            f"avg((((value::BIGINT) & {THERMAL_MASK}) != 0)::INT) FROM gpu_samples JOIN signals s USING (signal_id) "
+            f"WHERE {where} AND s.name = 'clock_event_reasons' AND value IS NOT NULL GROUP BY ALL", params).fetchall():
+        cur_share = ev.throttle_share.setdefault(gid, {"power": (0.0, 0.0), "thermal": (0.0, 0.0)})
+        for k, v in (("power", power), ("thermal", thermal)):
+            b, i = cur_share[k]
+            cur_share[k] = (v, i) if win == 0 else (b, v)
+
+    for gid, win, down in cur.execute(
+            f"SELECT gpu_id, w, count(*) FILTER (WHERE lo = 0) FROM (SELECT gpu_id, sub, {w} AS w, min(value) AS lo "
+            f"FROM gpu_samples JOIN signals s USING (signal_id) WHERE {where} AND s.name = 'nvlink_link_up' "
+            "GROUP BY ALL) GROUP BY ALL", params).fetchall():
+        b, i = ev.links_down.get(gid, (0, 0))
+        ev.links_down[gid] = (int(down), i) if win == 0 else (b, int(down))
+
+    for gid, n, codes, first in cur.execute(
+            "SELECT gpu_id, count(*), list(DISTINCT code), min(time_ns) FROM events WHERE kind = 'xid' "
+            "AND time_ns BETWEEN $i0 AND $i1 GROUP BY ALL", {"i0": i0, "i1": i1}).fetchall():
+        ev.xids[gid] = (int(n), sorted(c for c in codes if c is not None), first)
+
+    for gid, win, pids in cur.execute(
+            f"SELECT gpu_id, {w}, list(DISTINCT pid) FROM placements WHERE {where} AND pid > 0 GROUP BY ALL",
+            params).fetchall():
+        seen_b, seen_i = ev.gpu_pids.get(gid, (set(), set()))
+        ev.gpu_pids[gid] = (set(pids), seen_i) if win == 0 else (seen_b, set(pids))
+
+    rows = cur.execute(
+        f"SELECT node_id, s.name, {w}, median(value), mad(value), max(value) FROM host_samples "
+        f"JOIN signals s USING (signal_id) WHERE {where} AND sub IS NULL AND s.name IN "
+        f"({', '.join(repr(x) for x in HOST_SIGNALS)}) GROUP BY ALL", params).fetchall()
+    for (nid, name), st in stats(rows).items():
+        ev.host.setdefault(int(nid), {})[name] = st  # type: ignore[call-overload]
+    # CFS throttling of the serving processes' cgroups: throttled periods / periods, per window
+    for nid, win, ratio in cur.execute(
+            f"SELECT node_id, w, sum(CASE WHEN name = 'cgroup_cpu_throttled_periods' THEN d END) / "
+            f"nullif(sum(CASE WHEN name = 'cgroup_cpu_periods' THEN d END), 0) FROM ("
+            f"SELECT node_id, sub, s.name, {w} AS w, max(value) - min(value) AS d FROM host_samples "
+            f"JOIN signals s USING (signal_id) WHERE {where} AND s.name IN "
+            "('cgroup_cpu_throttled_periods', 'cgroup_cpu_periods') GROUP BY ALL) GROUP BY ALL", params).fetchall():
+        h = ev.host.setdefault(nid, {})
+        old = h.get("cgroup_throttled_ratio", Stat(None, 0.0, None))
+        h["cgroup_throttled_ratio"] = Stat(ratio, 0.0, old.inc_median) if win == 0 else Stat(old.base_median, 0.0,
+                                                                                              ratio)
+
+    rows = cur.execute(
+        f"SELECT [node_id, coalesce(pid, -1)], s.name, {w}, median(value), mad(value), max(value) FROM engine_samples "
+        f"JOIN signals s USING (signal_id) WHERE {where} AND s.name IN "
+        f"({', '.join(repr(x) for x in ENGINE_SIGNALS)}) GROUP BY ALL", params).fetchall()
+    for (key, name), st in stats(rows).items():
+        node_pid: tuple[int, int] = key  # type: ignore[assignment]
+        ev.engine.setdefault((int(node_pid[0]), None if node_pid[1] == -1 else int(node_pid[1])), {})[name] = st
+    for nid, pid, win, d, span in cur.execute(
+            f"SELECT node_id, coalesce(pid, -1), {w}, max(value) - min(value), (max(time_ns) - min(time_ns)) / 1e9 "
+            "FROM engine_samples JOIN signals s USING (signal_id) "
+            f"WHERE {where} AND s.name = 'engine_preemptions_total' GROUP BY ALL", params).fetchall():
+        key = (int(nid), None if pid == -1 else int(pid))
+        e = ev.engine.setdefault(key, {})
+        rate = (d or 0.0) / span if span else 0.0
+        old = e.get("engine_preemptions_per_s", Stat(None, 0.0, None))
+        e["engine_preemptions_per_s"] = Stat(rate, 0.0, old.inc_median) if win == 0 else Stat(old.base_median, 0.0,
+                                                                                                rate)
+    return ev
+
+
+def pcie_capacity_bytes_per_s(stats: dict[str, Stat]) -> float | None:
+    """Usable bytes/s per direction of the link as it runs now (current generation and width)."""
+    gen = stats.get("pcie_link_gen") or stats.get("pcie_link_gen_max")
+    width = stats.get("pcie_link_width") or stats.get("pcie_link_width_max")
+    g = (gen.inc_median or gen.base_median) if gen else None
+    wd = (width.inc_median or width.base_median) if width else None
+    if not g or not wd:
+        return None
+    return PCIE_LANE_BYTES_PER_S.get(round(g), 0.0) * wd or None

@@ -1,0 +1,116 @@
+"""Requests of a window, each joined with the GPUs that served it (the join key of DESIGN.md).
+
+Order of evidence for a request's GPUs: an explicit ``gpu.uuids`` resource attribute; then the agent's
+placement signal matched on (node, pid), (node, container id) or (node, pod) over the window; else every
+GPU of the node, marked ``inferred``. Requests with the same key share one *unit* (a serving replica:
+one engine process and its GPUs, several under tensor parallelism).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import polars as pl
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    key: str
+    node_id: int
+    node: str
+    pid: int | None
+    gpu_ids: tuple[int, ...]
+    mapping: str  # "explicit", "placement", "inferred"
+    pod: str | None = None
+
+
+_REQUEST_COLUMNS = ("start_ns", "end_ns", "node_id", "service", "model", "pid", "container_id", "pod_uid", "pod",
+                    "gpu_uuids", "ttft_s", "tpot_s", "e2e_s", "queue_s", "prefill_s", "decode_s", "prompt_tokens",
+                    "output_tokens")
+
+
+def data_extent(cur: duckdb.DuckDBPyConnection) -> tuple[int, int] | None:
+    rows = cur.execute("SELECT min(start_ns), max(end_ns) FROM requests").fetchall()
+    row = rows[0] if rows else None
+    if row is None or row[0] is None:
+        return None
+    return int(row[0]), int(row[1])
+
+
+def load_requests(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, service: str | None = None,
+                  model: str | None = None, node: str | None = None) -> pl.DataFrame:
+    """Requests that started in [start_ns, end_ns], filtered; parameters are bound, never spliced."""
+    where = ["r.start_ns >= $start", "r.start_ns <= $end"]
+    params: dict[str, object] = {"start": start_ns, "end": end_ns}
+    if service:
+        where.append("r.service = $service")
+        params["service"] = service
+    if model:
+        where.append("r.model = $model")
+        params["model"] = model
+    if node:
+        where.append("n.name = $node")
+        params["node"] = node
+    cols = ", ".join(f"r.{c}" for c in _REQUEST_COLUMNS)
+    sql = (f"SELECT {cols}, n.name AS node FROM requests r JOIN nodes n USING (node_id) "
+           f"WHERE {' AND '.join(where)} ORDER BY r.start_ns")
+    return pl.from_arrow(cur.sql(sql, params=params).to_arrow_table())  # type: ignore[return-value]
+
+
+def resolve_units(cur: duckdb.DuckDBPyConnection, requests: pl.DataFrame, start_ns: int, end_ns: int,
+                  slack_ns: int = 60 * 10**9) -> tuple[pl.DataFrame, dict[str, Unit]]:
+    """Adds a ``unit`` column to ``requests``; returns it and the units by key."""
+    if requests.is_empty():
+        return requests.with_columns(pl.lit(None, pl.String).alias("unit")), {}
+    placements = cur.execute(
+        "SELECT node_id, pid, container_id, pod_uid, pod, list(DISTINCT gpu_id ORDER BY gpu_id) "
+        "FROM placements WHERE time_ns BETWEEN ? AND ? GROUP BY ALL",
+        [start_ns - slack_ns, end_ns + slack_ns]).fetchall()
+    by_pid: dict[tuple[int, int], set[int]] = {}
+    by_container: dict[tuple[int, str], set[int]] = {}
+    by_pod: dict[tuple[int, str], set[int]] = {}
+    for node_id, pid, container_id, pod_uid, pod, gpus in placements:
+        if pid:
+            by_pid.setdefault((node_id, pid), set()).update(gpus)
+        if container_id:
+            by_container.setdefault((node_id, container_id), set()).update(gpus)
+        for p in (pod_uid, pod):
+            if p:
+                by_pod.setdefault((node_id, p), set()).update(gpus)
+    uuid_to_id = dict(cur.execute("SELECT uuid, gpu_id FROM gpus").fetchall())
+    node_gpus: dict[int, list[int]] = {}
+    for gid, nid in cur.execute("SELECT gpu_id, node_id FROM gpus ORDER BY gpu_id").fetchall():
+        node_gpus.setdefault(nid, []).append(gid)
+
+    keys = requests.select("node_id", "node", "pid", "container_id", "pod_uid", "pod", "gpu_uuids").unique()
+    units: dict[str, Unit] = {}
+    mapping_rows: list[dict[str, object]] = []
+    for row in keys.iter_rows(named=True):
+        nid, pid = row["node_id"], row["pid"]
+        found: tuple[int, ...] = ()
+        how = "inferred"
+        if row["gpu_uuids"]:
+            found = tuple(sorted(uuid_to_id[u] for u in str(row["gpu_uuids"]).split(",") if u in uuid_to_id))
+            how = "explicit"
+        if not found:
+            lookups: list[tuple[dict[Any, set[int]], object]] = [
+                (by_pid, pid), (by_container, row["container_id"]), (by_pod, row["pod_uid"]), (by_pod, row["pod"])]
+            for table, k in lookups:
+                if k and (nid, k) in table:
+                    found = tuple(sorted(table[(nid, k)]))
+                    how = "placement"
+                    break
+        if not found:
+            found = tuple(node_gpus.get(nid, ()))
+            how = "inferred"
+        key = f"{row['node']}/pid{pid}" if pid else f"{row['node']}/{row['pod'] or row['container_id'] or 'gpus'}"
+        key = f"{key}/{'-'.join(map(str, found))}" if how == "inferred" else key
+        units.setdefault(key, Unit(key, nid, row["node"], pid, found, how, row["pod"]))
+        mapping_rows.append({**row, "unit": key})
+    mapping = pl.DataFrame(mapping_rows, schema={**dict(keys.schema), "unit": pl.String})
+    joined = requests.join(mapping.select("node_id", "pid", "container_id", "pod_uid", "pod", "gpu_uuids", "unit"),
+                           on=["node_id", "pid", "container_id", "pod_uid", "pod", "gpu_uuids"], how="left",
+                           nulls_equal=True)
+    return joined, units

@@ -1,0 +1,242 @@
+"""``why``: from "TTFT/TPOT p99 got worse" to the cause, the culprit GPU and the evidence.
+
+The facade over the analyzers: windows (change point) → requests joined with their GPUs → regression
+per replica → hardware, host and engine evidence → candidate causes → ranked findings, in the JSON
+shape of DESIGN.md (a stable contract).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import polars as pl
+
+from correlator.analysis.attribution import Candidate, UnitLatency, gpu_candidates, score, unit_candidates
+from correlator.analysis.evidence import collect
+from correlator.analysis.requests import Unit, data_extent, load_requests, resolve_units
+from correlator.analysis.timeparse import format_clock, format_ns, parse_duration_ns, parse_time_ns
+from correlator.analysis.windows import detect_onset
+
+REGRESSION_RATIO = 1.15
+MIN_REQUESTS = 30
+_MIN_SCORE = 0.3
+_HOUR_NS = 3600 * 10**9
+
+
+class NoData(Exception):
+    """The database has no requests (or none that match the filters)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WhyQuery:
+    since: str | None = None
+    until: str | None = None
+    baseline_since: str | None = None
+    baseline_until: str | None = None
+    service: str | None = None
+    model: str | None = None
+    node: str | None = None
+    metric: str = "auto"  # "ttft", "tpot" or "auto" (whichever regressed more)
+    percentile: float = 0.99
+
+
+@dataclass(frozen=True, slots=True)
+class Windows:
+    b0: int
+    b1: int
+    i0: int
+    i1: int
+    onset_detected: bool
+
+
+def resolve_windows(cur: duckdb.DuckDBPyConnection, q: WhyQuery) -> tuple[Windows, pl.DataFrame]:
+    extent = data_extent(cur)
+    if extent is None:
+        raise NoData("no requests in the database yet: send spans to `stacklens serve` or run `stacklens import`")
+    first, anchor = extent
+    if q.since:
+        i0 = parse_time_ns(q.since, anchor)
+        i1 = parse_time_ns(q.until, anchor) if q.until else anchor
+        b1 = parse_time_ns(q.baseline_until, anchor) if q.baseline_until else i0
+        b0 = parse_time_ns(q.baseline_since, anchor) if q.baseline_since else max(first, b1 - _HOUR_NS)
+        reqs = load_requests(cur, b0, i1, q.service, q.model, q.node)
+        return Windows(b0, b1, i0, i1, False), reqs
+    # no window given: look back 75 minutes from the last data for the step up of the latency
+    lookback0 = max(first, anchor - _HOUR_NS - parse_duration_ns("15m"))
+    reqs = load_requests(cur, lookback0, anchor, q.service, q.model, q.node)
+    if reqs.is_empty():
+        raise NoData("no requests match the filters")
+    metrics = ["ttft_s", "tpot_s"] if q.metric == "auto" else [f"{q.metric}_s"]
+    cps = [cp for cp in (detect_onset(reqs, m) for m in metrics) if cp is not None]
+    best = max(cps, key=lambda c: c.score, default=None)
+    if best is not None and best.score >= 3.0 and best.after > best.before * 1.05:
+        i0 = best.onset_ns
+        b0 = max(first, i0 - _HOUR_NS)
+        return Windows(b0, i0, i0, anchor, True), reqs.filter(pl.col("start_ns") >= b0)
+    i0 = anchor - parse_duration_ns("15m")
+    return Windows(max(first, i0 - _HOUR_NS), i0, i0, anchor, False), reqs
+
+
+def _q(s: pl.Series, p: float) -> float | None:
+    s = s.drop_nulls()
+    return float(s.quantile(p, "linear")) if len(s) else None  # type: ignore[arg-type]
+
+
+def unit_latency(reqs: pl.DataFrame, units: dict[str, Unit], w: Windows, metric: str, base_p: float
+                 ) -> dict[str, UnitLatency]:
+    base = reqs.filter(pl.col("start_ns") < w.b1)
+    inc = reqs.filter(pl.col("start_ns") >= w.i0)
+    excess = inc.with_columns((pl.col(metric) - base_p).clip(lower_bound=0).fill_null(0).alias("x"))
+    total_excess = float(excess["x"].sum()) or 1.0
+    b_span = max(1e-9, (w.b1 - w.b0) / 1e9)
+    i_span = max(1e-9, (w.i1 - w.i0) / 1e9)
+    out: dict[str, UnitLatency] = {}
+    for key, unit in units.items():
+        b = base.filter(pl.col("unit") == key)
+        i = inc.filter(pl.col("unit") == key)
+        if len(i) == 0:
+            continue
+
+        def ratio(col: str, p: float = 0.9, bb: pl.DataFrame = b, ii: pl.DataFrame = i) -> float:
+            vb, vi = _q(bb[col], p), _q(ii[col], p)
+            return vi / vb if vb and vi is not None else 1.0
+
+        pf_b = b.select((pl.col("prefill_s") / pl.col("prompt_tokens").clip(lower_bound=1)).alias("v"))["v"]
+        pf_i = i.select((pl.col("prefill_s") / pl.col("prompt_tokens").clip(lower_bound=1)).alias("v"))["v"]
+        pfb, pfi = _q(pf_b, 0.5), _q(pf_i, 0.5)
+        tok_b = float(b["output_tokens"].sum() or 0) / b_span
+        tok_i = float(i["output_tokens"].sum() or 0) / i_span
+        out[key] = UnitLatency(
+            unit, len(b), len(i), ratio("ttft_s"), ratio("tpot_s"),
+            _q(b["queue_s"], 0.9) or 0.0, _q(i["queue_s"], 0.9) or 0.0,
+            pfi / pfb if pfb and pfi is not None else 1.0,
+            (len(i) / i_span) / (len(b) / b_span) if len(b) else 1.0,
+            tok_i / tok_b if tok_b else 1.0,
+            float(excess.filter(pl.col("unit") == key)["x"].sum()) / total_excess)
+    return out
+
+
+class RootCause:
+    """The facade: ``RootCause(cursor).why(query)`` returns the DESIGN.md JSON document."""
+
+    def __init__(self, cur: duckdb.DuckDBPyConnection) -> None:
+        self.cur = cur
+
+    def why(self, q: WhyQuery) -> dict[str, Any]:
+        t_start = time.perf_counter()
+        w, reqs = resolve_windows(self.cur, q)
+        reqs, units = resolve_units(self.cur, reqs, w.b0, w.i1)
+        base = reqs.filter((pl.col("start_ns") >= w.b0) & (pl.col("start_ns") < w.b1))
+        inc = reqs.filter((pl.col("start_ns") >= w.i0) & (pl.col("start_ns") <= w.i1))
+        p = q.percentile
+        pct = f"p{round(p * 100):d}"
+        regs = {}
+        for m in (["ttft", "tpot"] if q.metric == "auto" else [q.metric]):
+            b, i = _q(base[f"{m}_s"], p), _q(inc[f"{m}_s"], p)
+            regs[m] = (b, i, (i / b) if b and i is not None else None)
+        metric = max(regs, key=lambda m: regs[m][2] or 0.0)
+        b_val, i_val, ratio = regs[metric]
+        n_b, n_i = base[f"{metric}_s"].drop_nulls().len(), inc[f"{metric}_s"].drop_nulls().len()
+        detected = bool(ratio is not None and ratio >= REGRESSION_RATIO and n_b >= MIN_REQUESTS and n_i >= MIN_REQUESTS)
+        doc: dict[str, Any] = {
+            "query": {"service": q.service, "model": q.model, "metric": f"{metric}_{pct}",
+                      "window": [format_ns(w.i0), format_ns(w.i1)], "baseline": [format_ns(w.b0), format_ns(w.b1)],
+                      "onset_detected": w.onset_detected},
+            "regression": {"metric": f"{metric}_{pct}", "baseline_s": _r(b_val), "incident_s": _r(i_val),
+                           "ratio": _r(ratio), "detected": detected, "baseline_requests": n_b,
+                           "incident_requests": n_i},
+            "findings": [],
+        }
+        label = metric.upper()
+        if not detected:
+            doc["verdict"] = (f"no regression: {label} {pct} {_fmt_s(i_val)} vs {_fmt_s(b_val)} in the baseline"
+                              + (f" ({ratio:.2f}x)" if ratio else "") if b_val is not None and i_val is not None
+                              else "no regression: not enough requests in one of the windows")
+            doc["elapsed_s"] = round(time.perf_counter() - t_start, 3)
+            return doc
+        lat = unit_latency(reqs, units, w, f"{metric}_s", b_val or 0.0)
+        ev = collect(self.cur, w.b0, w.b1, w.i0, w.i1)
+        units_of_gpu: dict[int, list[str]] = {}
+        for key, u in units.items():
+            for g in u.gpu_ids:
+                units_of_gpu.setdefault(g, []).append(key)
+        engine_pids = {u.pid for u in units.values() if u.pid}
+        cands = gpu_candidates(ev, units_of_gpu, engine_pids) + unit_candidates(ev, lat)
+        scored = sorted(((score(c, lat), c) for c in cands), key=lambda x: (-x[0][0], -x[0][1]))
+        findings: list[dict[str, Any]] = []
+        seen: set[tuple[str, str, int | None, int]] = set()
+        for (s, share), c in scored:
+            if s < _MIN_SCORE:
+                break
+            fkey = (c.cause, c.subcause, c.gpu_id, c.node_id)
+            if fkey in seen:
+                continue
+            seen.add(fkey)
+            findings.append(self._finding(len(findings) + 1, c, s, share, ev, units, w))
+            if len(findings) == 5:
+                break
+        if not findings:
+            worst = max(lat.values(), key=lambda u: u.excess_share, default=None)
+            findings.append({
+                "rank": 1, "cause": "none", "subcause": None, "score": 0.0,
+                "explained_share": 0.0,
+                "culprit": self._culprit(worst.unit.gpu_ids[0] if worst and worst.unit.gpu_ids else None,
+                                         worst.unit.node_id if worst else None, ev, units, worst.unit.key
+                                         if worst else None, None),
+                "window": [format_ns(w.i0), format_ns(w.i1)], "evidence": []})
+        doc["findings"] = findings
+        top = findings[0]
+        where = top["culprit"]["node"] or "the fleet"
+        if top["culprit"].get("gpu_index") is not None:
+            where += f" GPU {top['culprit']['gpu_index']}"
+        what = top.get("description") or "no signal the data holds explains it"
+        doc["verdict"] = (f"{label} {pct} {ratio:.1f}x baseline ({_fmt_s(b_val)} → {_fmt_s(i_val)}) on {where}: "
+                          f"{what} from {format_clock(w.i0)} UTC"
+                          + (f", explaining {top['explained_share']:.0%} of the regression"
+                             if top["cause"] != "none" else ""))
+        doc["elapsed_s"] = round(time.perf_counter() - t_start, 3)
+        return doc
+
+    def _culprit(self, gpu_id: int | None, node_id: int | None, ev: Any, units: dict[str, Unit],
+                 unit_key: str | None, pid: int | None) -> dict[str, Any]:
+        uuid = idx = None
+        if gpu_id is not None and gpu_id in ev.gpu_meta:
+            uuid, idx, node_id, _ = ev.gpu_meta[gpu_id]
+        unit = units.get(unit_key) if unit_key else None
+        return {"node": ev.node_names.get(node_id) if node_id is not None else None, "gpu": uuid, "gpu_index": idx,
+                "pod": unit.pod if unit else None, "pid": pid if pid is not None else (unit.pid if unit else None),
+                "mapping": unit.mapping if unit else "inferred"}
+
+    def _finding(self, rank: int, c: Candidate, s: float, share: float, ev: Any, units: dict[str, Unit],
+                 w: Windows) -> dict[str, Any]:
+        return {"rank": rank, "cause": c.cause, "subcause": c.subcause, "score": round(min(1.0, s), 3),
+                "explained_share": round(share, 3),
+                "culprit": self._culprit(c.gpu_id, c.node_id, ev, units, c.units[0] if c.units else None, c.pid),
+                "window": [format_ns(w.i0), format_ns(w.i1)], "evidence": c.evidence, "description": c.description}
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(v, 4)
+
+
+def _fmt_s(v: float | None) -> str:
+    if v is None:
+        return "?"
+    return f"{v * 1000:.0f} ms" if v < 1 else f"{v:.2f} s"
+
+
+def store_findings(cur: duckdb.DuckDBPyConnection, doc: dict[str, Any], now_ns: int | None = None) -> int:
+    """Keep the findings of a ``why`` run in the ``findings`` table (bound parameters only)."""
+    n = 0
+    for f in doc.get("findings", []):
+        win = doc["query"]["window"]
+        cur.execute("INSERT INTO findings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
+            now_ns or time.time_ns(), doc["regression"]["metric"], f["cause"], f.get("subcause"),
+            f["culprit"].get("node"), f["culprit"].get("gpu"), parse_time_ns(win[0], 0), parse_time_ns(win[1], 0),
+            f.get("score"), f.get("explained_share"), json.dumps(f)])
+        n += 1
+    return n

@@ -1,0 +1,176 @@
+"""``stacklens demo``: a simulated 2-node x 4-GPU fleet with one fault, through the real pipeline (OTLP
+over HTTP into the correlator's receivers, DuckDB, the attribution engine), to a verdict.
+
+The GPUs go out through the agent's own OTLP encoder and HTTP transport; each engine's requests as
+vLLM ``llm_request`` spans through the OpenTelemetry SDK's OTLP exporter; the engines' gauges as the
+``vllm:*`` metrics an OpenTelemetry Collector forwards. Simulated time runs ~100x faster than wall time.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.metrics.v1.metrics_pb2 import (
+    AggregationTemporality,
+    Metric,
+    NumberDataPoint,
+    ResourceMetrics,
+    ScopeMetrics,
+)
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from collector.engine_spans import VllmSpanEmitter, engine_resource
+from collector.export.otlp_encode import OtlpMetricsEncoder, ResourceInfo
+from collector.export.otlp_transport import HttpTransport, OtlpConfig
+from collector.simfleet import FAULT_KINDS, EngineGauges, Fleet, Scenario, fault_scenario, load_scenario
+
+_GAUGES = (("vllm:num_requests_running", "running"), ("vllm:num_requests_waiting", "waiting"),
+           ("vllm:kv_cache_usage_perc", "kv_usage_ratio"))
+_COUNTERS = (("vllm:num_preemptions_total", "preemptions_total"), ("vllm:prompt_tokens_total", "prompt_tokens_total"),
+             ("vllm:generation_tokens_total", "generation_tokens_total"))
+
+
+def _kv(key: str, value: str | int) -> KeyValue:
+    v = AnyValue(string_value=value) if isinstance(value, str) else AnyValue(int_value=value)
+    return KeyValue(key=key, value=v)
+
+
+def engine_metrics_request(gauges: list[EngineGauges], start_ns: int) -> bytes:
+    """vLLM's server metrics as an OpenTelemetry Collector forwards them after scraping /metrics."""
+    by_engine: dict[tuple[str, int], list[EngineGauges]] = {}
+    for g in gauges:
+        by_engine.setdefault((g.node, g.pid), []).append(g)
+    req = ExportMetricsServiceRequest()
+    for (node, pid), gs in by_engine.items():
+        rm = ResourceMetrics(resource=Resource(attributes=[_kv("service.name", "vllm"), _kv("host.name", node),
+                                                           _kv("process.pid", pid)]))
+        sm = ScopeMetrics()
+        for name, field in _GAUGES + _COUNTERS:
+            m = Metric(name=name)
+            points = [NumberDataPoint(time_unix_nano=g.time_ns, as_double=float(getattr(g, field)),
+                                      attributes=[_kv("model_name", g.model)]) for g in gs]
+            if (name, field) in _COUNTERS:
+                m.sum.is_monotonic = True
+                m.sum.aggregation_temporality = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
+                for p in points:
+                    p.start_time_unix_nano = start_ns
+                m.sum.data_points.extend(points)
+            else:
+                m.gauge.data_points.extend(points)
+            sm.metrics.append(m)
+        rm.scope_metrics.append(sm)
+        req.resource_metrics.append(rm)
+    return req.SerializeToString()
+
+
+class FleetSender:
+    """Sends a simulated fleet's telemetry to an OTLP/HTTP endpoint through the real client paths."""
+
+    def __init__(self, fleet: Fleet, otlp_http: str, batch_ticks: int = 30) -> None:
+        self.fleet = fleet
+        self.batch_ticks = batch_ticks
+        cfg = OtlpConfig(endpoint=f"{otlp_http}/v1/metrics")
+        self.metrics = HttpTransport(cfg)
+        self.encoders = {n: OtlpMetricsEncoder(ResourceInfo(n)) for n in fleet.nodes}
+        self.emitters = {
+            r.pid: VllmSpanEmitter(engine_resource("vllm", fleet.nodes[r.node], r.pid, model=fleet.s.model,
+                                                   extra={"service.instance.id": r.name}),
+                                   OTLPSpanExporter(endpoint=f"{otlp_http}/v1/traces"))
+            for r in fleet.replicas}
+        self.spans = 0
+        self.points_payloads = 0
+
+    def run(self, on_tick: object = None) -> None:
+        pending: list[bytes] = []
+        gauges: list[EngineGauges] = []
+        for k, tick in enumerate(self.fleet.run()):
+            for snap in tick.snapshots:
+                pending.append(self.encoders[snap.node].encode(snap))
+            gauges += tick.engines
+            for r in tick.finished:
+                self.emitters[r.pid].emit(r)
+                self.spans += 1
+            if (k + 1) % self.batch_ticks == 0:
+                self._flush(pending, gauges)
+                pending, gauges = [], []
+            if callable(on_tick):
+                on_tick(k)
+        self._flush(pending, gauges)
+        for e in self.emitters.values():
+            e.flush()
+            e.shutdown()
+        self.metrics.close()
+
+    def _flush(self, pending: list[bytes], gauges: list[EngineGauges]) -> None:
+        if pending:
+            self.metrics.send(b"".join(pending))
+            self.points_payloads += 1
+        if gauges:
+            self.metrics.send(engine_metrics_request(gauges, self.fleet.s.start_ns))
+
+
+def run_demo(fault: str, db: str, seed: int, scenario_path: str | None, console: Console, out: Console) -> int:
+    from correlator.analysis.why import RootCause, WhyQuery, store_findings
+    from correlator.cli import print_why
+    from correlator.server.serve import Correlator, ServeConfig
+
+    if scenario_path:
+        try:
+            scenario: Scenario = load_scenario(scenario_path)
+        except ValueError as e:
+            console.print(f"stacklens demo: {e}", markup=False)
+            return 2
+    elif fault not in FAULT_KINDS:
+        console.print(f"stacklens demo: unknown fault {fault!r}; choose one of: {', '.join(FAULT_KINDS)}",
+                      markup=False)
+        return 2
+    else:
+        scenario = fault_scenario(fault, seed=seed)
+    for p in (Path(db), Path(f"{db}.wal")):
+        p.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    correlator = Correlator(ServeConfig(db=db, otlp_grpc=None, otlp_http="127.0.0.1:0", api=None))
+    addresses = correlator.start()
+    fleet = Fleet(scenario)
+    truth = fleet.ground_truth
+    console.print(f"stacklens demo: {scenario.nodes} nodes x {scenario.gpus_per_node} {scenario.gpu_type} GPUs "
+                  f"serving {scenario.model} (TP {scenario.tp}), {scenario.duration_s / 60:.0f} simulated minutes; "
+                  + (f"injecting {scenario.faults[0].kind} on {truth[0].node} GPU {scenario.faults[0].gpu} at "
+                     f"minute {scenario.faults[0].onset_s / 60:.0f}" if scenario.faults else "no fault (benign drift)"),
+                  markup=False)
+    sender = FleetSender(fleet, addresses["otlp_http"])
+    steps = int(scenario.duration_s)
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} s"),
+                      TimeElapsedColumn(), console=console, transient=True) as progress:
+            task = progress.add_task("simulating and sending over OTLP", total=steps)
+            sender.run(lambda k: progress.update(task, completed=k + 1))
+        rows = correlator.store.stats.rows if correlator.store else 0
+        console.print(f"sent {sender.spans} request spans and {steps} s of GPU, host and engine telemetry "
+                      f"in {time.perf_counter() - t0:.1f} s; the correlator stored {rows} rows", markup=False)
+        assert correlator.store is not None
+        with correlator.store.reader() as cur:
+            doc = RootCause(cur).why(WhyQuery())
+            store_findings(cur, doc)
+    finally:
+        correlator.stop()
+    print_why(doc, out)
+    if truth:
+        g = truth[0]
+        top = doc["findings"][0] if doc["findings"] else None
+        ok = bool(top and top["cause"] == g.cause and top["subcause"] == g.subcause and
+                  (g.gpu_uuid is None or top["culprit"]["gpu"] == g.gpu_uuid))
+        console.print(f"ground truth: {g.cause}/{g.subcause} on {g.node}"
+                      + (f" GPU {g.gpu_uuid}" if g.gpu_uuid else "") + (" — matched" if ok else " — NOT matched"),
+                      markup=False)
+    console.print(f"done in {time.perf_counter() - t0:.1f} s. The database is {db}; try:\n"
+                  f"  stacklens why --db {db} -o json\n  stacklens top --db {db}\n  stacklens slo --db {db}\n"
+                  f"  stacklens requests --db {db} --limit 10\n  stacklens why --db {db} --plot why.png\n"
+                  f"  stacklens demo --fault thermal_throttle   (faults: {', '.join(FAULT_KINDS)})", markup=False)
+    return 0

@@ -1,0 +1,76 @@
+"""The read-only JSON API (``/api/v1/why|top|slo|requests|findings``; Grafana's Infinity datasource reads
+it, and the CLI when ``serve`` holds the database file), ``/healthz`` and ``/metrics``."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from correlator.analysis.queries import KINDS, QueryError, run
+from correlator.analysis.timeparse import TimeParseError
+from correlator.analysis.why import NoData
+from correlator.server.otlp_http import IngestStats, check_bearer
+from correlator.store.duckdb_store import Store
+
+_PARAMS = ("since", "until", "baseline_since", "baseline_until", "service", "model", "node", "metric", "limit")
+
+
+def _clean(o: Any) -> Any:
+    if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
+        return None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_clean(v) for v in o]
+    return o
+
+
+def api_routes(store: Store, stats: IngestStats, token: str | None = None) -> list[BaseRoute]:
+    def query(kind: str) -> Any:
+        async def handler(request: Request) -> Response:
+            if not check_bearer(request.headers, token):
+                return JSONResponse({"error": "missing or wrong bearer token"}, 401)
+            params = {k: request.query_params[k] for k in _PARAMS if k in request.query_params}
+
+            def work() -> Any:
+                with store.reader() as cur:
+                    return run(kind, cur, params)
+
+            try:
+                result = await run_in_threadpool(work)
+            except NoData as e:
+                return JSONResponse({"error": str(e)}, 404)
+            except (QueryError, TimeParseError, ValueError) as e:
+                return JSONResponse({"error": str(e)}, 400)
+            return Response(json.dumps(_clean(result)), media_type="application/json")
+
+        return handler
+
+    async def healthz(_: Request) -> Response:
+        return JSONResponse({"status": "ok", "rows": store.stats.rows})
+
+    async def metrics(_: Request) -> Response:
+        lines = [
+            "# HELP stacklens_ingest_requests_total OTLP export requests, by result.",
+            "# TYPE stacklens_ingest_requests_total counter",
+            *(f'stacklens_ingest_requests_total{{code="{code}"}} {n}' for code, n in sorted(stats.by_status.items())),
+            "# HELP stacklens_ingest_rows_total Rows committed to the store.",
+            "# TYPE stacklens_ingest_rows_total counter",
+            f"stacklens_ingest_rows_total {store.stats.rows}",
+            "# HELP stacklens_store_transactions_total Store commits (group commit: several exports each).",
+            "# TYPE stacklens_store_transactions_total counter",
+            f"stacklens_store_transactions_total {store.stats.transactions}",
+            "# HELP stacklens_store_failed_transactions_total Store commits that failed (exports answered 503).",
+            "# TYPE stacklens_store_failed_transactions_total counter",
+            f"stacklens_store_failed_transactions_total {store.stats.failed_transactions}",
+        ]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    return [Route("/healthz", healthz), Route("/metrics", metrics),
+            *(Route(f"/api/v1/{k}", query(k)) for k in KINDS)]

@@ -1,0 +1,110 @@
+"""The main job end to end: a simulated fleet with a fault, sent over OTLP/HTTP into the correlator, to a
+verdict that names the injected cause and GPU; and the CLI's contracts around it (exit codes, JSON)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from collector.simfleet import Fault, Fleet, Scenario, fault_scenario, load_scenario
+from correlator.analysis.timeparse import TimeParseError, parse_duration_ns, parse_time_ns
+from correlator.analysis.why import RootCause, WhyQuery
+from correlator.cli import app
+from correlator.demo import run_demo
+
+
+@pytest.fixture(scope="module")
+def pcie_demo_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("demo")
+    scenario = d / "s.toml"
+    scenario.write_text("nodes = 2\ngpus_per_node = 4\nduration_s = 420.0\nseed = 3\n"
+                        "[[faults]]\nkind = 'pcie_saturation'\nnode = 1\ngpu = 2\nonset_s = 240.0\n")
+    db = d / "demo.duckdb"
+    quiet = Console(file=open(d / "log.txt", "w"))  # noqa: SIM115 - closed with the process
+    assert run_demo("pcie_saturation", str(db), 3, str(scenario), quiet, quiet) == 0
+    return db
+
+
+def test_demo_verdict_names_the_injected_pcie_fault_and_gpu(pcie_demo_db: Path) -> None:
+    fleet = Fleet(load_scenario(pcie_demo_db.parent / "s.toml"))
+    truth = fleet.ground_truth[0]
+    con = duckdb.connect(str(pcie_demo_db), read_only=True)
+    doc = RootCause(con).why(WhyQuery())
+    con.close()
+    assert doc["regression"]["detected"] and doc["regression"]["ratio"] > 2
+    top = doc["findings"][0]
+    assert (top["cause"], top["subcause"]) == ("interconnect", "pcie")
+    assert top["culprit"]["gpu"] == truth.gpu_uuid and top["culprit"]["node"] == "node-2"
+    assert top["culprit"]["mapping"] == "placement"
+    assert top["explained_share"] > 0.8
+    sig = {e["signal"]: e for e in top["evidence"]}
+    assert sig["pcie_rx_bytes_per_s"]["incident"] > 10 * sig["pcie_rx_bytes_per_s"]["baseline"]
+    # the detected onset is within a minute of the injected one
+    onset = parse_time_ns(doc["query"]["window"][0], 0)
+    assert abs(onset - truth.onset_ns) <= 90 * 10**9
+
+
+def test_cli_why_json_contract_and_fail_on_regression_exit_code(pcie_demo_db: Path) -> None:
+    r = CliRunner().invoke(app, ["why", "--db", str(pcie_demo_db), "-o", "json", "--fail-on-regression"])
+    assert r.exit_code == 3, r.output
+    doc = json.loads(r.output)
+    assert set(doc) >= {"query", "regression", "findings", "verdict"}
+    f = doc["findings"][0]
+    assert set(f) >= {"rank", "cause", "subcause", "score", "explained_share", "culprit", "window", "evidence"}
+    assert set(f["culprit"]) >= {"node", "gpu", "pod", "pid", "mapping"}
+    assert set(f["evidence"][0]) >= {"signal", "unit", "baseline", "incident", "robust_z"}
+
+
+def test_cli_top_requests_slo_answer_on_the_demo_database(pcie_demo_db: Path) -> None:
+    runner = CliRunner()
+    top = json.loads(runner.invoke(app, ["top", "--db", str(pcie_demo_db), "-o", "json", "--since", "3m"]).output)
+    assert top[0]["node"] == "node-2" and top[0]["gpu_index"] in (2, 3)  # the TP-2 replica holding GPU 2
+    assert top[0]["energy_per_token_j"] and top[0]["energy_per_token_j"] > 0
+    reqs = json.loads(runner.invoke(app, ["requests", "--db", str(pcie_demo_db), "-o", "json", "--limit", "5"]).output)
+    assert len(reqs) == 5 and reqs[0]["ttft_s"] >= reqs[-1]["ttft_s"] and reqs[0]["sm_clock_mhz"]
+    slo = runner.invoke(app, ["slo", "--db", str(pcie_demo_db), "-o", "csv"])
+    assert slo.exit_code == 0 and "attainment" in slo.output.splitlines()[0]
+
+
+def test_cli_errors_have_clear_messages_and_exit_codes(tmp_path: Path, pcie_demo_db: Path) -> None:
+    runner = CliRunner()
+    r = runner.invoke(app, ["why", "--db", str(tmp_path / "none.duckdb")])
+    assert r.exit_code == 1 and "no database" in r.output
+    r = runner.invoke(app, ["why", "--db", str(pcie_demo_db), "--metric", "latency"])
+    assert r.exit_code == 2
+    r = runner.invoke(app, ["why", "--db", str(pcie_demo_db), "--since", "yesterday-ish"])
+    assert r.exit_code == 2 and "RFC 3339" in r.output
+
+
+def test_healthy_fleet_with_benign_drift_is_not_blamed(tmp_path: Path) -> None:
+    quiet = Console(file=open(tmp_path / "log.txt", "w"))  # noqa: SIM115
+    s = tmp_path / "h.toml"
+    s.write_text("duration_s = 420.0\nseed = 5\n")
+    assert run_demo("drift", str(tmp_path / "h.duckdb"), 5, str(s), quiet, quiet) == 0
+    con = duckdb.connect(str(tmp_path / "h.duckdb"), read_only=True)
+    doc = RootCause(con).why(WhyQuery())
+    con.close()
+    assert not doc["regression"]["detected"] and doc["findings"] == []
+
+
+def test_scenario_files_are_validated() -> None:
+    with pytest.raises(ValueError, match="kind must be one of"):
+        Scenario.from_dict({"faults": [{"kind": "meteor"}]})
+    with pytest.raises(ValueError, match="outside the fleet"):
+        Scenario.from_dict({"faults": [{"kind": "power_cap", "node": 5}]})
+    with pytest.raises(ValueError, match="unknown scenario keys"):
+        Scenario.from_dict({"gpus": 3})
+    assert fault_scenario("power_cap").faults == (Fault("power_cap", 1, 2, 600.0, 1e9, 1.0),)
+
+
+def test_times_parse_rfc3339_and_relative() -> None:
+    assert parse_duration_ns("1h30m") == 5400 * 10**9
+    assert parse_time_ns("15m", 10**13) == 10**13 - 900 * 10**9
+    assert parse_time_ns("2026-11-22T14:02:00Z", 0) == 1795356120 * 10**9
+    with pytest.raises(TimeParseError):
+        parse_time_ns("soon", 0)
