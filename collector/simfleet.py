@@ -357,8 +357,6 @@ class Fleet:
             links_frac = max(0.1, 1.0 - 0.5 * max(f.intensity for f in nvl if f))
         xid = any(self._on(t_s, "xid_failure", rep.node, g.ident.index) for g in rep.gpus)
         rep.running = [r for r in rep.running if r[1] > t_s]
-        batch = len(rep.running)
-        kv_used = sum(r[2] for r in rep.running)
         for _ in range(n):
             arrival = t_s + rng.random()
             prompt, out = self.lengths[rng.randrange(len(self.lengths))]
@@ -375,7 +373,11 @@ class Fleet:
             free_at = heapq.heappop(heap)
             start = max(arrival, free_at)
             queue = start - arrival
-            b = max(1, min(batch, rep.max_num_seqs))
+            # the batch and the KV it holds when this request starts: requests still waiting for a slot
+            # neither decode with it nor hold KV blocks (vLLM allocates KV at admission)
+            in_batch = [r for r in rep.running if r[0] <= start < r[1]]
+            b = max(1, min(len(in_batch), rep.max_num_seqs))
+            kv_used = sum(r[2] for r in in_batch)
             prefill = (PREFILL_FIXED_S + prompt * PREFILL_PER_TOKEN_S) / (clock * compute_share * g0_speed(rep))
             if links_frac < 1.0 and self.s.tp > 1:
                 prefill *= 1.0 + COMM_SHARE * 0.5 * (1.0 / links_frac - 1.0)
@@ -401,8 +403,6 @@ class Fleet:
             end = start + prefill + decode
             heapq.heappush(heap, end)
             rep.running.append((start, end, need))
-            kv_used += need
-            batch += 1
             rep.prompt_tokens += prompt
             rep.generation_tokens += out
             self._seq += 1
