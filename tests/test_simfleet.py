@@ -1,0 +1,292 @@
+"""The simulated fleet's physics: each fault moves the signals it should, on the GPU, replica or node it
+was injected on, and leaves the others alone; benign drift moves TTFT/TPOT p99 by less than 5 %.
+
+Each case runs the fleet for six simulated minutes (the fault from minute 3) straight from
+``Fleet.run()``, no export path: the evaluation and the demo test the pipeline; this tests the world.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import cache
+
+from collector.signals import CLOCK_EVENT_REASONS
+from collector.simfleet import FAULT_KINDS, Fault, Fleet, Scenario, SimRequest
+
+ONSET_S = 180.0
+BEFORE = (60.0, ONSET_S)  # after the warm-up, before the fault
+AFTER = (ONSET_S + 90.0, 360.0)  # after the thermal transient (tau 45 s)
+NODE, GPU, PARTNER = 1, 2, 3  # the culprit GPU and the other GPU of its tensor-parallel replica
+_BIT = {name: bit for bit, name in CLOCK_EVENT_REASONS.items()}
+
+
+@dataclass
+class World:
+    """What happened, by (node, gpu index) and by replica pid, split before/after the fault's onset."""
+
+    start_ns: int
+    gpu: dict[tuple[int, int, str, str], list[float]] = field(default_factory=lambda: defaultdict(list))
+    links_down: dict[tuple[int, int, str], int] = field(default_factory=lambda: defaultdict(int))
+    foreign: dict[tuple[int, int, str], set[int]] = field(default_factory=lambda: defaultdict(set))
+    host: dict[tuple[int, str, str], list[float]] = field(default_factory=lambda: defaultdict(list))
+    xids: dict[tuple[int, int], int] = field(default_factory=lambda: defaultdict(int))
+    requests: dict[tuple[int, str], list[SimRequest]] = field(default_factory=lambda: defaultdict(list))
+    engine: dict[tuple[int, str, str], list[float]] = field(default_factory=lambda: defaultdict(list))
+    pids: dict[tuple[int, int], int] = field(default_factory=dict)  # replica pid of each GPU
+
+    def phase(self, time_ns: int) -> str | None:
+        t = (time_ns - self.start_ns) / 1e9
+        if BEFORE[0] <= t < BEFORE[1]:
+            return "before"
+        if AFTER[0] <= t < AFTER[1]:
+            return "after"
+        return None
+
+    def med(self, node: int, gpu: int, signal: str, phase: str) -> float:
+        return statistics.median(self.gpu[(node, gpu, signal, phase)])
+
+    def change(self, node: int, gpu: int, signal: str) -> float:
+        return self.med(node, gpu, signal, "after") - self.med(node, gpu, signal, "before")
+
+    def bits(self, node: int, gpu: int, bit: str, phase: str) -> float:
+        vals = self.gpu[(node, gpu, "clock_event_reasons", phase)]
+        return sum(1 for v in vals if int(v) & _BIT[bit]) / len(vals)
+
+    def latency(self, node: int, gpu: int, metric: str, phase: str, q: float = 0.5) -> float:
+        reqs = self.requests[(self.pids[(node, gpu)], phase)]
+        if metric == "ttft":
+            vals = sorted(r.ttft_s for r in reqs)
+        elif metric == "tpot":
+            vals = sorted(r.decode_s / (r.output_tokens - 1) for r in reqs if r.output_tokens > 1)
+        else:
+            vals = sorted(getattr(r, metric) for r in reqs)
+        return vals[min(len(vals) - 1, int(q * len(vals)))]
+
+    def latency_ratio(self, node: int, gpu: int, metric: str, q: float = 0.5) -> float:
+        return self.latency(node, gpu, metric, "after", q) / self.latency(node, gpu, metric, "before", q)
+
+    def arrivals(self, node: int, gpu: int, phase: str) -> float:
+        span = (BEFORE[1] - BEFORE[0]) if phase == "before" else (AFTER[1] - AFTER[0])
+        return len(self.requests[(self.pids[(node, gpu)], phase)]) / span
+
+
+@cache
+def world(kind: str | None, drift: bool = True, seed: int = 5, duration_s: float = 360.0) -> World:
+    faults = () if kind is None else (Fault(kind, NODE, GPU, ONSET_S),)
+    fleet = Fleet(Scenario(seed=seed, duration_s=duration_s, drift=drift, faults=faults))
+    w = World(fleet.s.start_ns)
+    for rep in fleet.replicas:
+        for g in rep.gpus:
+            w.pids[(rep.node, g.ident.index)] = rep.pid
+    engine_pids = {r.pid for r in fleet.replicas}
+    for tick in fleet.run():
+        for n, snap in enumerate(tick.snapshots):
+            ph = w.phase(snap.time_ns)
+            for ev in snap.events:
+                w.xids[(n, ev.gpu_index)] += 1
+            if ph is None:
+                continue
+            for s in snap.gpus:
+                for r in s.readings:
+                    if r.signal == "nvlink_link_up":
+                        w.links_down[(n, s.gpu.index, ph)] += r.value == 0.0
+                    elif not r.labels and r.value is not None:
+                        w.gpu[(n, s.gpu.index, r.signal, ph)].append(r.value)
+                w.foreign[(n, s.gpu.index, ph)] |= {p.pid for p in s.processes if p.pid not in engine_pids}
+            assert snap.host is not None
+            for r in snap.host.readings:
+                if not r.labels and r.value is not None:
+                    w.host[(n, r.signal, ph)].append(r.value)
+        for req in tick.finished:
+            ph = w.phase(req.arrival_ns)
+            if ph is not None:
+                w.requests[(req.pid, ph)].append(req)
+        for e in tick.engines:
+            ph = w.phase(e.time_ns)
+            if ph is not None:
+                key = int(e.node.split("-")[1]) - 1
+                w.engine[(e.pid, "running", ph)].append(e.running)
+                w.engine[(e.pid, "kv", ph)].append(e.kv_usage_ratio)
+                w.engine[(e.pid, "preemptions", ph)].append(e.preemptions_total)
+                w.engine[(e.pid, "node", ph)].append(key)
+    return w
+
+
+OTHERS = [(n, g) for n in range(2) for g in range(4) if (n, g) not in {(NODE, GPU), (NODE, PARTNER)}]
+HW_SIGNALS = ("power_limit_w", "pcie_rx_bytes_per_s", "memory_busy_ratio")
+
+
+def assert_others_untouched(w: World, metrics: tuple[str, ...] = ("ttft", "tpot")) -> None:
+    """GPUs outside the culprit's replica: no foreign process, no throttling, no XIDs, links up, hardware
+    and latency as before (the fault did not leak)."""
+    for n, g in OTHERS:
+        assert not w.foreign[(n, g, "after")], (n, g)
+        assert w.links_down[(n, g, "after")] == 0
+        assert w.xids[(n, g)] == 0
+        assert w.bits(n, g, "sw_power_cap", "after") == 0.0
+        assert w.bits(n, g, "sw_thermal", "after") == 0.0
+        assert w.med(n, g, "power_limit_w", "after") == w.med(n, g, "power_limit_w", "before")
+        assert abs(w.change(n, g, "pcie_rx_bytes_per_s")) < 0.3e9
+        assert abs(w.change(n, g, "memory_busy_ratio")) < 0.08
+        for m in metrics:
+            assert 0.9 < w.latency_ratio(n, g, m) < 1.1, (n, g, m, w.latency_ratio(n, g, m))
+
+
+def test_every_fault_kind_is_covered_here() -> None:
+    tested = {name.removeprefix("test_") for name in globals() if name.startswith("test_")}
+    assert set(FAULT_KINDS) - {"drift"} <= tested
+
+
+def test_hbm_contention() -> None:
+    w = world("hbm_contention")
+    assert w.change(NODE, GPU, "memory_busy_ratio") >= 0.2
+    assert w.change(NODE, GPU, "memory_busy_ratio") > w.change(NODE, GPU, "gpu_util_ratio")
+    assert w.foreign[(NODE, GPU, "after")] and not w.foreign[(NODE, GPU, "before")]
+    assert not w.foreign[(NODE, PARTNER, "after")]
+    assert w.latency_ratio(NODE, GPU, "tpot") >= 1.2  # decode is memory-bound
+    assert abs(w.change(NODE, GPU, "pcie_rx_bytes_per_s")) < 0.5e9
+    assert w.bits(NODE, GPU, "sw_power_cap", "after") < 0.05
+    assert_others_untouched(w)
+
+
+def test_kv_pressure() -> None:
+    w = world("kv_pressure")
+    pid = w.pids[(NODE, GPU)]
+    assert statistics.median(w.engine[(pid, "kv", "after")]) >= 0.85
+    assert statistics.median(w.engine[(pid, "kv", "before")]) < 0.6
+    pre = w.engine[(pid, "preemptions", "after")]
+    assert pre[-1] > pre[0] > 0 or pre[-1] > w.engine[(pid, "preemptions", "before")][-1]
+    assert w.latency_ratio(NODE, GPU, "ttft") >= 2.0  # long prompts, recomputed after preemption
+    for n, g in OTHERS:  # the hardware is not the cause: no GPU signal of the others moves
+        assert w.bits(n, g, "sw_power_cap", "after") == 0.0
+    assert not w.foreign[(NODE, GPU, "after")]
+    assert_others_untouched(w)
+
+
+def test_pcie_saturation() -> None:
+    w = world("pcie_saturation")
+    capacity = 3.938e9 * 16  # H100 SXM: PCIe gen 5 x16 per direction
+    assert w.med(NODE, GPU, "pcie_rx_bytes_per_s", "after") >= 0.8 * capacity
+    assert w.med(NODE, GPU, "pcie_rx_bytes_per_s", "before") < 0.1 * capacity
+    assert w.med(NODE, PARTNER, "pcie_rx_bytes_per_s", "after") < 0.1 * capacity
+    assert w.latency_ratio(NODE, GPU, "ttft") >= 1.5  # transfers sit in front of prefill
+    assert 0.95 < w.latency_ratio(NODE, GPU, "tpot") < 1.05  # decode does not cross PCIe
+    assert_others_untouched(w)
+
+
+def test_nvlink_degraded() -> None:
+    w = world("nvlink_degraded")
+    assert w.links_down[(NODE, GPU, "after")] > 0 and w.links_down[(NODE, GPU, "before")] == 0
+    assert w.links_down[(NODE, PARTNER, "after")] == 0
+    # the same traffic over fewer links: the total holds while each remaining link carries more
+    assert w.latency_ratio(NODE, GPU, "tpot") >= 1.08  # tensor-parallel all-reduce on every step
+    assert_others_untouched(w)
+
+
+def test_thermal_throttle() -> None:
+    w = world("thermal_throttle")
+    assert w.change(NODE, GPU, "gpu_temp_c") >= 5.0
+    assert w.bits(NODE, GPU, "sw_thermal", "after") >= 0.5 and w.bits(NODE, GPU, "sw_thermal", "before") == 0.0
+    assert w.change(NODE, GPU, "sm_clock_hz") <= -100e6
+    assert w.bits(NODE, PARTNER, "sw_thermal", "after") == 0.0
+    assert w.med(NODE, GPU, "power_limit_w", "after") == w.med(NODE, GPU, "power_limit_w", "before")
+    assert w.latency_ratio(NODE, GPU, "ttft") >= 1.05  # prefill is compute-bound, the replica waits for its slowest GPU
+    assert_others_untouched(w)
+
+
+def test_power_cap() -> None:
+    w = world("power_cap")
+    assert w.change(NODE, GPU, "power_limit_w") <= -100.0
+    assert w.bits(NODE, GPU, "sw_power_cap", "after") >= 0.5 and w.bits(NODE, GPU, "sw_power_cap", "before") == 0.0
+    assert w.med(NODE, GPU, "power_w", "after") <= w.med(NODE, GPU, "power_limit_w", "after") + 1.0
+    assert w.change(NODE, GPU, "sm_clock_hz") <= -100e6
+    assert w.bits(NODE, GPU, "sw_thermal", "after") == 0.0
+    assert w.latency_ratio(NODE, GPU, "ttft") >= 1.1
+    assert_others_untouched(w)
+
+
+def test_arrival_burst() -> None:
+    w = world("arrival_burst")
+    assert w.arrivals(NODE, GPU, "after") >= 1.5 * w.arrivals(NODE, GPU, "before")
+    assert w.latency(NODE, GPU, "queue_s", "after", 0.9) > w.latency(NODE, GPU, "queue_s", "before", 0.9) + 0.5
+    for g in (GPU, PARTNER):  # the hardware is fine: no intruder, no throttling, no fault
+        assert not w.foreign[(NODE, g, "after")]
+        assert w.bits(NODE, g, "sw_power_cap", "after") == 0.0 and w.xids[(NODE, g)] == 0
+    assert_others_untouched(w)
+
+
+def test_batching_misconfig() -> None:
+    w = world("batching_misconfig")
+    pid = w.pids[(NODE, GPU)]
+    assert max(w.engine[(pid, "running", "after")]) <= 0.5 * 64  # max_num_seqs set too low
+    assert max(w.engine[(pid, "running", "before")]) > 0.5 * 64 or \
+        statistics.median(w.engine[(pid, "running", "before")]) > statistics.median(w.engine[(pid, "running", "after")])
+    assert 0.8 < w.arrivals(NODE, GPU, "after") / w.arrivals(NODE, GPU, "before") < 1.25  # same load
+    assert w.latency(NODE, GPU, "queue_s", "after", 0.9) > 1.0  # it queues
+    assert w.latency_ratio(NODE, GPU, "tpot") < 1.05  # decode is not slower: the GPU is not the problem
+    assert w.change(NODE, GPU, "gpu_util_ratio") < 0.1  # nor much busier
+    assert_others_untouched(w)
+
+
+def test_noisy_neighbor() -> None:
+    w = world("noisy_neighbor")
+    assert w.foreign[(NODE, GPU, "after")] and not w.foreign[(NODE, GPU, "before")]
+    # the intruder computes: utilisation rises on its GPU beyond the partner's, more than memory traffic
+    extra_util = w.change(NODE, GPU, "gpu_util_ratio") - w.change(NODE, PARTNER, "gpu_util_ratio")
+    extra_busy = w.change(NODE, GPU, "memory_busy_ratio") - w.change(NODE, PARTNER, "memory_busy_ratio")
+    assert extra_util >= 0.2 and extra_util > extra_busy
+    assert w.latency_ratio(NODE, GPU, "ttft") >= 1.2
+    assert_others_untouched(w)
+
+
+def test_cpu_contention() -> None:
+    w = world("cpu_contention")
+    assert statistics.median(w.host[(NODE, "host_run_queue", "after")]) >= \
+        3 * statistics.median(w.host[(NODE, "host_run_queue", "before")])
+    assert statistics.median(w.host[(NODE, "host_cpu_steal_ratio", "after")]) > 0.05
+    other = 1 - NODE
+    assert statistics.median(w.host[(other, "host_run_queue", "after")]) < 10
+    for g in range(4):  # every replica of the node decodes slower (the scheduler loop waits for the CPU)
+        assert w.latency_ratio(NODE, g, "tpot") >= 1.15
+        assert not w.foreign[(NODE, g, "after")] and w.bits(NODE, g, "sw_power_cap", "after") == 0.0
+    for g in range(4):
+        assert 0.9 < w.latency_ratio(other, g, "tpot") < 1.1
+
+
+def test_xid_failure() -> None:
+    w = world("xid_failure")
+    assert w.xids[(NODE, GPU)] >= 5
+    assert w.xids[(NODE, PARTNER)] == 0
+    assert w.change(NODE, GPU, "sm_clock_hz") <= -300e6  # clock stuck low
+    assert w.latency_ratio(NODE, GPU, "ttft") >= 1.2 and w.latency_ratio(NODE, GPU, "tpot") >= 1.2
+    assert_others_untouched(w)
+
+
+def _fleet_p99(drift: bool, seed: int = 11, duration_s: float = 900.0) -> dict[str, float]:
+    fleet = Fleet(Scenario(seed=seed, duration_s=duration_s, drift=drift))
+    by: dict[str, list[float]] = defaultdict(list)
+    for tick in fleet.run():
+        for r in tick.finished:
+            if r.arrival_ns - fleet.s.start_ns >= 60 * 10**9:  # after the warm-up
+                by["ttft"].append(r.ttft_s)
+                if r.output_tokens > 1:
+                    by["tpot"].append(r.decode_s / (r.output_tokens - 1))
+    return {k: sorted(v)[int(0.99 * len(v))] for k, v in by.items()}
+
+
+def test_benign_drift_moves_p99_by_less_than_5_percent() -> None:
+    """Diurnal load (±8 %) and clock wander (±2 %) against the same seed without them: the fleet's TTFT and
+    TPOT p99 over 15 minutes."""
+    drift, flat = _fleet_p99(True), _fleet_p99(False)
+    for metric in ("ttft", "tpot"):
+        assert 0.95 < drift[metric] / flat[metric] < 1.05, (metric, drift[metric] / flat[metric])
+
+
+def test_the_same_seed_gives_the_same_world() -> None:
+    a = Fleet(Scenario(seed=3, duration_s=30.0, faults=(Fault("pcie_saturation", 1, 2, 10.0),)))
+    b = Fleet(Scenario(seed=3, duration_s=30.0, faults=(Fault("pcie_saturation", 1, 2, 10.0),)))
+    ta, tb = list(a.run()), list(b.run())
+    assert [t.finished for t in ta] == [t.finished for t in tb]
+    assert [t.snapshots for t in ta] == [t.snapshots for t in tb]
