@@ -29,6 +29,7 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from benchmarks.baselines import findings_from_ranks, rank, series_frame
 from collector.engine_spans import VllmSpanEmitter, engine_resource
 from collector.export.otlp_encode import OtlpMetricsEncoder, ResourceInfo
 from collector.simfleet import FAULT_KINDS, EngineGauges, Fleet, fault_scenario
@@ -120,27 +121,55 @@ def generate_case(kind: str, seed: int, db: Path) -> dict[str, Any]:
 _REPLICA_CAUSES = {"kv_pressure", "arrival_burst", "batching_misconfig"}
 
 
-def score_case(db: Path, meta: dict[str, Any]) -> dict[str, Any]:
+def _culprit_ok(kind: str, meta: dict[str, Any], gpu: str | None, node: str | None) -> bool:
+    if kind == "cpu_contention":  # a host cause: the culprit is the node
+        return node is not None and node == str(meta["node"])
+    if kind in _REPLICA_CAUSES:
+        return bool(gpu in meta["replica_gpus"])
+    return gpu is not None and gpu == meta["gpu"]
+
+
+def score_baselines(cur: Any, meta: dict[str, Any], end_ns: int) -> dict[str, Any]:
+    """BARO and N-Sigma on the same case's time series, given the true onset (drift: minute 10)."""
+    kind = meta["fault"]
+    cause = FAULT_KINDS[kind]
+    frame, about = series_frame(cur, meta["start_ns"], end_ns)
+    onset_ns = meta["onset_ns"] or meta["start_ns"] + 600 * 10**9
+    replica_gpus: dict[tuple[str, int], list[str]] = {}
+    for node, pid, uuid in cur.execute("SELECT DISTINCT n.name, p.pid, g.uuid FROM placements p JOIN gpus g "
+                                       "USING (gpu_id) JOIN nodes n ON n.node_id = g.node_id").fetchall():
+        replica_gpus.setdefault((node, pid), []).append(uuid)
+    out: dict[str, Any] = {}
+    for method in ("baro", "nsigma"):
+        found = findings_from_ranks(rank(method, frame, (onset_ns - meta["start_ns"]) / 1e9), about, replica_gpus)
+        causes = [(c, s) for c, s, _, _ in found]
+        out[method] = {
+            "found": [f"{c}/{s}" for c, s in causes[:3]],
+            # a metric ranking always names a cause: on a healthy window that is a false attribution
+            "top1": bool(causes[:1] == [cause]) if kind != "drift" else False,
+            "top3": cause in causes[:3] if kind != "drift" else False,
+            "culprit_ok": _culprit_ok(kind, meta, found[0][2], found[0][3]) if kind != "drift" and found else None,
+        }
+    return out
+
+
+def score_case(db: Path, meta: dict[str, Any], baselines: bool = False) -> dict[str, Any]:
     kind = meta["fault"]
     store = Store(db, read_only=True)
     t0 = time.perf_counter()
     with store.reader() as cur:
         doc = RootCause(cur).why(WhyQuery())
-    elapsed = time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        end_ns = cur.execute("SELECT max(end_ns) FROM requests").fetchall()[0][0]
+        base = score_baselines(cur, meta, end_ns) if baselines else None
     store.close()
     cause, sub = FAULT_KINDS[kind]
     found = [(f["cause"], f.get("subcause") or "") for f in doc["findings"]]
     top = doc["findings"][0] if doc["findings"] else None
-    top_gpu = top["culprit"]["gpu"] if top else None
-    if kind == "cpu_contention":  # a host cause: the culprit is the node
-        culprit_ok = top is not None and top["culprit"]["node"] == meta["node"]
-    elif kind in _REPLICA_CAUSES:
-        culprit_ok = top_gpu in meta["replica_gpus"]
-    else:
-        culprit_ok = top_gpu == meta["gpu"]
-    onset_delay = None
-    if kind != "drift" and doc["query"].get("onset_detected") and meta["onset_ns"]:
-        onset_delay = round((parse_time_ns(doc["query"]["window"][0], 0) - meta["onset_ns"]) / 1e9, 1)
+    culprit_ok = top is not None and _culprit_ok(kind, meta, top["culprit"]["gpu"], top["culprit"]["node"])
+    onset_delay = None  # when the top finding says its cause began, against the injection
+    if kind != "drift" and top is not None and doc["query"].get("onset_detected") and meta["onset_ns"]:
+        onset_delay = round((parse_time_ns(top["window"][0], 0) - meta["onset_ns"]) / 1e9, 1)
     return {
         "fault": kind, "seed": meta["seed"], "truth": f"{cause}/{sub}", "detected": doc["regression"]["detected"],
         "metric": doc["regression"]["metric"], "ratio": doc["regression"]["ratio"],
@@ -149,6 +178,7 @@ def score_case(db: Path, meta: dict[str, Any]) -> dict[str, Any]:
         "top3": (cause, sub) in found[:3] if kind != "drift" else not doc["findings"],
         "culprit_ok": culprit_ok if kind != "drift" else None,
         "onset_error_s": onset_delay, "why_s": round(elapsed, 3),
+        **({"baselines": base} if base else {}),
     }
 
 
@@ -169,14 +199,15 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--cache", help="keep each case's database here and reuse it while the code that made it holds")
     ap.add_argument("--jobs", type=int, default=1, help="cases generated in parallel")
-    ap.add_argument("--code-hash", help="reuse the cached cases of this code hash (the data, not the analysis, changed)")
+    ap.add_argument("--baselines", action="store_true", help="also score BARO and N-Sigma (fse-baro) on each case")
+    ap.add_argument("--code-hash", help="reuse the cases cached under this hash (the analysis changed, not the data)")
     a = ap.parse_args()
     print(f"# attribution eval on {platform.node()} ({platform.machine()}, {os.cpu_count()} cpus, "
           f"Python {platform.python_version()})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(a.cache) / (a.code_hash or code_hash()) if a.cache else Path(tmp)
         cache.mkdir(parents=True, exist_ok=True)
-        todo = [(k, s, str(cache)) for k in a.faults.split(",") for s in range(a.first_seed, a.first_seed + a.seeds)]
+        todo = [(k, s, str(cache)) for s in range(a.first_seed, a.first_seed + a.seeds) for k in a.faults.split(",")]
         t0 = time.perf_counter()
         if a.jobs > 1:
             with multiprocessing.get_context("spawn").Pool(a.jobs) as pool:
@@ -186,7 +217,7 @@ def main() -> None:
         print(f"# {len(cases)} cases ready in {time.perf_counter() - t0:.0f} s ({cache})", flush=True)
         rows = []
         for db, meta in cases:
-            r = score_case(db, meta)
+            r = score_case(db, meta, a.baselines)
             rows.append(r)
             print(json.dumps(r), flush=True)
     summary = summarize(rows)
@@ -209,7 +240,19 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         per_fault[kind] = {"cases": len(rs), "detected": frac([r["detected"] for r in rs]),
                            "top1": frac([r["top1"] for r in rs]), "top3": frac([r["top3"] for r in rs]),
                            "culprit": frac([bool(r["culprit_ok"]) for r in rs]) if kind != "drift" else None}
+    methods = {}
+    for m in ("baro", "nsigma"):
+        rs = [r["baselines"][m] for r in faults if "baselines" in r]
+        hs = [r["baselines"][m] for r in healthy if "baselines" in r]
+        if rs:
+            methods[m] = {"cause_top1": frac([x["top1"] for x in rs]), "cause_top3": frac([x["top3"] for x in rs]),
+                          "culprit_top1": frac([bool(x["culprit_ok"]) for x in rs]),
+                          "false_attribution_healthy": 1.0 if hs else None,
+                          "per_fault_top1": {k: frac([r["baselines"][m]["top1"] for r in faults
+                                                      if r["fault"] == k and "baselines" in r])
+                                             for k in dict.fromkeys(r["fault"] for r in faults)}}
     return {
+        "baselines": methods,
         "cases": len(rows),
         "cause_top1": frac([r["top1"] for r in faults]),
         "cause_top3": frac([r["top3"] for r in faults]),

@@ -32,6 +32,7 @@ class UnitLatency:
     arrival_ratio: float
     tokens_ratio: float  # output tokens per second
     excess_share: float  # share of the fleet's excess latency its requests carry
+    arrival_step: tuple[float, float, int] | None = None  # arrivals/s before and after a step up, and when
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Candidate:
     description: str
     pid: int | None = None
     extra: dict[str, object] = field(default_factory=dict)
+    since_ns: int | None = None  # when the cause began, where it began before the latency moved
 
 
 _UNITS = {"power_w": "W", "power_limit_w": "W", "gpu_temp_c": "Cel", "memory_temp_c": "Cel", "sm_clock_hz": "Hz",
@@ -91,9 +93,29 @@ def _widespread(ev: Evidence, signal: str, gpu_ids: list[int], threshold: float,
     return moved / max(1, len(gpu_ids))
 
 
-def gpu_candidates(ev: Evidence, units_of_gpu: dict[int, list[str]], engine_pids: set[int]) -> list[Candidate]:
+def _delta(ev: Evidence, gid: int, signal: str) -> float | None:
+    st = ev.gpu.get(gid, {}).get(signal)
+    if st is None or st.base_median is None or st.inc_median is None:
+        return None
+    return st.inc_median - st.base_median
+
+
+def peer_relative(ev: Evidence, gid: int, signal: str, peers: list[int]) -> float:
+    """How much more ``signal`` moved on ``gid`` than on its peers (the other GPUs of its replica, which
+    carry the same requests): a replica whose load went up moves all its GPUs alike; a foreign process or
+    a failing part moves one."""
+    own = _delta(ev, gid, signal)
+    if own is None:
+        return 0.0
+    others = sorted(d for d in (_delta(ev, p, signal) for p in peers) if d is not None)
+    return own - (others[len(others) // 2] if others else 0.0)
+
+
+def gpu_candidates(ev: Evidence, units_of_gpu: dict[int, list[str]], engine_pids: set[int],
+                   peers_of_gpu: dict[int, list[int]] | None = None) -> list[Candidate]:
     out: list[Candidate] = []
     all_gpus = sorted(ev.gpu_meta)
+    peers_of_gpu = peers_of_gpu or {}
     for gid in all_gpus:
         st = ev.gpu.get(gid, {})
         nid = ev.gpu_meta[gid][2]
@@ -184,8 +206,14 @@ def gpu_candidates(ev: Evidence, units_of_gpu: dict[int, list[str]], engine_pids
         busy, util_s = get("memory_busy_ratio"), get("gpu_util_ratio")
         busy_z = busy.z("memory_busy_ratio") if busy else 0.0
         util_z = util_s.z("gpu_util_ratio") if util_s else 0.0
+        peers = peers_of_gpu.get(gid) or [g for g in all_gpus if g != gid and ev.gpu_meta[g][2] == nid]
+        # what moved on this GPU beyond what its replica's own load moved on its peers
+        rel_busy = peer_relative(ev, gid, "memory_busy_ratio", peers)
+        rel_util = peer_relative(ev, gid, "gpu_util_ratio", peers)
+        compute_bound = rel_util > rel_busy  # the intruder computes more than it reads memory
         if busy_z >= 4 and _widespread(ev, "memory_busy_ratio", all_gpus, 4) < 0.75:
-            strength = 0.45 + 0.3 * _squash(busy_z, 6) + (0.2 if foreign else 0.0) - (0.15 if util_z >= 3 else 0.0)
+            strength = (0.45 + 0.3 * _squash(busy_z, 6) + (0.2 if foreign else 0.0)
+                        - (0.25 if compute_bound and foreign else 0.0))
             out.append(Candidate("memory", "hbm_bandwidth", strength, units, gid, nid,
                                  [_ev("memory_busy_ratio", busy), _ev("gpu_util_ratio", util_s)]
                                  + ([_raw("foreign_processes", 0, len(foreign))] if foreign else []),
@@ -193,7 +221,7 @@ def gpu_candidates(ev: Evidence, units_of_gpu: dict[int, list[str]], engine_pids
                                  if busy and busy.inc_median is not None else "HBM bandwidth contention",
                                  pid=foreign[0] if foreign else None))
         if foreign:
-            strength = 0.6 + (0.3 if util_z >= 3 and busy_z < 4 else 0.1 if util_z >= 2 else 0.0)
+            strength = 0.6 + (0.3 if compute_bound and util_z >= 2 else 0.0)
             out.append(Candidate("scheduling", "noisy_neighbor", strength, units, gid, nid,
                                  [_raw("foreign_processes", 0, len(foreign)), _ev("gpu_util_ratio", util_s),
                                   _ev("memory_busy_ratio", busy)],
@@ -219,26 +247,41 @@ def unit_candidates(ev: Evidence, lat: dict[str, UnitLatency]) -> list[Candidate
                                  "any", f"KV cache {'full' if kv_hot else 'under pressure'}"
                                         f"{', requests preempted' if pre_up else ''}", pid=ul.unit.pid))
         queue_up = ul.queue_inc_s > max(2.0 * ul.queue_base_s, ul.queue_base_s + 0.05)
-        if queue_up and ul.arrival_ratio >= 1.25:
-            strength = 0.55 + 0.35 * min(1.0, (ul.arrival_ratio - 1.0))
-            out.append(Candidate("scheduling", "queueing", strength, [key], None, ul.unit.node_id,
-                                 [_raw("arrival_rate_ratio", 1.0, ul.arrival_ratio),
-                                  _raw("queue_time_s", ul.queue_base_s, ul.queue_inc_s, "s")],
-                                 "queue", f"arrivals {ul.arrival_ratio:.1f}x baseline, queue time "
-                                          f"{ul.queue_base_s:.2f}s → {ul.queue_inc_s:.2f}s", pid=ul.unit.pid))
-        elif queue_up and ul.arrival_ratio < 1.15:
-            running = eng.get("engine_requests_running")
-            util_drop = [-(ev.gpu.get(g, {}).get("gpu_util_ratio", Stat(None, None, None)).z("gpu_util_ratio"))
-                         for g in ul.unit.gpu_ids]
-            run_drop = -(running.z("engine_requests_running")) if running else 0.0
-            if run_drop >= 3 or (util_drop and max(util_drop) >= 3):
-                strength = 0.6 + 0.3 * _squash(max(run_drop, *util_drop) if util_drop else run_drop, 5)
-                out.append(Candidate("scheduling", "batching", strength, [key], None, ul.unit.node_id,
-                                     [_ev("engine_requests_running", running),
-                                      _raw("queue_time_s", ul.queue_base_s, ul.queue_inc_s, "s"),
-                                      _raw("arrival_rate_ratio", 1.0, ul.arrival_ratio)],
-                                     "queue", "batch size too small: queue grows while the GPU is under-used",
-                                     pid=ul.unit.pid))
+        # arrivals: over the windows, or a step up found before the queue grew (a queue that builds up slowly
+        # moves the latency minutes after the load, and by then the baseline holds the higher load too)
+        arrival_ratio, since, rates = ul.arrival_ratio, None, (1.0, ul.arrival_ratio)
+        if ul.arrival_step is not None:
+            before, after, at = ul.arrival_step
+            if before > 0 and after / before > arrival_ratio:
+                arrival_ratio, since, rates = after / before, at, (before, after)
+        running, waiting = eng.get("engine_requests_running"), eng.get("engine_requests_waiting")
+        # a batch held at a ceiling below what the engine ran before, with requests waiting and KV to spare:
+        # max_num_seqs (or the token budget) set too low
+        capped = (running is not None and running.inc_max is not None and running.base_max is not None
+                  and running.inc_median is not None and running.inc_max <= 0.85 * running.base_max
+                  and running.inc_median >= 0.75 * running.inc_max
+                  and (kv is None or (kv.inc_max or 0.0) < 0.9))
+        if queue_up and arrival_ratio >= 1.25 and not capped:
+            strength = 0.55 + 0.35 * min(1.0, (arrival_ratio - 1.0))
+            out.append(Candidate("scheduling", "queueing", strength, [key], ul.unit.gpu_ids[0] if ul.unit.gpu_ids
+                                 else None, ul.unit.node_id,
+                                 [_raw("arrival_rate_per_s", rates[0], rates[1], "1/s"),
+                                  _raw("queue_time_p90_s", ul.queue_base_s, ul.queue_inc_s, "s"),
+                                  _ev("engine_requests_waiting", waiting), _ev("engine_requests_running", running)],
+                                 "queue", f"arrivals {arrival_ratio:.1f}x baseline, queue time p90 "
+                                          f"{ul.queue_base_s:.2f}s → {ul.queue_inc_s:.2f}s", pid=ul.unit.pid,
+                                 since_ns=since))
+        elif queue_up and capped and arrival_ratio < 1.25 and running is not None:
+            strength = 0.6 + 0.3 * min(1.0, (1.0 - (running.inc_max or 0.0) / (running.base_max or 1.0)) / 0.3)
+            out.append(Candidate("scheduling", "batching", strength, [key], ul.unit.gpu_ids[0] if ul.unit.gpu_ids
+                                 else None, ul.unit.node_id,
+                                 [_raw("engine_requests_running_max", running.base_max, running.inc_max),
+                                  _ev("engine_requests_running", running), _ev("engine_requests_waiting", waiting),
+                                  _raw("queue_time_p90_s", ul.queue_base_s, ul.queue_inc_s, "s"),
+                                  _ev("engine_kv_cache_usage_ratio", kv)],
+                                 "queue", f"batch held at {running.inc_max:.0f} running requests (was up to "
+                                          f"{running.base_max:.0f}) while requests queue and KV cache is free: "
+                                          "max_num_seqs or the token budget too low", pid=ul.unit.pid))
     for nid, keys in by_node.items():
         host = ev.host.get(nid, {})
         scored = []

@@ -73,6 +73,10 @@ class Evidence:
     node_names: dict[int, str] = field(default_factory=dict)
 
 
+_BASELINE_PRESENCE = 0.25  # of the baseline's placement snapshots: a process that was there before
+_INCIDENT_PRESENCE = 0.1  # of the incident's: one that came (a short foreign job counts)
+
+
 def _windows_sql(col: str) -> tuple[str, str]:
     return (f"{col} >= $b0 AND {col} <= $i1 AND ({col} < $b1 OR {col} >= $i0)", f"({col} >= $i0)::INT")
 
@@ -122,8 +126,11 @@ def collect(cur: duckdb.DuckDBPyConnection, b0: int, b1: int, i0: int, i1: int) 
             b, i = cur_share[k]
             cur_share[k] = (v, i) if win == 0 else (b, v)
 
+    # links down in each window: down in most of the baseline's samples, in a tenth of the incident's (an
+    # onset found a few seconds late must not hide a link that went down at the fault)
     for gid, win, down in cur.execute(
-            f"SELECT gpu_id, w, count(*) FILTER (WHERE lo = 0) FROM (SELECT gpu_id, sub, {w} AS w, min(value) AS lo "
+            f"SELECT gpu_id, w, count(*) FILTER (WHERE (w = 0 AND down >= 0.5) OR (w = 1 AND down >= 0.1)) FROM ("
+            f"SELECT gpu_id, sub, {w} AS w, avg((value = 0)::INT) AS down "
             f"FROM gpu_samples JOIN signals s USING (signal_id) WHERE {where} AND s.name = 'nvlink_link_up' "
             "GROUP BY ALL) GROUP BY ALL", params).fetchall():
         b, i = ev.links_down.get(gid, (0, 0))
@@ -134,11 +141,17 @@ def collect(cur: duckdb.DuckDBPyConnection, b0: int, b1: int, i0: int, i1: int) 
             "AND time_ns BETWEEN $i0 AND $i1 GROUP BY ALL", {"i0": i0, "i1": i1}).fetchall():
         ev.xids[gid] = (int(n), sorted(c for c in codes if c is not None), first)
 
-    for gid, win, pids in cur.execute(
-            f"SELECT gpu_id, {w}, list(DISTINCT pid) FROM placements WHERE {where} AND pid > 0 GROUP BY ALL",
-            params).fetchall():
-        seen_b, seen_i = ev.gpu_pids.get(gid, (set(), set()))
-        ev.gpu_pids[gid] = (set(pids), seen_i) if win == 0 else (seen_b, set(pids))
+    # processes on each GPU in each window, by the share of the placement snapshots they appear in: a
+    # process seen in a few baseline snapshots (an onset found a little late) is still new in the incident
+    for gid, win, pid, share in cur.execute(
+            f"SELECT gpu_id, w, pid, count(DISTINCT time_ns) / any_value(snaps) FROM ("
+            f"SELECT gpu_id, pid, time_ns, {w} AS w, count(DISTINCT time_ns) OVER (PARTITION BY gpu_id, {w}) AS snaps "
+            f"FROM placements WHERE {where}) WHERE pid > 0 GROUP BY ALL", params).fetchall():
+        seen_b, seen_i = ev.gpu_pids.setdefault(gid, (set(), set()))
+        if win == 0 and share >= _BASELINE_PRESENCE:
+            seen_b.add(int(pid))
+        elif win == 1 and share >= _INCIDENT_PRESENCE:
+            seen_i.add(int(pid))
 
     rows = cur.execute(
         f"SELECT node_id, s.name, {w}, median(value), mad(value), max(value) FROM host_samples "

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import duckdb
+import numpy as np
 import polars as pl
 
 from correlator.analysis.attribution import Candidate, UnitLatency, gpu_candidates, score, unit_candidates
 from correlator.analysis.evidence import collect
 from correlator.analysis.requests import Unit, data_extent, load_requests, resolve_units
 from correlator.analysis.timeparse import format_clock, format_ns, parse_duration_ns, parse_time_ns
-from correlator.analysis.windows import detect_onset
+from correlator.analysis.windows import detect_onset, rate_step
 
 REGRESSION_RATIO = 1.15
 MIN_REQUESTS = 30
@@ -51,9 +52,12 @@ class Windows:
     i0: int
     i1: int
     onset_detected: bool
+    onset_scope: str | None = None  # "fleet" or the replica whose latency stepped up
 
 
-def resolve_windows(cur: duckdb.DuckDBPyConnection, q: WhyQuery) -> tuple[Windows, pl.DataFrame]:
+def resolve_windows(cur: duckdb.DuckDBPyConnection, q: WhyQuery
+                    ) -> tuple[Windows, pl.DataFrame, dict[str, Unit]]:
+    """The baseline and incident windows, and their requests joined with their replicas (``unit``)."""
     extent = data_extent(cur)
     if extent is None:
         raise NoData("no requests in the database yet: send spans to `stacklens serve` or run `stacklens import`")
@@ -63,22 +67,33 @@ def resolve_windows(cur: duckdb.DuckDBPyConnection, q: WhyQuery) -> tuple[Window
         i1 = parse_time_ns(q.until, anchor) if q.until else anchor
         b1 = parse_time_ns(q.baseline_until, anchor) if q.baseline_until else i0
         b0 = parse_time_ns(q.baseline_since, anchor) if q.baseline_since else max(first, b1 - _HOUR_NS)
-        reqs = load_requests(cur, b0, i1, q.service, q.model, q.node)
-        return Windows(b0, b1, i0, i1, False), reqs
-    # no window given: look back 75 minutes from the last data for the step up of the latency
+        reqs, units = resolve_units(cur, load_requests(cur, b0, i1, q.service, q.model, q.node), b0, i1)
+        return Windows(b0, b1, i0, i1, False), reqs, units
+    # no window given: look back 75 minutes from the last data for the step up of the latency, of the
+    # fleet (its p90) or of one replica (its median: a fault on one replica of many barely moves the fleet)
     lookback0 = max(first, anchor - _HOUR_NS - parse_duration_ns("15m"))
     reqs = load_requests(cur, lookback0, anchor, q.service, q.model, q.node)
     if reqs.is_empty():
         raise NoData("no requests match the filters")
+    reqs, units = resolve_units(cur, reqs, lookback0, anchor)
     metrics = ["ttft_s", "tpot_s"] if q.metric == "auto" else [f"{q.metric}_s"]
-    cps = [cp for cp in (detect_onset(reqs, m) for m in metrics) if cp is not None]
-    best = max(cps, key=lambda c: c.score, default=None)
-    if best is not None and best.score >= 3.0 and best.after > best.before * 1.05:
+    cps = [("fleet", cp) for cp in (detect_onset(reqs, m) for m in metrics) if cp is not None]
+    if len(units) > 1:
+        for key in units:
+            ureqs = reqs.filter(pl.col("unit") == key)
+            cps += [(key, cp) for cp in (detect_onset(ureqs, m, q=0.5) for m in metrics) if cp is not None]
+    cps = [(scope, cp) for scope, cp in cps
+           if cp.score >= (3.0 if scope == "fleet" else _UNIT_ONSET_SCORE) and cp.after > cp.before * 1.05]
+    if cps:
+        scope, best = max(cps, key=lambda c: c[1].score)
         i0 = best.onset_ns
         b0 = max(first, i0 - _HOUR_NS)
-        return Windows(b0, i0, i0, anchor, True), reqs.filter(pl.col("start_ns") >= b0)
+        return Windows(b0, i0, i0, anchor, True, scope), reqs.filter(pl.col("start_ns") >= b0), units
     i0 = anchor - parse_duration_ns("15m")
-    return Windows(max(first, i0 - _HOUR_NS), i0, i0, anchor, False), reqs
+    return Windows(max(first, i0 - _HOUR_NS), i0, i0, anchor, False), reqs, units
+
+
+_UNIT_ONSET_SCORE = 4.0
 
 
 def _q(s: pl.Series, p: float) -> float | None:
@@ -86,12 +101,84 @@ def _q(s: pl.Series, p: float) -> float | None:
     return float(s.quantile(p, "linear")) if len(s) else None  # type: ignore[arg-type]
 
 
-def unit_latency(reqs: pl.DataFrame, units: dict[str, Unit], w: Windows, metric: str, base_p: float
-                 ) -> dict[str, UnitLatency]:
-    base = reqs.filter(pl.col("start_ns") < w.b1)
-    inc = reqs.filter(pl.col("start_ns") >= w.i0)
-    excess = inc.with_columns((pl.col(metric) - base_p).clip(lower_bound=0).fill_null(0).alias("x"))
-    total_excess = float(excess["x"].sum()) or 1.0
+def _ratio(b: pl.Series, i: pl.Series, p: float) -> float | None:
+    vb, vi = _q(b, p), _q(i, p)
+    return vi / vb if vb and vi is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Regression:
+    """How much a latency percentile went up, for the fleet or for one replica against its peers."""
+
+    metric: str  # "ttft" or "tpot"
+    scope: str  # "fleet" or a replica's key
+    baseline_s: float | None
+    incident_s: float | None
+    ratio: float | None
+    detected: bool
+    n_base: int
+    n_inc: int
+
+
+# a replica stands out when its median or tail went up this much and this much more than its peers'
+_UNIT_P50 = (1.07, 0.05)
+_UNIT_TAIL = (1.12, 0.08)
+
+
+def detect_regression(base: pl.DataFrame, inc: pl.DataFrame, units: dict[str, Unit], metrics: list[str],
+                      p: float) -> Regression:
+    """The fleet's percentile ratio; where that stays under REGRESSION_RATIO, each replica against its peers
+    (a fault on one replica of many dilutes the fleet's percentile below any sane threshold)."""
+    fleet = []
+    for m in metrics:
+        b, i = base[f"{m}_s"].drop_nulls(), inc[f"{m}_s"].drop_nulls()
+        vb, vi = _q(b, p), _q(i, p)
+        ratio = vi / vb if vb and vi is not None else None
+        ok = ratio is not None and ratio >= REGRESSION_RATIO and len(b) >= MIN_REQUESTS and len(i) >= MIN_REQUESTS
+        fleet.append(Regression(m, "fleet", vb, vi, ratio, ok, len(b), len(i)))
+    detected = [r for r in fleet if r.detected]
+    if detected:
+        return max(detected, key=lambda r: r.ratio or 0.0)
+    best: tuple[float, Regression] | None = None
+    for m in metrics:
+        col = f"{m}_s"
+        per_unit: dict[str, tuple[float, float, int, int]] = {}
+        for key in units:
+            b = base.filter(pl.col("unit") == key)[col].drop_nulls()
+            i = inc.filter(pl.col("unit") == key)[col].drop_nulls()
+            r50, rp = _ratio(b, i, 0.5), _ratio(b, i, p)
+            if len(b) >= MIN_REQUESTS and len(i) >= MIN_REQUESTS and r50 is not None and rp is not None:
+                per_unit[key] = (r50, rp, len(b), len(i))
+        if len(per_unit) < 2:
+            continue
+        for key, (r50, rp, nb, ni) in per_unit.items():
+            peers = [v for k, v in per_unit.items() if k != key]
+            peer50 = float(np.median([v[0] for v in peers]))
+            peerp = float(np.median([v[1] for v in peers]))
+            stand_out = max(r50 - peer50 if r50 >= _UNIT_P50[0] and r50 - peer50 >= _UNIT_P50[1] else 0.0,
+                            rp - peerp if rp >= _UNIT_TAIL[0] and rp - peerp >= _UNIT_TAIL[1] else 0.0)
+            if stand_out > 0 and (best is None or stand_out > best[0]):
+                u_b = base.filter(pl.col("unit") == key)[col]
+                u_i = inc.filter(pl.col("unit") == key)[col]
+                best = (stand_out, Regression(m, key, _q(u_b, p), _q(u_i, p), rp, True, nb, ni))
+    if best is not None:
+        return best[1]
+    return max(fleet, key=lambda r: r.ratio or 0.0)
+
+
+def unit_latency(reqs: pl.DataFrame, units: dict[str, Unit], w: Windows, metric: str) -> dict[str, UnitLatency]:
+    base = reqs.filter((pl.col("start_ns") >= w.b0) & (pl.col("start_ns") < w.b1))
+    inc = reqs.filter((pl.col("start_ns") >= w.i0) & (pl.col("start_ns") <= w.i1))
+    # the share of the regression a replica carries: the extra latency of its incident requests over its
+    # own baseline mean (an exact decomposition of the fleet's extra total latency, negatives clipped)
+    extra: dict[str, float] = {}
+    for key in units:
+        sb = base.filter(pl.col("unit") == key)[metric].drop_nulls()
+        si = inc.filter(pl.col("unit") == key)[metric].drop_nulls()
+        mb, mi = sb.mean(), si.mean()
+        extra[key] = max(0.0, (float(mi) - float(mb)) * len(si)  # type: ignore[arg-type]
+                         ) if mb is not None and mi is not None else 0.0
+    total_extra = sum(extra.values()) or 1.0
     b_span = max(1e-9, (w.b1 - w.b0) / 1e9)
     i_span = max(1e-9, (w.i1 - w.i0) / 1e9)
     out: dict[str, UnitLatency] = {}
@@ -101,9 +188,10 @@ def unit_latency(reqs: pl.DataFrame, units: dict[str, Unit], w: Windows, metric:
         if len(i) == 0:
             continue
 
-        def ratio(col: str, p: float = 0.9, bb: pl.DataFrame = b, ii: pl.DataFrame = i) -> float:
-            vb, vi = _q(bb[col], p), _q(ii[col], p)
-            return vi / vb if vb and vi is not None else 1.0
+        def ratio(col: str, bb: pl.DataFrame = b, ii: pl.DataFrame = i) -> float:
+            # the larger of the median's and the tail's change: a slower GPU moves the median, a queue the tail
+            rs = [r for r in (_ratio(bb[col], ii[col], 0.5), _ratio(bb[col], ii[col], 0.99)) if r is not None]
+            return max(rs) if rs else 1.0
 
         pf_b = b.select((pl.col("prefill_s") / pl.col("prompt_tokens").clip(lower_bound=1)).alias("v"))["v"]
         pf_i = i.select((pl.col("prefill_s") / pl.col("prompt_tokens").clip(lower_bound=1)).alias("v"))["v"]
@@ -116,8 +204,16 @@ def unit_latency(reqs: pl.DataFrame, units: dict[str, Unit], w: Windows, metric:
             pfi / pfb if pfb and pfi is not None else 1.0,
             (len(i) / i_span) / (len(b) / b_span) if len(b) else 1.0,
             tok_i / tok_b if tok_b else 1.0,
-            float(excess.filter(pl.col("unit") == key)["x"].sum()) / total_excess)
+            extra[key] / total_extra, _arrival_step(reqs.filter(pl.col("unit") == key), w))
     return out
+
+
+def _arrival_step(ureqs: pl.DataFrame, w: Windows) -> tuple[float, float, int] | None:
+    """A clear step up of one replica's arrival rate between the baseline's start and the incident's end."""
+    cp = rate_step(ureqs["start_ns"].to_numpy(), w.b0, w.i1)
+    if cp is None or cp.score < 4.0 or cp.before <= 0 or cp.after < 1.25 * cp.before:
+        return None
+    return cp.before, cp.after, cp.onset_ns
 
 
 class RootCause:
@@ -128,27 +224,24 @@ class RootCause:
 
     def why(self, q: WhyQuery) -> dict[str, Any]:
         t_start = time.perf_counter()
-        w, reqs = resolve_windows(self.cur, q)
-        reqs, units = resolve_units(self.cur, reqs, w.b0, w.i1)
+        w, reqs, units = resolve_windows(self.cur, q)
         base = reqs.filter((pl.col("start_ns") >= w.b0) & (pl.col("start_ns") < w.b1))
         inc = reqs.filter((pl.col("start_ns") >= w.i0) & (pl.col("start_ns") <= w.i1))
         p = q.percentile
         pct = f"p{round(p * 100):d}"
-        regs = {}
-        for m in (["ttft", "tpot"] if q.metric == "auto" else [q.metric]):
-            b, i = _q(base[f"{m}_s"], p), _q(inc[f"{m}_s"], p)
-            regs[m] = (b, i, (i / b) if b and i is not None else None)
-        metric = max(regs, key=lambda m: regs[m][2] or 0.0)
-        b_val, i_val, ratio = regs[metric]
-        n_b, n_i = base[f"{metric}_s"].drop_nulls().len(), inc[f"{metric}_s"].drop_nulls().len()
-        detected = bool(ratio is not None and ratio >= REGRESSION_RATIO and n_b >= MIN_REQUESTS and n_i >= MIN_REQUESTS)
+        reg = detect_regression(base, inc, units, ["ttft", "tpot"] if q.metric == "auto" else [q.metric], p)
+        metric, b_val, i_val, ratio, detected = reg.metric, reg.baseline_s, reg.incident_s, reg.ratio, reg.detected
+        n_b, n_i = reg.n_base, reg.n_inc
+        scope = units.get(reg.scope)
         doc: dict[str, Any] = {
             "query": {"service": q.service, "model": q.model, "metric": f"{metric}_{pct}",
                       "window": [format_ns(w.i0), format_ns(w.i1)], "baseline": [format_ns(w.b0), format_ns(w.b1)],
                       "onset_detected": w.onset_detected},
             "regression": {"metric": f"{metric}_{pct}", "baseline_s": _r(b_val), "incident_s": _r(i_val),
                            "ratio": _r(ratio), "detected": detected, "baseline_requests": n_b,
-                           "incident_requests": n_i},
+                           "incident_requests": n_i, "scope": "replica" if scope else "fleet",
+                           "replica": ({"node": scope.node, "pid": scope.pid, "pod": scope.pod,
+                                        "gpus": list(scope.gpu_ids)} if scope else None)},
             "findings": [],
         }
         label = metric.upper()
@@ -158,14 +251,16 @@ class RootCause:
                               else "no regression: not enough requests in one of the windows")
             doc["elapsed_s"] = round(time.perf_counter() - t_start, 3)
             return doc
-        lat = unit_latency(reqs, units, w, f"{metric}_s", b_val or 0.0)
+        lat = unit_latency(reqs, units, w, f"{metric}_s")
         ev = collect(self.cur, w.b0, w.b1, w.i0, w.i1)
         units_of_gpu: dict[int, list[str]] = {}
         for key, u in units.items():
             for g in u.gpu_ids:
                 units_of_gpu.setdefault(g, []).append(key)
         engine_pids = {u.pid for u in units.values() if u.pid}
-        cands = gpu_candidates(ev, units_of_gpu, engine_pids) + unit_candidates(ev, lat)
+        peers_of_gpu = {g: [p for p in u.gpu_ids if p != g] for u in units.values() for g in u.gpu_ids
+                        if len(u.gpu_ids) > 1}
+        cands = gpu_candidates(ev, units_of_gpu, engine_pids, peers_of_gpu) + unit_candidates(ev, lat)
         scored = sorted(((score(c, lat), c) for c in cands), key=lambda x: (-x[0][0], -x[0][1]))
         findings: list[dict[str, Any]] = []
         seen: set[tuple[str, str, int | None, int]] = set()
@@ -216,7 +311,8 @@ class RootCause:
         return {"rank": rank, "cause": c.cause, "subcause": c.subcause, "score": round(min(1.0, s), 3),
                 "explained_share": round(share, 3),
                 "culprit": self._culprit(c.gpu_id, c.node_id, ev, units, c.units[0] if c.units else None, c.pid),
-                "window": [format_ns(w.i0), format_ns(w.i1)], "evidence": c.evidence, "description": c.description}
+                "window": [format_ns(c.since_ns if c.since_ns is not None else w.i0), format_ns(w.i1)],
+                "evidence": c.evidence, "description": c.description}
 
 
 def _r(v: float | None) -> float | None:
