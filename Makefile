@@ -23,9 +23,10 @@ prometheus:
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/python -m dashboards.generate --check
 
 typecheck: $(STAMP)
-	$(BIN)/mypy --strict collector correlator tests benchmarks devtools
+	$(BIN)/mypy --strict collector correlator dashboards tests benchmarks devtools
 
 unit: $(STAMP)
 	$(BIN)/pytest -q

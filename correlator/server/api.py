@@ -15,6 +15,8 @@ from starlette.routing import BaseRoute, Route
 from correlator.analysis.queries import KINDS, QueryError, run
 from correlator.analysis.timeparse import TimeParseError
 from correlator.analysis.why import NoData
+from correlator.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from correlator.server.metrics import IngestCounters, render_metrics
 from correlator.server.otlp_http import IngestStats, check_bearer
 from correlator.store.duckdb_store import Store
 
@@ -56,21 +58,15 @@ def api_routes(store: Store, stats: IngestStats, token: str | None = None) -> li
         return JSONResponse({"status": "ok", "rows": store.stats.rows})
 
     async def metrics(_: Request) -> Response:
-        lines = [
-            "# HELP stacklens_ingest_requests_total OTLP export requests, by result.",
-            "# TYPE stacklens_ingest_requests_total counter",
-            *(f'stacklens_ingest_requests_total{{code="{code}"}} {n}' for code, n in sorted(stats.by_status.items())),
-            "# HELP stacklens_ingest_rows_total Rows committed to the store.",
-            "# TYPE stacklens_ingest_rows_total counter",
-            f"stacklens_ingest_rows_total {store.stats.rows}",
-            "# HELP stacklens_store_transactions_total Store commits (group commit: several exports each).",
-            "# TYPE stacklens_store_transactions_total counter",
-            f"stacklens_store_transactions_total {store.stats.transactions}",
-            "# HELP stacklens_store_failed_transactions_total Store commits that failed (exports answered 503).",
-            "# TYPE stacklens_store_failed_transactions_total counter",
-            f"stacklens_store_failed_transactions_total {store.stats.failed_transactions}",
-        ]
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+        counters = IngestCounters(by_status=dict(stats.by_status), rows=store.stats.rows,
+                                  transactions=store.stats.transactions,
+                                  failed_transactions=store.stats.failed_transactions)
+
+        def work() -> str:
+            with store.reader() as cur:
+                return render_metrics(cur, counters)
+
+        return PlainTextResponse(await run_in_threadpool(work), media_type=METRICS_CONTENT_TYPE)
 
     return [Route("/healthz", healthz), Route("/metrics", metrics),
             *(Route(f"/api/v1/{k}", query(k)) for k in KINDS)]

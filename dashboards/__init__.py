@@ -1,0 +1,1 @@
+"""stacklens' Grafana dashboards as code (``python -m dashboards.generate``)."""
