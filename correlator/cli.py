@@ -261,8 +261,14 @@ def serve(
     tls_cert: Annotated[str | None, typer.Option("--tls-cert")] = None,
     tls_key: Annotated[str | None, typer.Option("--tls-key")] = None,
     retention: Annotated[str | None, typer.Option("--retention", help="delete data older than this (7d)")] = None,
+    detect_interval: Annotated[float, typer.Option("--detect-interval", help="online detection every this many "
+                                                   "seconds (0: off)")] = 10.0,
+    grafana_url: Annotated[str | None, typer.Option("--grafana-url", envvar="STACKLENS_GRAFANA_URL",
+                                                    help="post findings as Grafana annotations")] = None,
+    grafana_token: Annotated[str | None, typer.Option("--grafana-token", envvar="STACKLENS_GRAFANA_TOKEN",
+                                                      help="Grafana service-account token")] = None,
 ) -> None:
-    """The correlator: OTLP receivers, the DuckDB store, the JSON API and /metrics."""
+    """The correlator: OTLP receivers, the DuckDB store, online detection, the JSON API and /metrics."""
     from correlator.analysis.timeparse import TimeParseError, parse_duration_ns
     from correlator.server.api import api_routes
     from correlator.server.serve import Correlator, ServeConfig, ServeConfigError
@@ -270,14 +276,12 @@ def serve(
     def addr(a: str) -> str | None:
         return None if a == "off" else a
 
-    if prometheus_url:
-        # the Prometheus pull (issue 3) is not in this build yet: refuse rather than ignore the flag
-        raise _fail("--prometheus-url is not available yet in this build", 2)
     try:
         retention_s = parse_duration_ns(retention) / 1e9 if retention else None
         cfg = ServeConfig(db=db, otlp_grpc=addr(otlp_grpc), otlp_http=addr(otlp_http), api=addr(api),
                           prometheus_url=prometheus_url, prometheus_interval_s=prometheus_interval, token=token,
-                          tls_cert=tls_cert, tls_key=tls_key, retention_s=retention_s)
+                          tls_cert=tls_cert, tls_key=tls_key, retention_s=retention_s,
+                          detect_interval_s=detect_interval, grafana_url=grafana_url, grafana_token=grafana_token)
         correlator = Correlator(cfg, lambda store, stats: api_routes(store, stats, token))
     except (ServeConfigError, TimeParseError) as e:
         raise _fail(str(e), 2) from e
@@ -301,11 +305,24 @@ def serve(
 @app.command("import")
 def import_cmd(db: DbOpt = "stacklens.duckdb",
                paths: Annotated[list[str] | None, typer.Argument(help="OTLP JSON lines or Parquet files/dirs")]
-               = None) -> None:
-    """Load OTLP JSON lines (the OTel Collector's file exporter) or Parquet (an export) into the database."""
+               = None,
+               prometheus_url: Annotated[str | None, typer.Option(
+                   "--prometheus-url", help="pull dcgm-exporter and vLLM series of --since..--until from this "
+                                            "Prometheus instead of reading files")] = None,
+               since: Annotated[str, typer.Option("--since", help="with --prometheus-url: RFC 3339 or relative "
+                                                                  "(1h)")] = "1h",
+               until: Annotated[str, typer.Option("--until", help="with --prometheus-url: RFC 3339, relative "
+                                                                  "or now")] = "now") -> None:
+    """Load OTLP JSON lines (the OTel Collector's file exporter) or Parquet (an export) into the database,
+    or pull a time window of dcgm-exporter and vLLM series from Prometheus."""
     from correlator.ingest.files import ImportFileError, expand, read_otlp_jsonl, read_parquet
     from correlator.store.duckdb_store import Store, StoreError
 
+    if prometheus_url:
+        if paths:
+            raise _fail("give either files or --prometheus-url, not both", 2)
+        _import_prometheus(db, prometheus_url, since, until)
+        return
     if not paths:
         raise _fail("give at least one file or directory to import", 2)
     try:
@@ -324,6 +341,38 @@ def import_cmd(db: DbOpt = "stacklens.duckdb",
     finally:
         store.close()
     typer.echo(f"imported {total} rows into {db}")
+
+
+def _import_prometheus(db: str, url: str, since: str, until: str) -> None:
+    """``stacklens import --prometheus-url``: one pull of a window; ranges pulled before are skipped."""
+    import time
+
+    from correlator.analysis.timeparse import TimeParseError, parse_time_ns
+    from correlator.ingest.prometheus_pull import PrometheusPuller
+    from correlator.store.duckdb_store import Store, StoreError
+
+    now = time.time_ns()
+    try:
+        since_ns, until_ns = parse_time_ns(since, now), parse_time_ns(until, now)
+    except TimeParseError as e:
+        raise _fail(str(e), 2) from e
+    if since_ns >= until_ns:
+        raise _fail("--since must be before --until", 2)
+    try:
+        store = Store(db)
+    except StoreError as e:
+        raise _fail(str(e)) from e
+    try:
+        puller = PrometheusPuller(url, store=store)
+        result = puller.pull(since_ns / 1e9, until_ns / 1e9)
+    except ValueError as e:
+        raise _fail(str(e), 2) from e
+    finally:
+        store.close()
+    if result.errors:
+        raise _fail(f"pulled {result.rows} rows, then: " + "; ".join(result.errors))
+    typer.echo(f"imported {result.rows} rows ({result.samples} samples of {result.series} series) from {url} "
+               f"into {db}")
 
 
 @app.command("export")

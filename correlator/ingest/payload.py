@@ -57,11 +57,18 @@ def inflate(body: bytes, encoding: str, limit: int) -> bytes:
     data = body
     try:
         while data:
-            chunk = d.decompress(data, limit + 1 - len(out))
-            out += chunk
+            # never more than one byte past the limit per step: a bomb is stopped at the limit
+            out += d.decompress(data, limit + 1 - len(out))
             if len(out) > limit:
                 raise PayloadError(413, f"payload inflates past the limit of {limit} bytes")
-            data = d.unconsumed_tail
+            if d.eof:
+                # gzip allows several members one after the other (and zero padding at the end)
+                data = d.unused_data
+                if not data.strip(b"\0"):
+                    break
+                d = zlib.decompressobj(wbits=47)
+            else:
+                data = d.unconsumed_tail
         out += d.flush()
     except zlib.error as e:
         raise PayloadError(400, f"body is not valid {enc}: {e}") from e
@@ -101,11 +108,14 @@ def parse_message(signal: Signal, body: bytes, fmt: Literal["protobuf", "json"])
         return msg
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PayloadError(400, f"body is not valid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, ints over 4300 digits, deep nesting
+        raise PayloadError(400, f"body is not valid JSON: {str(e)[:200]}") from e
     if not isinstance(doc, dict):
         raise PayloadError(400, "an OTLP/JSON body must be a JSON object")
-    _hex_ids_to_base64(doc)
+    try:
+        _hex_ids_to_base64(doc)
+    except RecursionError as e:
+        raise PayloadError(400, "OTLP/JSON body is nested too deeply") from e
     try:
         json_format.ParseDict(doc, msg, ignore_unknown_fields=True)
     except (json_format.ParseError, ValueError, TypeError, AttributeError, RecursionError) as e:

@@ -62,7 +62,9 @@ class ServeConfig:
     tls_key: str | None = None
     retention_s: float | None = None
     limits: Limits = field(default_factory=Limits)
-    detect_interval_s: float = 10.0
+    detect_interval_s: float = 10.0  # online detection every this many seconds; 0 turns it off
+    grafana_url: str | None = None  # post confirmed findings as annotations here
+    grafana_token: str | None = None
 
     def validate(self) -> None:
         for name in ("otlp_grpc", "otlp_http", "api"):
@@ -74,8 +76,17 @@ class ServeConfig:
                 raise ServeConfigError(
                     f"--{name.replace('_', '-')} {addr} is not loopback: a bearer token is required "
                     "(--token or STACKLENS_TOKEN)")
+        if self.detect_interval_s < 0:
+            raise ServeConfigError("--detect-interval must be 0 (off) or a positive number of seconds")
+        if self.grafana_url is not None and not self.grafana_url.startswith(("http://", "https://")):
+            raise ServeConfigError(f"--grafana-url {self.grafana_url!r} must start with http:// or https://")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ServeConfigError("TLS needs both --tls-cert and --tls-key")
+        if self.prometheus_url is not None:
+            if not self.prometheus_url.startswith(("http://", "https://")):
+                raise ServeConfigError(f"--prometheus-url {self.prometheus_url!r} must start with http:// or https://")
+            if not self.prometheus_interval_s > 0:
+                raise ServeConfigError("--prometheus-interval must be a positive number of seconds")
         if not upb_active():
             log.warning("protobuf runs on its pure-Python backend: OTLP decoding is ~20x slower; "
                         "install a protobuf wheel with the upb backend")
@@ -122,6 +133,8 @@ class Correlator:
         self._grpc: Any = None
         self._extra_routes = extra_routes
         self._background: list[Any] = []
+        self.puller: Any = None  # the PrometheusPuller when --prometheus-url is given
+        self.detector: Any = None  # the OnlineDetector unless --detect-interval 0
         self.addresses: dict[str, str] = {}
 
     def start(self) -> dict[str, str]:
@@ -153,6 +166,22 @@ class Correlator:
             self.addresses["api"] = f"{scheme}://{host}:{t.start()}"
         elif same:
             self.addresses["api"] = self.addresses["otlp_http"]
+        if cfg.prometheus_url:
+            from correlator.ingest.prometheus_pull import PrometheusPuller
+
+            puller = PrometheusPuller(cfg.prometheus_url, cfg.prometheus_interval_s, store,
+                                      settle_s=min(5.0, cfg.prometheus_interval_s))
+            puller.start()
+            self.add_background(puller)
+            self.puller = puller
+        if cfg.detect_interval_s > 0:
+            from correlator.analysis.online import OnlineDetector
+            from correlator.server.grafana_annotations import GrafanaAnnotator
+
+            annotator = GrafanaAnnotator(cfg.grafana_url, cfg.grafana_token or "") if cfg.grafana_url else None
+            self.detector = OnlineDetector(store, cfg.detect_interval_s, sink=annotator)
+            self.detector.start()
+            self.add_background(self.detector)
         sidecar_path(cfg.db).write_text(json.dumps({"pid": os.getpid(), **self.addresses}))
         return self.addresses
 

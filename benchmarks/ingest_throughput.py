@@ -1,0 +1,377 @@
+"""Figures of the correlator's ingest: spans/s and GPU metric points/s per core of the correlator process,
+bytes on disk per GPU sample and per request (DuckDB after CHECKPOINT, and the Parquet export), and the
+correlator's peak resident memory during full-rate ingest.
+
+Each phase starts ``stacklens serve`` as its own process over a fresh DuckDB file and sends it real OTLP
+payloads prepared beforehand (so that the sender's work is not the correlator's):
+
+- spans: vLLM V1 ``llm_request`` spans (12 attributes, random ids and latencies), made by the OpenTelemetry
+  SDK and encoded by its OTLP encoder, 512 per export as the SDK's batch processor sends them; over
+  OTLP/HTTP (protobuf) and over OTLP/gRPC;
+- GPU metrics: the agent's own OTLP payloads (``OtlpMetricsEncoder``) of a simulated 8-GPU node, 10 cycles
+  per export as the agent's queue merges them.
+
+Every export is answered only after its rows are committed (durably stored), and the rows are counted in
+the file afterwards. The rate per core is rows / CPU seconds (user + system) of the correlator process
+over the sending, not wall time: the sender shares this machine's cores. Peak RSS is the process' own
+high-water mark (VmHWM).
+
+    python -m benchmarks.ingest_throughput            # ~2 minutes on 2 cores
+    python -m benchmarks.ingest_throughput --quick    # a smaller run
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import queue
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import grpc
+import psutil
+
+from benchmarks.nvml_call_overhead import REPO, machine
+
+TARGETS = {"spans_per_core_s": 100_000.0, "points_per_core_s": 500_000.0, "bytes_per_gpu_sample": 15.0,
+           "bytes_per_request": 60.0, "peak_rss_mb": 1536.0}
+T0 = 1_790_000_000_000_000_000
+TRACES = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+METRICS = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
+
+
+# -- payloads --------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _Req:
+    request_id: str
+    arrival_ns: int
+    end_ns: int
+    queue_s: float
+    prefill_s: float
+    decode_s: float
+    ttft_s: float
+    e2e_s: float
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: str
+
+
+def span_bodies(n_spans: int, per_export: int = 512, seed: int = 1) -> list[bytes]:
+    """vLLM V1 request spans through the OpenTelemetry SDK and its OTLP protobuf encoder."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from collector.engine_spans import engine_resource, vllm_v1_attributes
+
+    rng = random.Random(seed)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=engine_resource("vllm", "node-1", 4242, model="llama-3-70b",
+                                                       gpu_uuids=[f"GPU-{i}" for i in range(4)]))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("vllm.llm_engine")
+    bodies: list[bytes] = []
+    t = T0
+    for start in range(0, n_spans, per_export):
+        exporter.clear()
+        for _ in range(min(per_export, n_spans - start)):
+            t += rng.randrange(200_000, 2_000_000)  # ~1k requests/s arriving
+            queue_s, prefill_s = rng.expovariate(50.0), rng.uniform(0.02, 0.4)
+            out = rng.randrange(1, 1024)
+            decode_s = out * rng.uniform(0.01, 0.03)
+            e2e = queue_s + prefill_s + decode_s
+            r = _Req(f"cmpl-{rng.getrandbits(128):032x}", t, t + int(e2e * 1e9), queue_s, prefill_s, decode_s,
+                     queue_s + prefill_s, e2e, rng.randrange(16, 4096), out, rng.choice(("stop", "length")))
+            span = tracer.start_span("llm_request", kind=SpanKind.SERVER, start_time=r.arrival_ns,
+                                     attributes=vllm_v1_attributes(r, max_tokens=1024))
+            span.end(end_time=r.end_ns)
+        bodies.append(encode_spans(exporter.get_finished_spans()).SerializeToString())
+    provider.shutdown()
+    return bodies
+
+
+def metric_bodies(n_cycles: int, gpus: int = 8, cycles_per_export: int = 10) -> tuple[list[bytes], int]:
+    """The agent's OTLP payloads of a simulated node at a 1 s cadence (slow tier every 10 s). Returns the
+    bodies and the number of data points they hold."""
+    from collector.export.otlp_encode import OtlpMetricsEncoder, ResourceInfo
+    from collector.records import NodeSnapshot
+    from collector.simulated import SimulatedGpuSource
+    from correlator.ingest.payload import decode
+
+    src = SimulatedGpuSource(gpus, seed=7)
+    enc = OtlpMetricsEncoder(ResourceInfo("node-1"))
+    bodies: list[bytes] = []
+    chunk: list[bytes] = []
+    for i in range(n_cycles):
+        t = T0 + i * 10**9
+        chunk.append(enc.encode(NodeSnapshot("node-1", t, src.sample(t, slow=i % 10 == 0, processes=False))))
+        if len(chunk) == cycles_per_export:
+            bodies.append(b"".join(chunk))  # concatenated messages are one message with all the resources
+            chunk = []
+    if chunk:
+        bodies.append(b"".join(chunk))
+    points = decode("metrics", bodies[0], "application/x-protobuf").gpu_samples
+    return bodies, len(points) * len(bodies)  # approximate: every export holds the same cycles' shape
+
+
+# -- the correlator under test ----------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Server:
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self.grpc_port, self.http_port = _free_port(), _free_port()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "correlator.cli", "serve", "--db", str(db), "--otlp-grpc",
+             f"127.0.0.1:{self.grpc_port}", "--otlp-http", f"127.0.0.1:{self.http_port}", "--api", "off"],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.ps = psutil.Process(self.proc.pid)
+        deadline = time.monotonic() + 60
+        for port in (self.grpc_port, self.http_port):
+            while True:
+                if self.proc.poll() is not None:
+                    err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                    raise RuntimeError(f"stacklens serve exited: {err}")
+                try:
+                    socket.create_connection(("127.0.0.1", port), 0.2).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("stacklens serve did not start") from None
+                    time.sleep(0.05)
+
+    def cpu_s(self) -> float:
+        t = self.ps.cpu_times()
+        return float(t.user + t.system)
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float(self.ps.memory_info().rss) / 2**20
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# -- senders -----------------------------------------------------------------------------------------
+def send_http(port: int, path: str, bodies: Sequence[bytes], concurrency: int) -> None:
+    work: queue.Queue[bytes | None] = queue.Queue()
+    for b in bodies:
+        work.put(b)
+    errors: list[str] = []
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        while True:
+            try:
+                body = work.get_nowait()
+            except queue.Empty:
+                break
+            if body is None:
+                break
+            for _attempt in range(20):
+                conn.request("POST", path, body, {"Content-Type": "application/x-protobuf"})
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status == 200:
+                    break
+                if resp.status != 503:
+                    errors.append(f"HTTP {resp.status}")
+                    break
+                time.sleep(0.2)
+        conn.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} exports failed: {errors[:3]}")
+
+
+def send_grpc(port: int, method: str, bodies: Sequence[bytes], concurrency: int) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+        export: Callable[..., Any] = ch.unary_unary(method)
+        pending: list[Any] = []
+        for b in bodies:
+            pending.append(export.future(b, timeout=120))  # type: ignore[attr-defined]
+            if len(pending) >= concurrency:
+                pending.pop(0).result()
+        for f in pending:
+            f.result()
+
+
+# -- one phase -----------------------------------------------------------------------------------------
+def _parquet_bytes(directory: Path, table: str) -> int:
+    return sum(f.stat().st_size for f in (directory / table).rglob("*.parquet"))
+
+
+def phase(name: str, workdir: Path, table: str, send: Callable[[int, int], None], concurrency: int) -> dict[str, Any]:
+    db = workdir / f"{name}.duckdb"
+    server = Server(db)
+    try:
+        cpu0, t0 = server.cpu_s(), time.perf_counter()
+        send(server.grpc_port if "grpc" in name else server.http_port, concurrency)
+        wall = time.perf_counter() - t0
+        cpu = server.cpu_s() - cpu0
+        peak = server.peak_rss_mb()
+    finally:
+        server.stop()
+    con = duckdb.connect(str(db))
+    rows = int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # type: ignore[index]
+    con.execute("CHECKPOINT")
+    # the same data written afresh in one go (what a compaction would leave)
+    compact = workdir / f"{name}-compact.duckdb"
+    con.execute(f"ATTACH '{compact}' AS compact")
+    con.execute(f"COPY FROM DATABASE \"{db.stem}\" TO compact")
+    con.execute("DETACH compact")
+    con.close()
+    size, compact_size, base = db.stat().st_size, compact.stat().st_size, _empty_store_bytes(workdir)
+    from correlator.store.duckdb_store import Store
+
+    store = Store(db)
+    out = workdir / f"{name}-parquet"
+    store.export_parquet(out)
+    store.close()
+
+    def per_row(n_bytes: float) -> float | None:
+        return round(n_bytes / rows, 2) if rows else None
+
+    return {"phase": name, "rows": rows, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+            "rows_per_cpu_s": round(rows / cpu) if cpu else None, "rows_per_wall_s": round(rows / wall),
+            "cpu_cores_used": round(cpu / wall, 2), "peak_rss_mb": round(peak, 1),
+            "duckdb_file_bytes": size, "duckdb_bytes_per_row": per_row(size - base),
+            "duckdb_compacted_bytes_per_row": per_row(compact_size - base),
+            "parquet_bytes_per_row": per_row(_parquet_bytes(out, table))}
+
+
+def _empty_store_bytes(workdir: Path) -> int:
+    """The file of a store with no rows (schema and metadata): subtracted before dividing by rows."""
+    from correlator.store.duckdb_store import Store
+
+    path = workdir / "empty.duckdb"
+    if not path.exists():
+        Store(path).close()
+        con = duckdb.connect(str(path))
+        con.execute("CHECKPOINT")
+        con.close()
+    return path.stat().st_size
+
+
+def run(n_spans: int, n_cycles: int, concurrency: int) -> dict[str, Any]:
+    from correlator.ingest.payload import upb_active
+
+    t = time.perf_counter()
+    spans = span_bodies(n_spans)
+    metrics, points = metric_bodies(n_cycles)
+    prep_s = time.perf_counter() - t
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="stacklens-ingest-bench-") as tmp:
+        work = Path(tmp)
+        results.append(phase("spans_http", work, "requests",
+                             lambda port, c: send_http(port, "/v1/traces", spans, c), concurrency))
+        results.append(phase("spans_grpc", work, "requests",
+                             lambda port, c: send_grpc(port, TRACES, spans, c), concurrency))
+        results.append(phase("metrics_http", work, "gpu_samples",
+                             lambda port, c: send_http(port, "/v1/metrics", metrics, c), concurrency))
+        results.append(phase("metrics_grpc", work, "gpu_samples",
+                             lambda port, c: send_grpc(port, METRICS, metrics, c), concurrency))
+    span_bytes = sum(map(len, spans)) / n_spans
+    return {"machine": {**machine(), "duckdb": duckdb.__version__, "upb": upb_active()},
+            "load": {"spans": n_spans, "span_exports": len(spans), "span_bytes_on_wire": round(span_bytes, 1),
+                     "metric_cycles_8_gpus": n_cycles, "metric_exports": len(metrics), "points_approx": points,
+                     "concurrency": concurrency, "prepare_s": round(prep_s, 1)},
+            "phases": results}
+
+
+def report(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, DuckDB {m['duckdb']}, "
+             f"protobuf upb backend {'active' if m['upb'] else 'NOT active (pure Python: ~20x slower)'}",
+             f"load: {json.dumps(doc['load'])}", "",
+             f"{'phase':<14}{'rows':>10}{'wall s':>8}{'CPU s':>8}{'rows/CPU-s':>12}{'rows/wall-s':>12}"
+             f"{'cores':>7}{'peak RSS MB':>13}{'B/row duckdb':>14}{'compacted':>11}{'parquet':>9}"]
+    for p in doc["phases"]:
+        lines.append(f"{p['phase']:<14}{p['rows']:>10}{p['wall_s']:>8}{p['cpu_s']:>8}{p['rows_per_cpu_s']:>12,}"
+                     f"{p['rows_per_wall_s']:>12,}{p['cpu_cores_used']:>7}{p['peak_rss_mb']:>13}"
+                     f"{p['duckdb_bytes_per_row']:>14}{p['duckdb_compacted_bytes_per_row']:>11}"
+                     f"{p['parquet_bytes_per_row']:>9}")
+    by = {p["phase"]: p for p in doc["phases"]}
+
+    def best(*names: str, key: str, low: bool = False) -> float:
+        vals = [by[n][key] for n in names if by[n][key] is not None]
+        return float(min(vals) if low else max(vals))
+
+    spans = best("spans_http", "spans_grpc", key="rows_per_cpu_s")
+    points = best("metrics_http", "metrics_grpc", key="rows_per_cpu_s")
+    b_req = best("spans_http", "spans_grpc", key="duckdb_bytes_per_row", low=True)
+    b_req_c = best("spans_http", "spans_grpc", key="duckdb_compacted_bytes_per_row", low=True)
+    b_req_pq = best("spans_http", "spans_grpc", key="parquet_bytes_per_row", low=True)
+    b_gpu = best("metrics_http", "metrics_grpc", key="duckdb_bytes_per_row", low=True)
+    b_gpu_c = best("metrics_http", "metrics_grpc", key="duckdb_compacted_bytes_per_row", low=True)
+    b_gpu_pq = best("metrics_http", "metrics_grpc", key="parquet_bytes_per_row", low=True)
+    rss = max(p["peak_rss_mb"] for p in doc["phases"])
+    rows = [
+        ("spans/s per core (HTTP | gRPC)", f"≥ {TARGETS['spans_per_core_s']:,.0f}",
+         f"{by['spans_http']['rows_per_cpu_s']:,} | {by['spans_grpc']['rows_per_cpu_s']:,}",
+         spans >= TARGETS["spans_per_core_s"]),
+        ("GPU points/s per core (HTTP | gRPC)", f"≥ {TARGETS['points_per_core_s']:,.0f}",
+         f"{by['metrics_http']['rows_per_cpu_s']:,} | {by['metrics_grpc']['rows_per_cpu_s']:,}",
+         points >= TARGETS["points_per_core_s"]),
+        ("bytes per GPU sample (DuckDB | compacted | Parquet)", f"≤ {TARGETS['bytes_per_gpu_sample']:.0f}",
+         f"{b_gpu} | {b_gpu_c} | {b_gpu_pq}", b_gpu <= TARGETS["bytes_per_gpu_sample"]),
+        ("bytes per request (DuckDB | compacted | Parquet)", f"≤ {TARGETS['bytes_per_request']:.0f}",
+         f"{b_req} | {b_req_c} | {b_req_pq}", b_req <= TARGETS["bytes_per_request"]),
+        ("peak RSS during ingest, MB", f"≤ {TARGETS['peak_rss_mb']:.0f}", f"{rss}", rss <= TARGETS["peak_rss_mb"]),
+    ]
+    lines += ["", f"{'figure':<52}{'target':>12}  {'measured':<28}met"]
+    lines += [f"{f:<52}{t:>12}  {v:<28}{'yes' if ok else 'NO'}" for f, t, v, ok in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--spans", type=int, default=150_000, help="request spans per span phase")
+    ap.add_argument("--cycles", type=int, default=400, help="agent cycles of an 8-GPU node per metrics phase")
+    ap.add_argument("--concurrency", type=int, default=4, help="exports in flight")
+    ap.add_argument("--quick", action="store_true", help="a small run (20k spans, 100 cycles)")
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.spans, args.cycles = 20_000, 100
+    doc = run(args.spans, args.cycles, args.concurrency)
+    print(report(doc))
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
