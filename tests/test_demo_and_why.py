@@ -12,6 +12,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from collector.simfleet import Fault, Fleet, Scenario, fault_scenario, load_scenario
+from correlator.analysis.online import OnlineDetector
 from correlator.analysis.timeparse import TimeParseError, parse_duration_ns, parse_time_ns
 from correlator.analysis.why import RootCause, WhyQuery
 from correlator.cli import app
@@ -89,8 +90,30 @@ def test_healthy_fleet_with_benign_drift_is_not_blamed(tmp_path: Path) -> None:
     assert run_demo("drift", str(tmp_path / "h.duckdb"), 5, str(s), quiet, quiet) == 0
     con = duckdb.connect(str(tmp_path / "h.duckdb"), read_only=True)
     doc = RootCause(con).why(WhyQuery())
+    # nor by the online detector, replayed every 10 s over what it would have known
+    detector = OnlineDetector()
+    start = Fleet(load_scenario(s)).s.start_ns
+    for t_s in range(150, 421, 10):
+        assert detector.step(con, start + t_s * 10**9, store=False) == [], t_s
     con.close()
     assert not doc["regression"]["detected"] and doc["findings"] == []
+
+
+def test_online_detector_confirms_the_fault_within_a_minute_of_onset(pcie_demo_db: Path) -> None:
+    """Replayed every 10 s over what ``serve`` would have known at each time (spans arrive when requests end)."""
+    truth = Fleet(load_scenario(pcie_demo_db.parent / "s.toml")).ground_truth[0]
+    con = duckdb.connect(str(pcie_demo_db), read_only=True)
+    detector = OnlineDetector()
+    confirmed = []
+    t = truth.onset_ns - 90 * 10**9
+    while t <= truth.onset_ns + 120 * 10**9 and not confirmed:
+        confirmed = detector.step(con, t, store=False)
+        t += 10 * 10**9
+    con.close()
+    assert confirmed, "no finding within two minutes of onset"
+    inc = confirmed[0]
+    assert inc.key[:2] == ("interconnect", "pcie") and inc.key[3] == truth.gpu_uuid
+    assert inc.confirmed_ns is not None and 0 < inc.confirmed_ns - truth.onset_ns <= 60 * 10**9
 
 
 def test_scenario_files_are_validated() -> None:

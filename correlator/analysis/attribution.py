@@ -112,10 +112,14 @@ def peer_relative(ev: Evidence, gid: int, signal: str, peers: list[int]) -> floa
 
 
 def gpu_candidates(ev: Evidence, units_of_gpu: dict[int, list[str]], engine_pids: set[int],
-                   peers_of_gpu: dict[int, list[int]] | None = None) -> list[Candidate]:
+                   peers_of_gpu: dict[int, list[int]] | None = None, busier: set[int] | None = None
+                   ) -> list[Candidate]:
+    """``busier``: GPUs whose replica serves more requests than in the baseline (its own load explains its
+    memory traffic)."""
     out: list[Candidate] = []
     all_gpus = sorted(ev.gpu_meta)
     peers_of_gpu = peers_of_gpu or {}
+    busier = busier or set()
     for gid in all_gpus:
         st = ev.gpu.get(gid, {})
         nid = ev.gpu_meta[gid][2]
@@ -211,7 +215,10 @@ def gpu_candidates(ev: Evidence, units_of_gpu: dict[int, list[str]], engine_pids
         rel_busy = peer_relative(ev, gid, "memory_busy_ratio", peers)
         rel_util = peer_relative(ev, gid, "gpu_util_ratio", peers)
         compute_bound = rel_util > rel_busy  # the intruder computes more than it reads memory
-        if busy_z >= 4 and _widespread(ev, "memory_busy_ratio", all_gpus, 4) < 0.75:
+        # HBM contention is memory traffic the replica's own load does not explain: an intruder's, or more
+        # on this GPU than on the partner that carries the same requests
+        not_own_load = bool(foreign) or (rel_busy >= 0.1 and (gid in peers_of_gpu or gid not in busier))
+        if busy_z >= 4 and not_own_load and _widespread(ev, "memory_busy_ratio", all_gpus, 4) < 0.75:
             strength = (0.45 + 0.3 * _squash(busy_z, 6) + (0.2 if foreign else 0.0)
                         - (0.25 if compute_bound and foreign else 0.0))
             out.append(Candidate("memory", "hbm_bandwidth", strength, units, gid, nid,
@@ -221,7 +228,8 @@ def gpu_candidates(ev: Evidence, units_of_gpu: dict[int, list[str]], engine_pids
                                  if busy and busy.inc_median is not None else "HBM bandwidth contention",
                                  pid=foreign[0] if foreign else None))
         if foreign:
-            strength = 0.6 + (0.3 if compute_bound and util_z >= 2 else 0.0)
+            # a foreign process whose effect does not show yet (or shows as memory traffic) is weak evidence
+            strength = 0.45 + (0.45 if compute_bound and util_z >= 2 else 0.0)
             out.append(Candidate("scheduling", "noisy_neighbor", strength, units, gid, nid,
                                  [_raw("foreign_processes", 0, len(foreign)), _ev("gpu_util_ratio", util_s),
                                   _ev("memory_busy_ratio", busy)],

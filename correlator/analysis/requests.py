@@ -31,8 +31,10 @@ _REQUEST_COLUMNS = ("start_ns", "end_ns", "node_id", "service", "model", "pid", 
                     "output_tokens")
 
 
-def data_extent(cur: duckdb.DuckDBPyConnection) -> tuple[int, int] | None:
-    rows = cur.execute("SELECT min(start_ns), max(end_ns) FROM requests").fetchall()
+def data_extent(cur: duckdb.DuckDBPyConnection, known_by_ns: int | None = None) -> tuple[int, int] | None:
+    """First start and last end of the requests (known by ``known_by_ns``: a span arrives when it ends)."""
+    rows = cur.execute("SELECT min(start_ns), max(end_ns) FROM requests WHERE end_ns <= $k",
+                       {"k": known_by_ns if known_by_ns is not None else 2**63 - 1}).fetchall()
     row = rows[0] if rows else None
     if row is None or row[0] is None:
         return None
@@ -40,10 +42,15 @@ def data_extent(cur: duckdb.DuckDBPyConnection) -> tuple[int, int] | None:
 
 
 def load_requests(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, service: str | None = None,
-                  model: str | None = None, node: str | None = None) -> pl.DataFrame:
-    """Requests that started in [start_ns, end_ns], filtered; parameters are bound, never spliced."""
+                  model: str | None = None, node: str | None = None, known_by_ns: int | None = None
+                  ) -> pl.DataFrame:
+    """Requests that started in [start_ns, end_ns] (and ended by ``known_by_ns``, to replay what an online
+    detector knew at that time), filtered; parameters are bound, never spliced."""
     where = ["r.start_ns >= $start", "r.start_ns <= $end"]
     params: dict[str, object] = {"start": start_ns, "end": end_ns}
+    if known_by_ns is not None:
+        where.append("r.end_ns <= $known")
+        params["known"] = known_by_ns
     if service:
         where.append("r.service = $service")
         params["service"] = service

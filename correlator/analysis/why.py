@@ -43,6 +43,7 @@ class WhyQuery:
     node: str | None = None
     metric: str = "auto"  # "ttft", "tpot" or "auto" (whichever regressed more)
     percentile: float = 0.99
+    as_of_ns: int | None = None  # answer with what was known then (the online detector's replay); None: now
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,21 +59,25 @@ class Windows:
 def resolve_windows(cur: duckdb.DuckDBPyConnection, q: WhyQuery
                     ) -> tuple[Windows, pl.DataFrame, dict[str, Unit]]:
     """The baseline and incident windows, and their requests joined with their replicas (``unit``)."""
-    extent = data_extent(cur)
+    extent = data_extent(cur, q.as_of_ns)
     if extent is None:
         raise NoData("no requests in the database yet: send spans to `stacklens serve` or run `stacklens import`")
     first, anchor = extent
+    if q.as_of_ns is not None:
+        anchor = q.as_of_ns
+    known = q.as_of_ns
     if q.since:
         i0 = parse_time_ns(q.since, anchor)
         i1 = parse_time_ns(q.until, anchor) if q.until else anchor
         b1 = parse_time_ns(q.baseline_until, anchor) if q.baseline_until else i0
         b0 = parse_time_ns(q.baseline_since, anchor) if q.baseline_since else max(first, b1 - _HOUR_NS)
-        reqs, units = resolve_units(cur, load_requests(cur, b0, i1, q.service, q.model, q.node), b0, i1)
+        reqs = load_requests(cur, b0, i1, q.service, q.model, q.node, known)
+        reqs, units = resolve_units(cur, reqs, b0, i1)
         return Windows(b0, b1, i0, i1, False), reqs, units
     # no window given: look back 75 minutes from the last data for the step up of the latency, of the
     # fleet (its p90) or of one replica (its median: a fault on one replica of many barely moves the fleet)
     lookback0 = max(first, anchor - _HOUR_NS - parse_duration_ns("15m"))
-    reqs = load_requests(cur, lookback0, anchor, q.service, q.model, q.node)
+    reqs = load_requests(cur, lookback0, anchor, q.service, q.model, q.node, known)
     if reqs.is_empty():
         raise NoData("no requests match the filters")
     reqs, units = resolve_units(cur, reqs, lookback0, anchor)
@@ -260,7 +265,9 @@ class RootCause:
         engine_pids = {u.pid for u in units.values() if u.pid}
         peers_of_gpu = {g: [p for p in u.gpu_ids if p != g] for u in units.values() for g in u.gpu_ids
                         if len(u.gpu_ids) > 1}
-        cands = gpu_candidates(ev, units_of_gpu, engine_pids, peers_of_gpu) + unit_candidates(ev, lat)
+        busier = {g for ul in lat.values() for g in ul.unit.gpu_ids
+                  if ul.arrival_ratio >= 1.2 or ul.arrival_step is not None}
+        cands = gpu_candidates(ev, units_of_gpu, engine_pids, peers_of_gpu, busier) + unit_candidates(ev, lat)
         scored = sorted(((score(c, lat), c) for c in cands), key=lambda x: (-x[0][0], -x[0][1]))
         findings: list[dict[str, Any]] = []
         seen: set[tuple[str, str, int | None, int]] = set()
