@@ -17,11 +17,13 @@ and a slower clock makes prefill slower. Simulated time only: no wall clock, det
 from __future__ import annotations
 
 import heapq
+import json
 import math
 import random
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 from collector.records import GpuIdentity, GpuProcess, GpuSample, HostSample, NodeSnapshot, Placement, Reading, XidEvent
@@ -121,7 +123,10 @@ class Scenario:
     seed: int = 7
     drift: bool = True
     faults: tuple[Fault, ...] = ()
-    workload: str = "azure_conv"  # token lengths: "azure_conv", "azure_code" or "synthetic"
+    workload: str = "azure_conv"  # token lengths: "azure_conv", "azure_code", "mooncake" or "synthetic"
+    # "poisson" at rate_per_replica, or "trace": the workload trace's own arrival times (its bursts and
+    # lulls), stretched so each replica still averages rate_per_replica, each from its own offset
+    arrivals: str = "poisson"
 
     @staticmethod
     def from_dict(d: dict[str, object]) -> Scenario:
@@ -145,6 +150,10 @@ class Scenario:
             raise ValueError(str(e)) from e
         if s.gpu_type not in GPU_TYPES:
             raise ValueError(f"gpu_type must be one of {', '.join(GPU_TYPES)}")
+        if s.arrivals not in ("poisson", "trace"):
+            raise ValueError("arrivals must be 'poisson' or 'trace'")
+        if s.arrivals == "trace" and s.workload not in _TRACES:
+            raise ValueError(f"arrivals = 'trace' needs a trace workload: {', '.join(_TRACES)}")
         if s.gpus_per_node % s.tp:
             raise ValueError("gpus_per_node must be a multiple of tp")
         for f in s.faults:
@@ -218,17 +227,36 @@ class FleetTick:
     engines: tuple[EngineGauges, ...]
 
 
-def _token_lengths(workload: str, rng: random.Random) -> list[tuple[int, int]]:
-    names = {"azure_conv": "AzureLLMInferenceTrace_conv.csv", "azure_code": "AzureLLMInferenceTrace_code.csv"}
-    path = Path(__file__).resolve().parents[2] / "shared" / "data" / names.get(workload, "")
-    pairs: list[tuple[int, int]] = []
-    if workload in names and path.is_file():
-        with path.open() as f:
+_TRACES = {"azure_conv": "AzureLLMInferenceTrace_conv.csv", "azure_code": "AzureLLMInferenceTrace_code.csv",
+           "mooncake": "mooncake_conversation_trace.jsonl"}
+
+
+def trace_rows(workload: str) -> list[tuple[float, int, int]]:
+    """(seconds since the trace's first request, prompt tokens, output tokens) of a real trace in
+    ../shared/data (the Azure LLM inference traces, Mooncake's conversation trace); [] when absent."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / _TRACES.get(workload, "")
+    rows: list[tuple[float, int, int]] = []
+    if workload not in _TRACES or not path.is_file():
+        return rows
+    with path.open() as f:
+        if path.suffix == ".jsonl":
+            for line in f:
+                d = json.loads(line)
+                rows.append((float(d["timestamp"]) / 1e3, int(d["input_length"]), int(d["output_length"])))
+        else:
             next(f)
             for line in f:
                 parts = line.rstrip().split(",")
                 if len(parts) == 3:
-                    pairs.append((max(1, min(int(parts[1]), 8000)), max(1, min(int(parts[2]), 1500))))
+                    t = datetime.fromisoformat(parts[0][:26]).replace(tzinfo=UTC).timestamp()
+                    rows.append((t, int(parts[1]), int(parts[2])))
+    rows.sort()
+    t0 = rows[0][0] if rows else 0.0
+    return [(t - t0, max(1, min(p, 8000)), max(1, min(o, 1500))) for t, p, o in rows]
+
+
+def _token_lengths(workload: str, rng: random.Random) -> list[tuple[int, int]]:
+    pairs = [(p, o) for _, p, o in trace_rows(workload)]
     if not pairs:  # the traces are not shipped with the package: a lognormal fit of the conversation trace
         pairs = [(max(8, min(8000, int(rng.lognormvariate(6.6, 0.9)))), max(2, min(1500, int(rng.lognormvariate(5.2,
                  0.8))))) for _ in range(20000)]
@@ -263,6 +291,8 @@ class _Replica:
     generation_tokens: int = 0
     pending: list[SimRequest] = field(default_factory=list)
     small_slots: list[float] | None = None
+    trace_pos: int | None = None  # the next trace row (arrivals = "trace")
+    trace_next_s: float = 0.0
 
 
 class Fleet:
@@ -273,6 +303,11 @@ class Fleet:
         self.rng = random.Random(scenario.seed)
         self.gpu_type = GPU_TYPES[scenario.gpu_type]
         self.lengths = _token_lengths(scenario.workload, self.rng)
+        self._trace: list[tuple[float, int, int]] = []
+        if scenario.arrivals == "trace":
+            self._trace = trace_rows(scenario.workload)
+            if len(self._trace) < 2:
+                raise ValueError(f"arrivals = 'trace': the {scenario.workload} trace is not in ../shared/data")
         self.nodes = [f"node-{n + 1}" for n in range(scenario.nodes)]
         self.replicas: list[_Replica] = []
         self.gpus: list[list[_Gpu]] = []
@@ -357,11 +392,9 @@ class Fleet:
             links_frac = max(0.1, 1.0 - 0.5 * max(f.intensity for f in nvl if f))
         xid = any(self._on(t_s, "xid_failure", rep.node, g.ident.index) for g in rep.gpus)
         rep.running = [r for r in rep.running if r[1] > t_s]
-        for _ in range(n):
-            arrival = t_s + rng.random()
-            prompt, out = self.lengths[rng.randrange(len(self.lengths))]
-            if kv:
-                prompt = min(16000, int(prompt * (1 + 7 * kv.intensity)) + 2000)
+        burst_rate = s.rate_per_replica * 0.8 * burst.intensity if burst else 0.0
+        for arrival, trace_prompt, out in self._arrivals(rep, t_s, n, burst_rate):
+            prompt = min(16000, int(trace_prompt * (1 + 7 * kv.intensity)) + 2000) if kv else trace_prompt
             heap = rep.slots
             if misconf:
                 # a misconfigured engine (max_num_seqs set too low) uses only a few of its slots
@@ -419,6 +452,35 @@ class Fleet:
         for g in rep.gpus:
             g.compute_act = min(1.0, 0.25 + 0.7 * occupancy) * (0.85 if cpu else 1.0) if active else 0.02
             g.mem_act = min(1.0, 0.3 + 0.55 * occupancy) if active else 0.02
+
+    def _arrivals(self, rep: _Replica, t_s: float, n: int, burst_rate: float
+                  ) -> Iterator[tuple[float, int, int]]:
+        """This second's arrivals (time, prompt tokens, output tokens): ``n`` Poisson ones, or the trace's
+        (plus Poisson ones at ``burst_rate`` during an arrival burst)."""
+        if not self._trace:
+            for _ in range(n):
+                arrival = t_s + self.rng.random()
+                prompt, out = self.lengths[self.rng.randrange(len(self.lengths))]
+                yield arrival, prompt, out
+            return
+        trace = self._trace
+        span_s = trace[-1][0] - trace[0][0]
+        stretch = (len(trace) / span_s) / self.s.rate_per_replica  # trace time per simulated second
+        if rep.trace_pos is None:  # each replica replays from its own offset into the trace
+            k = self.replicas.index(rep)
+            rep.trace_pos = k * len(trace) // len(self.replicas)
+            rep.trace_next_s = 0.0
+        while rep.trace_next_s < t_s + 1.0:
+            i = rep.trace_pos % len(trace)
+            if rep.trace_next_s >= t_s:
+                yield rep.trace_next_s, trace[i][1], trace[i][2]
+            gap = trace[(i + 1) % len(trace)][0] - trace[i][0] if i + 1 < len(trace) else span_s / len(trace)
+            rep.trace_next_s += gap * stretch
+            rep.trace_pos += 1
+        for _ in range(_poisson(self.rng, burst_rate)):  # an arrival burst on top of the trace
+            arrival = t_s + self.rng.random()
+            prompt, out = self.lengths[self.rng.randrange(len(self.lengths))]
+            yield arrival, prompt, out
 
     # -- the hardware ------------------------------------------------------------------------------
     def _gpu_physics(self, node: int, g: _Gpu, t_s: float, dt: float) -> tuple[Reading, ...]:

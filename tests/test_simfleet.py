@@ -12,8 +12,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cache
 
+import pytest
+
 from collector.signals import CLOCK_EVENT_REASONS
-from collector.simfleet import FAULT_KINDS, Fault, Fleet, Scenario, SimRequest
+from collector.simfleet import FAULT_KINDS, Fault, Fleet, Scenario, SimRequest, trace_rows
 
 ONSET_S = 180.0
 BEFORE = (60.0, ONSET_S)  # after the warm-up, before the fault
@@ -290,3 +292,33 @@ def test_the_same_seed_gives_the_same_world() -> None:
     ta, tb = list(a.run()), list(b.run())
     assert [t.finished for t in ta] == [t.finished for t in tb]
     assert [t.snapshots for t in ta] == [t.snapshots for t in tb]
+
+
+def _per_second_arrivals(arrivals: str, workload: str) -> list[int]:
+    fleet = Fleet(Scenario(duration_s=600.0, workload=workload, arrivals=arrivals, seed=3))
+    counts: dict[int, int] = defaultdict(int)
+    first_pid = fleet.replicas[0].pid
+    for tick in fleet.run():
+        for r in tick.finished:
+            if r.pid == first_pid:
+                counts[(r.arrival_ns - fleet.s.start_ns) // 10**9] += 1
+    return [counts[s] for s in range(60, 540)]
+
+
+@pytest.mark.skipif(not trace_rows("azure_code"), reason="the Azure traces are not in ../shared/data here")
+def test_trace_arrivals_keep_the_traces_burstiness_at_the_scenarios_rate() -> None:
+    poisson = _per_second_arrivals("poisson", "azure_code")
+    trace = _per_second_arrivals("trace", "azure_code")
+
+    def cv(xs: list[int]) -> float:
+        return statistics.pstdev(xs) / statistics.mean(xs)
+
+    assert 0.5 < statistics.mean(trace) / 2.5 < 1.3  # stretched to the scenario's 2.5 requests/s per replica
+    assert cv(trace) > 2 * cv(poisson)  # the code-completion service's bursts survive the stretching
+
+
+def test_scenario_arrivals_are_validated() -> None:
+    with pytest.raises(ValueError, match="arrivals must be"):
+        Scenario.from_dict({"arrivals": "uniform"})
+    with pytest.raises(ValueError, match="needs a trace workload"):
+        Scenario.from_dict({"arrivals": "trace", "workload": "synthetic"})
