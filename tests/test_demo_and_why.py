@@ -12,7 +12,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from collector.simfleet import Fault, Fleet, Scenario, fault_scenario, load_scenario
-from correlator.analysis.online import OnlineDetector
+from correlator.analysis.online import Incident, OnlineDetector
 from correlator.analysis.timeparse import TimeParseError, parse_duration_ns, parse_time_ns
 from correlator.analysis.why import RootCause, WhyQuery
 from correlator.cli import app
@@ -104,7 +104,7 @@ def test_online_detector_confirms_the_fault_within_a_minute_of_onset(pcie_demo_d
     truth = Fleet(load_scenario(pcie_demo_db.parent / "s.toml")).ground_truth[0]
     con = duckdb.connect(str(pcie_demo_db), read_only=True)
     detector = OnlineDetector()
-    confirmed = []
+    confirmed: list[Incident] = []
     t = truth.onset_ns - 90 * 10**9
     while t <= truth.onset_ns + 120 * 10**9 and not confirmed:
         confirmed = detector.step(con, t, store=False)
