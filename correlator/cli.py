@@ -285,13 +285,15 @@ def serve(
         correlator = Correlator(cfg, lambda store, stats: api_routes(store, stats, token))
     except (ServeConfigError, TimeParseError) as e:
         raise _fail(str(e), 2) from e
+    # handlers first: a SIGTERM that comes while the receivers already listen but the rest still starts
+    # must stop the server cleanly, not kill it with DuckDB's file open
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         addresses = correlator.start()
     except Exception as e:
         raise _fail(f"cannot start: {e}") from e
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     err = _console(stderr=True)
     err.print(f"stacklens serve: {db}; " + ", ".join(f"{k} {v}" for k, v in addresses.items()), markup=False)
     while not stop.wait(60.0):

@@ -23,7 +23,8 @@ from correlator.demo import run_demo
 def pcie_demo_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("demo")
     scenario = d / "s.toml"
-    scenario.write_text("nodes = 2\ngpus_per_node = 4\nduration_s = 420.0\nseed = 3\n"
+    # workload "synthetic": the same token lengths whether or not ../shared/data is beside the checkout
+    scenario.write_text("nodes = 2\ngpus_per_node = 4\nduration_s = 420.0\nseed = 3\nworkload = 'synthetic'\n"
                         "[[faults]]\nkind = 'pcie_saturation'\nnode = 1\ngpu = 2\nonset_s = 240.0\n")
     db = d / "demo.duckdb"
     quiet = Console(file=open(d / "log.txt", "w"))  # noqa: SIM115 - closed with the process
@@ -86,7 +87,7 @@ def test_cli_errors_have_clear_messages_and_exit_codes(tmp_path: Path, pcie_demo
 def test_healthy_fleet_with_benign_drift_is_not_blamed(tmp_path: Path) -> None:
     quiet = Console(file=open(tmp_path / "log.txt", "w"))  # noqa: SIM115
     s = tmp_path / "h.toml"
-    s.write_text("duration_s = 420.0\nseed = 5\n")
+    s.write_text("duration_s = 420.0\nseed = 5\nworkload = 'synthetic'\n")
     assert run_demo("drift", str(tmp_path / "h.duckdb"), 5, str(s), quiet, quiet) == 0
     con = duckdb.connect(str(tmp_path / "h.duckdb"), read_only=True)
     doc = RootCause(con).why(WhyQuery())
