@@ -35,7 +35,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,21 +52,6 @@ METRICS = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
 
 
 # -- payloads --------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class _Req:
-    request_id: str
-    arrival_ns: int
-    end_ns: int
-    queue_s: float
-    prefill_s: float
-    decode_s: float
-    ttft_s: float
-    e2e_s: float
-    prompt_tokens: int
-    output_tokens: int
-    finish_reason: str
-
-
 def span_bodies(n_spans: int, per_export: int = 512, seed: int = 1) -> list[bytes]:
     """vLLM V1 request spans through the OpenTelemetry SDK and its OTLP protobuf encoder."""
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -76,7 +60,7 @@ def span_bodies(n_spans: int, per_export: int = 512, seed: int = 1) -> list[byte
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     from opentelemetry.trace import SpanKind
 
-    from collector.engine_spans import engine_resource, vllm_v1_attributes
+    from collector.engine_spans import FinishedRequest, engine_resource, vllm_v1_attributes
 
     rng = random.Random(seed)
     exporter = InMemorySpanExporter()
@@ -94,8 +78,8 @@ def span_bodies(n_spans: int, per_export: int = 512, seed: int = 1) -> list[byte
             out = rng.randrange(1, 1024)
             decode_s = out * rng.uniform(0.01, 0.03)
             e2e = queue_s + prefill_s + decode_s
-            r = _Req(f"cmpl-{rng.getrandbits(128):032x}", t, t + int(e2e * 1e9), queue_s, prefill_s, decode_s,
-                     queue_s + prefill_s, e2e, rng.randrange(16, 4096), out, rng.choice(("stop", "length")))
+            r = FinishedRequest(f"cmpl-{rng.getrandbits(128):032x}", t, t + int(e2e * 1e9), queue_s, prefill_s,
+                                decode_s, rng.randrange(16, 4096), out, rng.choice(("stop", "length")))
             span = tracer.start_span("llm_request", kind=SpanKind.SERVER, start_time=r.arrival_ns,
                                      attributes=vllm_v1_attributes(r, max_tokens=1024))
             span.end(end_time=r.end_ns)

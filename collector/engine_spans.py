@@ -7,12 +7,40 @@ use it to send what vLLM sends. Times are whatever clock the caller runs on (sim
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import SpanKind, Tracer
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedRequest:
+    """A plain :class:`RequestTiming`: what tests and benchmarks hand to :class:`VllmSpanEmitter`."""
+
+    request_id: str
+    arrival_ns: int
+    end_ns: int
+    queue_s: float
+    prefill_s: float
+    decode_s: float
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: str = "stop"
+
+    @property
+    def ttft_s(self) -> float:
+        return self.queue_s + self.prefill_s
+
+    @property
+    def e2e_s(self) -> float:
+        return (self.end_ns - self.arrival_ns) / 1e9
+
+    @property
+    def tpot_s(self) -> float | None:
+        return self.decode_s / (self.output_tokens - 1) if self.output_tokens > 1 else None
 
 
 class RequestTiming(Protocol):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,7 +20,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
-from collector.engine_spans import VllmSpanEmitter, engine_resource
+from collector.engine_spans import FinishedRequest, VllmSpanEmitter, engine_resource
 from collector.export.otlp_encode import OtlpMetricsEncoder, ResourceInfo
 from collector.records import NodeSnapshot, Placement
 from collector.simulated import SimulatedGpuSource
@@ -29,25 +28,7 @@ from collector.simulated import SimulatedGpuSource
 T0 = 1_790_000_000_000_000_000
 
 
-@dataclass(frozen=True)
-class Req:
-    request_id: str
-    arrival_ns: int
-    end_ns: int
-    queue_s: float
-    prefill_s: float
-    decode_s: float
-    prompt_tokens: int
-    output_tokens: int
-    finish_reason: str = "stop"
-
-    @property
-    def ttft_s(self) -> float:
-        return self.queue_s + self.prefill_s
-
-    @property
-    def e2e_s(self) -> float:
-        return (self.end_ns - self.arrival_ns) / 1e9
+Req = FinishedRequest
 
 
 def _reqs(n: int, offset: int = 0) -> list[Req]:

@@ -19,7 +19,7 @@ import pytest
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
-from collector.engine_spans import VllmSpanEmitter, engine_resource
+from collector.engine_spans import FinishedRequest, VllmSpanEmitter, engine_resource
 from collector.export.otlp_encode import OtlpMetricsEncoder, ResourceInfo
 from collector.records import NodeSnapshot, Placement
 from collector.simulated import SimulatedGpuSource
@@ -31,31 +31,7 @@ T0 = 1_790_000_000_000_000_000
 NODE = "node-1"
 
 
-@dataclass(frozen=True)
-class Req:
-    """One finished request (the shape :class:`VllmSpanEmitter` reads)."""
-
-    request_id: str
-    arrival_ns: int
-    end_ns: int
-    queue_s: float
-    prefill_s: float
-    decode_s: float
-    prompt_tokens: int
-    output_tokens: int
-    finish_reason: str = "stop"
-
-    @property
-    def ttft_s(self) -> float:
-        return self.queue_s + self.prefill_s
-
-    @property
-    def e2e_s(self) -> float:
-        return (self.end_ns - self.arrival_ns) / 1e9
-
-    @property
-    def tpot_s(self) -> float | None:
-        return self.decode_s / (self.output_tokens - 1) if self.output_tokens > 1 else None
+Req = FinishedRequest
 
 
 @dataclass(frozen=True)

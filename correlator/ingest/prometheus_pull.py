@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ipaddress
 import json
 import logging
 import math
@@ -41,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from collector.signals import ENGINE_SIGNALS, SIGNALS
 from correlator.ingest.batch import IngestBatch
 from correlator.ingest.otlp_metrics import Origin, Point, add_points
+from correlator.server.serve import is_loopback
 
 if TYPE_CHECKING:
     from correlator.store.duckdb_store import Store
@@ -133,15 +133,6 @@ def union(covered: Sequence[Interval], window: Interval, keep: int = 64) -> list
     return merged
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class PrometheusPuller:
     """Reads the catalog's series from the Prometheus at ``url`` into ``store``.
 
@@ -184,7 +175,7 @@ class PrometheusPuller:
         self.node_labels = tuple(node_labels)
         host = urllib.parse.urlsplit(self.url).hostname or ""
         # never send a loopback query through a proxy from the environment
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if _is_loopback(host) \
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if is_loopback(host) \
             else urllib.request.build_opener()
         self._covered: dict[str, list[Interval]] = {}
         self._loaded = False
