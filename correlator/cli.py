@@ -408,6 +408,46 @@ def demo(
 
 
 @app.command()
+def simulate(
+    otlp_endpoint: Annotated[str, typer.Option("--otlp-endpoint", envvar="OTEL_EXPORTER_OTLP_ENDPOINT",
+                                               help="OTLP/HTTP base URL (a correlator or a collector)")]
+    = "http://127.0.0.1:4318",
+    fault: Annotated[str, typer.Option("--fault", help="the fault to inject, or 'drift' for none")] = "pcie_saturation",
+    fault_after: Annotated[str, typer.Option("--fault-after", help="simulated time before the fault")] = "20m",
+    duration: Annotated[str, typer.Option("--duration", help="simulated time to run")] = "24h",
+    speed: Annotated[float, typer.Option("--speed", help="simulated seconds per wall second")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed")] = 7,
+    scenario: Annotated[str | None, typer.Option("--scenario", help="a scenario TOML instead of --fault")] = None,
+    token: Annotated[str | None, typer.Option("--token", envvar="STACKLENS_TOKEN", help="bearer token")] = None,
+) -> None:
+    """Stream a simulated fleet with a fault to an OTLP endpoint in (accelerated) real time."""
+    from dataclasses import replace
+
+    from collector.simfleet import FAULT_KINDS, Fault, Scenario, load_scenario
+    from correlator.analysis.timeparse import TimeParseError, parse_duration_ns
+    from correlator.demo import run_simulate
+
+    try:
+        if scenario:
+            sc = load_scenario(scenario)
+        else:
+            if fault not in FAULT_KINDS:
+                raise ValueError(f"unknown fault {fault!r}; choose one of: {', '.join(FAULT_KINDS)}")
+            onset_s = parse_duration_ns(fault_after) / 1e9
+            faults = () if fault == "drift" else (Fault(fault, 1, 2, onset_s),)
+            sc = Scenario(seed=seed, faults=faults)
+        sc = replace(sc, duration_s=parse_duration_ns(duration) / 1e9)
+        if not speed > 0:
+            raise ValueError("--speed must be positive")
+        if not otlp_endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"--otlp-endpoint {otlp_endpoint!r} must start with http:// or https://")
+    except (ValueError, TimeParseError) as e:
+        raise _fail(str(e), 2) from e
+    headers = (("authorization", f"Bearer {token}"),) if token else ()
+    raise typer.Exit(run_simulate(sc, otlp_endpoint, speed, headers, _console(stderr=True)))
+
+
+@app.command()
 def signals(
     output: Annotated[str, typer.Option("-o", "--output", help="table or json")] = "table",
 ) -> None:

@@ -9,6 +9,8 @@ vLLM ``llm_request`` spans through the OpenTelemetry SDK's OTLP exporter; the en
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -72,16 +74,17 @@ def engine_metrics_request(gauges: list[EngineGauges], start_ns: int) -> bytes:
 class FleetSender:
     """Sends a simulated fleet's telemetry to an OTLP/HTTP endpoint through the real client paths."""
 
-    def __init__(self, fleet: Fleet, otlp_http: str, batch_ticks: int = 30) -> None:
+    def __init__(self, fleet: Fleet, otlp_http: str, batch_ticks: int = 30,
+                 headers: tuple[tuple[str, str], ...] = ()) -> None:
         self.fleet = fleet
         self.batch_ticks = batch_ticks
-        cfg = OtlpConfig(endpoint=f"{otlp_http}/v1/metrics")
+        cfg = OtlpConfig(endpoint=f"{otlp_http}/v1/metrics", headers=headers)
         self.metrics = HttpTransport(cfg)
         self.encoders = {n: OtlpMetricsEncoder(ResourceInfo(n)) for n in fleet.nodes}
         self.emitters = {
             r.pid: VllmSpanEmitter(engine_resource("vllm", fleet.nodes[r.node], r.pid, model=fleet.s.model,
                                                    extra={"service.instance.id": r.name}),
-                                   OTLPSpanExporter(endpoint=f"{otlp_http}/v1/traces"))
+                                   OTLPSpanExporter(endpoint=f"{otlp_http}/v1/traces", headers=dict(headers)))
             for r in fleet.replicas}
         self.spans = 0
         self.points_payloads = 0
@@ -99,6 +102,8 @@ class FleetSender:
             if (k + 1) % self.batch_ticks == 0:
                 self._flush(pending, gauges)
                 pending, gauges = [], []
+                for e in self.emitters.values():
+                    e.flush()
             if callable(on_tick):
                 on_tick(k)
         self._flush(pending, gauges)
@@ -175,4 +180,35 @@ def run_demo(fault: str, db: str, seed: int, scenario_path: str | None, console:
                   f"  stacklens why --db {db} -o json\n  stacklens top --db {db}\n  stacklens slo --db {db}\n"
                   f"  stacklens requests --db {db} --limit 10\n  stacklens why --db {db} --plot why.png\n"
                   f"  stacklens demo --fault thermal_throttle   (faults: {', '.join(FAULT_KINDS)})", markup=False)
+    return 0
+
+
+def run_simulate(scenario: Scenario, otlp_http: str, speed: float, headers: tuple[tuple[str, str], ...],
+                 console: Console, clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep) -> int:
+    """Stream a simulated fleet to any OTLP/HTTP endpoint (a ``stacklens serve``, an OpenTelemetry
+    Collector), its simulated time anchored at now and paced to the wall clock ``speed`` times faster,
+    for dashboards and online detection to watch (the compose stack's demo profile)."""
+    start_s = clock()
+    fleet = Fleet(replace(scenario, start_ns=int(start_s * 1e9)))
+    batch = max(1, round(5 * speed))  # about one export every 5 s of wall time
+    sender = FleetSender(fleet, otlp_http.rstrip("/"), batch_ticks=batch, headers=headers)
+    faults = ", ".join(f"{f.kind} on {fleet.nodes[f.node]} GPU {f.gpu} after {f.onset_s / 60:g} min"
+                       for f in scenario.faults) or "no fault (benign drift)"
+    console.print(f"stacklens simulate: {scenario.nodes} nodes x {scenario.gpus_per_node} {scenario.gpu_type} "
+                  f"to {otlp_http} at {speed:g}x for {scenario.duration_s / 60:g} simulated minutes; {faults}",
+                  markup=False)
+
+    def pace(k: int) -> None:
+        ahead = start_s + (k + 1) / speed - clock()
+        if ahead > 0:
+            sleep(ahead)
+        if (k + 1) % 60 == 0:
+            console.print(f"  {(k + 1) // 60} simulated min: {sender.spans} spans sent", markup=False)
+
+    try:
+        sender.run(pace)
+    except KeyboardInterrupt:
+        return 130
+    console.print(f"done: {sender.spans} spans", markup=False)
     return 0

@@ -4,7 +4,9 @@ verdict that names the injected cause and GPU; and the CLI's contracts around it
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
@@ -16,7 +18,7 @@ from correlator.analysis.online import Incident, OnlineDetector
 from correlator.analysis.timeparse import TimeParseError, parse_duration_ns, parse_time_ns
 from correlator.analysis.why import RootCause, WhyQuery
 from correlator.cli import app
-from correlator.demo import run_demo
+from correlator.demo import run_demo, run_simulate
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +135,41 @@ def test_times_parse_rfc3339_and_relative() -> None:
     assert parse_time_ns("2026-11-22T14:02:00Z", 0) == 1795356120 * 10**9
     with pytest.raises(TimeParseError):
         parse_time_ns("soon", 0)
+
+
+def test_simulate_streams_a_fleet_anchored_at_now_and_paced_to_the_clock(correlator: Any) -> None:
+    """`stacklens simulate`'s engine: simulated time starts at the (injected) clock's now, one simulated
+    second per wall second at speed 1, through a real correlator's OTLP/HTTP receiver."""
+    now = [1_800_000_000.0]
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    scenario = Scenario(nodes=1, gpus_per_node=2, seed=2, duration_s=30.0, workload="synthetic",
+                        faults=(Fault("power_cap", 0, 1, 10.0),))
+    quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115 - closed with the process
+    code = run_simulate(scenario, correlator.addresses["otlp_http"], 1.0, (), quiet, clock=lambda: now[0],
+                        sleep=sleep)
+    assert code == 0
+    # paced: 30 simulated seconds took 30 (fake) wall seconds, and one more for the requests still running
+    assert 30.0 <= sum(slept) <= 31.0 and max(slept) <= 1.0
+    assert correlator.store is not None
+    correlator.store.flush()
+    with correlator.store.reader() as cur:
+        (n_req, first_ns), = cur.execute("SELECT count(*), min(start_ns) FROM requests").fetchall()
+        (n_gpu,), = cur.execute("SELECT count(DISTINCT gpu_id) FROM gpu_samples").fetchall()
+        (limit_w,), = cur.execute(
+            "SELECT min(value) FROM gpu_samples JOIN signals s USING (signal_id) JOIN gpus g USING (gpu_id) "
+            "WHERE s.name = 'power_limit_w' AND g.gpu_index = 1").fetchall()
+    assert n_req > 20 and n_gpu == 2
+    assert abs(first_ns / 1e9 - 1_800_000_000.0) < 5  # anchored at the clock's now, not the scenario's start
+    assert limit_w < 700  # the fault reached the wire
+
+
+def test_simulate_cli_refuses_bad_arguments() -> None:
+    r = CliRunner().invoke(app, ["simulate", "--fault", "nope"])
+    assert r.exit_code == 2 and "unknown fault" in r.output
+    r = CliRunner().invoke(app, ["simulate", "--speed", "0"])
+    assert r.exit_code == 2 and "--speed" in r.output

@@ -232,7 +232,12 @@ def test_stacklens_commands_parse_with_the_real_clis() -> None:
     for name, svc in stacklens_services().items():
         cmd = [str(a) for a in svc["command"]]
         env = env_of(svc)
-        if cmd[0] == "stacklens":
+        if cmd[0] == "stacklens" and cmd[1] == "simulate":
+            _, params = parse_stacklens(cmd[1:], env)
+            assert params["token"] == TEST_ENV["STACKLENS_TOKEN"], f"{name}: token does not come from the env"
+            assert params["otlp_endpoint"] == "http://correlator:4318"
+            seen.add("simulate")
+        elif cmd[0] == "stacklens":
             params = check_serve(cmd[1:], env)
             assert params["token"] == TEST_ENV["STACKLENS_TOKEN"], f"{name}: token does not come from the env"
             seen.add("serve")
@@ -240,7 +245,7 @@ def test_stacklens_commands_parse_with_the_real_clis() -> None:
             settings = check_agent(cmd, env)
             assert settings.prometheus_port == 9400, name
             seen.add("agent-sim" if settings.simulate else "agent")
-    assert seen == {"serve", "agent", "agent-sim"}
+    assert seen == {"serve", "agent", "agent-sim", "simulate"}
 
 
 def test_a_wrong_command_would_be_caught() -> None:
@@ -273,7 +278,7 @@ def test_correlator_service_stores_on_a_volume_and_is_probed() -> None:
 def test_agents_export_to_the_correlator_with_the_token() -> None:
     _, params = _correlator()
     for name, svc in stacklens_services().items():
-        if name == "correlator":
+        if name in ("correlator", "fleet-sim"):  # fleet-sim: its endpoint is on its command line (checked above)
             continue
         env = env_of(svc)
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"http://correlator:{port_of(params['otlp_http'])}", name
@@ -295,8 +300,9 @@ def test_gpu_agent_gets_the_gpus_and_the_host_view() -> None:
     assert settings.pod_resources_socket.startswith("/var/lib/kubelet/pod-resources/")
 
 
-def test_demo_profile_runs_two_simulated_agents() -> None:
+def test_demo_profile_runs_two_simulated_agents_and_a_simulated_fleet() -> None:
     demo = {n: s for n, s in services().items() if "demo" in (s.get("profiles") or [])}
+    assert [str(a) for a in demo.pop("fleet-sim")["command"]][:2] == ["stacklens", "simulate"]
     assert len(demo) == 2
     nodes = set()
     for svc in demo.values():
