@@ -1,9 +1,9 @@
-"""Online detection while ``stacklens serve`` runs: every few seconds, the last minute and a half of
-requests against the hour before it, for the fleet and for each replica against its peers; a finding is
+"""Online detection while ``stacklens serve`` runs: every 10 s, the last minute of requests against
+the hour before it, for the fleet and for each replica against its peers; a finding is
 kept (and posted to Grafana) once two evaluations in a row name the same cause and culprit.
 
-The same ``why`` runs offline and online; only the windows differ (``WhyQuery(since="90s")``). Two
-confirmations keep the noise of a short window from raising alarms: a latency tail over 90 s of one
+The same ``why`` runs offline and online; only the windows differ (``WhyQuery(since="60s")``). Two
+confirmations keep the noise of a short window from raising alarms: a latency tail over a minute of one
 replica's requests wobbles, a real fault stays. An incident stays open while it is still found and is
 closed after a few evaluations without it; each open incident is stored once (and its annotation extended).
 """
@@ -23,7 +23,7 @@ from correlator.analysis.why import NoData, RootCause, WhyQuery, store_findings
 
 log = logging.getLogger(__name__)
 
-WINDOW = "90s"
+WINDOW = "60s"
 CONFIRMATIONS = 2  # evaluations in a row that must agree before a finding is kept
 CLOSE_AFTER = 6  # evaluations without it before an open incident is closed
 MIN_SCORE = 0.5  # a weaker top finding (evidence that has not shown yet) is not confirmed
