@@ -13,8 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from collector.backend import GpuBackend
 from collector.host import HostSource
@@ -27,6 +26,8 @@ T = TypeVar("T")
 
 # Backends in these states may come back (driver loading, permissions fixed): retry opening them.
 _RETRYABLE_STATUS = {"driver_not_loaded", "no_permission", "error"}
+# waits up to this long between cycles are sleeps, longer ones wait on the stop event
+_SLEEP_MAX_S = 0.25
 
 
 class SnapshotSink(Protocol):
@@ -53,6 +54,7 @@ class Agent:
         interval_s: float = 1.0,
         slow_interval_s: float = 10.0,
         placement_interval_s: float = 1.0,
+        host_interval_s: float = 1.0,
         reopen_interval_s: float = 60.0,
         clock_ns: Callable[[], int] = time.time_ns,
         monotonic: Callable[[], float] = time.monotonic,
@@ -65,6 +67,8 @@ class Agent:
         self.interval_s = interval_s
         self._slow_every = max(1, round(slow_interval_s / interval_s))
         self._placement_every = max(1, round(placement_interval_s / interval_s))
+        # host signals change on the scale of seconds: at a 100 ms cadence they are read every 10th cycle
+        self._host_every = max(1, round(host_interval_s / interval_s))
         self._reopen_interval_s = reopen_interval_s
         self._clock_ns = clock_ns
         self._monotonic = monotonic
@@ -77,9 +81,9 @@ class Agent:
         self._opened_at = self._monotonic()
         return self._guard("open", self.backend.open) or "error"
 
-    def _guard(self, part: str, fn: Callable[[], T]) -> T | None:
+    def _guard(self, part: str, fn: Callable[..., T], *args: Any) -> T | None:
         try:
-            return fn()
+            return fn(*args)
         except Exception:
             self.stats.part_errors[part] += 1
             if part not in self._logged:
@@ -89,7 +93,7 @@ class Agent:
 
     def cycle(self) -> NodeSnapshot:
         """Take one sample of everything and hand it to the sinks."""
-        cpu0 = time.process_time()
+        cpu0 = time.thread_time()  # the cycle's own thread: the export and poller threads are not its cost
         n = self.stats.cycles
         now_ns = self._clock_ns()
         if (self.backend.status in _RETRYABLE_STATUS and self._opened_at is not None
@@ -99,26 +103,26 @@ class Agent:
         want_placement = n % self._placement_every == 0
         gpus: tuple[GpuSample, ...] = ()
         if self.backend.status == "ok":
-            gpus = self._guard("gpu", partial(self.backend.sample, now_ns, slow, want_placement)) or ()
+            gpus = self._guard("gpu", self.backend.sample, now_ns, slow, want_placement) or ()
         events = self._guard("events", self.backend.drain_events) or []
         placements = self._last_placements
         resolver, host_source = self.placement, self.host
         if want_placement and resolver is not None and gpus:
-            placements = self._guard("placement", partial(resolver.resolve, gpus, now_ns)) or ()
+            placements = self._guard("placement", resolver.resolve, gpus, now_ns) or ()
             self._last_placements = placements
         host: HostSample | None = None
-        if host_source is not None:
+        if host_source is not None and n % self._host_every == 0:
             pids = [p.pid for p in placements if p.pid > 0]
-            host = self._guard("host", partial(host_source.sample, now_ns, pids))
+            host = self._guard("host", host_source.sample, now_ns, pids)
         snapshot = NodeSnapshot(
             node=self.node, time_ns=now_ns, gpus=gpus, host=host,
             placements=placements if want_placement else None, events=tuple(events),
             gpu_status=self.backend.status, driver_version=self.backend.driver_version,
         )
         for sink in self.sinks:
-            self._guard(type(sink).__name__, partial(sink.handle, snapshot))
+            self._guard(type(sink).__name__, sink.handle, snapshot)
         self.stats.cycles += 1
-        cpu = time.process_time() - cpu0
+        cpu = time.thread_time() - cpu0
         self.stats.cycle_cpu_s_total += cpu
         return snapshot
 
@@ -137,7 +141,13 @@ class Agent:
                 missed = int((now - next_at) / self.interval_s) + 1
                 self.stats.overruns += 1
                 next_at += missed * self.interval_s
-            stop.wait(max(0.0, next_at - self._monotonic()))
+            delay = max(0.0, next_at - self._monotonic())
+            if delay <= _SLEEP_MAX_S:
+                # a sleep costs CPython a fraction of the CPU of a lock wait with a timeout (Event.wait),
+                # which matters ten times a second; a stop is then seen within one short interval
+                time.sleep(delay)
+            else:
+                stop.wait(delay)
 
     def close(self) -> None:
         self._guard("close", self.backend.close)

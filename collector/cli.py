@@ -36,14 +36,25 @@ log = logging.getLogger("stacklens.agent")
 
 
 class OtlpSink:
-    """Encodes each snapshot and queues it for export; never blocks the sampling loop."""
+    """Collects the snapshots of one export interval and queues them as one request (one ``Metric``
+    per signal with the points of every cycle); never blocks the sampling loop."""
 
-    def __init__(self, encoder: OtlpMetricsEncoder, queue: ExportQueue) -> None:
+    def __init__(self, encoder: OtlpMetricsEncoder, queue: ExportQueue, snapshots_per_request: int = 1) -> None:
         self.encoder = encoder
         self.queue = queue
+        self._per_request = max(1, snapshots_per_request)
+        self._batch: list[NodeSnapshot] = []
 
     def handle(self, snapshot: NodeSnapshot) -> None:
-        self.queue.put(self.encoder.encode(snapshot))
+        self._batch.append(snapshot)
+        if len(self._batch) >= self._per_request:
+            self.flush()
+
+    def flush(self) -> None:
+        """Queue what has been collected (at shutdown: the last, partial interval)."""
+        if self._batch:
+            batch, self._batch = self._batch, []
+            self.queue.put(self.encoder.encode_batch(batch), len(batch))
 
 
 class PrometheusSink:
@@ -169,7 +180,7 @@ def make_backend(settings: AgentSettings) -> GpuBackend:
     from collector.nvml.source import NvmlGpuSource
 
     return NvmlGpuSource(xid_events=settings.xid_events, interval_s=settings.interval_s,
-                         pcie_counter_poll=settings.pcie_counter_poll)
+                         pcie_counter_poll=settings.pcie_counter_poll, medium_interval_s=settings.medium_interval_s)
 
 
 class SelfMetrics:
@@ -238,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.once:
         # every signal, slow tier included, in both reads
         agent = Agent(settings.node_name, backend, [], host, placement, interval_s=settings.interval_s,
-                      slow_interval_s=settings.interval_s)
+                      slow_interval_s=settings.interval_s, host_interval_s=settings.interval_s)
         agent.open()
         agent.cycle()  # rates and CPU ratios need a previous read
         time.sleep(min(settings.interval_s, 0.5))
@@ -258,19 +269,24 @@ def run_daemon(settings: AgentSettings, otlp: OtlpConfig | None, backend: GpuBac
 
     sinks: list[SnapshotSink] = []
     queue: ExportQueue | None = None
+    otlp_sink: OtlpSink | None = None
     if otlp is not None:
         queue = ExportQueue(make_transport(otlp), max_bytes=settings.export_buffer_bytes,
                             export_interval_s=settings.export_interval_s)
         queue.start()
         resource = ResourceInfo(settings.node_name, settings.k8s_node_name or None)
-        sinks.append(OtlpSink(OtlpMetricsEncoder(resource), queue))
+        # the cycles of one export interval are encoded together, once, into one request
+        otlp_sink = OtlpSink(OtlpMetricsEncoder(resource), queue,
+                             snapshots_per_request=round(settings.export_interval_s / settings.interval_s))
+        sinks.append(otlp_sink)
         log.info("exporting OTLP metrics to %s (%s)", otlp.endpoint, otlp.protocol)
     else:
         log.info("no OTLP endpoint configured (--otlp-endpoint or OTEL_EXPORTER_OTLP_ENDPOINT): OTLP export off")
     if output == "json":
         sinks.append(JsonLinesSink(sys.stdout))
     agent = Agent(settings.node_name, backend, sinks, host, placement, interval_s=settings.interval_s,
-                  slow_interval_s=settings.slow_interval_s, placement_interval_s=settings.placement_interval_s)
+                  slow_interval_s=settings.slow_interval_s, placement_interval_s=settings.placement_interval_s,
+                  host_interval_s=settings.host_interval_s)
     server = None
     if settings.prometheus_port:
         registry = CollectorRegistry()
@@ -301,6 +317,8 @@ def run_daemon(settings: AgentSettings, otlp: OtlpConfig | None, backend: GpuBac
         log.info("stopped after %d cycles: %.3f ms CPU per cycle, %d overruns, peak RSS %.1f MB", st.cycles,
                  1e3 * st.cycle_cpu_s_total / max(1, st.cycles), st.overruns,
                  rusage.getrusage(rusage.RUSAGE_SELF).ru_maxrss / 1024)
+        if otlp_sink is not None:
+            otlp_sink.flush()
         if queue is not None:
             queue.stop(flush_timeout_s=5.0)
         if server is not None:

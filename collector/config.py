@@ -40,6 +40,9 @@ def parse_duration(text: str | float | int, what: str) -> float:
 class AgentSettings:
     interval_s: float = 1.0
     slow_interval_s: float = 10.0
+    # slowly changing GPU signals (temperatures, limits, error totals, framebuffer) and host signals
+    medium_interval_s: float = 1.0
+    host_interval_s: float = 1.0
     placement_interval_s: float = 1.0
     simulate: bool = False
     simulate_gpus: int = 8
@@ -146,6 +149,9 @@ def validate(s: AgentSettings) -> None:
         raise ConfigError(f"interval must be between 100ms and 1h, got {s.interval_s}s")
     if s.slow_interval_s < s.interval_s:
         raise ConfigError("slow_interval must not be shorter than interval")
+    for name in ("medium_interval_s", "host_interval_s", "placement_interval_s"):
+        if not 0 < getattr(s, name) <= 3600:
+            raise ConfigError(f"{name.removesuffix('_s')} must be above 0 and at most 1h, got {getattr(s, name)}s")
     if not 0 <= s.prometheus_port <= 65535:
         raise ConfigError(f"prometheus_port must be 0 (off) to 65535, got {s.prometheus_port}")
     if not 1 <= s.simulate_gpus <= 64:

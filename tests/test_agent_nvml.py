@@ -151,6 +151,9 @@ def test_otlp_and_prometheus_carry_nvml_values_times_and_labels(standin_lib: Pat
     path = script.write(tmp_path / "script.txt")
     env = standin_env(standin_lib, path)
     env["STACKLENS_AGENT_PCIE_COUNTER_POLL"] = "false"
+    # every tier on every cycle, so consecutive reads of per-link rates are exact (the tiers' cadences are
+    # tested in test_agent_tiers.py)
+    env["STACKLENS_AGENT_MEDIUM_INTERVAL"] = "200ms"
     proc = subprocess.Popen([sys.executable, "-m", "collector.cli", "--interval", "200ms", "--otlp-endpoint",
                              otlp_sink.grpc_endpoint, "--otlp-protocol", "grpc", "--prometheus-port", str(port),
                              "--prometheus-address", "127.0.0.1", "--node-name", "gpu-node-3", "--no-xid-events"],
@@ -215,7 +218,8 @@ def test_not_supported_is_asked_once(standin_lib: Path, tmp_path: Path) -> None:
     assert calls[("field", 0, "field.82.0")] == 1  # asked once, never again
     assert calls[("field", 0, "field.186.0")] >= 12
     assert calls[("nvmlDeviceGetUtilizationRates", 1, "-")] == 1
-    assert calls[("nvmlDeviceGetTemperature", 1, "temp.gpu")] >= 12
+    # GPU temperature is on the medium tier: once a second at this cadence (cycles 0 and 10)
+    assert calls[("nvmlDeviceGetTemperature", 1, "temp.gpu")] == 2
 
 
 def test_gpu_lost_mid_run_and_xid_event(standin_lib: Path, tmp_path: Path) -> None:
@@ -239,13 +243,15 @@ def test_cpu_only_node_says_so_once_and_exports_host_signals(tmp_path: Path) -> 
     env = dict(os.environ)
     env.pop("LD_LIBRARY_PATH", None)
     proc = subprocess.run(  # noqa: PLW1510 - the tests read returncode
-        [sys.executable, "-m", "collector.cli", "--interval", "100ms", "--cycles", "3", "-o",
+        [sys.executable, "-m", "collector.cli", "--interval", "100ms", "--cycles", "11", "-o",
                            "json", "--prometheus-port", "0"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = json_lines(proc.stdout)
-    assert [line["gpu_status"] for line in lines] == ["library_not_found"] * 3
+    assert [line["gpu_status"] for line in lines] == ["library_not_found"] * 11
     assert all(line["gpus"] == [] for line in lines)
+    # host signals are read once a second: cycles 0 and 10 at this cadence
+    assert [i for i, line in enumerate(lines) if line["host"] is not None] == [0, 10]
     assert lines[-1]["host"]["host_cpu_util_ratio"] is not None
     assert proc.stderr.count("NVML unavailable") == 1
 

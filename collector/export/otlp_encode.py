@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from collector import __version__
@@ -67,6 +67,18 @@ _START = struct.Struct("<BQ")
 _NO_VALUE = bytes([8 << 3 | 0, _FLAG_NO_RECORDED_VALUE])
 _T_START, _T_TIME, _T_DOUBLE = 2 << 3 | 1, 3 << 3 | 1, 4 << 3 | 1
 _DATA_POINT_TAG = bytes([1 << 3 | 2])  # data_points is field 1 of Gauge and of Sum
+# a point's tail after its series head (which ends with the time's tag): time, then the value's tag and value
+_TAIL_VALUE = struct.Struct("<QBd")
+_TAIL_TIME = struct.Struct("<Q")
+
+
+def _series_heads(prefix: bytes) -> tuple[bytes, bytes]:
+    """The bytes of a point of a series before its time, with a value and without one (missing): the
+    ``data_points`` tag, the point's length, the series' fields (attributes, start time), the time tag."""
+    with_value = len(prefix) + _TIME_VALUE.size
+    missing = len(prefix) + _TIME.size + len(_NO_VALUE)
+    return (_DATA_POINT_TAG + _varint(with_value) + prefix + bytes([_T_TIME]),
+            _DATA_POINT_TAG + _varint(missing) + prefix + bytes([_T_TIME]))
 
 
 def _any_value(v: str | int | float | bool) -> bytes:
@@ -148,16 +160,21 @@ _GPU_INFO = Signal("gpu_info", "1", "gauge", SIGNALS["gpu_lost"].group, "gpu",
 
 
 class OtlpMetricsEncoder:
-    """Encodes snapshots; keeps the start times of counters and per-GPU attribute bytes."""
+    """Encodes snapshots; keeps the start times of counters and per-series attribute bytes."""
 
     def __init__(self, resource: ResourceInfo) -> None:
         self._resource = resource
         self._gpu_attrs: dict[str, bytes] = {}
+        self._info_heads: dict[GpuIdentity, tuple[bytes, bytes]] = {}
         self._label_attrs: dict[tuple[str, tuple[tuple[str, str], ...]], bytes] = {}
         self._start_ns: dict[tuple[object, ...], int] = {}
         self._scope = _str(1, "stacklens.agent") + _str(2, __version__)
         self._xid_counts: dict[tuple[str, int], int] = {}
-        self._prefixes: dict[tuple[str, str, tuple[tuple[str, str], ...]], bytes] = {}
+        # per series (GPU or "" for the host, signal, labels): the heads of its points, see _series_heads
+        self._heads: dict[tuple[str, str, tuple[tuple[str, str], ...]], tuple[bytes, bytes]] = {}
+        # per (GPU, clock-event bitmask): the decoded reason flags' points with their (equal) times left out,
+        # so that joining these parts with the packed time gives all of them
+        self._flag_parts: dict[tuple[str, int], list[bytes]] = {}
 
     def _gpu(self, gpu: GpuIdentity) -> bytes:
         enc = self._gpu_attrs.get(gpu.uuid)
@@ -182,14 +199,45 @@ class OtlpMetricsEncoder:
 
     def encode(self, snapshot: NodeSnapshot) -> bytes:
         """The serialized ``ExportMetricsServiceRequest`` for one snapshot."""
-        by_signal: dict[str, list[bytes]] = {}
+        return self.encode_batch([snapshot])
+
+    def encode_batch(self, snapshots: Sequence[NodeSnapshot]) -> bytes:
+        """One ``ExportMetricsServiceRequest`` for several snapshots (the cycles of one export interval):
+        one ``Metric`` per signal holding the points of every cycle, each at its own time. Snapshots
+        whose resource differs (the GPU status or driver changed) go in a ResourceMetrics of their own."""
+        out: list[bytes] = []
+        i = 0
+        while i < len(snapshots):
+            resource = self._resource.attributes(snapshots[i])
+            j = i + 1
+            while j < len(snapshots) and self._resource.attributes(snapshots[j]) == resource:
+                j += 1
+            by_signal: dict[str, list[bytes]] = {}
+            for snapshot in snapshots[i:j]:
+                self._collect(by_signal, snapshot)
+            metrics = b"".join(
+                _ld(2, metric(_GPU_INFO if name == "gpu_info" else SIGNALS[name], points,
+                              "stacklens.gpu_info" if name == "gpu_info" else None))
+                for name, points in by_signal.items()
+            )
+            scope_metrics = _ld(1, self._scope) + metrics
+            resource_metrics = _ld(1, attributes(1, resource)) + _ld(2, scope_metrics)
+            out.append(_ld(1, resource_metrics))
+            i = j
+        return b"".join(out)
+
+    def _collect(self, by_signal: dict[str, list[bytes]], snapshot: NodeSnapshot) -> None:
+        """Append the points of one snapshot, per signal."""
         for gpu_sample in snapshot.gpus:
             gpu = gpu_sample.gpu
             attrs = self._gpu(gpu)
             self._readings(by_signal, gpu.uuid, attrs, gpu_sample.readings)
-            info = attrs + attributes(7, [("gpu.index", gpu.index), ("gpu.model", gpu.name),
-                                          ("gpu.pci_bus_id", gpu.pci_bus_id), ("gpu.device", gpu.device)])
-            by_signal.setdefault("gpu_info", []).append(number_point(info, gpu_sample.time_ns, 1.0))
+            info = self._info_heads.get(gpu)
+            if info is None:
+                info = self._info_heads[gpu] = _series_heads(attrs + attributes(7, [
+                    ("gpu.index", gpu.index), ("gpu.model", gpu.name), ("gpu.pci_bus_id", gpu.pci_bus_id),
+                    ("gpu.device", gpu.device)]))
+            by_signal.setdefault("gpu_info", []).append(info[0] + _TAIL_VALUE.pack(gpu_sample.time_ns, _T_DOUBLE, 1.0))
         if snapshot.host is not None:
             self._readings(by_signal, "", b"", snapshot.host.readings)
         for p in snapshot.placements or ():
@@ -207,41 +255,56 @@ class OtlpMetricsEncoder:
             xenc = enc + attributes(7, [("xid", str(ev.xid))])
             start = self._start(("xid", ev.gpu_uuid, ev.xid), ev.time_ns)
             by_signal.setdefault("xid_events_total", []).append(number_point(xenc, ev.time_ns, float(count), start))
-        metrics = b"".join(
-            _ld(2, metric(_GPU_INFO if name == "gpu_info" else SIGNALS[name], points,
-                          "stacklens.gpu_info" if name == "gpu_info" else None))
-            for name, points in by_signal.items()
-        )
-        scope_metrics = _ld(1, self._scope) + metrics
-        resource = attributes(1, self._resource.attributes(snapshot))
-        resource_metrics = _ld(1, resource) + _ld(2, scope_metrics)
-        return _ld(1, resource_metrics)
+
+    def _series(self, series: tuple[str, str, tuple[tuple[str, str], ...]], attrs: bytes,
+                time_ns: int) -> tuple[bytes, bytes]:
+        key, signal, labels = series
+        prefix = self._with_labels(key, attrs, labels)
+        if SIGNALS[signal].kind == "counter":
+            prefix += _START.pack(_T_START, self._start(series, time_ns))
+        heads = _series_heads(prefix)
+        if len(self._heads) < 100_000:  # bounded: labels of processes and cgroups come and go
+            self._heads[series] = heads
+        return heads
+
+    def _flags(self, key: str, attrs: bytes, mask: int) -> list[bytes]:
+        parts = [b""]
+        for name, flag in clock_event_flags(mask):
+            head = _series_heads(self._with_labels(key, attrs, (("reason", name),)))[0]
+            parts[-1] += head
+            parts.append(struct.pack("<Bd", _T_DOUBLE, flag))
+        if len(self._flag_parts) < 100_000:
+            self._flag_parts[(key, mask)] = parts
+        return parts
 
     def _readings(self, by_signal: dict[str, list[bytes]], key: str, attrs: bytes,
                   readings: Iterable[Reading]) -> None:
-        prefixes = self._prefixes
-        for r in readings:
-            # Everything of a point but its time and value is fixed per series: its attributes, and for
-            # a counter its start time. Cached, a point costs one pack and a few concatenations.
-            series = (key, r.signal, r.labels)
-            prefix = prefixes.get(series)
-            if prefix is None:
-                prefix = self._with_labels(key, attrs, r.labels)
-                if SIGNALS[r.signal].kind == "counter":
-                    prefix += _START.pack(_T_START, self._start(series, r.time_ns))
-                if len(prefixes) < 100_000:  # bounded: labels of processes and cgroups come and go
-                    prefixes[series] = prefix
-            points = by_signal.get(r.signal)
-            if points is None:
-                points = by_signal[r.signal] = []
-            points.append(point(prefix, r.time_ns, r.value))
-            if r.signal == "clock_event_reasons" and r.value is not None:
+        # Everything of a point but its time and value is fixed per series: its attributes, and for a
+        # counter its start time. Cached, a point costs one dict lookup, one pack and one concatenation.
+        heads_of, pack_value, pack_time = self._heads.get, _TAIL_VALUE.pack, _TAIL_TIME.pack
+        last_signal = ""
+        points: list[bytes] = []
+        for signal, value, time_ns, labels in readings:
+            series = (key, signal, labels)
+            heads = heads_of(series)
+            if heads is None:
+                heads = self._series(series, attrs, time_ns)
+            if signal != last_signal:  # readings of one signal mostly come together (NVLink links)
+                found = by_signal.get(signal)
+                if found is None:
+                    found = by_signal[signal] = []
+                points, last_signal = found, signal
+            if value is None or value != value:  # noqa: PLR0124 - missing (None or NaN): flagged, never a 0
+                points.append(heads[1] + pack_time(time_ns) + _NO_VALUE)
+                continue
+            points.append(heads[0] + pack_value(time_ns, _T_DOUBLE, value))
+            if signal == "clock_event_reasons":
                 # decoded flags ride along with the bitmask, one point per named reason
-                mask = int(r.value)
-                points = by_signal.setdefault("clock_event_reason_active", [])
-                for name, flag in clock_event_flags(mask):
-                    renc = self._with_labels(key, attrs, (("reason", name),))
-                    points.append(number_point(renc, r.time_ns, flag))
+                mask = int(value)
+                parts = self._flag_parts.get((key, mask))
+                if parts is None:
+                    parts = self._flags(key, attrs, mask)
+                by_signal.setdefault("clock_event_reason_active", []).append(pack_time(time_ns).join(parts))
 
 
 def merge_requests(payloads: Iterator[bytes] | list[bytes]) -> bytes:

@@ -17,7 +17,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from collector.records import GpuIdentity, NodeSnapshot, Placement, Reading
+from collector.records import GpuIdentity, HostSample, NodeSnapshot, Placement, Reading
 from collector.signals import SIGNALS, clock_event_flags
 
 DCGM_LABELS = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "container", "namespace", "pod")
@@ -47,10 +47,13 @@ class _Families:
         self.by_name: dict[str, tuple[str, str, list[str]]] = {}
 
     def add(self, family: str, doc: str, kind: str, sample: str, labels: str, value: float) -> None:
+        self.add_lines(family, doc, kind, [f"{sample}{{{labels}}} {_number(value)}\n"])
+
+    def add_lines(self, family: str, doc: str, kind: str, lines: list[str]) -> None:
         entry = self.by_name.get(family)
         if entry is None:
             entry = self.by_name[family] = (doc, kind, [])
-        entry[2].append(f"{sample}{{{labels}}} {_number(value)}\n")
+        entry[2].extend(lines)
 
     def text(self) -> str:
         out: list[str] = []
@@ -77,6 +80,13 @@ class PrometheusExposition:
         self._xid_counts: dict[tuple[str, int], int] = {}
         self._xid_last: dict[str, int] = {}
         self._placements: tuple[Placement, ...] = ()
+        # host signals are read on their own cadence (every second): the last sample and when it was stored
+        self._host: tuple[HostSample, int] | None = None
+        # per (label text of the GPU or host, signal, labels): (family, help, type, "name{labels} ", scale);
+        # per (label text, clock-event bitmask): the lines of the decoded flags. Built at the first scrape
+        # that needs them: a scrape then writes one line per sample from a kept prefix.
+        self._heads: dict[tuple[str, str, tuple[tuple[str, str], ...]], tuple[str, str, str, str, float]] = {}
+        self._flag_lines: dict[tuple[str, int], list[str]] = {}
 
     def update(self, snapshot: NodeSnapshot) -> None:
         with self._lock:
@@ -85,10 +95,12 @@ class PrometheusExposition:
                 latest = self._latest.setdefault(gs.gpu.uuid, {})
                 if gs.lost:
                     latest.clear()  # nothing it said before holds for a GPU that fell off the bus
-                for r in gs.readings:
-                    latest[(r.signal, r.labels)] = (r, snapshot.time_ns)
+                at = snapshot.time_ns
+                latest.update({(r[0], r[3]): (r, at) for r in gs.readings})  # (signal, labels)
             for gone in set(self._latest) - {gs.gpu.uuid for gs in snapshot.gpus}:
                 del self._latest[gone]
+            if snapshot.host is not None:
+                self._host = (snapshot.host, snapshot.time_ns)
             if snapshot.placements is not None:  # placement runs on its own cadence: keep the last known
                 self._placements = snapshot.placements
             for ev in snapshot.events:
@@ -109,6 +121,9 @@ class PrometheusExposition:
             xid_last = dict(self._xid_last)
             placements = self._placements
             now = snapshot.time_ns if snapshot is not None else 0
+            if self._host is not None and now - self._host[1] > self._stale_after_ns:
+                self._host = None
+            host = self._host[0] if self._host is not None else None
             for readings in self._latest.values():  # stale values are swept at scrapes, not every cycle
                 for key in [k for k, (_, at) in readings.items() if now - at > self._stale_after_ns]:
                     del readings[key]
@@ -127,8 +142,7 @@ class PrometheusExposition:
         for gs in snapshot.gpus:
             pairs = self._gpu_labels(gs.gpu, pods.get(gs.gpu.uuid))
             labels = _label_text(pairs)  # escaped once per GPU and scrape
-            for r in latest.get(gs.gpu.uuid, gs.readings):
-                self._add(families, r, labels)
+            self._add_all(families, latest.get(gs.gpu.uuid, gs.readings), labels)
             families.add("stacklens_gpu_info", "GPU identity; always 1.", "gauge", "stacklens_gpu_info",
                          labels + "," + _label_text([("driver_version", snapshot.driver_version or "")]), 1.0)
             if gs.gpu.uuid in xid_last:
@@ -138,10 +152,9 @@ class PrometheusExposition:
                 if uuid == gs.gpu.uuid:
                     families.add("stacklens_xid_events_total", "XID events by number.", "counter",
                                  "stacklens_xid_events_total", labels + f',xid="{number}"', float(count))
-        if snapshot.host is not None:
+        if host is not None:
             host_labels = _label_text([("Hostname", self._hostname)])
-            for r in snapshot.host.readings:
-                self._add(families, r, host_labels)
+            self._add_all(families, host.readings, host_labels)
         by_uuid = {gs.gpu.uuid: gs.gpu for gs in snapshot.gpus}
         sig = SIGNALS["gpu_process_memory_bytes"]
         for p in placements:
@@ -154,27 +167,52 @@ class PrometheusExposition:
                 ("container", p.container or "")]), float(p.used_memory_bytes))
         return families.text()
 
-    @staticmethod
-    def _add(families: _Families, r: Reading, labels: str) -> None:
-        if r.value is None:
-            return
-        sig = SIGNALS[r.signal]
-        if sig.dcgm is not None and not r.labels:
+    def _add_all(self, families: _Families, readings: Iterable[Reading], labels: str) -> None:
+        """One line per reading with a value, from the kept "name{labels} " prefix of its series (the
+        scrape's inner loop: ~700 samples on an 8-GPU node)."""
+        heads, by_name = self._heads, families.by_name
+        for signal, value, _, extra in readings:
+            if value is None:
+                continue
+            head = heads.get((labels, signal, extra))
+            if head is None:
+                head = self._head((labels, signal, extra))
+            family, doc, kind, prefix, scale = head
+            v = value * scale
+            line = prefix + (repr(float(v)) if v - v == 0 else _number(v)) + "\n"  # finite: repr as _number
+            entry = by_name.get(family)
+            if entry is None:
+                entry = by_name[family] = (doc, kind, [])
+            entry[2].append(line)
+            if signal == "clock_event_reasons":
+                self._add_flags(families, int(value), labels)
+
+    def _add_flags(self, families: _Families, mask: int, labels: str) -> None:
+        """The decoded clock-event reasons, one flag each: the lines are kept per GPU and bitmask."""
+        flag = SIGNALS["clock_event_reason_active"]
+        lines = self._flag_lines.get((labels, mask))
+        if lines is None:
+            lines = [f'{flag.prometheus_name}{{{labels},reason="{reason}"}} {_number(active)}\n'
+                     for reason, active in clock_event_flags(mask)]
+            if len(self._flag_lines) < 10_000:
+                self._flag_lines[(labels, mask)] = lines
+        families.add_lines(flag.prometheus_name, flag.description, "gauge", lines)
+
+    def _head(self, key: tuple[str, str, tuple[tuple[str, str], ...]]) -> tuple[str, str, str, str, float]:
+        labels, signal, extra = key
+        sig = SIGNALS[signal]
+        if sig.dcgm is not None and not extra:
             # DCGM's exposition: its own units, and counters keep their bare names
-            name = sig.dcgm.name
-            families.add(name, sig.description, sig.kind, name, labels, r.value * sig.dcgm.scale)
+            name, scale, all_labels = sig.dcgm.name, sig.dcgm.scale, labels
         else:
-            name = sig.prometheus_name
+            name, scale = sig.prometheus_name, 1.0
             if sig.kind == "counter" and not name.endswith("_total"):
                 name += "_total"
-            all_labels = labels + "," + _label_text(r.labels) if r.labels else labels
-            families.add(name, sig.description, sig.kind, name, all_labels, r.value)
-        if r.signal == "clock_event_reasons":
-            mask = int(r.value)
-            flag = SIGNALS["clock_event_reason_active"]
-            for reason, active in clock_event_flags(mask):
-                families.add(flag.prometheus_name, flag.description, "gauge", flag.prometheus_name,
-                             f'{labels},reason="{reason}"', active)
+            all_labels = labels + "," + _label_text(extra) if extra else labels
+        head = (name, sig.description, sig.kind, f"{name}{{{all_labels}}} ", scale)
+        if len(self._heads) < 100_000:  # bounded: pod labels and cgroups come and go
+            self._heads[key] = head
+        return head
 
 
 class _MetricsHandler(BaseHTTPRequestHandler):

@@ -26,11 +26,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class ExportStats:
-    sent_snapshots: int = 0  # encoded snapshots delivered
+    sent_snapshots: int = 0  # snapshots delivered (a request may hold several)
     sent_batches: int = 0  # export calls that delivered them (snapshots are merged)
     sent_bytes: int = 0
     failed_attempts: int = 0
-    dropped_requests: int = 0  # lost to the bound or to a non-retryable rejection
+    dropped_requests: int = 0  # snapshots lost to the bound or to a non-retryable rejection
     queued_requests: int = 0
     queued_bytes: int = 0
 
@@ -55,7 +55,7 @@ class ExportQueue:
         self._backoff_max_s = backoff_max_s
         self._rng = rng or random.Random(0)
         self._on_drop = on_drop
-        self._items: deque[bytes] = deque()
+        self._items: deque[tuple[bytes, int]] = deque()  # (request, snapshots in it)
         self._export_interval_s = export_interval_s
         self._monotonic = monotonic
         self._last_send = -float("inf")
@@ -71,14 +71,15 @@ class ExportQueue:
         self._thread = threading.Thread(target=self._run, name="stacklens-export", daemon=True)
         self._thread.start()
 
-    def put(self, payload: bytes) -> None:
+    def put(self, payload: bytes, snapshots: int = 1) -> None:
+        """Queue one encoded request holding ``snapshots`` snapshots (counted in the stats)."""
         with self._cond:
-            self._items.append(payload)
+            self._items.append((payload, snapshots))
             self._bytes += len(payload)
             while self._bytes > self._max_bytes and len(self._items) > 1:
-                dropped = self._items.popleft()
+                dropped, count = self._items.popleft()
                 self._bytes -= len(dropped)
-                self._drop(1)
+                self._drop(count)
             self._update_stats()
             self._cond.notify()
 
@@ -91,7 +92,8 @@ class ExportQueue:
         self.stats.queued_requests = len(self._items)
         self.stats.queued_bytes = self._bytes
 
-    def _take(self) -> tuple[int, bytes] | None:
+    def _take(self) -> tuple[int, int, bytes] | None:
+        """(requests, snapshots in them, their merged bytes), or None when stopping with nothing left."""
         with self._cond:
             while True:
                 while not self._items and not self._stop:
@@ -103,18 +105,19 @@ class ExportQueue:
                 if due <= 0 or self._stop or self._flushing or self._bytes >= self._max_request_bytes:
                     break
                 self._cond.wait(timeout=due)
-            count, size = 0, 0
-            for item in self._items:
+            count, size, snapshots = 0, 0, 0
+            for item, n in self._items:
                 if count and size + len(item) > self._max_request_bytes:
                     break
                 count += 1
                 size += len(item)
-            return count, merge_requests([self._items[i] for i in range(count)])
+                snapshots += n
+            return count, snapshots, merge_requests([self._items[i][0] for i in range(count)])
 
     def _commit(self, count: int) -> None:
         with self._cond:
             for _ in range(min(count, len(self._items))):
-                self._bytes -= len(self._items.popleft())
+                self._bytes -= len(self._items.popleft()[0])
             self._update_stats()
             self._cond.notify_all()
 
@@ -129,11 +132,11 @@ class ExportQueue:
             except Exception:  # nothing may kill this thread: the agent would go on sampling into the void
                 log.exception("unexpected error in the OTLP export loop; dropping %d request(s)", taken[0])
                 self._commit(taken[0])
-                self._drop(taken[0])
+                self._drop(taken[1])
             if failures < 0:
                 return
 
-    def _attempt(self, count: int, payload: bytes, failures: int) -> int:
+    def _attempt(self, count: int, snapshots: int, payload: bytes, failures: int) -> int:
         """Send the oldest ``count`` requests merged; return the new failure streak (-1: stopping)."""
         self._last_send = self._monotonic()
         try:
@@ -145,7 +148,7 @@ class ExportQueue:
                 self._last_error = str(exc)
             if not exc.retryable:
                 self._commit(count)
-                self._drop(count)
+                self._drop(snapshots)
                 return failures
             failures += 1
             # the exponent is capped: an outage of thousands of attempts must not overflow the delay
@@ -159,7 +162,7 @@ class ExportQueue:
         if failures:
             log.info("OTLP export recovered after %d failed attempt(s)", failures)
             self._last_error = None
-        self.stats.sent_snapshots += count
+        self.stats.sent_snapshots += snapshots
         self.stats.sent_batches += 1
         self.stats.sent_bytes += len(payload)
         self._commit(count)

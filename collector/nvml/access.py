@@ -17,9 +17,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import struct
+import sys
 import threading
 from collections import Counter
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -180,19 +181,31 @@ class NvmlAccess:
         try:
             return getattr(nvml, name)(*args)
         except nvml.NVMLError as exc:
-            code = _error_code(exc)
-            if code == NVML_ERROR_NOT_SUPPORTED:
-                self._unsupported.add((name, device, key))
-                return None
-            if code == NVML_ERROR_FUNCTION_NOT_FOUND:
-                self._missing_functions.add(name)
-                log.info("NVML has no %s (older driver); not asking again", name)
-                return None
-            if code == NVML_ERROR_GPU_IS_LOST:
-                self._mark_lost(device, name)
-                raise GpuLost(device) from None
-            self._count(name, exc)
+            return self._failed(name, device, key, exc)
+
+    def _failed(self, name: str, device: int, key: Hashable, exc: BaseException) -> None:
+        """What :meth:`call` does with an NVML error: remember, raise GpuLost, or count; None."""
+        code = _error_code(exc)
+        if code == NVML_ERROR_NOT_SUPPORTED:
+            self._unsupported.add((name, device, key))
             return None
+        if code == NVML_ERROR_FUNCTION_NOT_FOUND:
+            self._missing_functions.add(name)
+            log.info("NVML has no %s (older driver); not asking again", name)
+            return None
+        if code == NVML_ERROR_GPU_IS_LOST:
+            self._mark_lost(device, name)
+            raise GpuLost(device) from None
+        self._count(name, exc)
+        return None
+
+    def prepared(self, name: str, device: int, handle: Any, *args: Any, out: Any,
+                 convert: Callable[[Any], Any], key: Hashable = None) -> PreparedCall:
+        """A getter called every cycle, prepared once: the NVML function ``name`` (the C symbol pynvml's
+        wrapper of that name calls) with ``handle``, ``args`` (ctypes values) and a pointer to ``out`` (a
+        ctypes value reused by every call), whose result is ``convert(out)``. Same verdicts as
+        :meth:`call` for ``(name, device, key)``; it saves the wrapper's per-call ctypes objects."""
+        return PreparedCall(self, name, device, key, (handle, *args, ctypes.byref(out)), out, convert)
 
     def call_raising(self, name: str, device: int, *args: Any) -> Any:
         """Like :meth:`call` but lets NVML errors other than GPU_IS_LOST propagate (for callers such
@@ -243,10 +256,16 @@ class NvmlAccess:
         return code, the value union's 64 raw bits), one per wanted field, in the order of the returned
         field tuple. Errors are already handled here: NOT_SUPPORTED remembered, GPU_IS_LOST raised,
         others counted. The sampler decodes these itself; it reads several hundred per cycle."""
+        wanted, buf = self.field_buffer(device, handle, fields)
+        return wanted, list(FIELD_ROW.iter_unpack(buf))
+
+    def field_buffer(self, device: int, handle: Any, fields: Sequence[tuple[int, int]]) -> tuple[_Fields, bytes]:
+        """Like :meth:`field_rows`, but the rows as the bytes of the array NVML filled: ``FIELD_ROW``
+        records, little-endian, so a caller can read whole columns at once (``memoryview.cast``)."""
         if device in self._lost:
             raise GpuLost(device)
         if "nvmlDeviceGetFieldValues" in self._missing_functions:
-            return (), []
+            return (), b""
         # The request minus what NVML refused, and its ctypes array, are cached until NVML refuses
         # another field: filling the ids goes through pynvml's Python-level __setattr__, and NVML
         # leaves them as they are.
@@ -262,7 +281,7 @@ class NvmlAccess:
             self._field_arrays[(device, fields)] = cached
         _, wanted, array = cached
         if array is None:
-            return (), []
+            return (), b""
         nvml = self.nvml
         if self._field_fn is None:
             try:
@@ -270,21 +289,35 @@ class NvmlAccess:
             except nvml.NVMLError as exc:
                 if _error_code(exc) == NVML_ERROR_FUNCTION_NOT_FOUND:
                     self._missing_functions.add("nvmlDeviceGetFieldValues")
-                    return (), []
+                    return (), b""
                 raise
+        buf = self._read_fields(device, handle, wanted, array, ctypes.c_int32(len(wanted)), ctypes.byref(array))
+        return (wanted, buf) if buf else ((), b"")
+
+    def field_reader(self, device: int, handle: Any, fields: Sequence[tuple[int, int]]) -> FieldReader:
+        """A prepared :meth:`field_buffer` of these fields, for a read made many times a second: it keeps
+        the request's array and call arguments and re-checks only that nothing changed since."""
+        return FieldReader(self, device, handle, tuple(fields))
+
+    def _read_fields(self, device: int, handle: Any, wanted: _Fields, array: Any, count: Any, ref: Any) -> bytes:
+        """One ``nvmlDeviceGetFieldValues`` call into ``array``; its rows as bytes, errors handled."""
+        nvml = self.nvml
         self.calls += 1
-        ret = self._field_fn(handle, ctypes.c_int32(len(wanted)), ctypes.byref(array))
+        ret = self._field_fn(handle, count, ref)
         if ret != NVML_SUCCESS:
             if ret == NVML_ERROR_GPU_IS_LOST:
                 self._mark_lost(device, "nvmlDeviceGetFieldValues")
                 raise GpuLost(device)
             self._count("nvmlDeviceGetFieldValues", nvml.NVMLError(ret))
-            return (), []
-        # Decode the whole array in one pass over its bytes: attribute access on each ctypes struct
-        # costs several microseconds per field.
-        rows = (list(_FIELD_ROW.iter_unpack(bytes(array))) if ctypes.sizeof(array) == _FIELD_ROW.size * len(wanted)
-                else _rows_slow(array))
-        for key, row in zip(wanted, rows, strict=True):
+            return b""
+        # The whole array as bytes: attribute access on each ctypes struct costs several microseconds per
+        # field. Return codes are one strided column of the array: checked at once, read one by one only
+        # when one is not SUCCESS.
+        buf = (bytes(array) if _NATIVE_ROWS and ctypes.sizeof(array) == FIELD_ROW.size * len(wanted)
+               else b"".join(FIELD_ROW.pack(*row) for row in _rows_slow(array)))
+        if not any(memoryview(buf).cast("I")[_RC_WORD::_ROW_WORDS]):
+            return buf
+        for key, row in zip(wanted, FIELD_ROW.iter_unpack(buf), strict=True):
             rc = row[5]
             if rc == NVML_SUCCESS:
                 continue
@@ -295,11 +328,77 @@ class NvmlAccess:
                 raise GpuLost(device)
             else:
                 self._count(f"field {key[0]}", nvml.NVMLError(rc))
-        return wanted, rows
+        return buf
+
+
+class PreparedCall:
+    """A prepared NVML getter (:meth:`NvmlAccess.prepared`); call it for the value or None."""
+
+    __slots__ = ("_access", "_args", "_convert", "_device", "_fn", "_key", "_name", "_out")
+
+    def __init__(self, access: NvmlAccess, name: str, device: int, key: Hashable, args: tuple[Any, ...], out: Any,
+                 convert: Callable[[Any], Any]) -> None:
+        self._access, self._name, self._device, self._key = access, name, device, key
+        self._args, self._out, self._convert = args, out, convert
+        self._fn: Any = None
+
+    def __call__(self) -> Any:
+        a, name, device = self._access, self._name, self._device
+        if device in a._lost:
+            raise GpuLost(device)
+        if name in a._missing_functions or (name, device, self._key) in a._unsupported:
+            return None
+        fn = self._fn
+        nvml = a.nvml
+        if fn is None:
+            try:
+                fn = self._fn = nvml._nvmlGetFunctionPointer(name)
+            except nvml.NVMLError as exc:
+                return a._failed(name, device, self._key, exc)
+        a.calls += 1
+        ret = fn(*self._args)
+        if ret == NVML_SUCCESS:
+            return self._convert(self._out)
+        return a._failed(name, device, self._key, nvml.NVMLError(ret))
+
+
+class FieldReader:
+    """A prepared batched field read of one device (:meth:`NvmlAccess.field_reader`). It reuses the
+    request's ctypes array and call arguments while the access layer's verdicts are unchanged (no new
+    NOT_SUPPORTED, the GPU not lost, the function present); otherwise it goes the full way."""
+
+    __slots__ = ("_access", "_args", "_device", "_fields", "_generation", "_handle")
+
+    def __init__(self, access: NvmlAccess, device: int, handle: Any, fields: _Fields) -> None:
+        self._access, self._device, self._handle, self._fields = access, device, handle, fields
+        self._generation = -1
+        self._args: tuple[_Fields, Any, Any, Any] | None = None
+
+    def read(self) -> tuple[_Fields, bytes]:
+        """(the fields NVML answers for, the rows as bytes), as :meth:`NvmlAccess.field_buffer`."""
+        a = self._access
+        args = self._args
+        if (args is None or self._generation != len(a._unsupported) or self._device in a._lost
+                or a._field_fn is None):
+            wanted, buf = a.field_buffer(self._device, self._handle, self._fields)
+            cached = a._field_arrays.get((self._device, self._fields))
+            if cached is not None and cached[2] is not None and cached[0] == len(a._unsupported):
+                _, prepared, array = cached
+                self._args = (prepared, array, ctypes.c_int32(len(prepared)), ctypes.byref(array))
+                self._generation = cached[0]
+            return wanted, buf
+        wanted, array, count, ref = args
+        buf = a._read_fields(self._device, self._handle, wanted, array, count, ref)
+        return (wanted, buf) if buf else ((), b"")
 
 # nvmlFieldValue_t: fieldId u32, scopeId u32, timestamp i64 (us), latencyUsec i64, valueType u32,
 # nvmlReturn u32, value (an 8-byte union, read here as its raw unsigned 64 bits)
-_FIELD_ROW = struct.Struct("<IIqqIIQ")
+FIELD_ROW = struct.Struct("<IIqqIIQ")
+_FIELD_ROW = FIELD_ROW
+# the same rows as 32-bit words (10 a row; the return code is word 7) and as 64-bit words (5 a row:
+# timestamp 1, value type and return code 3, value 4), for reading columns through memoryview.cast
+_ROW_WORDS, _RC_WORD = 10, 7
+_NATIVE_ROWS = sys.byteorder == "little"
 _DOUBLE = struct.Struct("<d")
 _U64 = struct.Struct("<Q")
 

@@ -50,7 +50,9 @@ FI_PCIE_COUNT_RX_BYTES = 198
 Treatment = Literal["gauge", "counter", "rate"]
 
 
-Tier = Literal["fast", "slow"]
+# fast: every cycle; medium: every medium interval (1 s; every cycle when the agent's interval is 1 s or
+# longer); slow: every slow interval (10 s).
+Tier = Literal["fast", "medium", "slow"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +62,14 @@ class FieldSpec:
     treatment: Treatment  # gauge: value as is; counter: cumulative, exported as is; rate: per-second delta
     scale: float = 1.0  # canonical = raw * scale
     per_link: bool = False  # read once per NVLink with scopeId = link
-    # fast: every cycle; slow: every slow interval. On an H100 with driver 580.159 most fields cost
-    # ~5 us to read, but total energy costs ~2.8 ms of CPU, the HW thermal and power-brake time
-    # counters ~0.7 ms each, the thermal policy counter ~0.4 ms, PCIe replays ~0.1 ms: counters whose
-    # value over ten seconds is as useful as over one go to the slow tier.
-    tier: Tier = "fast"
+    # fast: every cycle, only what moves within a second (power, PCIe and NVLink byte counters); medium:
+    # every second, what changes slowly or whose value over a second serves as well as over 100 ms
+    # (limits, temperatures, error totals, throttle time counters); slow: every slow interval. On an
+    # H100 with driver 580.159 most fields cost ~5 us to read, but total energy costs ~2.8 ms of CPU,
+    # the HW thermal and power-brake time counters ~0.7 ms each, the thermal policy counter ~0.4 ms,
+    # PCIe replays ~0.1 ms: counters whose value over ten seconds is as useful as over one go to the
+    # slow tier.
+    tier: Tier = "medium"
 
 
 # PCIe TX/RX byte counters: 32-bit on the H100 (they wrap every 4.3 GB), see collector/nvml/pcie.py
@@ -93,13 +98,13 @@ def throttle_time_field_ids(driver_version: str | None) -> dict[str, int]:
 _NS = 1e-9
 
 _STABLE: tuple[FieldSpec, ...] = (
-    FieldSpec(FI_POWER_INSTANT, "power_w", "gauge", 1e-3),
+    FieldSpec(FI_POWER_INSTANT, "power_w", "gauge", 1e-3, tier="fast"),
     FieldSpec(FI_POWER_CURRENT_LIMIT, "power_limit_w", "gauge", 1e-3),
     FieldSpec(FI_TOTAL_ENERGY_CONSUMPTION, "energy_j", "counter", 1e-3, tier="slow"),
     FieldSpec(FI_MEMORY_TEMP, "memory_temp_c", "gauge"),
     FieldSpec(FI_PCIE_REPLAY_COUNTER, "pcie_replay_total", "counter", tier="slow"),
-    FieldSpec(FI_PCIE_COUNT_TX_BYTES, "pcie_tx_bytes_per_s", "rate"),
-    FieldSpec(FI_PCIE_COUNT_RX_BYTES, "pcie_rx_bytes_per_s", "rate"),
+    FieldSpec(FI_PCIE_COUNT_TX_BYTES, "pcie_tx_bytes_per_s", "rate", tier="fast"),
+    FieldSpec(FI_PCIE_COUNT_RX_BYTES, "pcie_rx_bytes_per_s", "rate", tier="fast"),
     FieldSpec(FI_NVLINK_CRC_FLIT_ERROR_TOTAL, "nvlink_crc_flit_errors_total", "counter"),
     FieldSpec(FI_NVLINK_CRC_DATA_ERROR_TOTAL, "nvlink_crc_data_errors_total", "counter"),
     FieldSpec(FI_NVLINK_REPLAY_ERROR_TOTAL, "nvlink_replay_errors_total", "counter"),
@@ -123,15 +128,15 @@ _STABLE: tuple[FieldSpec, ...] = (
     FieldSpec(FI_PERF_POLICY_LOW_UTILIZATION, "low_util_throttle_s", "counter", _NS),
     FieldSpec(FI_PERF_POLICY_RELIABILITY, "reliability_throttle_s", "counter", _NS),
     # per NVLink: cumulative KiB of data payload
-    FieldSpec(FI_NVLINK_THROUGHPUT_DATA_TX, "nvlink_tx_bytes_per_s", "rate", 1024.0, per_link=True),
-    FieldSpec(FI_NVLINK_THROUGHPUT_DATA_RX, "nvlink_rx_bytes_per_s", "rate", 1024.0, per_link=True),
+    FieldSpec(FI_NVLINK_THROUGHPUT_DATA_TX, "nvlink_tx_bytes_per_s", "rate", 1024.0, per_link=True, tier="fast"),
+    FieldSpec(FI_NVLINK_THROUGHPUT_DATA_RX, "nvlink_rx_bytes_per_s", "rate", 1024.0, per_link=True, tier="fast"),
 )
 
 
 def field_plan(driver_version: str | None) -> tuple[FieldSpec, ...]:
     """The fields to read on a device under this driver."""
     extra = tuple(
-        FieldSpec(fid, signal, "counter", _NS, tier="fast" if signal == "sw_thermal_throttle_s" else "slow")
+        FieldSpec(fid, signal, "counter", _NS, tier="medium" if signal == "sw_thermal_throttle_s" else "slow")
         for signal, fid in throttle_time_field_ids(driver_version).items()
     )
     return _STABLE + extra

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from collector.nvml.access import GpuLost, NvmlAccess
+from collector.nvml.access import FIELD_ROW, GpuLost, NvmlAccess, decode_value
 from collector.nvml.fields import PCIE_BYTE_FIELDS
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 # Usable bytes per second per lane and direction, by PCIe generation (after line encoding).
 _LANE_BYTES_PER_S = {1: 0.25e9, 2: 0.5e9, 3: 0.985e9, 4: 1.969e9, 5: 3.938e9, 6: 7.563e9}
 _WRAP = 1 << 32
+_Row = tuple[int, int, int, int, int, int, int]  # FIELD_ROW: field, scope, time us, latency, type, return code, bits
 
 
 def link_bytes_per_s(gen: int | None, width: int | None) -> float:
@@ -55,34 +58,53 @@ class PcieCounterPoller:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stacklens-pcie-counters", daemon=True)
         self.polls = 0
+        # per GPU: ((field id, 64-bit total bytes, NVML time in ns), ...) as of the latest poll
+        self.latest: dict[int, tuple[tuple[int, int, int], ...]] = {}
+        request = tuple((fid, 0) for fid in PCIE_BYTE_FIELDS)
+        self._readers = [(index, access.field_reader(index, handle, request)) for index, handle in devices]
 
     def start(self) -> None:
         self.poll_once()
         self._thread.start()
 
     def poll_once(self) -> None:
-        request = [(fid, 0) for fid in PCIE_BYTE_FIELDS]
-        for index, handle in self._devices:
+        # ~20 polls a second: the raw rows of the batched read, no per-value objects
+        polled: list[tuple[int, Iterable[_Row]]] = []
+        for index, reader in self._readers:
             try:
-                values = self._access.field_values(index, handle, request)
+                polled.append((index, FIELD_ROW.iter_unpack(reader.read()[1])))
             except GpuLost:
                 continue
-            with self._lock:
-                for v in values:
-                    if v.value is None:
-                        continue
-                    raw = int(v.value)
-                    key = (index, v.field_id)
-                    st = self._state.get(key)
-                    if st is None:
-                        self._state[key] = _Unwrapped(raw, raw, v.time_ns)
-                        continue
-                    delta = raw - st.last_raw if raw >= st.last_raw else raw + _WRAP - st.last_raw
-                    st.last_raw, st.total, st.time_ns = raw, st.total + delta, v.time_ns
+        self._unwrap(polled)
         self.polls += 1
 
+    def _unwrap(self, polled: list[tuple[int, Iterable[_Row]]]) -> None:
+        with self._lock:
+            state = self._state
+            for index, rows in polled:
+                view = []
+                for fid, _scope, ts_us, _latency, vtype, rc, bits in rows:
+                    st = state.get((index, fid))
+                    if rc == 0:
+                        raw = bits & 0xFFFFFFFF if vtype == 1 else int(decode_value(vtype, bits))
+                        time_ns = ts_us * 1000 if ts_us > 0 else 0
+                        if st is None:
+                            st = state[(index, fid)] = _Unwrapped(raw, raw, time_ns)
+                        else:
+                            delta = raw - st.last_raw if raw >= st.last_raw else raw + _WRAP - st.last_raw
+                            st.last_raw, st.total, st.time_ns = raw, st.total + delta, time_ns
+                    if st is not None:
+                        view.append((fid, st.total, st.time_ns))
+                # the sampler's view of this GPU, replaced whole: read without the lock
+                self.latest[index] = tuple(view)
+
     def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
+        # time.sleep, not Event.wait: a lock wait with a timeout costs CPython several times the CPU of a
+        # sleep, and this wakes 20 times a second; stopping waits at most one period
+        while not self._stop.is_set():
+            time.sleep(self.period_s)
+            if self._stop.is_set():
+                return
             try:
                 self.poll_once()
             except Exception:  # the poller must never die silently and take the rates with it

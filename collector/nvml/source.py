@@ -1,9 +1,12 @@
 """The real GPU backend: samples every GPU through :class:`~collector.nvml.access.NvmlAccess`.
 
-Per cycle and GPU: one batched field-values read (power, energy, memory temperature, PCIe and NVLink
-byte counters, error counters, throttle time counters) plus six cheap getters (GPU temperature, SM
-and memory clocks, clock-event reasons, framebuffer, utilisation). Slowly changing state (link
-generation and width, NVLink link states, max clocks) and the process list are read when the agent asks.
+Three tiers (see :mod:`collector.nvml.fields`). Every cycle and GPU: one batched field-values read of
+what moves within a second (power, PCIe and NVLink byte counters) plus three cheap getters (SM clock,
+clock-event reasons, utilisation). Every medium interval (1 s) the same read also carries the slowly
+changing fields (power limit, memory temperature, error totals, throttle time counters) and three more
+getters run (GPU temperature, memory clock, framebuffer). Slowly changing state (link generation and
+width, NVLink link states, max clocks), the expensive counters and the process list are read when the
+agent asks.
 ``nvmlDeviceGetPcieThroughput`` blocks ~20 ms per call, so where the PCIe byte counters are not
 supported it runs on its own thread, off the sampling path.
 
@@ -14,7 +17,10 @@ lost GPU are exported as missing (``None``), never as 0.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +28,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from collector.counters import CounterRates
-from collector.nvml.access import VALUE_TYPES_32, GpuLost, NvmlAccess, decode_value
+from collector.nvml.access import (
+    FIELD_ROW,
+    VALUE_TYPES_32,
+    FieldReader,
+    GpuLost,
+    NvmlAccess,
+    PreparedCall,
+    decode_value,
+)
 from collector.nvml.events import XidWatcher
 from collector.nvml.fields import (
     FI_NVLINK_LINK_COUNT,
@@ -52,21 +66,118 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+_Labels = tuple[tuple[str, str], ...]
+_PlanEntry = tuple[str, str, float, _Labels, tuple[int, int, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class _LinkGroup:
+    """The per-NVLink rows of one field (TX or RX data) in a request."""
+
+    signal: str  # per link, e.g. nvlink_tx_bytes_per_s
+    total_signal: str  # the GPU's total, e.g. nvlink_tx_total_bytes_per_s
+    scale: float
+    positions: tuple[int, ...]
+    keys: tuple[tuple[int, int], ...]
+    labels: tuple[_Labels, ...]
+    counter_keys: tuple[tuple[int, int, int], ...]
+    total_key: tuple[int, str, int, int]  # the summed counter, keyed by how many links it sums
+    all_u64: bytes  # the value-type column when every link is unsigned 64-bit
+    all_success: bytes  # the return-code column when every link answered
+
+
+@dataclass(frozen=True, slots=True)
+class _Decoder:
+    # (row position, field key, signal, treatment, scale, labels, counter key) of the fields not per link
+    fields: tuple[tuple[int, tuple[int, int], str, str, float, _Labels, tuple[int, int, int]], ...]
+    links: tuple[_LinkGroup, ...]
+    has_power: bool  # the power field is read (else, if NVML lacks it, the power getter is the fallback)
+
+
+_PCIE_SIGNALS = {FI_PCIE_COUNT_TX_BYTES: "pcie_tx_bytes_per_s", FI_PCIE_COUNT_RX_BYTES: "pcie_rx_bytes_per_s"}
+_LINK_TOTALS = {"nvlink_tx_bytes_per_s": "nvlink_tx_total_bytes_per_s",
+                "nvlink_rx_bytes_per_s": "nvlink_rx_total_bytes_per_s"}
+
+
+def _decoder(plan: dict[tuple[int, int], _PlanEntry], wanted: tuple[tuple[int, int], ...]) -> _Decoder:
+    """How to decode the rows of ``wanted``: the NVLink links' rows as runs, the others one by one."""
+    fields = []
+    by_link_signal: dict[str, list[tuple[int, tuple[int, int]]]] = {}
+    for pos, key in enumerate(wanted):
+        signal, treatment, scale, labels, counter_key = plan[key]
+        if signal in _LINK_TOTALS and labels:
+            by_link_signal.setdefault(signal, []).append((pos, key))
+        else:
+            fields.append((pos, key, signal, treatment, scale, labels, counter_key))
+    links = []
+    for signal, members in by_link_signal.items():
+        positions = tuple(pos for pos, _ in members)
+        entries = [plan[key] for _, key in members]
+        index, fid = entries[0][4][0], members[0][1][0]
+        links.append(_LinkGroup(signal, _LINK_TOTALS[signal], entries[0][2], positions,
+                                tuple(key for _, key in members), tuple(e[3] for e in entries),
+                                tuple(e[4] for e in entries), (index, "links", fid, len(members)),
+                                struct.pack(f"<{len(members)}I", *[3] * len(members)), bytes(4 * len(members))))
+    return _Decoder(tuple(fields), tuple(links), (FI_POWER_INSTANT, 0) in wanted)
+
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def _ctypes_value(out: Any) -> Any:
+    return out.value
+
+
+def _utilization(out: Any) -> tuple[int, int]:
+    return (out.gpu, out.memory)
+
+
+def _link_sum(buf: bytes, group: _LinkGroup, words: memoryview | None = None) -> tuple[bool, int, int]:
+    """(every link answered with a 64-bit value, the latest timestamp in us, the sum of the values) of
+    one link group's rows. The links' rows are consecutive (the field plan's order): their value types,
+    return codes, timestamps and values are strided columns of the array, compared and summed without a
+    Python step per link. ``words``: ``buf`` as 32-bit words, when the caller has it already."""
+    first, end = group.positions[0], group.positions[-1] + 1
+    if _LITTLE_ENDIAN and end - first == len(group.positions):
+        if words is None:
+            words = memoryview(buf).cast("I")
+        ok = (words[first * 10 + 6:end * 10:10].tobytes() == group.all_u64
+              and words[first * 10 + 7:end * 10:10].tobytes() == group.all_success)
+        quads = words.cast("B").cast("Q")
+        return ok, max(quads[first * 5 + 1:end * 5:5]), sum(quads[first * 5 + 4:end * 5:5])
+    rows = [FIELD_ROW.unpack_from(buf, pos * FIELD_ROW.size) for pos in group.positions]
+    return (all(r[4] == 3 and r[5] == 0 for r in rows), max(r[2] for r in rows), sum(r[6] for r in rows))
+
+
 @dataclass(slots=True)
 class _Device:
     ident: GpuIdentity
     handle: Any
     links: tuple[int, ...] = ()
     fast_request: tuple[tuple[int, int], ...] = ()
+    medium_request: tuple[tuple[int, int], ...] = ()
     slow_request: tuple[tuple[int, int], ...] = ()
+    # the requests of a medium and of a slow cycle: the fast fields first, one NVML call either way
+    fast_medium_request: tuple[tuple[int, int], ...] = ()
+    full_request: tuple[tuple[int, int], ...] = ()
     specs: dict[tuple[int, int], FieldSpec] = field(default_factory=dict)
     # per requested field: (signal, treatment, scale, labels, counter key), looked up once per field and cycle
-    plan: dict[tuple[int, int], tuple[str, str, float, tuple[tuple[str, str], ...], tuple[int, int, int]]] = field(
-        default_factory=dict)
+    plan: dict[tuple[int, int], _PlanEntry] = field(default_factory=dict)
+    # per field request as NVML answers it (what it refused left out): how to decode its rows
+    decoders: dict[tuple[tuple[int, int], ...], _Decoder] = field(default_factory=dict)
+    readers: dict[str, FieldReader] = field(default_factory=dict)  # per tier: fast, medium, slow
+    getters: tuple[PreparedCall, PreparedCall, PreparedCall] | None = None  # SM clock, reasons, utilisation
+    last_decoder: dict[str, tuple[tuple[tuple[int, int], ...], _Decoder]] = field(default_factory=dict)
 
     @property
     def request(self) -> tuple[tuple[int, int], ...]:
-        return self.fast_request + self.slow_request
+        return self.full_request
+
+    def set_requests(self, fast: tuple[tuple[int, int], ...]) -> None:
+        self.fast_request = fast
+        self.fast_medium_request = fast + self.medium_request
+        self.full_request = fast + self.medium_request + self.slow_request
+        self.readers.clear()
 
 
 class _PcieThroughputPoller:
@@ -127,6 +238,7 @@ class NvmlGpuSource:
         pcie_poll_interval_s: float = 1.0,
         interval_s: float = 1.0,
         pcie_counter_poll: bool = True,
+        medium_interval_s: float = 1.0,
     ) -> None:
         self.access = access or NvmlAccess()
         self._clock_ns = clock_ns
@@ -137,6 +249,8 @@ class NvmlGpuSource:
         self._xid: XidWatcher | None = None
         self._pcie: _PcieThroughputPoller | None = None
         self._interval_s = interval_s
+        # medium tier: every this many samples (every sample at a 1 s cadence or longer)
+        self._medium_every = max(1, round(medium_interval_s / interval_s))
         self._want_counter_poll = pcie_counter_poll
         self._counters: PcieCounterPoller | None = None
         self._polled: set[int] = set()
@@ -201,7 +315,7 @@ class NvmlGpuSource:
                 continue
             chosen.append((i, h))
             period = min(period, safe)
-            dev.fast_request = tuple(f for f in dev.fast_request if f[0] not in PCIE_BYTE_FIELDS)
+            dev.set_requests(tuple(f for f in dev.fast_request if f[0] not in PCIE_BYTE_FIELDS))
             self._polled.add(i)
         if chosen:
             self._counters = PcieCounterPoller(self.access, chosen, period)
@@ -227,17 +341,17 @@ class NvmlGpuSource:
         )
         dev = _Device(ident, handle)
         dev.links = self._discover_links(dev)
-        fast: list[tuple[int, int]] = []
-        slow: list[tuple[int, int]] = []
+        tiers: dict[str, list[tuple[int, int]]] = {"fast": [], "medium": [], "slow": []}
         for spec in plan:
             scopes = dev.links if spec.per_link else (0,)
             for scope in scopes:
-                (fast if spec.tier == "fast" else slow).append((spec.field_id, scope))
+                tiers[spec.tier].append((spec.field_id, scope))
                 dev.specs[(spec.field_id, scope)] = spec
                 dev.plan[(spec.field_id, scope)] = (spec.signal, spec.treatment, spec.scale,
                                                     (("link", str(scope)),) if spec.per_link else (),
                                                     (index, spec.field_id, scope))
-        dev.fast_request, dev.slow_request = tuple(fast), tuple(slow)
+        dev.medium_request, dev.slow_request = tuple(tiers["medium"]), tuple(tiers["slow"])
+        dev.set_requests(tuple(tiers["fast"]))
         return dev
 
     def _discover_links(self, dev: _Device) -> tuple[int, ...]:
@@ -256,6 +370,9 @@ class NvmlGpuSource:
 
     # -- sampling -------------------------------------------------------------------------------
     def sample(self, now_ns: int, slow: bool, processes: bool) -> tuple[GpuSample, ...]:
+        """One sample of every GPU: the fast tier, the medium tier on every medium interval's first
+        sample (and whenever ``slow``), the slow tier when ``slow``."""
+        medium = slow or self._cycles % self._medium_every == 0
         self._cycles += 1
         out = []
         for dev in self._devices:
@@ -264,7 +381,7 @@ class NvmlGpuSource:
                 out.append(self._lost_sample(dev, now_ns))
                 continue
             try:
-                readings, procs = self._read(dev, now_ns, slow, processes)
+                readings, procs = self._read(dev, now_ns, slow, medium, processes)
             except GpuLost:
                 self._rates.forget(i)
                 out.append(self._lost_sample(dev, now_ns))
@@ -287,20 +404,32 @@ class NvmlGpuSource:
             self._pcie = _PcieThroughputPoller(self.access, without, self._clock_ns, self._pcie_poll_interval_s)
             self._pcie.start()
 
-    def _read(self, dev: _Device, now_ns: int, slow: bool, processes: bool
+    def _read(self, dev: _Device, now_ns: int, slow: bool, medium: bool, processes: bool
               ) -> tuple[list[Reading], tuple[GpuProcess, ...]]:
         a = self.access
         i, h = dev.ident.index, dev.handle
         readings: list[Reading] = [Reading("gpu_lost", 0.0, now_ns)]
         add = readings.append
-        link_rates: dict[str, list[float | None]] = {}
-        plan, rates_of, unsupported = dev.plan, self._rates.update, a.is_unsupported
-        # Readings built with tuple.__new__: ~40 % cheaper than the NamedTuple constructor, and this loop
-        # makes ~60 per GPU per cycle (see docs/performance.md)
+        rates_of, unsupported = self._rates.update, a.is_unsupported
+        # Readings built with tuple.__new__: ~40 % cheaper than the NamedTuple constructor, and these loops
+        # make dozens per GPU per cycle (see docs/performance.md)
         new, reading = tuple.__new__, Reading
-        wanted, rows = a.field_rows(i, h, dev.request if slow else dev.fast_request)
-        for key, (_fid, _scope, ts_us, _latency, vtype, rc, raw) in zip(wanted, rows, strict=True):
-            signal, treatment, scale, labels, counter_key = plan[key]
+        tier = "slow" if slow else "medium" if medium else "fast"
+        reader = dev.readers.get(tier)
+        if reader is None:
+            request = dev.full_request if slow else dev.fast_medium_request if medium else dev.fast_request
+            reader = dev.readers[tier] = a.field_reader(i, h, request)
+        wanted, buf = reader.read()
+        last = dev.last_decoder.get(tier)
+        if last is not None and last[0] is wanted:  # the same prepared request as last time
+            decoder = last[1]
+        else:
+            decoder = dev.decoders.get(wanted) or _decoder(dev.plan, wanted)
+            dev.decoders[wanted] = decoder
+            dev.last_decoder[tier] = (wanted, decoder)
+        row_at = FIELD_ROW.unpack_from
+        for pos, key, signal, treatment, scale, labels, counter_key in decoder.fields:
+            _fid, _scope, ts_us, _latency, vtype, rc, raw = row_at(buf, pos * FIELD_ROW.size)
             t = ts_us * 1000 if ts_us > 0 else now_ns
             if rc:
                 if not unsupported("field", i, key):  # a field NVML lacks is absent; a failed read is missing
@@ -309,71 +438,107 @@ class NvmlGpuSource:
             value = raw if vtype == 3 else decode_value(vtype, raw)  # 3: unsigned long long, most fields
             if treatment == "rate":
                 rate = rates_of(counter_key, int(value), t, 32 if vtype in VALUE_TYPES_32 else 64)
-                per_s = None if rate is None else rate * scale
-                if labels:
-                    link_rates.setdefault(signal, []).append(per_s)
-                add(new(reading, (signal, per_s, t, labels)))
+                add(new(reading, (signal, None if rate is None else rate * scale, t, labels)))
             else:
                 add(new(reading, (signal, value * scale, t, labels)))
-        for per_link, total_signal in (("nvlink_tx_bytes_per_s", "nvlink_tx_total_bytes_per_s"),
-                                       ("nvlink_rx_bytes_per_s", "nvlink_rx_total_bytes_per_s")):
-            rates = link_rates.get(per_link)
-            if rates:
-                known = [r for r in rates if r is not None]
-                add(Reading(total_signal, sum(known) if len(known) == len(rates) else None, now_ns))
+        # NVLink: the per-GPU total rate every cycle, from the sum of the links' counters; the rate of
+        # each link on medium cycles, over the medium interval (the links' counters are read every cycle
+        # for the total either way)
+        words = memoryview(buf).cast("I") if decoder.links else None
+        for group in decoder.links:
+            ok, ts_us, counter = _link_sum(buf, group, words)
+            t = ts_us * 1000 or now_ns
+            if ok:
+                # 64-bit KiB counters: a sum that goes down means a link was reset (no rate this interval)
+                total = rates_of(group.total_key, counter, t)
+                add(new(reading, (group.total_signal, None if total is None else total * group.scale, t, ())))
+            else:
+                add(new(reading, (group.total_signal, None, t, ())))
+            if not medium:
+                continue
+            link_rows = [row_at(buf, pos * FIELD_ROW.size) for pos in group.positions]
+            for row, key, labels, counter_key in zip(link_rows, group.keys, group.labels, group.counter_keys,
+                                                     strict=True):
+                _fid, _scope, ts_us, _latency, vtype, rc, raw = row
+                lt = ts_us * 1000 if ts_us > 0 else now_ns
+                if rc:
+                    if not unsupported("field", i, key):
+                        add(new(reading, (group.signal, None, lt, labels)))
+                    continue
+                value = raw if vtype == 3 else decode_value(vtype, raw)
+                rate = rates_of(counter_key, int(value), lt, 32 if vtype in VALUE_TYPES_32 else 64)
+                add(new(reading, (group.signal, None if rate is None else rate * group.scale, lt, labels)))
         # fallbacks for drivers without the power/energy fields (not for fields merely off-tier this cycle:
         # the energy getter costs as much as the energy field, ~2.8 ms on an H100)
-        if (a.is_unsupported("field", i, (FI_POWER_INSTANT, 0))
+        if (not decoder.has_power and a.is_unsupported("field", i, (FI_POWER_INSTANT, 0))
                 and (mw := a.call("nvmlDeviceGetPowerUsage", i, h)) is not None):
             add(Reading("power_w", mw / 1000.0, now_ns))
-        if (a.is_unsupported("field", i, (FI_POWER_CURRENT_LIMIT, 0))
+        if (medium and a.is_unsupported("field", i, (FI_POWER_CURRENT_LIMIT, 0))
                 and (mw := a.call("nvmlDeviceGetEnforcedPowerLimit", i, h)) is not None):
             add(Reading("power_limit_w", mw / 1000.0, now_ns))
         if (slow and a.is_unsupported("field", i, (FI_TOTAL_ENERGY_CONSUMPTION, 0))
                 and (mj := a.call("nvmlDeviceGetTotalEnergyConsumption", i, h)) is not None):
             add(Reading("energy_j", mj / 1000.0, now_ns))
-        if self._counters is not None and i in self._polled:
-            for fid, (total_bytes, t_ns) in self._counters.totals(i).items():
-                spec = dev.specs[(fid, 0)]
-                rate = self._rates.update((i, fid, 0), total_bytes, t_ns or now_ns)
-                add(Reading(spec.signal, rate, t_ns or now_ns))
+        if self._counters is not None and (polled := self._counters.latest.get(i)) is not None:
+            for fid, total_bytes, t_ns in polled:
+                t = t_ns or now_ns
+                add(new(reading, (_PCIE_SIGNALS[fid], rates_of((i, fid, 0), total_bytes, t), t, ())))
         if self._pcie is not None and (latest := self._pcie.take(i)) is not None:
             tx, rx, t = latest
             add(Reading("pcie_tx_bytes_per_s", tx, t))
             add(Reading("pcie_rx_bytes_per_s", rx, t))
-        self._read_getters(dev, now_ns, add)
+        self._read_getters(dev, now_ns, add, medium)
         if slow:
             self._read_slow(dev, now_ns, add)
         procs = self._read_processes(dev) if processes else ()
         return readings, procs
 
-    def _read_getters(self, dev: _Device, now_ns: int, add: Callable[[Reading], None]) -> None:
+    def _read_getters(self, dev: _Device, now_ns: int, add: Callable[[Reading], None], medium: bool) -> None:
         a = self.access
         i, h = dev.ident.index, dev.handle
-        temp = a.call("nvmlDeviceGetTemperature", i, h, NVML_TEMPERATURE_GPU)
-        if temp is not None:
-            add(Reading("gpu_temp_c", float(temp), now_ns))
-        sm = a.call("nvmlDeviceGetClockInfo", i, h, NVML_CLOCK_SM, key="sm")
+        if medium:
+            temp = a.call("nvmlDeviceGetTemperature", i, h, NVML_TEMPERATURE_GPU)
+            if temp is not None:
+                add(Reading("gpu_temp_c", float(temp), now_ns))
+            mem = a.call("nvmlDeviceGetClockInfo", i, h, NVML_CLOCK_MEM, key="mem")
+            if mem is not None:
+                add(Reading("memory_clock_hz", mem * 1e6, now_ns))
+            memory = a.call("nvmlDeviceGetMemoryInfo", i, h)
+            if memory is not None:
+                add(Reading("fb_used_bytes", float(memory.used), now_ns))
+                add(Reading("fb_free_bytes", float(memory.free), now_ns))
+                add(Reading("fb_total_bytes", float(memory.total), now_ns))
+        getters = dev.getters
+        if getters is None:
+            getters = dev.getters = self._fast_getters(dev)
+        sm_clock, event_reasons, utilization = getters
+        new, reading = tuple.__new__, Reading  # as in _read: these run every cycle
+        sm = sm_clock()
         if sm is not None:
-            add(Reading("sm_clock_hz", sm * 1e6, now_ns))
-        mem = a.call("nvmlDeviceGetClockInfo", i, h, NVML_CLOCK_MEM, key="mem")
-        if mem is not None:
-            add(Reading("memory_clock_hz", mem * 1e6, now_ns))
-        reasons = a.call("nvmlDeviceGetCurrentClocksEventReasons", i, h)
+            add(new(reading, ("sm_clock_hz", sm * 1e6, now_ns, ())))
+        reasons = event_reasons()
         if reasons is None:
             reasons = a.call("nvmlDeviceGetCurrentClocksThrottleReasons", i, h)
         if reasons is not None:
             # the exporters expand the bitmask into one flag per named reason
-            add(Reading("clock_event_reasons", float(reasons), now_ns))
-        memory = a.call("nvmlDeviceGetMemoryInfo", i, h)
-        if memory is not None:
-            add(Reading("fb_used_bytes", float(memory.used), now_ns))
-            add(Reading("fb_free_bytes", float(memory.free), now_ns))
-            add(Reading("fb_total_bytes", float(memory.total), now_ns))
-        util = a.call("nvmlDeviceGetUtilizationRates", i, h)
+            add(new(reading, ("clock_event_reasons", float(reasons), now_ns, ())))
+        util = utilization()
         if util is not None:
-            add(Reading("gpu_util_ratio", util.gpu / 100.0, now_ns))
-            add(Reading("memory_busy_ratio", util.memory / 100.0, now_ns))
+            add(new(reading, ("gpu_util_ratio", util[0] / 100.0, now_ns, ())))
+            add(new(reading, ("memory_busy_ratio", util[1] / 100.0, now_ns, ())))
+
+    def _fast_getters(self, dev: _Device) -> tuple[PreparedCall, PreparedCall, PreparedCall]:
+        """The three getters of every cycle, prepared once per GPU (same verdicts as access.call)."""
+        a, nvml = self.access, self.access.nvml
+        i, h = dev.ident.index, dev.handle
+        return (
+            a.prepared("nvmlDeviceGetClockInfo", i, h, ctypes.c_uint(NVML_CLOCK_SM), out=ctypes.c_uint(),
+                       convert=_ctypes_value, key="sm"),
+            a.prepared("nvmlDeviceGetCurrentClocksEventReasons", i, h, out=ctypes.c_ulonglong(),
+                       convert=_ctypes_value),
+            a.prepared("nvmlDeviceGetUtilizationRates", i, h, out=nvml.c_nvmlUtilization_t(),
+                       convert=_utilization),
+        )
 
     def _read_slow(self, dev: _Device, now_ns: int, add: Callable[[Reading], None]) -> None:
         a = self.access

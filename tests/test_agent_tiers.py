@@ -1,0 +1,358 @@
+"""The agent's cost-saving paths, each checked against the plain path it replaces: tiered cadences
+(fast, medium, slow) through the real pynvml against the C stand-in, NVLink totals from summed link
+counters, the PCIe counter poller, OTLP encoded once per export interval, and the /metrics page keeping
+host signals between their reads."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from prometheus_client.parser import text_string_to_metric_families
+
+from collector.cli import OtlpSink
+from collector.export.otlp_encode import OtlpMetricsEncoder, ResourceInfo, merge_requests
+from collector.export.prometheus import PrometheusExposition
+from collector.export.queue import ExportQueue
+from collector.nvml.access import FIELD_ROW
+from collector.nvml.source import _decoder, _link_sum
+from collector.records import GpuIdentity, GpuSample, HostSample, NodeSnapshot, Reading
+from tests.nvml_standin.script import StandinScript, build_standin, standin_env
+from tests.test_agent_nvml import BASE_US, STEP_US, h100_node, json_lines, run_agent
+
+REPO = Path(__file__).resolve().parent.parent
+T0 = 1_767_225_600_000_000_000
+GPU = GpuIdentity(0, "GPU-0000", "NVIDIA H100 80GB HBM3", "00000000:18:00.0", 0)
+
+
+@pytest.fixture(scope="session")
+def standin_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_standin(tmp_path_factory.mktemp("nvml") / "lib")
+
+
+# -- tiers through the stand-in ---------------------------------------------------------------------
+def test_tiers_at_100ms_fast_every_cycle_medium_and_host_once_a_second(standin_lib: Path, tmp_path: Path) -> None:
+    proc, calls = run_agent(standin_lib, h100_node(gpus=2), tmp_path, "--interval", "100ms", "--cycles", "12",
+                            "-o", "json", "--prometheus-port", "0", "--no-xid-events", call_log=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = json_lines(proc.stdout)
+    assert len(lines) == 12
+
+    def cycles_with(name: str) -> list[int]:
+        return [c for c, line in enumerate(lines) if name in line["gpus"][1]["signals"]]
+
+    every, once_a_second = list(range(12)), [0, 10]
+    for fast in ("power_w", "sm_clock_hz", "clock_event_reasons", "gpu_util_ratio", "memory_busy_ratio",
+                 "pcie_tx_bytes_per_s", "nvlink_tx_total_bytes_per_s", "nvlink_rx_total_bytes_per_s"):
+        assert cycles_with(fast) == every, fast
+    for medium in ("gpu_temp_c", "memory_temp_c", "memory_clock_hz", "fb_used_bytes", "fb_total_bytes",
+                   "power_limit_w", "ecc_sbe_volatile_total", "power_cap_throttle_s", "sw_thermal_throttle_s",
+                   "nvlink_tx_bytes_per_s{link=2}", "nvlink_rx_bytes_per_s{link=0}"):
+        assert cycles_with(medium) == once_a_second, medium
+    for slow in ("energy_j", "pcie_link_gen", "nvlink_link_up{link=1}"):
+        assert cycles_with(slow) == [0], slow
+    assert [c for c, line in enumerate(lines) if line["host"] is not None] == once_a_second
+    # one batched field read per GPU and cycle whatever the tier (the stand-in's tick moves with it)
+    assert calls[("nvmlDeviceGetFieldValues", 1, "-")] == 1 + 12  # start-up's NVLink count, then the cycles
+    assert calls[("nvmlDeviceGetTemperature", 1, "temp.gpu")] == 2
+    assert calls[("nvmlDeviceGetClockInfo", 1, "clock.sm")] == 12
+
+    # NVLink: the per-GPU total every cycle (from the summed link counters over NVML's timestamps, 100 ms
+    # apart), each link once a second (over the second). Cycle c reads tick c + 1; the scripted counters
+    # step k = 1..4 and then stay.
+    kib = 1024 * 1000
+    totals = [line["gpus"][1]["signals"]["nvlink_tx_total_bytes_per_s"] for line in lines]
+    step = sum((link + 1) * kib for link in range(4)) * 1024 / (STEP_US / 1e6)
+    assert totals[0] is None  # first read: missing, not 0
+    assert totals[1] == pytest.approx(step) and totals[2] == pytest.approx(step)
+    assert totals[3:] == [0.0] * 9
+    link2 = [lines[c]["gpus"][1]["signals"]["nvlink_tx_bytes_per_s{link=2}"] for c in once_a_second]
+    assert link2[0] is None
+    assert link2[1] == pytest.approx(3 * kib * (4 - 2) * 1024 / (10 * STEP_US / 1e6))
+
+
+def test_medium_interval_equal_to_the_interval_reads_everything_every_cycle(standin_lib: Path,
+                                                                             tmp_path: Path) -> None:
+    proc, _ = run_agent(standin_lib, h100_node(gpus=1), tmp_path, "--interval", "100ms", "--cycles", "4",
+                        "-o", "json", "--prometheus-port", "0", "--no-xid-events",
+                        extra_env={"STACKLENS_AGENT_MEDIUM_INTERVAL": "100ms",
+                                   "STACKLENS_AGENT_HOST_INTERVAL": "100ms"})
+    assert proc.returncode == 0, proc.stderr
+    lines = json_lines(proc.stdout)
+    assert all("gpu_temp_c" in line["gpus"][0]["signals"] and line["host"] is not None for line in lines)
+    rates = [line["gpus"][0]["signals"]["nvlink_rx_bytes_per_s{link=3}"] for line in lines]
+    assert rates[0] is None and rates[1] == pytest.approx(4 * 2048 * 1000 * 1024 * 10)
+
+
+def test_a_failing_link_makes_the_total_missing_not_smaller(standin_lib: Path, tmp_path: Path) -> None:
+    script = h100_node(gpus=1).set(0, "field.138.1", 1024, 2048, 3072, "ERR:999", 5120)
+    proc, _ = run_agent(standin_lib, script, tmp_path, "--interval", "100ms", "--cycles", "4", "-o", "json",
+                        "--prometheus-port", "0", "--no-xid-events")
+    assert proc.returncode == 0, proc.stderr
+    totals = [line["gpus"][0]["signals"]["nvlink_tx_total_bytes_per_s"] for line in json_lines(proc.stdout)]
+    assert totals[0] is None and totals[1] is not None
+    assert totals[2] is None  # tick 3: link 1 failed this time
+    assert totals[3] is not None  # over ticks 2..4 (the failed read kept the earlier baseline)
+
+
+def test_pcie_counter_poller_unwraps_and_feeds_the_sampler(standin_lib: Path, tmp_path: Path) -> None:
+    top = 2**32 - 1000
+    script = (StandinScript().driver("580.82.07").gpus(1).system("clock_base_us", BASE_US)
+              .system("clock_step_us", STEP_US)
+              .set(0, "field.197", "u32:0", f"u32:{top - 4000}", f"u32:{top}", "u32:3000", "u32:9000")
+              .set(0, "field.198", "u32:5", "u32:10", "NS").set(0, "pcie.max_gen", 5).set(0, "pcie.max_width", 16))
+    path = script.write(tmp_path / "script.txt")
+    code = textwrap.dedent("""
+        import json
+        from collector.nvml.access import NvmlAccess
+        from collector.nvml.pcie import PcieCounterPoller
+        a = NvmlAccess()
+        a.init()
+        h = a.call("nvmlDeviceGetHandleByIndex", 0, 0)
+        poller = PcieCounterPoller(a, [(0, h)], 1.0)
+        out = []
+        for _ in range(5):
+            poller.poll_once()
+            out.append(poller.latest[0])
+        print(json.dumps(out))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=standin_env(standin_lib, path),
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    polls = json.loads(proc.stdout)
+    tx = [dict((fid, (total, t)) for fid, total, t in poll)[197] for poll in polls]
+    assert [total for total, _ in tx] == [0, top - 4000, top, top + 1000 + 3000, top + 1000 + 9000]  # unwrapped
+    assert [t for _, t in tx] == [(BASE_US + k * STEP_US) * 1000 for k in range(5)]  # NVML's times
+    rx = [dict((fid, (total, t)) for fid, total, t in poll).get(198) for poll in polls]
+    t1 = (BASE_US + STEP_US) * 1000
+    assert rx[:3] == [(5, BASE_US * 1000), (10, t1), (10, t1)]  # the read that said NOT_SUPPORTED: last total
+    assert rx[3:] == [None, None]  # then absent, as a field NVML lacks
+
+
+def test_agent_with_the_pcie_poller_exports_rates(standin_lib: Path, tmp_path: Path) -> None:
+    proc, _ = run_agent(standin_lib, h100_node(gpus=2), tmp_path, "--interval", "100ms", "--cycles", "6", "-o",
+                        "json", "--prometheus-port", "0", "--no-xid-events",
+                        extra_env={"STACKLENS_AGENT_PCIE_COUNTER_POLL": "true"})
+    assert proc.returncode == 0, proc.stderr
+    assert "polled every 50 ms" in proc.stderr
+    lines = json_lines(proc.stdout)
+    tx = [line["gpus"][0]["signals"].get("pcie_tx_bytes_per_s") for line in lines]
+    assert all(v is None or v >= 0 for v in tx) and any(v is not None for v in tx[1:])
+
+
+# -- NVLink link sums from the rows' columns -----------------------------------------------------------
+_Labels = tuple[tuple[str, str], ...]
+_PLAN: dict[tuple[int, int], tuple[str, str, float, _Labels, tuple[int, int, int]]] = {
+    (138, link): ("nvlink_tx_bytes_per_s", "rate", 1024.0, (("link", str(link)),), (0, 138, link))
+    for link in range(18)}
+_PLAN[(186, 0)] = ("power_w", "gauge", 1e-3, (), (0, 186, 0))
+
+
+@given(rows=st.lists(st.tuples(st.integers(0, 2**62), st.integers(1, 2**40), st.sampled_from([3, 3, 3, 1]),
+                               st.sampled_from([0, 0, 0, 15])), min_size=1, max_size=18))
+@settings(max_examples=200)
+def test_link_sum_from_columns_equals_row_by_row(rows: list[tuple[int, int, int, int]]) -> None:
+    wanted = ((186, 0), *[(138, link) for link in range(len(rows))])
+    buf = FIELD_ROW.pack(186, 0, 7, 0, 1, 0, 612000) + b"".join(
+        FIELD_ROW.pack(138, link, ts, 0, vtype, rc, value) for link, (value, ts, vtype, rc) in enumerate(rows))
+    decoder = _decoder(_PLAN, wanted)
+    (group,) = decoder.links
+    assert [f[1] for f in decoder.fields] == [(186, 0)] and decoder.has_power
+    ok, ts, total = _link_sum(buf, group)
+    assert ok == all(vtype == 3 and rc == 0 for _, _, vtype, rc in rows)
+    assert ts == max(ts for _, ts, _, _ in rows)
+    assert total == sum(value for value, _, _, _ in rows)
+
+
+def test_field_row_layout_is_the_columns_read() -> None:
+    row = FIELD_ROW.pack(138, 5, 123456, 9, 3, 15, 2**63 + 7)
+    words = memoryview(row).cast("I")
+    quads = memoryview(row).cast("Q")
+    assert (words[6], words[7]) == (3, 15) and (quads[1], quads[4]) == (123456, 2**63 + 7)
+    assert struct.calcsize("<IIqqIIQ") == 40
+
+
+# -- OTLP once per export interval --------------------------------------------------------------------
+def _snap(t: int, power: float | None, host: bool = False, status: str = "ok") -> NodeSnapshot:
+    readings = (Reading("power_w", power, t + 1), Reading("energy_j", 10.0 + t % 97, t + 2),
+                Reading("clock_event_reasons", float(0x4 if t % 2 else 0), t + 3),
+                Reading("nvlink_tx_bytes_per_s", 5.0, t + 4, (("link", "3"),)))
+    return NodeSnapshot("n", t, (GpuSample(GPU, t, readings),), gpu_status=status,
+                        host=HostSample(t, (Reading("host_load1", 0.5, t),)) if host else None)
+
+
+def _points(payload: bytes) -> tuple[Counter[tuple[Any, ...]], int, list[int]]:
+    """(every point as (resource, metric, unit, kind, attributes, start, time, value or 'missing'), metrics with
+    the same name in one scope, resource metrics count)."""
+    req = ExportMetricsServiceRequest.FromString(payload)
+    out: Counter[tuple[Any, ...]] = Counter()
+    duplicates = 0
+    per_resource = []
+    for rm in req.resource_metrics:
+        resource = tuple(sorted((kv.key, kv.value.string_value) for kv in rm.resource.attributes))
+        names = [m.name for sm in rm.scope_metrics for m in sm.metrics]
+        duplicates += len(names) - len(set(names))
+        per_resource.append(len(names))
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                kind = m.WhichOneof("data")
+                assert kind is not None
+                for dp in getattr(m, kind).data_points:
+                    attrs = tuple(sorted((kv.key, str(getattr(kv.value, kv.value.WhichOneof("value"))))
+                                         for kv in dp.attributes))
+                    value = dp.as_double if dp.WhichOneof("value") else ("missing", dp.flags)
+                    out[(resource, m.name, m.unit, kind, attrs, dp.start_time_unix_nano, dp.time_unix_nano,
+                         value)] += 1
+    return out, duplicates, per_resource
+
+
+@given(powers=st.lists(st.one_of(st.none(), st.floats(0, 1000)), min_size=1, max_size=12),
+       status_change=st.integers(0, 12))
+@settings(max_examples=60, deadline=None)
+def test_one_request_per_interval_holds_the_same_points_as_one_per_cycle(powers: list[float | None],
+                                                                         status_change: int) -> None:
+    snaps = [_snap(T0 + k * 100_000_000, p, host=k % 10 == 0, status="ok" if k < status_change else "error")
+             for k, p in enumerate(powers)]
+    batched = OtlpMetricsEncoder(ResourceInfo("n")).encode_batch(snaps)
+    single = OtlpMetricsEncoder(ResourceInfo("n"))
+    merged = merge_requests([single.encode(s) for s in snaps])
+    got, duplicates, per_resource = _points(batched)
+    want, _, _ = _points(merged)
+    assert got == want  # the same points, values, missing flags, times and counter start times
+    assert duplicates == 0  # one Metric per signal, with every cycle's points
+    assert len(per_resource) == (2 if 0 < status_change < len(snaps) else 1)  # a resource change splits
+
+
+class _ListTransport:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, payload: bytes) -> None:
+        self.sent.append(payload)
+
+    def close(self) -> None:
+        return None
+
+
+def test_otlp_sink_queues_one_request_per_export_interval() -> None:
+    transport = _ListTransport()
+    queue = ExportQueue(transport)
+    sink = OtlpSink(OtlpMetricsEncoder(ResourceInfo("n")), queue, snapshots_per_request=10)
+    for k in range(25):
+        sink.handle(_snap(T0 + k * 100_000_000, float(k)))
+    assert queue.stats.queued_requests == 2
+    sink.flush()  # at shutdown: the last, partial interval
+    queue.start()
+    assert queue.flush(5.0)
+    queue.stop()
+    assert queue.stats.sent_snapshots == 25
+    powers = sorted(p[7] for payload in transport.sent for p in _points(payload)[0]
+                    if p[1] == "stacklens.power_w")
+    assert powers == [float(k) for k in range(25)]
+
+
+def test_queue_counts_snapshots_it_drops() -> None:
+    class Down(_ListTransport):
+        def send(self, payload: bytes) -> None:
+            from collector.export.otlp_transport import ExportError
+
+            raise ExportError("down", retryable=True)
+
+    payload = OtlpMetricsEncoder(ResourceInfo("n")).encode_batch([_snap(T0, 1.0)] * 10)
+    queue = ExportQueue(Down(), max_bytes=len(payload) * 2)
+    for _ in range(5):
+        queue.put(payload, snapshots=10)
+    assert queue.stats.dropped_requests == 30 and queue.stats.queued_requests == 2
+
+
+# -- /metrics between host reads ------------------------------------------------------------------------
+def test_host_signals_stay_on_the_page_between_their_reads_and_expire() -> None:
+    exposition = PrometheusExposition("node-7", stale_after_s=30)
+
+    def host_load() -> list[float]:
+        return [s.value for fam in text_string_to_metric_families(exposition.render()) for s in fam.samples
+                if s.name == "stacklens_host_load1"]
+
+    exposition.update(_snap(T0, 1.0, host=True))
+    exposition.update(_snap(T0 + 100_000_000, 2.0))  # a cycle without host signals
+    assert host_load() == [0.5]
+    exposition.update(_snap(T0 + 40 * 10**9, 3.0))
+    assert host_load() == []  # not read for 40 s: stale
+
+
+def test_metrics_page_is_unchanged_by_its_caches() -> None:
+    """The same snapshot rendered by a fresh exposition and by one that has cached earlier scrapes."""
+    warm = PrometheusExposition("node-7")
+    for k in range(5):
+        warm.update(_snap(T0 + k, float(k), host=True))
+        warm.render()
+    warm.update(_snap(T0 + 9, 42.0, host=True))
+    cold = PrometheusExposition("node-7")
+    cold.update(_snap(T0 + 9, 42.0, host=True))
+    assert warm.render() == cold.render()
+    assert "DCGM_FI_DEV_POWER_USAGE{" in cold.render() and " 42.0\n" in cold.render()
+
+
+def test_prepared_getters_answer_as_access_call(standin_lib: Path, tmp_path: Path) -> None:
+    """The per-cycle getters, prepared once, against pynvml's wrappers through NvmlAccess.call: values,
+    NOT_SUPPORTED asked once, a transient error counted and missing, a lost GPU raised."""
+    script = (StandinScript().driver("580.82.07").gpus(3).set(None, "field.186", 1)
+              .set(None, "clock.sm", 1980, 1755, 1410)
+              .set(None, "reasons", 0, 4, 0x44).set(None, "util.gpu", 97).set(None, "util.mem", 61)
+              .set(1, "util.gpu", "NS").set(1, "clock.sm", 1980, "ERR:999", 1410).set(2, "lost_at_tick", 2))
+    path = script.write(tmp_path / "script.txt")
+    code = textwrap.dedent("""
+        import ctypes, json
+        from collector.nvml.access import GpuLost, NvmlAccess
+        from collector.nvml.source import NvmlGpuSource, _Device
+        from collector.records import GpuIdentity
+        out = {}
+        for way in ("prepared", "call"):
+            a = NvmlAccess()
+            a.init()
+            src = NvmlGpuSource(a, xid_events=False, pcie_counter_poll=False)
+            rows = []
+            for i in range(3):
+                h = a.call("nvmlDeviceGetHandleByIndex", i, i)
+                dev = _Device(GpuIdentity(i, str(i), "x", ""), h)
+                sm, reasons, util = src._fast_getters(dev)
+                a.field_values(i, h, [(186, 0)])  # tick 0; the stand-in's tick moves with each batched read after
+                for tick in range(4):
+                    try:
+                        if tick:
+                            a.field_values(i, h, [(186, 0)])
+                        if way == "prepared":
+                            u = util()
+                            rows.append([sm(), reasons(), None if u is None else list(u)])
+                        else:
+                            u = a.call("nvmlDeviceGetUtilizationRates", i, h)
+                            rows.append([a.call("nvmlDeviceGetClockInfo", i, h, 1, key="sm"),
+                                         a.call("nvmlDeviceGetCurrentClocksEventReasons", i, h),
+                                         None if u is None else [u.gpu, u.memory]])
+                    except GpuLost:
+                        rows.append("lost")
+            out[way] = {"rows": rows, "errors": sorted(map(list, a.errors.items())),
+                        "unsupported": sorted(map(str, a._unsupported))}
+            a.shutdown()
+        print(json.dumps(out))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=standin_env(standin_lib, path),
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["prepared"] == out["call"]
+    rows = out["prepared"]["rows"]
+    assert rows[:4] == [[1980, 0, [97, 61]], [1755, 4, [97, 61]], [1410, 0x44, [97, 61]], [1410, 0x44, [97, 61]]]
+    assert rows[4:8] == [[1980, 0, None], [None, 4, None], [1410, 0x44, None], [1410, 0x44, None]]
+    assert rows[8:] == [[1980, 0, [97, 61]], [1755, 4, [97, 61]], "lost", "lost"]
+    assert "('nvmlDeviceGetUtilizationRates', 1, None)" in out["prepared"]["unsupported"]
