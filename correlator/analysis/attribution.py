@@ -240,9 +240,13 @@ def gpu_candidates(ev: Evidence, units_of_gpu: dict[int, list[str]], engine_pids
 def unit_candidates(ev: Evidence, lat: dict[str, UnitLatency]) -> list[Candidate]:
     out: list[Candidate] = []
     by_node: dict[int, list[str]] = {}
+    incident_running_max = {k: st.inc_max for k, e in ev.engine.items()
+                            if (st := e.get("engine_requests_running")) is not None and st.inc_max is not None}
     for key, ul in lat.items():
         by_node.setdefault(ul.unit.node_id, []).append(key)
         eng = ev.engine.get((ul.unit.node_id, ul.unit.pid)) or {}
+        peers_max = sorted(v for k, v in incident_running_max.items() if k != (ul.unit.node_id, ul.unit.pid))
+        peer_running_max = peers_max[len(peers_max) // 2] if peers_max else 0.0
         kv, pre = eng.get("engine_kv_cache_usage_ratio"), eng.get("engine_preemptions_per_s")
         kv_hot = kv is not None and kv.inc_median is not None and (
             (kv.inc_max or 0) >= 0.97 or (kv.inc_median >= 0.85 and kv.z("engine_kv_cache_usage_ratio") >= 3))
@@ -263,10 +267,11 @@ def unit_candidates(ev: Evidence, lat: dict[str, UnitLatency]) -> list[Candidate
             if before > 0 and after / before > arrival_ratio:
                 arrival_ratio, since, rates = after / before, at, (before, after)
         running, waiting = eng.get("engine_requests_running"), eng.get("engine_requests_waiting")
-        # a batch held at a ceiling below what the engine ran before, with requests waiting and KV to spare:
-        # max_num_seqs (or the token budget) set too low
-        capped = (running is not None and running.inc_max is not None and running.base_max is not None
-                  and running.inc_median is not None and running.inc_max <= 0.85 * running.base_max
+        # a batch held at a ceiling below what the engine ran before, or below what its peers run, with
+        # requests waiting and KV to spare: max_num_seqs (or the token budget) set too low
+        ceiling = max(running.base_max or 0.0, peer_running_max) if running is not None else 0.0
+        capped = (running is not None and running.inc_max is not None and running.inc_median is not None
+                  and ceiling > 0 and running.inc_max <= 0.85 * ceiling
                   and running.inc_median >= 0.75 * running.inc_max
                   and (kv is None or (kv.inc_max or 0.0) < 0.9))
         if queue_up and arrival_ratio >= 1.25 and not capped:
@@ -280,15 +285,16 @@ def unit_candidates(ev: Evidence, lat: dict[str, UnitLatency]) -> list[Candidate
                                           f"{ul.queue_base_s:.2f}s → {ul.queue_inc_s:.2f}s", pid=ul.unit.pid,
                                  since_ns=since))
         elif queue_up and capped and arrival_ratio < 1.25 and running is not None:
-            strength = 0.6 + 0.3 * min(1.0, (1.0 - (running.inc_max or 0.0) / (running.base_max or 1.0)) / 0.3)
+            strength = 0.6 + 0.3 * min(1.0, (1.0 - (running.inc_max or 0.0) / ceiling) / 0.3)
             out.append(Candidate("scheduling", "batching", strength, [key], ul.unit.gpu_ids[0] if ul.unit.gpu_ids
                                  else None, ul.unit.node_id,
-                                 [_raw("engine_requests_running_max", running.base_max, running.inc_max),
+                                 [_raw("engine_requests_running_max", ceiling, running.inc_max),
                                   _ev("engine_requests_running", running), _ev("engine_requests_waiting", waiting),
                                   _raw("queue_time_p90_s", ul.queue_base_s, ul.queue_inc_s, "s"),
                                   _ev("engine_kv_cache_usage_ratio", kv)],
-                                 "queue", f"batch held at {running.inc_max:.0f} running requests (was up to "
-                                          f"{running.base_max:.0f}) while requests queue and KV cache is free: "
+                                 "queue", f"batch held at {running.inc_max:.0f} running requests (up to "
+                                          f"{ceiling:.0f} before or on its peers) while requests queue and KV "
+                                          "cache is free: "
                                           "max_num_seqs or the token budget too low", pid=ul.unit.pid))
     for nid, keys in by_node.items():
         host = ev.host.get(nid, {})

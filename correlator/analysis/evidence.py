@@ -25,11 +25,11 @@ FLOORS: dict[str, float] = {
     "engine_requests_running": 2.0, "cgroup_throttled_ratio": 0.05, "engine_preemptions_per_s": 0.05,
 }
 
-GPU_SIGNALS = ("power_w", "power_limit_w", "gpu_temp_c", "memory_temp_c", "sm_clock_hz", "sm_clock_max_hz",
-               "gpu_util_ratio", "sm_active_ratio", "memory_busy_ratio", "dram_active_ratio", "fb_used_bytes",
+# the gauges whose median/MAD the attribution reads (the costliest scan of ``why``: a signal nothing reads
+# is not aggregated; memory temperature, SM active, DRAM active, framebuffer use, NVLink RX are not)
+GPU_SIGNALS = ("power_w", "power_limit_w", "gpu_temp_c", "sm_clock_hz", "gpu_util_ratio", "memory_busy_ratio",
                "pcie_tx_bytes_per_s", "pcie_rx_bytes_per_s", "pcie_link_gen", "pcie_link_width",
-               "pcie_link_gen_max", "pcie_link_width_max", "nvlink_tx_total_bytes_per_s",
-               "nvlink_rx_total_bytes_per_s")
+               "pcie_link_gen_max", "pcie_link_width_max", "nvlink_tx_total_bytes_per_s")
 GPU_COUNTERS = ("pcie_replay_total", "ecc_dbe_volatile_total", "ecc_sbe_volatile_total",
                 "nvlink_crc_flit_errors_total", "nvlink_replay_errors_total")
 HOST_SIGNALS = ("host_cpu_util_ratio", "host_cpu_steal_ratio", "host_run_queue", "host_load1", "host_cpu_count")
@@ -81,6 +81,17 @@ def _windows_sql(col: str) -> tuple[str, str]:
     return (f"{col} >= $b0 AND {col} <= $i1 AND ({col} < $b1 OR {col} >= $i0)", f"({col} >= $i0)::INT")
 
 
+def _signal_ids(cur: duckdb.DuckDBPyConnection, names: tuple[str, ...] | list[str]) -> dict[int, str]:
+    """The store's ids of ``names`` (those it has): the scans filter on the integer id, which DuckDB pushes
+    into the scan, instead of joining ``signals`` on every row."""
+    return {int(i): str(n) for i, n in cur.execute(
+        "SELECT signal_id, name FROM signals WHERE list_contains($names, name)", {"names": list(names)}).fetchall()}
+
+
+def _in(ids: dict[int, str]) -> str:
+    return ", ".join(str(int(i)) for i in sorted(ids))  # integers from the store, never user text
+
+
 def collect(cur: duckdb.DuckDBPyConnection, b0: int, b1: int, i0: int, i1: int) -> Evidence:
     ev = Evidence()
     params = {"b0": b0, "b1": b1, "i0": i0, "i1": i1}
@@ -89,38 +100,51 @@ def collect(cur: duckdb.DuckDBPyConnection, b0: int, b1: int, i0: int, i1: int) 
     for gid, uuid, idx, nid, model in cur.execute("SELECT gpu_id, uuid, gpu_index, node_id, model FROM gpus"
                                                   ).fetchall():
         ev.gpu_meta[gid] = (uuid, idx, nid, model)
+    names = _signal_ids(cur, [*GPU_SIGNALS, *GPU_COUNTERS, "clock_event_reasons", "nvlink_link_up", *HOST_SIGNALS,
+                              "cgroup_cpu_throttled_periods", "cgroup_cpu_periods", *ENGINE_SIGNALS,
+                              "engine_preemptions_total"])
 
-    def stats(rows: list[tuple[object, ...]]) -> dict[tuple[object, str], Stat]:
+    def ids(wanted: tuple[str, ...] | list[str]) -> dict[int, str]:
+        return {i: n for i, n in names.items() if n in wanted}
+
+    def stats(rows: list[tuple[object, ...]], key_len: int = 1) -> dict[tuple[object, str], Stat]:
+        # rows: key columns, signal id, window, median, MAD (of the baseline only: the incident's is never
+        # used), max
         tmp: dict[tuple[object, str], dict[int, tuple[float | None, float | None, float | None]]] = {}
-        for key, name, win, med, mad, mx in rows:
-            if isinstance(key, list):
-                key = tuple(key)  # noqa: PLW2901 - engine keys come back as [node, pid] lists
-            tmp.setdefault((key, str(name)), {})[int(win)] = (med, mad, mx)  # type: ignore[assignment,call-overload]
+        for row in rows:
+            key = row[0] if key_len == 1 else tuple(row[:key_len])
+            sid, win, med, mad, mx = row[key_len:]
+            tmp.setdefault((key, names[int(sid)]), {})[int(win)] = (med, mad, mx)  # type: ignore[call-overload,assignment]
         out = {}
         for k, v in tmp.items():
             b, i = v.get(0, (None, None, None)), v.get(1, (None, None, None))
             out[k] = Stat(b[0], b[1], i[0], i[2], b[2])
         return out
 
+    mad = "mad(value) FILTER (WHERE time_ns < $i0)"  # w = 0
+    gauges = ids(GPU_SIGNALS)
     rows = cur.execute(
-        f"SELECT gpu_id, s.name, {w} AS w, median(value), mad(value), max(value) FROM gpu_samples "
-        f"JOIN signals s USING (signal_id) WHERE {where} AND sub IS NULL AND s.name IN "
-        f"({', '.join(repr(x) for x in GPU_SIGNALS)}) GROUP BY ALL", params).fetchall()
+        f"SELECT gpu_id, signal_id, {w} AS w, median(value), {mad}, max(value) FROM gpu_samples "
+        f"WHERE {where} AND sub IS NULL AND signal_id IN ({_in(gauges)}) GROUP BY ALL", params).fetchall() \
+        if gauges else []
     for (gid, name), st in stats(rows).items():
         ev.gpu.setdefault(int(gid), {})[name] = st  # type: ignore[call-overload]
 
-    for gid, name, win, lo, hi in cur.execute(
-            f"SELECT gpu_id, s.name, {w}, min(value), max(value) FROM gpu_samples JOIN signals s USING (signal_id) "
-            f"WHERE {where} AND s.name IN ({', '.join(repr(x) for x in GPU_COUNTERS)}) GROUP BY ALL",
-            params).fetchall():
+    counters = ids(GPU_COUNTERS)
+    for gid, sid, win, lo, hi in cur.execute(
+            f"SELECT gpu_id, signal_id, {w}, min(value), max(value) FROM gpu_samples "
+            f"WHERE {where} AND signal_id IN ({_in(counters)}) GROUP BY ALL", params).fetchall() if counters else []:
+        name = names[int(sid)]
         d = ev.gpu_counter_delta.setdefault(gid, {}).setdefault(name, (0.0, 0.0))
         delta = max(0.0, (hi or 0.0) - (lo or 0.0))
         ev.gpu_counter_delta[gid][name] = (delta, d[1]) if win == 0 else (d[0], delta)
 
+    reasons = ids(["clock_event_reasons"])
     for gid, win, power, thermal in cur.execute(
             f"SELECT gpu_id, {w}, avg((((value::BIGINT) & {POWER_MASK}) != 0)::INT), "
-            f"avg((((value::BIGINT) & {THERMAL_MASK}) != 0)::INT) FROM gpu_samples JOIN signals s USING (signal_id) "
-            f"WHERE {where} AND s.name = 'clock_event_reasons' AND value IS NOT NULL GROUP BY ALL", params).fetchall():
+            f"avg((((value::BIGINT) & {THERMAL_MASK}) != 0)::INT) FROM gpu_samples "
+            f"WHERE {where} AND signal_id IN ({_in(reasons)}) AND value IS NOT NULL GROUP BY ALL",
+            params).fetchall() if reasons else []:
         cur_share = ev.throttle_share.setdefault(gid, {"power": (0.0, 0.0), "thermal": (0.0, 0.0)})
         for k, v in (("power", power), ("thermal", thermal)):
             b, i = cur_share[k]
@@ -128,11 +152,12 @@ def collect(cur: duckdb.DuckDBPyConnection, b0: int, b1: int, i0: int, i1: int) 
 
     # links down in each window: down in most of the baseline's samples, in a tenth of the incident's (an
     # onset found a few seconds late must not hide a link that went down at the fault)
+    link_up = ids(["nvlink_link_up"])
     for gid, win, down in cur.execute(
             f"SELECT gpu_id, w, count(*) FILTER (WHERE (w = 0 AND down >= 0.5) OR (w = 1 AND down >= 0.1)) FROM ("
             f"SELECT gpu_id, sub, {w} AS w, avg((value = 0)::INT) AS down "
-            f"FROM gpu_samples JOIN signals s USING (signal_id) WHERE {where} AND s.name = 'nvlink_link_up' "
-            "GROUP BY ALL) GROUP BY ALL", params).fetchall():
+            f"FROM gpu_samples WHERE {where} AND signal_id IN ({_in(link_up)}) "
+            "GROUP BY ALL) GROUP BY ALL", params).fetchall() if link_up else []:
         b, i = ev.links_down.get(gid, (0, 0))
         ev.links_down[gid] = (int(down), i) if win == 0 else (b, int(down))
 
@@ -153,35 +178,41 @@ def collect(cur: duckdb.DuckDBPyConnection, b0: int, b1: int, i0: int, i1: int) 
         elif win == 1 and share >= _INCIDENT_PRESENCE:
             seen_i.add(int(pid))
 
+    host = ids(HOST_SIGNALS)
     rows = cur.execute(
-        f"SELECT node_id, s.name, {w}, median(value), mad(value), max(value) FROM host_samples "
-        f"JOIN signals s USING (signal_id) WHERE {where} AND sub IS NULL AND s.name IN "
-        f"({', '.join(repr(x) for x in HOST_SIGNALS)}) GROUP BY ALL", params).fetchall()
+        f"SELECT node_id, signal_id, {w}, median(value), {mad}, max(value) FROM host_samples "
+        f"WHERE {where} AND sub IS NULL AND signal_id IN ({_in(host)}) GROUP BY ALL", params).fetchall() \
+        if host else []
     for (nid, name), st in stats(rows).items():
         ev.host.setdefault(int(nid), {})[name] = st  # type: ignore[call-overload]
     # CFS throttling of the serving processes' cgroups: throttled periods / periods, per window
+    cfs = ids(["cgroup_cpu_throttled_periods", "cgroup_cpu_periods"])
+    throttled = [i for i, n in cfs.items() if n == "cgroup_cpu_throttled_periods"]
+    periods = [i for i, n in cfs.items() if n == "cgroup_cpu_periods"]
     for nid, win, ratio in cur.execute(
-            f"SELECT node_id, w, sum(CASE WHEN name = 'cgroup_cpu_throttled_periods' THEN d END) / "
-            f"nullif(sum(CASE WHEN name = 'cgroup_cpu_periods' THEN d END), 0) FROM ("
-            f"SELECT node_id, sub, s.name, {w} AS w, max(value) - min(value) AS d FROM host_samples "
-            f"JOIN signals s USING (signal_id) WHERE {where} AND s.name IN "
-            "('cgroup_cpu_throttled_periods', 'cgroup_cpu_periods') GROUP BY ALL) GROUP BY ALL", params).fetchall():
+            f"SELECT node_id, w, sum(CASE WHEN signal_id = $throttled THEN d END) / "
+            f"nullif(sum(CASE WHEN signal_id = $periods THEN d END), 0) FROM ("
+            f"SELECT node_id, sub, signal_id, {w} AS w, max(value) - min(value) AS d FROM host_samples "
+            f"WHERE {where} AND signal_id IN ({_in(cfs)}) GROUP BY ALL) GROUP BY ALL",
+            {**params, "throttled": throttled[0] if throttled else -1, "periods": periods[0] if periods else -1}
+            ).fetchall() if cfs else []:
         h = ev.host.setdefault(nid, {})
         old = h.get("cgroup_throttled_ratio", Stat(None, 0.0, None))
         h["cgroup_throttled_ratio"] = Stat(ratio, 0.0, old.inc_median) if win == 0 else Stat(old.base_median, 0.0,
                                                                                               ratio)
 
+    engine = ids(ENGINE_SIGNALS)
     rows = cur.execute(
-        f"SELECT [node_id, coalesce(pid, -1)], s.name, {w}, median(value), mad(value), max(value) FROM engine_samples "
-        f"JOIN signals s USING (signal_id) WHERE {where} AND s.name IN "
-        f"({', '.join(repr(x) for x in ENGINE_SIGNALS)}) GROUP BY ALL", params).fetchall()
-    for (key, name), st in stats(rows).items():
+        f"SELECT node_id, coalesce(pid, -1), signal_id, {w}, median(value), {mad}, max(value) FROM engine_samples "
+        f"WHERE {where} AND signal_id IN ({_in(engine)}) GROUP BY ALL", params).fetchall() if engine else []
+    for (key, name), st in stats(rows, 2).items():
         node_pid: tuple[int, int] = key  # type: ignore[assignment]
         ev.engine.setdefault((int(node_pid[0]), None if node_pid[1] == -1 else int(node_pid[1])), {})[name] = st
+    preempt = ids(["engine_preemptions_total"])
     for nid, pid, win, d, span in cur.execute(
             f"SELECT node_id, coalesce(pid, -1), {w}, max(value) - min(value), (max(time_ns) - min(time_ns)) / 1e9 "
-            "FROM engine_samples JOIN signals s USING (signal_id) "
-            f"WHERE {where} AND s.name = 'engine_preemptions_total' GROUP BY ALL", params).fetchall():
+            f"FROM engine_samples WHERE {where} AND signal_id IN ({_in(preempt)}) GROUP BY ALL",
+            params).fetchall() if preempt else []:
         key = (int(nid), None if pid == -1 else int(pid))
         e = ev.engine.setdefault(key, {})
         rate = (d or 0.0) / span if span else 0.0

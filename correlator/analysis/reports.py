@@ -64,9 +64,11 @@ def _window_requests(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int,
 
 def energy_by_gpu(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int) -> dict[int, float]:
     """Joules each GPU used in the window, from its energy counter (or power integrated when absent)."""
+    # the signal's id first: a filter on it is pushed into the scan, a join on the name is not
+    sid = cur.execute("SELECT signal_id FROM signals WHERE name = 'energy_j'").fetchall()
     rows = cur.execute(
-        "SELECT gpu_id, max(value) - min(value) FROM gpu_samples JOIN signals s USING (signal_id) "
-        "WHERE s.name = 'energy_j' AND time_ns BETWEEN ? AND ? GROUP BY gpu_id", [start_ns, end_ns]).fetchall()
+        "SELECT gpu_id, max(value) - min(value) FROM gpu_samples WHERE signal_id = ? AND time_ns BETWEEN ? AND ? "
+        "GROUP BY gpu_id", [sid[0][0], start_ns, end_ns]).fetchall() if sid else []
     out = {int(g): float(j) for g, j in rows if j is not None}
     if len(out) < len(cur.execute("SELECT gpu_id FROM gpus").fetchall()):
         for g, j in cur.execute(
@@ -94,8 +96,10 @@ def top(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, service: str
         "SELECT gpu_id, uuid, gpu_index, n.name FROM gpus JOIN nodes n USING (node_id)").fetchall()}
     energy = energy_by_gpu(cur, start_ns, end_ns)
     rows = []
+    narrow = reqs.select("unit", "output_tokens", "ttft_s", "tpot_s", "excess")
+    parts, empty = _by_unit(narrow), narrow.clear()
     for key, unit in units.items():
-        r = reqs.filter(pl.col("unit") == key)
+        r = parts.get(key, empty)
         tokens = int(r["output_tokens"].sum() or 0)
         for g in unit.gpu_ids or ():
             uuid, idx, nname = meta.get(g, (None, None, unit.node))
@@ -117,7 +121,9 @@ def slo(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, slos: list[S
         return []
     energy_tokens = _energy_per_token_by_model(cur, reqs, start_ns, end_ns)
     out = []
-    for keys, g in reqs.group_by(list(by), maintain_order=True):
+    # only the columns read per group: iterating groups gathers every column of each
+    narrow = reqs.select(list(dict.fromkeys([*by, "service", "ttft_s", "tpot_s", "e2e_s"])))
+    for keys, g in narrow.group_by(list(by), maintain_order=True):
         group = dict(zip(by, keys, strict=True))
         for s in slos:
             if (s.model and group.get("model") != s.model) or (s.service and s.service != service and
@@ -140,8 +146,10 @@ def _energy_per_token_by_model(cur: duckdb.DuckDBPyConnection, reqs: pl.DataFram
     joined, units = resolve_units(cur, reqs, start_ns, end_ns)
     energy = energy_by_gpu(cur, start_ns, end_ns)
     by_model: dict[Any, list[float]] = {}
+    narrow = joined.select("unit", "model", "output_tokens")
+    parts, empty = _by_unit(narrow), narrow.clear()
     for key, unit in units.items():
-        r = joined.filter(pl.col("unit") == key)
+        r = parts.get(key, empty)
         for m, g in r.group_by("model"):
             share = len(g) / max(1, len(r))
             j = sum(energy.get(gid, 0.0) for gid in unit.gpu_ids) * share
@@ -193,6 +201,11 @@ def slowest_requests(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int,
             "throttle": ",".join(r for r in decode_clock_event_reasons(int(st[4])) if r != "gpu_idle")
             if st[4] is not None else None})
     return out
+
+
+def _by_unit(df: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    """Each replica's rows, in their order, split once (a filter per replica is O(replicas x rows))."""
+    return {str(k[0]): part for k, part in df.partition_by("unit", as_dict=True, maintain_order=True).items()}
 
 
 def _q(s: pl.Series, p: float) -> float | None:

@@ -26,9 +26,14 @@ class Unit:
     pod: str | None = None
 
 
-_REQUEST_COLUMNS = ("start_ns", "end_ns", "node_id", "service", "model", "pid", "container_id", "pod_uid", "pod",
-                    "gpu_uuids", "ttft_s", "tpot_s", "e2e_s", "queue_s", "prefill_s", "decode_s", "prompt_tokens",
-                    "output_tokens")
+_REQUEST_COLUMNS: tuple[str, ...] = (
+    "start_ns", "end_ns", "node_id", "service", "model", "pid", "container_id", "pod_uid", "pod", "gpu_uuids",
+    "ttft_s", "tpot_s", "e2e_s", "queue_s", "prefill_s", "decode_s", "prompt_tokens", "output_tokens")
+
+
+# what ``why`` reads of a request: the join key and the latencies it compares
+WHY_COLUMNS = ("start_ns", "node_id", "pid", "container_id", "pod_uid", "pod", "gpu_uuids", "ttft_s", "tpot_s",
+               "queue_s", "prefill_s", "prompt_tokens", "output_tokens")
 
 
 def data_extent(cur: duckdb.DuckDBPyConnection, known_by_ns: int | None = None) -> tuple[int, int] | None:
@@ -42,10 +47,11 @@ def data_extent(cur: duckdb.DuckDBPyConnection, known_by_ns: int | None = None) 
 
 
 def load_requests(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, service: str | None = None,
-                  model: str | None = None, node: str | None = None, known_by_ns: int | None = None
-                  ) -> pl.DataFrame:
+                  model: str | None = None, node: str | None = None, known_by_ns: int | None = None,
+                  columns: tuple[str, ...] = _REQUEST_COLUMNS) -> pl.DataFrame:
     """Requests that started in [start_ns, end_ns] (and ended by ``known_by_ns``, to replay what an online
-    detector knew at that time), filtered; parameters are bound, never spliced."""
+    detector knew at that time), filtered; parameters are bound, never spliced. ``columns``: those of
+    ``_REQUEST_COLUMNS`` to load (millions of rows: each unread column costs), plus ``node`` always."""
     where = ["r.start_ns >= $start", "r.start_ns <= $end"]
     params: dict[str, object] = {"start": start_ns, "end": end_ns}
     if known_by_ns is not None:
@@ -60,7 +66,7 @@ def load_requests(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, se
     if node:
         where.append("n.name = $node")
         params["node"] = node
-    cols = ", ".join(f"r.{c}" for c in _REQUEST_COLUMNS)
+    cols = ", ".join(f"r.{c}" for c in _REQUEST_COLUMNS if c in columns)
     sql = (f"SELECT {cols}, n.name AS node FROM requests r JOIN nodes n USING (node_id) "
            f"WHERE {' AND '.join(where)} ORDER BY r.start_ns")
     return pl.from_arrow(cur.sql(sql, params=params).to_arrow_table())  # type: ignore[return-value]
@@ -91,7 +97,16 @@ def resolve_units(cur: duckdb.DuckDBPyConnection, requests: pl.DataFrame, start_
     for gid, nid in cur.execute("SELECT gpu_id, node_id FROM gpus ORDER BY gpu_id").fetchall():
         node_gpus.setdefault(nid, []).append(gid)
 
-    keys = requests.select("node_id", "node", "pid", "container_id", "pod_uid", "pod", "gpu_uuids").unique()
+    # the distinct join keys; a key column that is null on every request (no pods, no explicit GPUs) is left
+    # out of the unique and of the join, which then runs on (node, pid) integers instead of six columns
+    key_cols = ("node_id", "pid", "container_id", "pod_uid", "pod", "gpu_uuids")
+    n = len(requests)
+    used = [c for c in key_cols if requests[c].null_count() < n]
+    absent = [c for c in key_cols if c not in used]
+    # sorted keys: units (and the culprit pid of a node-wide finding) come out the same on every run
+    keys = requests.select(*used, "node").unique().sort(used, nulls_last=True).with_columns(
+        pl.lit(None, requests.schema[c]).alias(c) for c in absent).select(
+        "node_id", "node", "pid", "container_id", "pod_uid", "pod", "gpu_uuids")
     units: dict[str, Unit] = {}
     mapping_rows: list[dict[str, object]] = []
     for row in keys.iter_rows(named=True):
@@ -117,7 +132,9 @@ def resolve_units(cur: duckdb.DuckDBPyConnection, requests: pl.DataFrame, start_
         units.setdefault(key, Unit(key, nid, row["node"], pid, found, how, row["pod"]))
         mapping_rows.append({**row, "unit": key})
     mapping = pl.DataFrame(mapping_rows, schema={**dict(keys.schema), "unit": pl.String})
-    joined = requests.join(mapping.select("node_id", "pid", "container_id", "pod_uid", "pod", "gpu_uuids", "unit"),
-                           on=["node_id", "pid", "container_id", "pod_uid", "pod", "gpu_uuids"], how="left",
-                           nulls_equal=True)
+    # join only the key columns (in the requests' order) and attach the unit: joining the whole frame would
+    # copy every column of millions of rows
+    unit = requests.select(used).join(mapping.select(*used, "unit"), on=used, how="left", nulls_equal=True,
+                                      maintain_order="left")["unit"]
+    joined = requests.with_columns(unit)
     return joined, units

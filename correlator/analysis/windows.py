@@ -7,6 +7,7 @@ Binary segmentation would find several; one is what ``why`` needs: the most rece
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -33,7 +34,53 @@ def bucket_series(requests: pl.DataFrame, value: str, bucket_ns: int, q: float =
 def best_step(t: np.ndarray, x: np.ndarray, min_segment: int = 4) -> ChangePoint | None:
     """The split of the series ``x`` (at times ``t``) that maximises the robust shift of its median: the
     onset of the largest step up, where it is one; a ramp (a queue building up) puts the split halfway up
-    and :func:`refine_onset` walks it back to where the series left its baseline."""
+    and :func:`refine_onset` walks it back to where the series left its baseline.
+
+    Every split is scored at once (numpy over a block of splits x the series); the medians are the same
+    order statistics, averaged the same way, as ``np.median`` of each part, so the split, its score and
+    the medians are those of scoring the splits one by one (:func:`_best_step_loop`)."""
+    n = len(x)
+    if n < 2 * min_segment:
+        return None
+    xf = np.asarray(x, dtype=np.float64)
+    if not np.isfinite(xf).all():
+        return _best_step_loop(t, x, min_segment)
+    ks = np.arange(min_segment, n - min_segment + 1)
+    prefix = _prefix_medians(xf)  # prefix[k - 1]: median of x[:k]
+    suffix = _prefix_medians(xf[::-1])  # suffix[m - 1]: median of the last m values
+    mb_all = prefix[ks - 1]
+    ma_all = suffix[n - ks - 1]
+    mad = np.empty(len(ks))
+    cols = np.arange(n)
+    block = max(1, 2_000_000 // n)
+    for s0 in range(0, len(ks), block):
+        kb = ks[s0:s0 + block]
+        centre = np.where(cols[None, :] < kb[:, None], mb_all[s0:s0 + block, None], ma_all[s0:s0 + block, None])
+        mad[s0:s0 + block] = np.median(np.abs(xf[None, :] - centre), axis=1)
+    # pooled robust spread, and the sqrt(k(n-k)/n) of a two-sample statistic so that a split a few
+    # buckets from either end needs a larger step to win
+    scale = np.maximum(np.maximum(1.4826 * mad, 0.02 * np.abs(mb_all)), 1e-6)
+    scores = (ma_all - mb_all) / scale * np.sqrt(ks * (n - ks) / n) / 2.0
+    i = int(np.argmax(scores))
+    best_k = int(ks[i])
+    best = ChangePoint(int(t[best_k]), float(scores[i]), float(mb_all[i]), float(ma_all[i]))
+    j = refine_onset(x, best_k, min_segment)
+    return ChangePoint(int(t[j]), best.score, best.before, best.after) if j != best_k else best
+
+
+def _prefix_medians(x: np.ndarray) -> np.ndarray:
+    """``out[k - 1]`` = ``np.median(x[:k])`` for every k (kept sorted by insertion: O(n) per value)."""
+    out = np.empty(len(x))
+    ordered: list[float] = []
+    for k, v in enumerate(x.tolist(), 1):
+        bisect.insort(ordered, v)
+        h = k // 2
+        out[k - 1] = ordered[h] if k % 2 else (ordered[h - 1] + ordered[h]) / 2  # as np.mean of the two
+    return out
+
+
+def _best_step_loop(t: np.ndarray, x: np.ndarray, min_segment: int = 4) -> ChangePoint | None:
+    """:func:`best_step` one split at a time (the reference it must agree with)."""
     n = len(x)
     if n < 2 * min_segment:
         return None
@@ -42,8 +89,6 @@ def best_step(t: np.ndarray, x: np.ndarray, min_segment: int = 4) -> ChangePoint
     for k in range(min_segment, n - min_segment + 1):
         before, after = x[:k], x[k:]
         mb, ma = float(np.median(before)), float(np.median(after))
-        # pooled robust spread, and the sqrt(k(n-k)/n) of a two-sample statistic so that a split a few
-        # buckets from either end needs a larger step to win
         mad = float(np.median(np.concatenate([np.abs(before - mb), np.abs(after - ma)])))
         scale = max(1.4826 * mad, 0.02 * abs(mb), 1e-6)
         score = (ma - mb) / scale * math.sqrt(k * (n - k) / n) / 2.0
@@ -61,10 +106,11 @@ _ONSET_PERSISTENCE = 0.35
 def refine_onset(x: np.ndarray, k: int, min_segment: int = 4) -> int:
     """The earliest bucket j <= k from which the series stays above its baseline in at least 35 % of the
     buckets of every stretch [j, m]: an isolated spike does not qualify, the intermittent start of a
-    queue that builds up does. The baseline is the first half of the part before the split."""
-    head = x[: max(min_segment, k // 2)]
-    mb = float(np.median(head))
-    scale = max(1.4826 * float(np.median(np.abs(head - mb))), 0.02 * abs(mb), 1e-6)
+    queue that builds up does. The baseline is the part before the split (its median and MAD: the
+    start of a ramp in it moves neither much)."""
+    before = x[:k]
+    mb = float(np.median(before))
+    scale = max(1.4826 * float(np.median(np.abs(before - mb))), 0.02 * abs(mb), 1e-6)
     exceed = x > mb + 3.0 * scale
     n = len(x)
     for j in range(min_segment, k + 1):
@@ -82,6 +128,19 @@ def detect_onset(requests: pl.DataFrame, value: str, bucket_ns: int = 30 * 10**9
     buckets. The fleet uses p90 (where a tail grows); one replica's few requests per bucket use the median."""
     t, x = bucket_series(requests, value, bucket_ns, q)
     return best_step(t, x, min_segment)
+
+
+def detect_onsets(requests: pl.DataFrame, value: str, by: str, bucket_ns: int = 30 * 10**9,
+                  min_segment: int = 4, q: float = 0.9) -> dict[object, ChangePoint | None]:
+    """:func:`detect_onset` of each group of ``requests`` by ``by`` (one group_by for all of them)."""
+    df = (requests.filter(pl.col(value).is_not_null())
+          .with_columns((pl.col("start_ns") // bucket_ns * bucket_ns).alias("b"))
+          .group_by(by, "b").agg(pl.col(value).quantile(q).alias("v"), pl.len().alias("n"))
+          .filter(pl.col("n") >= 5).sort(by, "b"))
+    out: dict[object, ChangePoint | None] = {}
+    for (key,), part in df.partition_by(by, as_dict=True, maintain_order=True).items():
+        out[key] = best_step(part["b"].to_numpy(), part["v"].to_numpy().astype(float), min_segment)
+    return out
 
 
 def rate_step(start_ns: np.ndarray, t0_ns: int, t1_ns: int, bucket_ns: int = 30 * 10**9,
