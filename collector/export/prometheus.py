@@ -23,15 +23,17 @@ from collector.signals import SIGNALS, clock_event_flags
 DCGM_LABELS = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "container", "namespace", "pod")
 
 
-def _escape(value: str) -> str:
+def escape_label_value(value: str) -> str:
+    """A label value as the text exposition format wants it (backslash, newline and quote escaped)."""
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _label_text(pairs: Iterable[tuple[str, str]]) -> str:
-    return ",".join(f'{k}="{_escape(v)}"' for k, v in pairs)
+def label_text(pairs: Iterable[tuple[str, str]]) -> str:
+    return ",".join(f'{k}="{escape_label_value(v)}"' for k, v in pairs)
 
 
-def _number(value: float) -> str:
+def format_value(value: float) -> str:
+    """A sample value as Prometheus clients write it: ``1.0``, ``NaN``, ``+Inf``."""
     if math.isnan(value):
         return "NaN"
     if math.isinf(value):
@@ -47,7 +49,7 @@ class _Families:
         self.by_name: dict[str, tuple[str, str, list[str]]] = {}
 
     def add(self, family: str, doc: str, kind: str, sample: str, labels: str, value: float) -> None:
-        self.add_lines(family, doc, kind, [f"{sample}{{{labels}}} {_number(value)}\n"])
+        self.add_lines(family, doc, kind, [f"{sample}{{{labels}}} {format_value(value)}\n"])
 
     def add_lines(self, family: str, doc: str, kind: str, lines: list[str]) -> None:
         entry = self.by_name.get(family)
@@ -131,7 +133,7 @@ class PrometheusExposition:
         families = _Families()
         families.add("stacklens_agent_gpu_status", "1 for the agent's current GPU backend status.", "gauge",
                      "stacklens_agent_gpu_status",
-                     _label_text([("status", snapshot.gpu_status if snapshot else "starting")]), 1.0)
+                     label_text([("status", snapshot.gpu_status if snapshot else "starting")]), 1.0)
         if snapshot is None:
             return families.text()
         # pod labels: the pod that holds the GPU, when exactly one does (as dcgm-exporter does)
@@ -141,10 +143,10 @@ class PrometheusExposition:
                 pods.setdefault(p.gpu_uuid, p)
         for gs in snapshot.gpus:
             pairs = self._gpu_labels(gs.gpu, pods.get(gs.gpu.uuid))
-            labels = _label_text(pairs)  # escaped once per GPU and scrape
+            labels = label_text(pairs)  # escaped once per GPU and scrape
             self._add_all(families, latest.get(gs.gpu.uuid, gs.readings), labels)
             families.add("stacklens_gpu_info", "GPU identity; always 1.", "gauge", "stacklens_gpu_info",
-                         labels + "," + _label_text([("driver_version", snapshot.driver_version or "")]), 1.0)
+                         labels + "," + label_text([("driver_version", snapshot.driver_version or "")]), 1.0)
             if gs.gpu.uuid in xid_last:
                 families.add("DCGM_FI_DEV_XID_ERRORS", SIGNALS["xid_last"].description, "gauge",
                              "DCGM_FI_DEV_XID_ERRORS", labels, float(xid_last[gs.gpu.uuid]))
@@ -153,7 +155,7 @@ class PrometheusExposition:
                     families.add("stacklens_xid_events_total", "XID events by number.", "counter",
                                  "stacklens_xid_events_total", labels + f',xid="{number}"', float(count))
         if host is not None:
-            host_labels = _label_text([("Hostname", self._hostname)])
+            host_labels = label_text([("Hostname", self._hostname)])
             self._add_all(families, host.readings, host_labels)
         by_uuid = {gs.gpu.uuid: gs.gpu for gs in snapshot.gpus}
         sig = SIGNALS["gpu_process_memory_bytes"]
@@ -161,7 +163,7 @@ class PrometheusExposition:
             gpu = by_uuid.get(p.gpu_uuid)
             if gpu is None or p.used_memory_bytes is None:
                 continue
-            families.add(sig.prometheus_name, sig.description, "gauge", sig.prometheus_name, _label_text([
+            families.add(sig.prometheus_name, sig.description, "gauge", sig.prometheus_name, label_text([
                 ("gpu", str(gpu.index)), ("UUID", gpu.uuid), ("Hostname", self._hostname), ("pid", str(p.pid)),
                 ("container_id", p.container_id or ""), ("pod", p.pod or ""), ("namespace", p.namespace or ""),
                 ("container", p.container or "")]), float(p.used_memory_bytes))
@@ -179,7 +181,7 @@ class PrometheusExposition:
                 head = self._head((labels, signal, extra))
             family, doc, kind, prefix, scale = head
             v = value * scale
-            line = prefix + (repr(float(v)) if v - v == 0 else _number(v)) + "\n"  # finite: repr as _number
+            line = prefix + (repr(float(v)) if v - v == 0 else format_value(v)) + "\n"  # finite: repr as format_value
             entry = by_name.get(family)
             if entry is None:
                 entry = by_name[family] = (doc, kind, [])
@@ -192,7 +194,7 @@ class PrometheusExposition:
         flag = SIGNALS["clock_event_reason_active"]
         lines = self._flag_lines.get((labels, mask))
         if lines is None:
-            lines = [f'{flag.prometheus_name}{{{labels},reason="{reason}"}} {_number(active)}\n'
+            lines = [f'{flag.prometheus_name}{{{labels},reason="{reason}"}} {format_value(active)}\n'
                      for reason, active in clock_event_flags(mask)]
             if len(self._flag_lines) < 10_000:
                 self._flag_lines[(labels, mask)] = lines
@@ -208,7 +210,7 @@ class PrometheusExposition:
             name, scale = sig.prometheus_name, 1.0
             if sig.kind == "counter" and not name.endswith("_total"):
                 name += "_total"
-            all_labels = labels + "," + _label_text(extra) if extra else labels
+            all_labels = labels + "," + label_text(extra) if extra else labels
         head = (name, sig.description, sig.kind, f"{name}{{{all_labels}}} ", scale)
         if len(self._heads) < 100_000:  # bounded: pod labels and cgroups come and go
             self._heads[key] = head

@@ -19,13 +19,13 @@ dashboards draw it as an annotation).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import duckdb
 import polars as pl
 
+from collector.export.prometheus import format_value, label_text
 from correlator.analysis.requests import data_extent, resolve_units
 
 # bucket upper bounds (seconds): sub-second TTFT resolved finely around the usual SLOs (0.2 s, 0.5 s, 1 s)
@@ -63,23 +63,6 @@ class _Histogram:
         self.total += total
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(pairs: Iterable[tuple[str, str]]) -> str:
-    return ",".join(f'{k}="{_escape(v)}"' for k, v in pairs)
-
-
-def _number(value: float) -> str:
-    """As Prometheus clients write numbers: ``1.0``, ``0.5``, ``+Inf`` (``le`` values must match the rules')."""
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
-
-
 def _aggregate_sql(column: str, bounds: Sequence[float], prefix: str) -> list[str]:
     finite = f"{column} IS NOT NULL AND isfinite({column})"
     cols = [f"count(*) FILTER (WHERE {finite} AND {column} <= {b!r}) AS {prefix}_{i}" for i, b in enumerate(bounds)]
@@ -88,7 +71,7 @@ def _aggregate_sql(column: str, bounds: Sequence[float], prefix: str) -> list[st
     return cols
 
 
-def _gpu_labels(cur: duckdb.DuckDBPyConnection, groups: pl.DataFrame) -> dict[tuple[object, ...], str]:
+def _gpulabel_text(cur: duckdb.DuckDBPyConnection, groups: pl.DataFrame) -> dict[tuple[object, ...], str]:
     """The ``gpu`` label of each replica key, resolved as the analysis resolves a request's GPUs."""
     keys = groups.select(_KEY_COLUMNS).unique()
     extent = data_extent(cur)
@@ -114,7 +97,7 @@ def _request_histograms(cur: duckdb.DuckDBPyConnection) -> dict[str, dict[tuple[
     out: dict[str, dict[tuple[str, str, str], _Histogram]] = {"ttft": {}, "tpot": {}}
     if groups.is_empty():
         return out
-    gpu_of = _gpu_labels(cur, groups)
+    gpu_of = _gpulabel_text(cur, groups)
     bounds = {"ttft": TTFT_BUCKETS, "tpot": TPOT_BUCKETS}
     for row in groups.iter_rows(named=True):
         labels = (str(row["model"]), str(row["node"]), gpu_of.get(tuple(row[c] for c in _KEY_COLUMNS), ""))
@@ -130,11 +113,11 @@ def _render_histogram(lines: list[str], name: str, doc: str, bounds: Sequence[fl
                       hists: Mapping[tuple[str, str, str], _Histogram]) -> None:
     lines += [f"# HELP {name} {doc}", f"# TYPE {name} histogram"]
     for (model, node, gpu), h in sorted(hists.items()):
-        base = _labels((("model", model), ("node", node), ("gpu", gpu)))
+        base = label_text((("model", model), ("node", node), ("gpu", gpu)))
         for b, n in zip(bounds, h.buckets, strict=True):
-            lines.append(f'{name}_bucket{{{base},le="{_number(b)}"}} {n}')
+            lines.append(f'{name}_bucket{{{base},le="{format_value(b)}"}} {n}')
         lines.append(f'{name}_bucket{{{base},le="+Inf"}} {h.count}')
-        lines.append(f"{name}_sum{{{base}}} {_number(h.total)}")
+        lines.append(f"{name}_sum{{{base}}} {format_value(h.total)}")
         lines.append(f"{name}_count{{{base}}} {h.count}")
 
 
@@ -148,9 +131,9 @@ def _render_findings(lines: list[str], cur: duckdb.DuckDBPyConnection) -> None:
               "# TYPE stacklens_findings gauge"]
     onsets: list[str] = []
     for cause, sub, node, gpu, uuid, n, onset_ns in rows:
-        labels = _labels((("cause", cause), ("sub_cause", sub), ("node", node), ("gpu", gpu), ("UUID", uuid)))
+        labels = label_text((("cause", cause), ("sub_cause", sub), ("node", node), ("gpu", gpu), ("UUID", uuid)))
         lines.append(f"stacklens_findings{{{labels}}} {int(n)}")
-        onsets.append(f"stacklens_finding_onset_seconds{{{labels}}} {_number(int(onset_ns) / 1e9)}")
+        onsets.append(f"stacklens_finding_onset_seconds{{{labels}}} {format_value(int(onset_ns) / 1e9)}")
     lines += ["# HELP stacklens_finding_onset_seconds Start of the incident window of the newest finding "
               "(Unix seconds).", "# TYPE stacklens_finding_onset_seconds gauge", *onsets]
 
