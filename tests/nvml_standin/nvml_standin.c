@@ -95,6 +95,9 @@ typedef struct { int used; unsigned long long registered; /* bit per GPU index *
 typedef struct { int used; char key[128]; unsigned long long count; } counter_t;
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+/* signalled whenever what an event wait looks at changes (a tick, a shutdown): waiters block on it, as a
+   real driver blocks in the kernel, instead of polling */
+static pthread_cond_t events_changed = PTHREAD_COND_INITIALIZER;
 static int refcount;
 static entry_t entries[TABLE];
 static counter_t counters[TABLE];
@@ -574,6 +577,7 @@ EXPORT nvmlReturn_t nvmlInit(void) { return nvmlInitWithFlags(0); }
 EXPORT nvmlReturn_t nvmlShutdown(void) {
     ENTER("nvmlShutdown", -1, NULL);
     refcount--;
+    pthread_cond_broadcast(&events_changed);
     write_call_log();
     LEAVE(OK);
 }
@@ -733,12 +737,23 @@ EXPORT nvmlReturn_t nvmlDeviceGetMinorNumber(device_t *d, unsigned int *m) {
     LEAVE(OK);
 }
 
+/* whether an event wait on this device would return now: an XID that came due, or the GPU lost */
+static int event_due(const device_t *d) {
+    if (lost(d)) return 1;
+    for (int x = 0; x < d->nxid; x++)
+        if (!d->xid_done[x] && d->tick >= d->xid_tick[x]) return 1;
+    return 0;
+}
+
 /* ---- the batched field read: advances the device's tick ------------------------------------------------ */
 EXPORT nvmlReturn_t nvmlDeviceGetFieldValues(device_t *d, int count, nvmlFieldValue_t *values) {
     ENTER("nvmlDeviceGetFieldValues", dev_index(d), NULL);
     if (!dev_ok(d) || count < 0 || (count > 0 && !values)) LEAVE(E_INVALID_ARGUMENT);
     /* each batched read after the first starts a new tick; the getters after it read the same row */
-    if (d->field_calls++ > 0) d->tick++;
+    if (d->field_calls++ > 0) {
+        d->tick++;
+        if (event_due(d)) pthread_cond_broadcast(&events_changed);  /* wake a waiter only when it has news */
+    }
     if (lost(d)) LEAVE(E_GPU_IS_LOST);
     long long timestamp = (long long)(clock_base_us + d->tick * clock_step_us);
     for (int i = 0; i < count; i++) {
@@ -1002,11 +1017,6 @@ EXPORT nvmlReturn_t nvmlDeviceRegisterEvents(device_t *d, unsigned long long typ
     LEAVE(OK);
 }
 
-static unsigned long long now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (unsigned long long)ts.tv_sec * 1000ULL + (unsigned long long)ts.tv_nsec / 1000000ULL;
-}
 
 /* One look for something to report, under the lock: 1 and *rc set when there is. */
 static int poll_events(event_set_t *set, nvmlEventData_t *data, nvmlReturn_t *rc) {
@@ -1034,21 +1044,22 @@ static int poll_events(event_set_t *set, nvmlEventData_t *data, nvmlReturn_t *rc
     return 0;
 }
 
-/* Waits for an event, polling every 5 ms without the lock held: ticks move in other threads. */
+/* Waits for an event: blocks on the condition the ticking threads signal, until one is due or the timeout. */
 EXPORT nvmlReturn_t nvmlEventSetWait_v2(event_set_t *set, nvmlEventData_t *data, unsigned int timeout_ms) {
     ENTER("nvmlEventSetWait", -1, NULL);
     if (!data) LEAVE(E_INVALID_ARGUMENT);
-    pthread_mutex_unlock(&mu);
-    unsigned long long deadline = now_ms() + timeout_ms;
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += timeout_ms / 1000;
+    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) { deadline.tv_sec += 1; deadline.tv_nsec -= 1000000000L; }
     for (;;) {
         nvmlReturn_t rc = OK;
-        pthread_mutex_lock(&mu);
-        int found = poll_events(set, data, &rc);
-        pthread_mutex_unlock(&mu);
-        if (found) return rc;
-        unsigned long long now = now_ms();
-        if (now >= deadline) return E_TIMEOUT;
-        sleep_ms(deadline - now < 5 ? (unsigned int)(deadline - now) : 5);
+        if (poll_events(set, data, &rc)) LEAVE(rc);
+        if (pthread_cond_timedwait(&events_changed, &mu, &deadline) == ETIMEDOUT) {
+            if (poll_events(set, data, &rc)) LEAVE(rc);
+            LEAVE(E_TIMEOUT);
+        }
     }
 }
 EXPORT nvmlReturn_t nvmlEventSetWait(event_set_t *set, nvmlEventData_t *data, unsigned int timeout_ms) {
