@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -32,6 +31,7 @@ from collector.placement.resolver import PlacementResolver
 from collector.simulated import SimulatedGpuSource
 from dashboards import generate
 from dashboards.queries import PromQuery, infinity_queries, interpolate, prometheus_queries
+from tests.harness.exposition import StaticExposition
 from tests.harness.fixtures import require_prometheus
 from tests.harness.prometheus_server import PrometheusServer, ScrapeTarget, free_tcp_port
 from tests.test_correlator_metrics import ENGINES, NODE, Req, feed_fleet, get
@@ -103,23 +103,8 @@ class _EngineMetrics:
         return "\n".join(out) + "\n"
 
 
-def _serve_engine(metrics: _EngineMetrics) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = metrics.text().encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            return
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+def _serve_engine(metrics: _EngineMetrics) -> StaticExposition:
+    return StaticExposition(lambda _: metrics.text())
 
 
 # --- requests arriving at the correlator -----------------------------------------------------------------
@@ -225,14 +210,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
         engines = [_serve_engine(_EngineMetrics("llama-3-70b", renamed=False)),
                    _serve_engine(_EngineMetrics("mistral-7b", renamed=True))]
-        closers += [e.shutdown for e in engines]
+        closers += [e.close for e in engines]
 
         labels = {"cluster": CLUSTER}
         targets = [
             ScrapeTarget(f"127.0.0.1:{agent_server.server_address[1]}", job="stacklens-agent", labels=labels),
             ScrapeTarget(f"127.0.0.1:{free_tcp_port()}", job="stacklens-agent", labels=labels),  # a dead agent
             ScrapeTarget(api.removeprefix("http://"), job="stacklens-correlator", labels=labels),
-            *(ScrapeTarget(f"127.0.0.1:{e.server_address[1]}", job="vllm", labels={**labels, "Hostname": NODE})
+            *(ScrapeTarget(e.address, job="vllm", labels={**labels, "Hostname": NODE})
               for e in engines)]
         prom = RulesPrometheus(targets, RULE_FILES, scrape_interval=1.0, evaluation_interval=1.0,
                                binary=require_prometheus())

@@ -19,6 +19,7 @@ from correlator.cli import app
 from correlator.ingest.prometheus_pull import PrometheusPuller, default_selectors, subtract, union
 from correlator.server.serve import Correlator, ServeConfig
 from correlator.store.duckdb_store import Store
+from tests.harness.exposition import StaticExposition
 from tests.harness.fixtures import require_prometheus
 from tests.harness.prometheus_server import PrometheusServer, ScrapeTarget, free_tcp_port
 
@@ -82,39 +83,11 @@ def vllm_exposition(scrape: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-class Exposition:
-    """A static /metrics served on 127.0.0.1 that records when each scrape arrived."""
-
-    def __init__(self, render: Any) -> None:
-        self.scrapes: list[float] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                outer.scrapes.append(time.time())
-                body = render(len(outer.scrapes)).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.address = f"127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
 
 @pytest.fixture(scope="module")
-def prom() -> Iterator[tuple[PrometheusServer, Exposition, Exposition, float]]:
+def prom() -> Iterator[tuple[PrometheusServer, StaticExposition, StaticExposition, float]]:
     binary = require_prometheus()
-    dcgm, vllm = Exposition(dcgm_exposition), Exposition(vllm_exposition)
+    dcgm, vllm = StaticExposition(dcgm_exposition), StaticExposition(vllm_exposition)
     started = time.time()
     server = PrometheusServer([ScrapeTarget(dcgm.address, job="dcgm-exporter"),
                                ScrapeTarget(vllm.address, job="vllm", labels={"node": "node-a"})],
@@ -138,7 +111,7 @@ def _rows(store: Store, sql: str) -> list[tuple[Any, ...]]:
 
 
 def test_pull_stores_dcgm_and_vllm_series_with_scrape_times_once(
-        prom: tuple[PrometheusServer, Exposition, Exposition, float], tmp_path: Path) -> None:
+        prom: tuple[PrometheusServer, StaticExposition, StaticExposition, float], tmp_path: Path) -> None:
     server, dcgm, _vllm, started = prom
     store = Store(tmp_path / "p.duckdb")
     try:
@@ -234,7 +207,7 @@ def test_prometheus_down_is_logged_and_retried_never_raised(tmp_path: Path, capl
 
 
 def test_serve_pulls_periodically_and_import_pulls_a_window(
-        prom: tuple[PrometheusServer, Exposition, Exposition, float], tmp_path: Path) -> None:
+        prom: tuple[PrometheusServer, StaticExposition, StaticExposition, float], tmp_path: Path) -> None:
     server, _, _, started = prom
     c = Correlator(ServeConfig(db=str(tmp_path / "s.duckdb"), otlp_grpc=None, otlp_http=None, api=None,
                                prometheus_url=server.url, prometheus_interval_s=1.0))
