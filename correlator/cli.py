@@ -398,12 +398,14 @@ def demo(
     db: DbOpt = "stacklens-demo.duckdb",
     seed: Annotated[int, typer.Option("--seed")] = 7,
     scenario: Annotated[str | None, typer.Option("--scenario", help="a scenario TOML instead of --fault")] = None,
+    nvml: Annotated[bool, typer.Option("--nvml", help="also send this machine's real GPUs (NVML) through the "
+                                                      "agent's path")] = False,
 ) -> None:
     """A simulated 2-node x 4-GPU fleet with one fault, through the real pipeline, to a verdict."""
     from correlator.demo import run_demo
 
     code = run_demo(fault=fault, db=db, seed=seed, scenario_path=scenario, console=_console(stderr=True),
-                    out=_console())
+                    out=_console(), nvml=nvml)
     raise typer.Exit(code)
 
 

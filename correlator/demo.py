@@ -120,7 +120,45 @@ class FleetSender:
             self.metrics.send(engine_metrics_request(gauges, self.fleet.s.start_ns))
 
 
-def run_demo(fault: str, db: str, seed: int, scenario_path: str | None, console: Console, out: Console) -> int:
+class LocalGpus:
+    """This machine's real GPUs through the agent's own NVML path (``stacklens demo --nvml``), sampled at most
+    once a wall-clock second while the simulated fleet streams, and sent over the same OTLP transport."""
+
+    def __init__(self, send: Callable[[bytes], object], clock: Callable[[], float] = time.monotonic) -> None:
+        import socket
+
+        from collector.agent import Agent
+        from collector.host import HostSource
+        from collector.nvml.source import NvmlGpuSource
+        from collector.placement.resolver import PlacementResolver
+
+        self.node = socket.gethostname()
+        self.agent = Agent(self.node, NvmlGpuSource(pcie_counter_poll=False), [], HostSource(), PlacementResolver(),
+                           slow_interval_s=1.0)
+        self.encoder = OtlpMetricsEncoder(ResourceInfo(self.node))
+        self.send = send
+        self.clock = clock
+        self.status = "closed"
+        self.samples = 0
+        self._last = -1e9
+
+    def open(self) -> str:
+        self.status = self.agent.open()
+        return self.status
+
+    def maybe_sample(self) -> None:
+        if self.status != "ok" or self.clock() - self._last < 1.0:
+            return
+        self._last = self.clock()
+        self.send(self.encoder.encode(self.agent.cycle()))
+        self.samples += 1
+
+    def close(self) -> None:
+        self.agent.close()
+
+
+def run_demo(fault: str, db: str, seed: int, scenario_path: str | None, console: Console, out: Console,
+             nvml: bool = False) -> int:
     from correlator.analysis.why import RootCause, WhyQuery, store_findings
     from correlator.cli import print_why
     from correlator.server.serve import Correlator, ServeConfig
@@ -152,12 +190,31 @@ def run_demo(fault: str, db: str, seed: int, scenario_path: str | None, console:
                      f"minute {scenario.faults[0].onset_s / 60:.0f}" if scenario.faults else "no fault (benign drift)"),
                   markup=False)
     sender = FleetSender(fleet, addresses["otlp_http"])
+    local = None
+    if nvml:
+        local = LocalGpus(sender.metrics.send)
+        status = local.open()
+        if status == "ok":
+            console.print(f"adding this machine's real GPUs as node {local.node}, through the agent's NVML path",
+                          markup=False)
+        else:
+            console.print(f"real NVML not used ({status}): the simulated fleet alone", markup=False)
     steps = int(scenario.duration_s)
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} s"),
                       TimeElapsedColumn(), console=console, transient=True) as progress:
             task = progress.add_task("simulating and sending over OTLP", total=steps)
-            sender.run(lambda k: progress.update(task, completed=k + 1))
+
+            def tick(k: int) -> None:
+                progress.update(task, completed=k + 1)
+                if local is not None:
+                    local.maybe_sample()
+
+            sender.run(tick)
+        if local is not None:
+            local.close()
+            if local.samples:
+                console.print(f"sent {local.samples} samples of {local.node}'s real GPUs", markup=False)
         rows = correlator.store.stats.rows if correlator.store else 0
         console.print(f"sent {sender.spans} request spans and {steps} s of GPU, host and engine telemetry "
                       f"in {time.perf_counter() - t0:.1f} s; the correlator stored {rows} rows", markup=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -322,3 +323,26 @@ def test_pcie_throughput_fallback_runs_off_the_sampling_path(standin_lib: Path, 
     times = [line["time_ns"] for line in lines]
     span_s = (times[-1] - times[0]) / 1e9
     assert span_s < 24 * 0.1 * 1.5  # 40 ms of blocking calls per poll did not stretch the 100 ms cycles
+
+
+def test_demo_sends_this_machines_real_gpus_through_the_agent_path(standin_lib: Path, tmp_path: Path) -> None:
+    """`stacklens demo --nvml`: beside the simulated fleet, the GPUs NVML reports (here the stand-in's) go
+    through the agent's NVML access layer and OTLP encoder into the demo's correlator."""
+    path = h100_node(2).write(tmp_path / "script.txt")
+    scenario = tmp_path / "s.toml"
+    scenario.write_text("nodes = 1\ngpus_per_node = 2\nduration_s = 240.0\nseed = 3\nworkload = 'synthetic'\n")
+    db = tmp_path / "demo.duckdb"
+    proc = subprocess.run(  # noqa: PLW1510 - the test reads returncode
+        [sys.executable, "-m", "correlator.cli", "demo", "--nvml", "--scenario", str(scenario), "--db", str(db)],
+        cwd=REPO, env=standin_env(standin_lib, path), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "adding this machine's real GPUs" in proc.stderr
+    import duckdb
+
+    con = duckdb.connect(str(db), read_only=True)
+    rows = con.execute(
+        "SELECT g.uuid, g.model, count(*) FROM gpu_samples JOIN gpus g USING (gpu_id) JOIN nodes n "
+        "ON n.node_id = g.node_id WHERE n.name = ? GROUP BY ALL ORDER BY 1", [socket.gethostname()]).fetchall()
+    con.close()
+    assert [r[0] for r in rows] == [f"GPU-{i:08x}-aaaa-bbbb-cccc-{i:012x}" for i in range(2)]
+    assert all(r[1] == "NVIDIA H100 80GB HBM3" and r[2] > 10 for r in rows)
