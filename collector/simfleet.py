@@ -48,17 +48,18 @@ class GpuType:
     slowdown_temp_c: float
     thermal_resistance_c_per_w: float
     thermal_tau_s: float
-    speed: float  # relative compute and memory speed against H100 SXM (the calibration point)
+    speed: float  # relative compute speed against H100 SXM (the calibration point): prefill
+    mem_speed: float  # relative memory speed against H100 SXM: decode steps
 
 
 # public spec sheets (NVIDIA H100 SXM5, A100 SXM4 80GB, L40S datasheets)
 GPU_TYPES: dict[str, GpuType] = {
     "H100-SXM": GpuType("NVIDIA H100 80GB HBM3", 700.0, 70.0, 1.98e9, 2.619e9, 80 * 2**30, 5, 16, 18, 25e9, 3.35e12,
-                        87.0, 0.072, 45.0, 1.0),
+                        87.0, 0.072, 45.0, 1.0, 1.0),
     "A100-80GB": GpuType("NVIDIA A100-SXM4-80GB", 400.0, 55.0, 1.41e9, 1.593e9, 80 * 2**30, 4, 16, 12, 25e9, 2.04e12,
-                         85.0, 0.12, 45.0, 0.45),
+                         85.0, 0.12, 45.0, 0.45, 0.63),
     "L40S": GpuType("NVIDIA L40S", 350.0, 35.0, 2.52e9, 9.001e9, 48 * 2**30, 4, 16, 0, 0.0, 0.864e12, 88.0, 0.15,
-                    40.0, 0.35),
+                    40.0, 0.35, 0.26),
 }
 
 # Llama-2-70B on H100 TP-2, fitted to Splitwise's measurements (see docs/simulator.md)
@@ -418,7 +419,7 @@ class Fleet:
                 # host-to-device transfers of the prompt's KV/embeddings wait behind the saturated link
                 prefill += 0.25 + prompt * 0.00035
             comm = DECODE_STEP_S * COMM_SHARE * (1.0 / links_frac - 1.0) if self.s.tp > 1 else 0.0
-            step = ((DECODE_STEP_S + DECODE_PER_SEQ_S * b) / (mem_share * g0_speed(rep))
+            step = ((DECODE_STEP_S + DECODE_PER_SEQ_S * b) / (mem_share * rep.gpus[0].t.mem_speed)
                     + comm + overhead) * (1.0 + 0.25 * (1.0 - clock) ** 2)
             if xid:
                 step *= 1.3

@@ -7,15 +7,29 @@ Each case runs the fleet for six simulated minutes (the fault from minute 3) str
 
 from __future__ import annotations
 
+import csv
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 
 import pytest
 
 from collector.signals import CLOCK_EVENT_REASONS
-from collector.simfleet import FAULT_KINDS, Fault, Fleet, Scenario, SimRequest, trace_rows
+from collector.simfleet import (
+    DECODE_PER_SEQ_S,
+    DECODE_STEP_S,
+    FAULT_KINDS,
+    GPU_TYPES,
+    PREFILL_FIXED_S,
+    PREFILL_PER_TOKEN_S,
+    Fault,
+    Fleet,
+    Scenario,
+    SimRequest,
+    trace_rows,
+)
 
 ONSET_S = 180.0
 BEFORE = (60.0, ONSET_S)  # after the warm-up, before the fault
@@ -325,3 +339,29 @@ def test_scenario_arrivals_are_validated() -> None:
         Scenario.from_dict({"arrivals": "uniform"})
     with pytest.raises(ValueError, match="needs a trace workload"):
         Scenario.from_dict({"arrivals": "trace", "workload": "synthetic"})
+
+
+_SPLITWISE = Path(__file__).resolve().parents[2] / "shared" / "data" / "splitwise_perf_model.csv"
+
+
+@pytest.mark.skipif(not _SPLITWISE.is_file(), reason="the Splitwise table is not in ../shared/data here")
+@pytest.mark.parametrize(("hardware", "gpu_type"), [("h100-80gb", "H100-SXM"), ("a100-80gb", "A100-80GB")])
+def test_prefill_and_decode_times_match_splitwise_within_10_percent(hardware: str, gpu_type: str) -> None:
+    """Llama-2-70B on TP 2: prefill by prompt size (batch 1) and the decode step by batch size, against the
+    means of Splitwise's measured rows (docs/simulator.md has the table)."""
+    rows = [r for r in csv.DictReader(_SPLITWISE.open()) if r["model"] == "llama2-70b"
+            and r["hardware"] == hardware and r["tensor_parallel"] == "2"]
+    t = GPU_TYPES[gpu_type]
+
+    def measured(column: str, prompt: int, batch: int) -> float:
+        vals = [float(r[column]) / 1e3 for r in rows
+                if int(r["prompt_size"]) == prompt and int(r["batch_size"]) == batch]
+        assert vals, (prompt, batch)
+        return statistics.mean(vals)
+
+    for prompt in (512, 2048, 8192):
+        sim = (PREFILL_FIXED_S + prompt * PREFILL_PER_TOKEN_S) / t.speed
+        assert 0.9 < sim / measured("prompt_time", prompt, 1) < 1.1, (prompt, sim)
+    for batch in (1, 16, 32):
+        sim = (DECODE_STEP_S + DECODE_PER_SEQ_S * batch) / t.mem_speed
+        assert 0.9 < sim / measured("token_time", 512, batch) < 1.1, (batch, sim)
