@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--simulate", action="store_true", default=None, help="simulated GPUs instead of NVML")
     p.add_argument("--simulate-gpus", type=int, help="simulated GPUs (default 8)")
     p.add_argument("--simulate-model", help="simulated GPU model: H100-SXM, A100-80GB, L40S")
+    p.add_argument("--simulate-scenario", help="one node of a simulated fleet with its engines and faults "
+                                               "(a scenario TOML, docs/simulator.md) instead")
+    p.add_argument("--simulate-node", type=int, help="which node of the scenario (from 0)")
     p.add_argument("--seed", type=int, help="seed of the simulation")
     p.add_argument("--once", action="store_true", help="print one sample and exit")
     p.add_argument("-o", "--output", choices=("table", "json"),
@@ -173,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_backend(settings: AgentSettings) -> GpuBackend:
+    if settings.simulate_scenario:
+        from collector.simfleet import FleetNodeBackend, load_scenario
+
+        return FleetNodeBackend(load_scenario(settings.simulate_scenario), settings.simulate_node)
     if settings.simulate:
         from collector.simulated import SimulatedGpuSource
 

@@ -47,6 +47,10 @@ class AgentSettings:
     simulate: bool = False
     simulate_gpus: int = 8
     simulate_model: str = "H100-SXM"
+    # a scenario file of the simulated fleet (collector/simfleet.py): this node's GPUs with its engines'
+    # load and its faults instead of the simple simulated node
+    simulate_scenario: str = ""
+    simulate_node: int = 0
     seed: int = 0
     node_name: str = ""
     k8s_node_name: str = ""
@@ -156,6 +160,16 @@ def validate(s: AgentSettings) -> None:
         raise ConfigError(f"prometheus_port must be 0 (off) to 65535, got {s.prometheus_port}")
     if not 1 <= s.simulate_gpus <= 64:
         raise ConfigError(f"simulate_gpus must be 1 to 64, got {s.simulate_gpus}")
+    if s.simulate_scenario:
+        from collector.simfleet import load_scenario
+
+        try:
+            scenario = load_scenario(s.simulate_scenario)
+        except ValueError as e:
+            raise ConfigError(f"simulate_scenario: {e}") from e
+        if not 0 <= s.simulate_node < scenario.nodes:
+            raise ConfigError(f"simulate_node must be 0 to {scenario.nodes - 1} for that scenario, "
+                              f"got {s.simulate_node}")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level must be debug, info, warning or error, got {s.log_level!r}")
     if not 0 <= s.export_interval_s <= 60:

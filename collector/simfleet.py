@@ -639,3 +639,60 @@ def _poisson(rng: random.Random, lam: float) -> int:
         if p <= limit:
             return k
         k += 1
+
+
+class FleetNodeBackend:
+    """One node of a simulated fleet behind the agent's :class:`~collector.backend.GpuBackend` interface:
+    its GPUs with the fleet's physics, load from its engines and its scenario's faults, driven only by the
+    time the agent gives it (the fleet is stepped, one simulated second a tick, up to ``now_ns``; the
+    scenario's clock starts at the first sample). ``stacklens-agent --simulate-scenario FILE``."""
+
+    def __init__(self, scenario: Scenario, node: int = 0) -> None:
+        if not 0 <= node < scenario.nodes:
+            raise ValueError(f"node {node} is outside the scenario's {scenario.nodes} nodes")
+        self.scenario = scenario
+        self.node = node
+        self._fleet: Fleet | None = None
+        self._ticks: Iterator[FleetTick] | None = None
+        self._last: NodeSnapshot | None = None
+        self._events: list[XidEvent] = []
+        self._status = "closed"
+
+    @property
+    def status(self) -> str:
+        return self._status
+
+    @property
+    def driver_version(self) -> str | None:
+        return "simulated"
+
+    def open(self) -> str:
+        self._status = "ok"
+        return self._status
+
+    def identities(self) -> tuple[GpuIdentity, ...]:
+        fleet = self._fleet or Fleet(self.scenario)
+        return tuple(g.ident for g in fleet.gpus[self.node])
+
+    def sample(self, now_ns: int, slow: bool, processes: bool) -> tuple[GpuSample, ...]:
+        if self._fleet is None:
+            self._fleet = Fleet(replace(self.scenario, start_ns=now_ns, duration_s=10 * 365 * 86400.0))
+            self._ticks = self._fleet.run()
+        assert self._ticks is not None
+        while self._last is None or self._last.time_ns + 10**9 <= now_ns:
+            tick = next(self._ticks)
+            self._last = tick.snapshots[self.node]
+            self._events += self._last.events
+        # the fleet's readings at its last tick, stamped with the agent's time as NVML would stamp them
+        out = []
+        for s in self._last.gpus:
+            readings = tuple(r._replace(time_ns=now_ns) for r in s.readings)
+            out.append(replace(s, time_ns=now_ns, readings=readings, processes=s.processes if processes else ()))
+        return tuple(out)
+
+    def drain_events(self) -> list[XidEvent]:
+        events, self._events = self._events, []
+        return events
+
+    def close(self) -> None:
+        self._status = "closed"

@@ -8,7 +8,10 @@ Each case runs the fleet for six simulated minutes (the fault from minute 3) str
 from __future__ import annotations
 
 import csv
+import json
 import statistics
+import subprocess
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cache
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from collector.records import GpuSample
 from collector.signals import CLOCK_EVENT_REASONS
 from collector.simfleet import (
     DECODE_PER_SEQ_S,
@@ -26,6 +30,7 @@ from collector.simfleet import (
     PREFILL_PER_TOKEN_S,
     Fault,
     Fleet,
+    FleetNodeBackend,
     Scenario,
     SimRequest,
     trace_rows,
@@ -365,3 +370,43 @@ def test_prefill_and_decode_times_match_splitwise_within_10_percent(hardware: st
     for batch in (1, 16, 32):
         sim = (DECODE_STEP_S + DECODE_PER_SEQ_S * batch) / t.mem_speed
         assert 0.9 < sim / measured("token_time", 512, batch) < 1.1, (batch, sim)
+
+
+def test_a_fleet_node_runs_behind_the_agents_backend_interface() -> None:
+    """`stacklens-agent --simulate-scenario`: one node of the fleet, stepped by the time the agent gives it."""
+    scenario = Scenario(nodes=2, seed=4, workload="synthetic",
+                        faults=(Fault("power_cap", 1, 2, 30.0), Fault("xid_failure", 1, 0, 30.0)))
+    backend = FleetNodeBackend(scenario, node=1)
+    assert backend.open() == "ok"
+    t0 = 1_800_000_000 * 10**9
+
+    def value(samples: tuple[GpuSample, ...], gpu: int, signal: str) -> float:
+        return next(r.value for r in samples[gpu].readings if r.signal == signal and r.value is not None)
+
+    first = backend.sample(t0, True, True)
+    assert [s.gpu.uuid for s in first] == [g.uuid for g in backend.identities()]
+    assert all(r.time_ns == t0 for s in first for r in s.readings)  # stamped with the agent's time
+    later = backend.sample(t0 + 120 * 10**9, True, True)
+    assert value(later, 2, "power_limit_w") < value(first, 2, "power_limit_w")  # the fault, on its GPU only
+    assert value(later, 1, "power_limit_w") == value(first, 1, "power_limit_w")
+    events = backend.drain_events()
+    assert events and {e.gpu_index for e in events} == {0} and backend.drain_events() == []
+    assert later[0].processes and not backend.sample(t0 + 121 * 10**9, True, False)[0].processes
+
+
+def test_the_agent_cli_takes_a_scenario_node(tmp_path: Path) -> None:
+    scenario = tmp_path / "s.toml"
+    scenario.write_text("nodes = 2\nworkload = 'synthetic'\n[[faults]]\nkind = 'power_cap'\nnode = 1\ngpu = 3\n"
+                        "onset_s = 0.0\n")
+    proc = subprocess.run(  # noqa: PLW1510 - the test reads returncode
+        [sys.executable, "-m", "collector.cli", "--simulate-scenario", str(scenario), "--simulate-node", "1",
+         "--once", "-o", "json"], cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+        timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    limits = [g["signals"]["power_limit_w"] for g in doc["gpus"]]
+    assert len(limits) == 4 and limits[3] < limits[0] == 700.0
+    bad = subprocess.run(  # noqa: PLW1510
+        [sys.executable, "-m", "collector.cli", "--simulate-scenario", str(scenario), "--simulate-node", "5",
+         "--once"], capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert bad.returncode == 2 and "simulate_node" in bad.stderr
