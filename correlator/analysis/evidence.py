@@ -202,8 +202,11 @@ def collect(cur: duckdb.DuckDBPyConnection, b0: int, b1: int, i0: int, i1: int) 
                                                                                               ratio)
 
     engine = ids(ENGINE_SIGNALS)
+    # for the engines' gauges the "max" of a window is its 95th percentile: the level a batch is held at,
+    # not a peak of the minute before the onset that an incident window found a little early still holds
     rows = cur.execute(
-        f"SELECT node_id, coalesce(pid, -1), signal_id, {w}, median(value), {mad}, max(value) FROM engine_samples "
+        f"SELECT node_id, coalesce(pid, -1), signal_id, {w}, median(value), {mad}, quantile_cont(value, 0.95) "
+        "FROM engine_samples "
         f"WHERE {where} AND signal_id IN ({_in(engine)}) GROUP BY ALL", params).fetchall() if engine else []
     for (key, name), st in stats(rows, 2).items():
         node_pid: tuple[int, int] = key  # type: ignore[assignment]
