@@ -502,7 +502,8 @@ class Fleet:
         xid = self._on(t_s, "xid_failure", node, g.ident.index)
         target = 1.0 + min(0.0, wander)
         reasons = 0
-        demand = ty.idle_w + (ty.tdp_w - ty.idle_w) * (0.6 * compute + 0.4 * mem) * target ** 2
+        load = power_share(compute, mem)
+        demand = ty.idle_w + (ty.tdp_w - ty.idle_w) * load * target ** 2
         if demand > limit:
             target = min(target, math.sqrt(max(0.05, (limit - ty.idle_w) / max(1.0, demand - ty.idle_w))) * target)
             reasons |= _BIT["sw_power_cap"]
@@ -514,7 +515,7 @@ class Fleet:
         if compute < 0.05:
             reasons |= _BIT["gpu_idle"]
         g.clock_ratio += (target - g.clock_ratio) * min(1.0, dt / 2.0)
-        g.power_w = min(limit, ty.idle_w + (ty.tdp_w - ty.idle_w) * (0.6 * compute + 0.4 * mem) * g.clock_ratio ** 2)
+        g.power_w = min(limit, ty.idle_w + (ty.tdp_w - ty.idle_w) * load * g.clock_ratio ** 2)
         g.power_w *= 1.0 + 0.01 * self.rng.gauss(0, 1)
         steady = _AMBIENT_C + g.power_w * r_th
         g.temp_c += (steady - g.temp_c) * (1.0 - math.exp(-dt / ty.thermal_tau_s))
@@ -624,6 +625,14 @@ class Fleet:
         if rest:
             t_end = self.s.start_ns + int(self.s.duration_s * 1e9)
             yield FleetTick(t_end, (), tuple(replace(r) for r in rest), ())
+
+
+def power_share(compute: float, mem: float) -> float:
+    """The share of (TDP - idle) a GPU draws at this activity: a serving GPU draws most of its power as soon
+    as it runs kernels at all (fitted to Splitwise's A100 Llama-2-70B rows: 0.74 of the limit on average at
+    batch 1, 0.79 at batch 16), kept under TDP at full load so that only a fault throttles."""
+    activity = 0.6 * compute + 0.4 * mem
+    return 0.55 + 0.4 * activity if compute >= 0.05 else activity
 
 
 def g0_speed(rep: _Replica) -> float:

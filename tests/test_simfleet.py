@@ -33,6 +33,7 @@ from collector.simfleet import (
     FleetNodeBackend,
     Scenario,
     SimRequest,
+    power_share,
     trace_rows,
 )
 
@@ -410,3 +411,20 @@ def test_the_agent_cli_takes_a_scenario_node(tmp_path: Path) -> None:
         [sys.executable, "-m", "collector.cli", "--simulate-scenario", str(scenario), "--simulate-node", "5",
          "--once"], capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
     assert bad.returncode == 2 and "simulate_node" in bad.stderr
+
+
+@pytest.mark.skipif(not _SPLITWISE.is_file(), reason="the Splitwise table is not in ../shared/data here")
+def test_a100_power_draw_matches_splitwise_within_10_percent() -> None:
+    """The average draw of a serving A100 (share of its power limit) at batch 1 and 16, at the activity the
+    engine model gives those batches (64 slots), against Splitwise's rows that carry a power figure."""
+    rows = [r for r in csv.DictReader(_SPLITWISE.open()) if r["model"] == "llama2-70b"
+            and r["hardware"] == "a100-80gb" and r["tensor_parallel"] == "2" and float(r["average_power"]) > 0]
+    t = GPU_TYPES["A100-80GB"]
+    for batch in (1, 16):
+        measured = statistics.mean(float(r["average_power"]) for r in rows
+                                   if int(r["prompt_size"]) == 512 and int(r["batch_size"]) == batch)
+        occupancy = batch / 64
+        share = power_share(0.25 + 0.7 * occupancy, 0.3 + 0.55 * occupancy)
+        simulated = (t.idle_w + (t.tdp_w - t.idle_w) * share) / t.tdp_w
+        assert 0.9 < simulated / measured < 1.1, (batch, simulated, measured)
+    assert power_share(1.0, 1.0) < 1.0  # full load stays under TDP: only a fault throttles
