@@ -19,7 +19,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from collector.signals import CLOCK_EVENT_REASONS
+from correlator.analysis.evidence import POWER_MASK, THERMAL_MASK
 
 # the cause each signal is primary evidence of (DESIGN.md's cause table)
 CAUSE_OF_SIGNAL: dict[str, tuple[str, str]] = {
@@ -50,9 +50,17 @@ CAUSE_OF_SIGNAL: dict[str, tuple[str, str]] = {
 }
 _GPU_SIGNALS = [s for s in CAUSE_OF_SIGNAL if not s.startswith(("engine_", "host_", "throttle_", "gpu_processes",
                                                                  "xid_", "arrivals_", "nvlink_links"))]
-_BIT = {name: bit for bit, name in CLOCK_EVENT_REASONS.items()}
-_POWER = _BIT["sw_power_cap"] | _BIT["hw_power_brake"]
-_THERMAL = _BIT["sw_thermal"] | _BIT["hw_thermal"] | _BIT["hw_slowdown"]
+
+
+def _per_gpu_second(cur: duckdb.DuckDBPyConnection, aggregates: str, table: str, where: str, p: dict[str, int]
+                    ) -> list[tuple[Any, ...]]:
+    """(second since t0, "<node>/gpu<index>", uuid, *aggregates) rows of a per-GPU table (SQL fragments are
+    this module's constants, never user input)."""
+    signals = " JOIN signals s USING (signal_id)" if table == "gpu_samples" else ""
+    return cur.execute(
+        f"SELECT (time_ns - $t0) // 1000000000, n.name || '/gpu' || g.gpu_index, g.uuid, {aggregates} "
+        f"FROM {table} x{signals} JOIN gpus g ON g.gpu_id = x.gpu_id JOIN nodes n ON n.node_id = g.node_id "
+        f"WHERE time_ns BETWEEN $t0 AND $t1 AND {where} GROUP BY ALL", p).fetchall()
 
 
 def series_frame(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -60,28 +68,14 @@ def series_frame(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int) -> 
     ``{"column": ("gpu", uuid) | ("node", name) | ("engine", (node, pid))}``."""
     p = {"t0": start_ns, "t1": end_ns}
     names = ", ".join(f"'{s}'" for s in _GPU_SIGNALS)  # constants of this module, not user input
-    gpu = cur.execute(
-        "SELECT (time_ns - $t0) // 1000000000 AS t, n.name || '/gpu' || g.gpu_index AS who, g.uuid, s.name, "
-        "avg(value) FROM gpu_samples JOIN signals s USING (signal_id) JOIN gpus g USING (gpu_id) "
-        f"JOIN nodes n USING (node_id) WHERE time_ns BETWEEN $t0 AND $t1 AND sub IS NULL AND s.name IN ({names}) "
-        "GROUP BY ALL", p).fetchall()
-    flags = cur.execute(
-        "SELECT (time_ns - $t0) // 1000000000, n.name || '/gpu' || g.gpu_index, g.uuid, "
-        f"max((((value::BIGINT) & {_POWER}) != 0)::INT), max((((value::BIGINT) & {_THERMAL}) != 0)::INT) "
-        "FROM gpu_samples JOIN signals s USING (signal_id) JOIN gpus g USING (gpu_id) JOIN nodes n USING (node_id) "
-        "WHERE time_ns BETWEEN $t0 AND $t1 AND s.name = 'clock_event_reasons' GROUP BY ALL", p).fetchall()
-    links = cur.execute(
-        "SELECT (time_ns - $t0) // 1000000000, n.name || '/gpu' || g.gpu_index, g.uuid, sum((value = 0)::INT) "
-        "FROM gpu_samples JOIN signals s USING (signal_id) JOIN gpus g USING (gpu_id) JOIN nodes n USING (node_id) "
-        "WHERE time_ns BETWEEN $t0 AND $t1 AND s.name = 'nvlink_link_up' GROUP BY ALL", p).fetchall()
-    procs = cur.execute(
-        "SELECT (time_ns - $t0) // 1000000000, n.name || '/gpu' || g.gpu_index, g.uuid, count(DISTINCT pid) "
-        "FROM placements JOIN gpus g USING (gpu_id) JOIN nodes n ON n.node_id = g.node_id "
-        "WHERE time_ns BETWEEN $t0 AND $t1 GROUP BY ALL", p).fetchall()
-    xids = cur.execute(
-        "SELECT (time_ns - $t0) // 1000000000, n.name || '/gpu' || g.gpu_index, g.uuid, count(*) FROM events "
-        "JOIN gpus g USING (gpu_id) JOIN nodes n ON n.node_id = g.node_id "
-        "WHERE kind = 'xid' AND time_ns BETWEEN $t0 AND $t1 GROUP BY ALL", p).fetchall()
+    gpu = _per_gpu_second(cur, "s.name, avg(value)", "gpu_samples",
+                          f"sub IS NULL AND s.name IN ({names})", p)
+    flags = _per_gpu_second(cur, f"max((((value::BIGINT) & {POWER_MASK}) != 0)::INT), "
+                                 f"max((((value::BIGINT) & {THERMAL_MASK}) != 0)::INT)", "gpu_samples",
+                            "s.name = 'clock_event_reasons'", p)
+    links = _per_gpu_second(cur, "sum((value = 0)::INT)", "gpu_samples", "s.name = 'nvlink_link_up'", p)
+    procs = _per_gpu_second(cur, "count(DISTINCT pid)", "placements", "true", p)
+    xids = _per_gpu_second(cur, "count(*)", "events", "kind = 'xid'", p)
     host = cur.execute(
         "SELECT (time_ns - $t0) // 1000000000, n.name, s.name, avg(value) FROM host_samples "
         "JOIN signals s USING (signal_id) JOIN nodes n USING (node_id) WHERE time_ns BETWEEN $t0 AND $t1 "

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.attribution_eval import _REPLICA_CAUSES, code_hash
+from benchmarks.attribution_eval import _culprit_ok, code_hash
 from collector.simfleet import FAULT_KINDS
 from correlator.analysis.online import WINDOW, OnlineDetector
 from correlator.store.duckdb_store import Store
@@ -47,13 +47,7 @@ def replay(db: Path, meta: dict[str, Any], before_s: int = 120, after_s: int = 3
                 assert inc.confirmed_ns is not None
                 delay = (inc.confirmed_ns - onset) / 1e9
                 c, sub, node, gpu = inc.key
-                if kind == "cpu_contention":
-                    where_ok = node == meta["node"]
-                elif kind in _REPLICA_CAUSES:
-                    where_ok = gpu in meta["replica_gpus"]
-                else:
-                    where_ok = gpu == meta["gpu"]
-                right = (c, sub or "") == cause and where_ok
+                right = (c, sub or "") == cause and _culprit_ok(kind, meta, gpu, node)
                 if delay < 0 or healthy:
                     early += 1
                 if first is None:

@@ -428,6 +428,7 @@ def simulate(
     from collector.simfleet import FAULT_KINDS, Fault, Scenario, load_scenario
     from correlator.analysis.timeparse import TimeParseError, parse_duration_ns
     from correlator.demo import run_simulate
+    from correlator.server.serve import require_http_url
 
     try:
         if scenario:
@@ -441,8 +442,7 @@ def simulate(
         sc = replace(sc, duration_s=parse_duration_ns(duration) / 1e9)
         if not speed > 0:
             raise ValueError("--speed must be positive")
-        if not otlp_endpoint.startswith(("http://", "https://")):
-            raise ValueError(f"--otlp-endpoint {otlp_endpoint!r} must start with http:// or https://")
+        require_http_url("--otlp-endpoint", otlp_endpoint)
     except (ValueError, TimeParseError) as e:
         raise _fail(str(e), 2) from e
     headers = (("authorization", f"Bearer {token}"),) if token else ()

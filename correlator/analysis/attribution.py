@@ -240,16 +240,16 @@ def gpu_candidates(ev: Evidence, units_of_gpu: dict[int, list[str]], engine_pids
 def unit_candidates(ev: Evidence, lat: dict[str, UnitLatency]) -> list[Candidate]:
     out: list[Candidate] = []
     by_node: dict[int, list[str]] = {}
-    incident_running_max = {k: st.inc_max for k, e in ev.engine.items()
-                            if (st := e.get("engine_requests_running")) is not None and st.inc_max is not None}
+    incident_running_high = {k: st.inc_high for k, e in ev.engine.items()
+                            if (st := e.get("engine_requests_running")) is not None and st.inc_high is not None}
     for key, ul in lat.items():
         by_node.setdefault(ul.unit.node_id, []).append(key)
         eng = ev.engine.get((ul.unit.node_id, ul.unit.pid)) or {}
-        peers_max = sorted(v for k, v in incident_running_max.items() if k != (ul.unit.node_id, ul.unit.pid))
-        peer_running_max = peers_max[len(peers_max) // 2] if peers_max else 0.0
+        peers_high = sorted(v for k, v in incident_running_high.items() if k != (ul.unit.node_id, ul.unit.pid))
+        peer_running_high = peers_high[len(peers_high) // 2] if peers_high else 0.0
         kv, pre = eng.get("engine_kv_cache_usage_ratio"), eng.get("engine_preemptions_per_s")
         kv_hot = kv is not None and kv.inc_median is not None and (
-            (kv.inc_max or 0) >= 0.97 or (kv.inc_median >= 0.85 and kv.z("engine_kv_cache_usage_ratio") >= 3))
+            (kv.inc_high or 0) >= 0.97 or (kv.inc_median >= 0.85 and kv.z("engine_kv_cache_usage_ratio") >= 3))
         pre_up = pre is not None and (pre.inc_median or 0) > (pre.base_median or 0) + 0.02
         if kv_hot or pre_up:
             strength = 0.55 + (0.2 if kv_hot else 0) + (0.2 if pre_up else 0)
@@ -269,11 +269,11 @@ def unit_candidates(ev: Evidence, lat: dict[str, UnitLatency]) -> list[Candidate
         running, waiting = eng.get("engine_requests_running"), eng.get("engine_requests_waiting")
         # a batch held at a ceiling below what the engine ran before, or below what its peers run, with
         # requests waiting and KV to spare: max_num_seqs (or the token budget) set too low
-        ceiling = max(running.base_max or 0.0, peer_running_max) if running is not None else 0.0
-        capped = (running is not None and running.inc_max is not None and running.inc_median is not None
-                  and ceiling > 0 and running.inc_max <= 0.85 * ceiling
-                  and running.inc_median >= 0.75 * running.inc_max
-                  and (kv is None or (kv.inc_max or 0.0) < 0.9))
+        ceiling = max(running.base_high or 0.0, peer_running_high) if running is not None else 0.0
+        capped = (running is not None and running.inc_high is not None and running.inc_median is not None
+                  and ceiling > 0 and running.inc_high <= 0.85 * ceiling
+                  and running.inc_median >= 0.75 * running.inc_high
+                  and (kv is None or (kv.inc_high or 0.0) < 0.9))
         if queue_up and arrival_ratio >= 1.25 and not capped:
             strength = 0.55 + 0.35 * min(1.0, (arrival_ratio - 1.0))
             out.append(Candidate("scheduling", "queueing", strength, [key], ul.unit.gpu_ids[0] if ul.unit.gpu_ids
@@ -285,14 +285,14 @@ def unit_candidates(ev: Evidence, lat: dict[str, UnitLatency]) -> list[Candidate
                                           f"{ul.queue_base_s:.2f}s → {ul.queue_inc_s:.2f}s", pid=ul.unit.pid,
                                  since_ns=since))
         elif queue_up and capped and arrival_ratio < 1.25 and running is not None:
-            strength = 0.6 + 0.3 * min(1.0, (1.0 - (running.inc_max or 0.0) / ceiling) / 0.3)
+            strength = 0.6 + 0.3 * min(1.0, (1.0 - (running.inc_high or 0.0) / ceiling) / 0.3)
             out.append(Candidate("scheduling", "batching", strength, [key], ul.unit.gpu_ids[0] if ul.unit.gpu_ids
                                  else None, ul.unit.node_id,
-                                 [_raw("engine_requests_running_max", ceiling, running.inc_max),
+                                 [_raw("engine_requests_running_max", ceiling, running.inc_high),
                                   _ev("engine_requests_running", running), _ev("engine_requests_waiting", waiting),
                                   _raw("queue_time_p90_s", ul.queue_base_s, ul.queue_inc_s, "s"),
                                   _ev("engine_kv_cache_usage_ratio", kv)],
-                                 "queue", f"batch held at {running.inc_max:.0f} running requests (up to "
+                                 "queue", f"batch held at {running.inc_high:.0f} running requests (up to "
                                           f"{ceiling:.0f} before or on its peers) while requests queue and KV "
                                           "cache is free: "
                                           "max_num_seqs or the token budget too low", pid=ul.unit.pid))

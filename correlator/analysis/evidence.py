@@ -47,8 +47,9 @@ class Stat:
     base_median: float | None
     base_mad: float | None
     inc_median: float | None
-    inc_max: float | None = None
-    base_max: float | None = None
+    # the window's upper level: the maximum of a GPU or host signal, the 95th percentile of an engine gauge
+    inc_high: float | None = None
+    base_high: float | None = None
 
     def z(self, signal: str) -> float:
         if self.base_median is None or self.inc_median is None:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import duckdb
 
+from correlator.analysis.requests import data_extent
 from correlator.analysis.why import NoData, RootCause, WhyQuery, store_findings
 
 log = logging.getLogger(__name__)
@@ -59,14 +58,12 @@ class OnlineDetector:
     ``step`` every ``interval_s`` on a thread with the store's latest data."""
 
     def __init__(self, store: Any = None, interval_s: float = 10.0, window: str = WINDOW,
-                 sink: FindingSink | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 sink: FindingSink | None = None) -> None:
         self.store = store
         self.interval_s = interval_s
         self.window = window
         self.sink = sink
-        self.clock = clock
         self.open: dict[IncidentKey, Incident] = {}
-        self.confirmed: list[Incident] = []
         self.evaluations = 0
         self.errors = 0
         self._stop = threading.Event()
@@ -80,7 +77,10 @@ class OnlineDetector:
             doc = RootCause(cur).why(WhyQuery(since=self.window, as_of_ns=as_of_ns))
         except NoData:
             return []
-        now_ns = as_of_ns if as_of_ns is not None else _data_time(cur)
+        now_ns = as_of_ns
+        if now_ns is None:  # the data's time: the end of the newest request (why found some, so there is one)
+            extent = data_extent(cur)
+            now_ns = extent[1] if extent else 0
         found = [f for f in doc.get("findings", []) if f["cause"] != "none" and f["score"] >= MIN_SCORE
                  ] if doc["regression"]["detected"] else []
         top = _key(found[0]) if found else None
@@ -103,7 +103,6 @@ class OnlineDetector:
             inc.doc = doc
             if inc.confirmed_ns is None and inc.streak >= CONFIRMATIONS:
                 inc.confirmed_ns = now_ns
-                self.confirmed.append(inc)
                 newly.append(inc)
                 if store:
                     store_findings(cur, doc, now_ns)
@@ -130,7 +129,3 @@ class OnlineDetector:
                 self.errors += 1
                 log.exception("online detection failed")
 
-
-def _data_time(cur: duckdb.DuckDBPyConnection) -> int:
-    rows = cur.execute("SELECT max(end_ns) FROM requests").fetchall()
-    return int(rows[0][0]) if rows and rows[0][0] is not None else 0

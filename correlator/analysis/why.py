@@ -25,6 +25,7 @@ from correlator.analysis.windows import detect_onset, detect_onsets, rate_step
 REGRESSION_RATIO = 1.15
 MIN_REQUESTS = 30
 _MIN_SCORE = 0.3
+_UNIT_ONSET_SCORE = 4.0  # a replica's median series is steadier than the fleet's p90: its step must be larger
 _HOUR_NS = 3600 * 10**9
 
 
@@ -53,7 +54,6 @@ class Windows:
     i0: int
     i1: int
     onset_detected: bool
-    onset_scope: str | None = None  # "fleet" or the replica whose latency stepped up
 
 
 def resolve_windows(cur: duckdb.DuckDBPyConnection, q: WhyQuery
@@ -90,15 +90,12 @@ def resolve_windows(cur: duckdb.DuckDBPyConnection, q: WhyQuery
     cps = [(scope, cp) for scope, cp in cps
            if cp.score >= (3.0 if scope == "fleet" else _UNIT_ONSET_SCORE) and cp.after > cp.before * 1.05]
     if cps:
-        scope, best = max(cps, key=lambda c: c[1].score)
+        best = max((cp for _, cp in cps), key=lambda c: c.score)
         i0 = best.onset_ns
         b0 = max(first, i0 - _HOUR_NS)
-        return Windows(b0, i0, i0, anchor, True, scope), reqs.filter(pl.col("start_ns") >= b0), units
+        return Windows(b0, i0, i0, anchor, True), reqs.filter(pl.col("start_ns") >= b0), units
     i0 = anchor - parse_duration_ns("15m")
     return Windows(max(first, i0 - _HOUR_NS), i0, i0, anchor, False), reqs, units
-
-
-_UNIT_ONSET_SCORE = 4.0
 
 
 def _q(s: pl.Series, p: float) -> float | None:
@@ -131,7 +128,7 @@ _UNIT_TAIL = (1.12, 0.08)
 
 
 def detect_regression(base: pl.DataFrame, inc: pl.DataFrame, units: dict[str, Unit], metrics: list[str],
-                      p: float, rows: UnitRows | None = None) -> Regression:
+                      p: float, rows: UnitRows) -> Regression:
     """The fleet's percentile ratio; where that stays under REGRESSION_RATIO, each replica against its peers
     (a fault on one replica of many dilutes the fleet's percentile below any sane threshold)."""
     fleet = []
@@ -145,24 +142,12 @@ def detect_regression(base: pl.DataFrame, inc: pl.DataFrame, units: dict[str, Un
     if detected:
         return max(detected, key=lambda r: r.ratio or 0.0)
     best: tuple[float, Regression] | None = None
-    if rows is not None:
-        base_of, inc_of = rows.base, rows.inc
-    else:
-        b_parts, i_parts = _by_unit(base), _by_unit(inc)
-        empty_b, empty_i = base.clear(), inc.clear()
-
-        def base_of(key: str) -> pl.DataFrame:
-            return b_parts.get(key, empty_b)
-
-        def inc_of(key: str) -> pl.DataFrame:
-            return i_parts.get(key, empty_i)
-
     for m in metrics:
         col = f"{m}_s"
         per_unit: dict[str, tuple[float, float, int, int]] = {}
         for key in units:
-            b = base_of(key)[col].drop_nulls()
-            i = inc_of(key)[col].drop_nulls()
+            b = rows.base(key)[col].drop_nulls()
+            i = rows.inc(key)[col].drop_nulls()
             r50, rp = _ratio(b, i, 0.5), _ratio(b, i, p)
             if len(b) >= MIN_REQUESTS and len(i) >= MIN_REQUESTS and r50 is not None and rp is not None:
                 per_unit[key] = (r50, rp, len(b), len(i))
@@ -175,8 +160,8 @@ def detect_regression(base: pl.DataFrame, inc: pl.DataFrame, units: dict[str, Un
             stand_out = max(r50 - peer50 if r50 >= _UNIT_P50[0] and r50 - peer50 >= _UNIT_P50[1] else 0.0,
                             rp - peerp if rp >= _UNIT_TAIL[0] and rp - peerp >= _UNIT_TAIL[1] else 0.0)
             if stand_out > 0 and (best is None or stand_out > best[0]):
-                u_b = base_of(key)[col]
-                u_i = inc_of(key)[col]
+                u_b = rows.base(key)[col]
+                u_i = rows.inc(key)[col]
                 best = (stand_out, Regression(m, key, _q(u_b, p), _q(u_i, p), rp, True, nb, ni))
     if best is not None:
         return best[1]
@@ -223,9 +208,7 @@ class UnitRows:
         return i
 
 
-def unit_latency(reqs: pl.DataFrame, units: dict[str, Unit], w: Windows, metric: str,
-                 rows: UnitRows | None = None) -> dict[str, UnitLatency]:
-    rows = rows if rows is not None else UnitRows(reqs, w)
+def unit_latency(units: dict[str, Unit], w: Windows, metric: str, rows: UnitRows) -> dict[str, UnitLatency]:
     # the share of the regression a replica carries: the extra latency of its incident requests over its
     # own baseline mean (an exact decomposition of the fleet's extra total latency, negatives clipped)
     extra: dict[str, float] = {}
@@ -309,7 +292,7 @@ class RootCause:
                               else "no regression: not enough requests in one of the windows")
             doc["elapsed_s"] = round(time.perf_counter() - t_start, 3)
             return doc
-        lat = unit_latency(reqs, units, w, f"{metric}_s", rows)
+        lat = unit_latency(units, w, f"{metric}_s", rows)
         ev = collect(self.cur, w.b0, w.b1, w.i0, w.i1)
         units_of_gpu: dict[int, list[str]] = {}
         for key, u in units.items():

@@ -23,11 +23,18 @@ class ChangePoint:
     after: float
 
 
+def _buckets(requests: pl.DataFrame, value: str, bucket_ns: int, q: float, by: tuple[str, ...] = ()
+             ) -> pl.DataFrame:
+    """The ``q`` quantile ``v`` of ``value`` per start-time bucket ``b`` (per ``by`` group), buckets of at
+    least 5 requests, in time order."""
+    return (requests.filter(pl.col(value).is_not_null())
+            .with_columns((pl.col("start_ns") // bucket_ns * bucket_ns).alias("b"))
+            .group_by(*by, "b").agg(pl.col(value).quantile(q).alias("v"), pl.len().alias("n"))
+            .filter(pl.col("n") >= 5).sort(*by, "b"))
+
+
 def bucket_series(requests: pl.DataFrame, value: str, bucket_ns: int, q: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
-    df = (requests.filter(pl.col(value).is_not_null())
-          .with_columns((pl.col("start_ns") // bucket_ns * bucket_ns).alias("b"))
-          .group_by("b").agg(pl.col(value).quantile(q).alias("v"), pl.len().alias("n"))
-          .filter(pl.col("n") >= 5).sort("b"))
+    df = _buckets(requests, value, bucket_ns, q)
     return df["b"].to_numpy(), df["v"].to_numpy().astype(float)
 
 
@@ -62,10 +69,13 @@ def best_step(t: np.ndarray, x: np.ndarray, min_segment: int = 4) -> ChangePoint
     scale = np.maximum(np.maximum(1.4826 * mad, 0.02 * np.abs(mb_all)), 1e-6)
     scores = (ma_all - mb_all) / scale * np.sqrt(ks * (n - ks) / n) / 2.0
     i = int(np.argmax(scores))
-    best_k = int(ks[i])
-    best = ChangePoint(int(t[best_k]), float(scores[i]), float(mb_all[i]), float(ma_all[i]))
-    j = refine_onset(x, best_k, min_segment)
-    return ChangePoint(int(t[j]), best.score, best.before, best.after) if j != best_k else best
+    return _refined(t, x, int(ks[i]), float(scores[i]), float(mb_all[i]), float(ma_all[i]), min_segment)
+
+
+def _refined(t: np.ndarray, x: np.ndarray, k: int, score: float, before: float, after: float, min_segment: int
+             ) -> ChangePoint:
+    """The best split ``k``, its onset walked back by :func:`refine_onset`."""
+    return ChangePoint(int(t[refine_onset(x, k, min_segment)]), score, before, after)
 
 
 def _prefix_medians(x: np.ndarray) -> np.ndarray:
@@ -96,8 +106,7 @@ def _best_step_loop(t: np.ndarray, x: np.ndarray, min_segment: int = 4) -> Chang
             best, best_k = ChangePoint(int(t[k]), score, mb, ma), k
     if best is None:
         return None
-    j = refine_onset(x, best_k, min_segment)
-    return ChangePoint(int(t[j]), best.score, best.before, best.after) if j != best_k else best
+    return _refined(t, x, best_k, best.score, best.before, best.after, min_segment)
 
 
 _ONSET_PERSISTENCE = 0.35
@@ -133,10 +142,7 @@ def detect_onset(requests: pl.DataFrame, value: str, bucket_ns: int = 30 * 10**9
 def detect_onsets(requests: pl.DataFrame, value: str, by: str, bucket_ns: int = 30 * 10**9,
                   min_segment: int = 4, q: float = 0.9) -> dict[object, ChangePoint | None]:
     """:func:`detect_onset` of each group of ``requests`` by ``by`` (one group_by for all of them)."""
-    df = (requests.filter(pl.col(value).is_not_null())
-          .with_columns((pl.col("start_ns") // bucket_ns * bucket_ns).alias("b"))
-          .group_by(by, "b").agg(pl.col(value).quantile(q).alias("v"), pl.len().alias("n"))
-          .filter(pl.col("n") >= 5).sort(by, "b"))
+    df = _buckets(requests, value, bucket_ns, q, (by,))
     out: dict[object, ChangePoint | None] = {}
     for (key,), part in df.partition_by(by, as_dict=True, maintain_order=True).items():
         out[key] = best_step(part["b"].to_numpy(), part["v"].to_numpy().astype(float), min_segment)
@@ -150,5 +156,4 @@ def rate_step(start_ns: np.ndarray, t0_ns: int, t1_ns: int, bucket_ns: int = 30 
     if len(edges) < 2 * min_segment + 1:
         return None
     counts, _ = np.histogram(start_ns, bins=edges)
-    cp = best_step(edges[:-1], counts.astype(float) / (bucket_ns / 1e9), min_segment)
-    return cp
+    return best_step(edges[:-1], counts.astype(float) / (bucket_ns / 1e9), min_segment)

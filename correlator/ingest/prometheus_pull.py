@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from collector.signals import ENGINE_SIGNALS, SIGNALS
 from correlator.ingest.batch import IngestBatch
 from correlator.ingest.otlp_metrics import Origin, Point, add_points
-from correlator.server.serve import is_loopback
+from correlator.server.serve import is_loopback, require_http_url
 
 if TYPE_CHECKING:
     from correlator.store.duckdb_store import Store
@@ -145,8 +145,7 @@ class PrometheusPuller:
                  selectors: Mapping[str, str] | None = None, timeout_s: float = 10.0, settle_s: float = 5.0,
                  chunk_s: float = 300.0, initial_lookback_s: float = 300.0, max_catchup_s: float = 3600.0,
                  headers: Mapping[str, str] | None = None, node_labels: Sequence[str] = NODE_LABELS) -> None:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"Prometheus URL {url!r} must start with http:// or https://")
+        require_http_url("Prometheus URL", url)
         if interval_s <= 0 or chunk_s <= 0:
             raise ValueError("the pull interval and chunk must be positive")
         parts = urllib.parse.urlsplit(url)

@@ -40,6 +40,12 @@ def split_address(address: str) -> tuple[str, int]:
     return (host.strip("[]") or "127.0.0.1"), int(port)
 
 
+def require_http_url(what: str, url: str) -> None:
+    """``url`` is an http(s) URL, or a ServeConfigError (a ValueError) names ``what``."""
+    if not url.startswith(("http://", "https://")):
+        raise ServeConfigError(f"{what} {url!r} must start with http:// or https://")
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -78,13 +84,12 @@ class ServeConfig:
                     "(--token or STACKLENS_TOKEN)")
         if self.detect_interval_s < 0:
             raise ServeConfigError("--detect-interval must be 0 (off) or a positive number of seconds")
-        if self.grafana_url is not None and not self.grafana_url.startswith(("http://", "https://")):
-            raise ServeConfigError(f"--grafana-url {self.grafana_url!r} must start with http:// or https://")
+        if self.grafana_url is not None:
+            require_http_url("--grafana-url", self.grafana_url)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ServeConfigError("TLS needs both --tls-cert and --tls-key")
         if self.prometheus_url is not None:
-            if not self.prometheus_url.startswith(("http://", "https://")):
-                raise ServeConfigError(f"--prometheus-url {self.prometheus_url!r} must start with http:// or https://")
+            require_http_url("--prometheus-url", self.prometheus_url)
             if not self.prometheus_interval_s > 0:
                 raise ServeConfigError("--prometheus-interval must be a positive number of seconds")
         if not upb_active():
