@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from collector.signals import CLOCK_EVENT_REASONS
 from correlator.ingest.batch import IngestBatch, Rows
-from correlator.store.schema import DDL, SCHEMA_VERSION, TIMED_TABLES
+from correlator.store import rollups
+from correlator.store.schema import DDL, DERIVED_LATENCIES, READ_AS, SCHEMA_VERSION, TIMED_TABLES
 
 log = logging.getLogger("stacklens.store")
 
@@ -40,6 +42,170 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
     **{c: pa.float64() for c in ("ttft_s", "tpot_s", "e2e_s", "queue_s", "prefill_s", "decode_s", "inference_s")},
 }
 _REASON_IDLE = 0x1
+
+REQUEST_ROW_COLUMNS = (
+    "start_ns", "end_ns", "node_id", "service", "model", "engine", "trace_hi", "trace_lo", "span_bin",
+    "request_hi", "request_lo", "request_form", "trace_text", "span_text", "request_text", "request_suffix", "derived",
+    "ttft_s", "tpot_s", "e2e_s", "queue_s", "prefill_s", "decode_s", "inference_s", "prompt_tokens",
+    "output_tokens", "finish_reason", "pid", "container_id", "pod_uid", "pod", "namespace", "gpu_uuids")
+
+
+def _valid(a: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return np.asarray(pc.is_valid(a).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _derive_latencies(t: pa.Table) -> pa.Table:
+    """The latencies that equal their derivation (DERIVED_LATENCIES: bit for bit, a missing one equal to a
+    missing derivation) set to NULL, and a ``derived`` column with their bits; vectorised, like the view that
+    derives them back."""
+    def f64(c: str) -> tuple[np.ndarray, np.ndarray]:
+        return (np.asarray(t[c].to_numpy(zero_copy_only=False), dtype=np.float64), _valid(t[c]))
+
+    queue, q_ok = f64("queue_s")
+    prefill, p_ok = f64("prefill_s")
+    decode, d_ok = f64("decode_s")
+    out = np.asarray(t["output_tokens"].fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
+    start = np.asarray(t["start_ns"].to_numpy(zero_copy_only=False), dtype=np.int64)
+    end = np.asarray(t["end_ns"].to_numpy(zero_copy_only=False), dtype=np.int64)
+    e2e_ok = (start > 0) & (end >= start)
+    with np.errstate(all="ignore"):  # the rows outside each derivation's condition are not used
+        derivations = {
+            "ttft_s": (queue + prefill, q_ok & p_ok),
+            "tpot_s": (decode / (out - 1).astype(np.float64), d_ok & _valid(t["output_tokens"]) & (out >= 2)),
+            "e2e_s": (np.where(e2e_ok, end - start, 0).astype(np.float64) / 1e9, e2e_ok),
+            "inference_s": (prefill + decode, p_ok & d_ok),
+        }
+    flags = np.zeros(len(t), dtype=np.uint8)
+    for c, bit in DERIVED_LATENCIES.items():
+        value, ok = f64(c)
+        d, d_valid = derivations[c]
+        same = np.where(ok & d_valid, (value == d) & (np.signbit(value) == np.signbit(d)), ok == d_valid)
+        flags |= np.where(same, bit, 0).astype(np.uint8)
+        t = t.set_column(t.schema.get_field_index(c), c, pc.if_else(pa.array(same), pa.scalar(None, pa.float64()),
+                                                                  t[c]))
+    return t.append_column("derived", pa.array(flags, pa.uint8()))
+
+
+_NIBBLE = np.full(256, 255, dtype=np.uint8)  # a byte's value as a lower-case hex digit; 255: not one
+_NIBBLE[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16, dtype=np.uint8)
+_UUID_HEX = np.array([i for i in range(36) if i not in (8, 13, 18, 23)])
+_UUID_DASH = np.array([8, 13, 18, 23])
+
+
+def _hex_words(data: np.ndarray, starts: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                                                       np.ndarray]:
+    """The 16 or 32 hex digits at ``starts + positions`` of each string as 64-bit words (the second all 0
+    for 16), and whether all are lower-case hex digits."""
+    nib = _NIBBLE[data[starts[:, None] + positions]]
+    ok = nib.max(axis=1) < 16
+    # two digits a byte, eight bytes a big-endian word
+    words = np.ascontiguousarray((nib[:, 0::2] << 4) | nib[:, 1::2]).view(">u8").astype(np.uint64)
+    return ok, words[:, 0], (words[:, 1] if len(positions) == 32 else np.zeros(len(words), dtype=np.uint64))
+
+
+def _string_layout(a: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]:
+    """A string column as one array, its start offsets, byte lengths (0 for a null) and bytes."""
+    arr = a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
+    arr = arr.cast(pa.large_string())
+    n = len(arr)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64, count=n + 1, offset=arr.offset * 8) \
+        if n else np.zeros(1, dtype=np.int64)
+    data_buf = arr.buffers()[2]
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, dtype=np.uint8)
+    lengths = np.where(_valid(arr), offsets[1:] - offsets[:-1], 0)
+    return arr, offsets[:-1], lengths, data
+
+
+def _split_hex_id(a: pa.ChunkedArray | pa.Array, digits: int) -> tuple[pa.Array, pa.Array | None, pa.Array]:
+    """Ids of exactly ``digits`` (16 or 32) lower-case hex digits as words (hi, lo; lo None for 16), NULL
+    elsewhere; the other ids as text."""
+    arr, starts, lengths, data = _string_layout(a)
+    ok = lengths == digits
+    rows = np.flatnonzero(ok)
+    hi = np.zeros(len(arr), dtype=np.uint64)
+    lo = np.zeros(len(arr), dtype=np.uint64)
+    if len(rows):
+        good, hi[rows], lo[rows] = _hex_words(data, starts[rows], np.arange(digits))
+        ok[rows] = good
+    text = pc.if_else(pa.array(ok), pa.scalar(None, pa.string()), arr.cast(pa.string()))
+    return pa.array(hi, mask=~ok), (pa.array(lo, mask=~ok) if digits == 32 else None), text
+
+
+def _split_request_id(a: pa.ChunkedArray | pa.Array) -> dict[str, pa.Array]:
+    """Request ids that end in 32 hex digits (1), in a UUID (2), or have 32 hex digits before their last '-'
+    (3, stored as form 1 with a suffix) as prefix, two words and suffix; other ids, and any that is not
+    ASCII, as text."""
+    arr, starts, lengths, data = _string_layout(a)
+    n = len(arr)
+    ascii_ = np.asarray(pc.fill_null(pc.string_is_ascii(arr), False).to_numpy(zero_copy_only=False), dtype=bool)
+    form = np.zeros(n, dtype=np.uint8)  # 0: text; 1, 2, 3 as below
+    hex_start = np.zeros(n, dtype=np.int64)  # where the 32 (or 36) characters begin, counted in the string
+    suffix_len = np.zeros(n, dtype=np.int64)
+    hi = np.zeros(n, dtype=np.uint64)
+    lo = np.zeros(n, dtype=np.uint64)
+
+    def take(rows: np.ndarray, begin: np.ndarray, positions: np.ndarray, kind: int) -> None:
+        if not len(rows):
+            return
+        good, h, low = _hex_words(data, starts[rows] + begin, positions)
+        if kind == 2:
+            good &= (data[(starts[rows] + begin)[:, None] + _UUID_DASH] == ord("-")).all(axis=1)
+        rows, h, low, begin = rows[good], h[good], low[good], begin[good]
+        form[rows], hex_start[rows], hi[rows], lo[rows] = kind, begin, h, low
+
+    c1 = np.flatnonzero(ascii_ & (lengths >= 32))
+    take(c1, lengths[c1] - 32, np.arange(32), 1)
+    c2 = np.flatnonzero(ascii_ & (form == 0) & (lengths >= 36))
+    take(c2, lengths[c2] - 36, _UUID_HEX, 2)
+    c3 = np.flatnonzero(ascii_ & (form == 0) & (lengths >= 34))
+    if len(c3):
+        # the last '-': its distance from the end in the reversed string (ASCII: characters are bytes)
+        rev = pc.find_substring(pc.utf8_reverse(arr.take(pa.array(c3))), "-")
+        dash = np.asarray(rev.to_numpy(zero_copy_only=False), dtype=np.int64)  # -1: none
+        keep = (dash >= 0) & (lengths[c3] - dash - 1 >= 32)
+        c3, dash = c3[keep], dash[keep]
+        take(c3, lengths[c3] - dash - 1 - 32, np.arange(32), 3)
+        suffix_len[c3] = dash + 1
+    matched = form > 0
+    rows = np.flatnonzero(matched)
+    ids = arr.cast(pa.string())
+    text: pa.Array = ids
+    suffix: pa.Array = pa.nulls(n, pa.string())
+    prefix_lens, suffix_lens = np.unique(hex_start[rows]), np.unique(suffix_len[rows])
+    if len(rows) and len(prefix_lens) == 1 and len(suffix_lens) == 1:  # the usual batch: one engine's ids
+        text = pc.if_else(pa.array(matched), pc.utf8_slice_codeunits(ids, 0, int(prefix_lens[0])), ids)
+        if suffix_lens[0]:
+            suffix = pc.if_else(pa.array(matched), pc.utf8_slice_codeunits(ids, -int(suffix_lens[0])), suffix)
+    elif len(rows):
+        texts: list[str | None] = ids.to_pylist()
+        suffixes: list[str | None] = [None] * n
+        for r in rows.tolist():
+            s = texts[r]
+            assert s is not None
+            k = int(suffix_len[r])
+            if k:
+                suffixes[r] = s[len(s) - k:]
+            texts[r] = s[:int(hex_start[r])]
+        text, suffix = pa.array(texts, pa.string()), pa.array(suffixes, pa.string())
+    return {"request_hi": pa.array(hi, mask=~matched), "request_lo": pa.array(lo, mask=~matched),
+            "request_form": pa.array(np.where(form == 2, 2, 1).astype(np.uint8), mask=~matched),
+            "request_text": text, "request_suffix": suffix}
+
+
+def request_rows(t: pa.Table) -> pa.Table:
+    """Rows with the columns of the view ``requests`` (hex ids as text, every latency, ``node_id``) as
+    ``request_rows`` stores them, in REQUEST_ROW_COLUMNS order: the view gives back exactly ``t``.
+
+    Trace and span ids of 32 and 16 lower-case hex digits are stored as 64-bit words. A request id is stored
+    as prefix, two words and suffix when it ends in 32 hex digits or a UUID (vLLM's ``cmpl-<hex>``,
+    ``chatcmpl-<uuid>``), or has 32 hex digits before its last ``-`` (``cmpl-<hex>-0``); any other id, and
+    any that is not ASCII, as text. Vectorised: no Python per row but for the request ids' prefixes."""
+    t = _derive_latencies(t)
+    cols: dict[str, Any] = {c: t[c] for c in t.column_names}
+    cols["trace_hi"], cols["trace_lo"], cols["trace_text"] = _split_hex_id(t["trace_id"], 32)
+    cols["span_bin"], _, cols["span_text"] = _split_hex_id(t["span_id"], 16)
+    cols.update(_split_request_id(t["request_id"]))
+    return pa.table({c: cols[c] for c in REQUEST_ROW_COLUMNS})
 
 
 class StoreError(Exception):
@@ -52,6 +218,8 @@ class WriterStats:
     transactions: int = 0
     rows: int = 0
     failed_transactions: int = 0
+    minutes_rolled_up: int = 0
+    late_rollups: int = 0  # transactions that summarised minutes again for samples that came late
 
 
 def _arrow(rows: Rows) -> pa.Table:
@@ -70,8 +238,14 @@ class Store:
             self._con = duckdb.connect(self.path, read_only=read_only)
         except duckdb.IOException as e:
             raise StoreError(f"cannot open {self.path}: {e}") from e
+        try:
+            self._check_schema()  # an older store is migrated, a newer one refused
+        except Exception:
+            self._con.close()
+            raise
         if not read_only:
             self._con.execute(DDL)
+            self._con.execute(rollups.DDL)
             self._con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
         self._linger_s = linger_s
         self._max_batch_rows = max_batch_rows
@@ -86,8 +260,16 @@ class Store:
         self._thread: threading.Thread | None = None
         self._column_cache: dict[str, list[str]] = {}
         self._gpu_info: dict[str, tuple[object, ...]] = {}
+        # per-minute GPU summaries: complete before ``_rolled_until``; the newest sample time seen
+        self._rolled_until: int | None = None
+        self._newest_gpu_ns: int | None = None
+        self.roll_up_enabled = True
+        self._write_lock = threading.Lock()  # the writer thread's, and a caller's of catch_up_rollups
         if not read_only:
             self._load_ids()
+            self._rolled_until = rollups.watermark(self._con)
+            row = self._con.execute("SELECT max(time_ns) FROM gpu_samples").fetchall()
+            self._newest_gpu_ns = row[0][0] if row and row[0][0] is not None else None
             self._thread = threading.Thread(target=self._run, name="stacklens-store-writer", daemon=True)
             self._thread.start()
 
@@ -137,23 +319,27 @@ class Store:
 
     def _run(self) -> None:
         while True:
+            taken: list[tuple[IngestBatch, Future[None]]] = []
             with self._cond:
-                while not self._pending and not self._closing:
-                    self._cond.wait()
+                if not self._pending and not self._closing:
+                    self._cond.wait(timeout=1.0)  # idle: catch up on the per-minute summaries below
                 if not self._pending and self._closing:
                     return
-                first_at = time.monotonic()
-                # linger briefly so that concurrent exports share one commit
-                while (not self._closing and sum(b.row_count() for b, _ in self._pending) < self._max_batch_rows
-                       and time.monotonic() - first_at < self._linger_s):
-                    self._cond.wait(self._linger_s)
-                taken: list[tuple[IngestBatch, Future[None]]] = []
-                rows = 0
-                while self._pending and (rows < self._max_batch_rows or not taken):
-                    b, f = self._pending.pop(0)
-                    taken.append((b, f))
-                    rows += b.row_count()
-            self._commit(taken)
+                if self._pending:
+                    first_at = time.monotonic()
+                    # linger briefly so that concurrent exports share one commit
+                    while (not self._closing and sum(b.row_count() for b, _ in self._pending) < self._max_batch_rows
+                           and time.monotonic() - first_at < self._linger_s):
+                        self._cond.wait(self._linger_s)
+                    rows = 0
+                    while self._pending and (rows < self._max_batch_rows or not taken):
+                        b, f = self._pending.pop(0)
+                        taken.append((b, f))
+                        rows += b.row_count()
+            with self._write_lock:
+                if taken:
+                    self._commit(taken)
+                self._roll_up_step()
 
     def _commit(self, taken: list[tuple[IngestBatch, Future[None]]]) -> None:
         merged = IngestBatch()
@@ -162,6 +348,7 @@ class Store:
         ids_before = {k: dict(v) for k, v in self._ids.items()}
         mask_before, xid_before = dict(self._last_mask), dict(self._last_xid)
         info_before = dict(self._gpu_info)
+        newest_before = self._newest_gpu_ns
         cur = self._con.cursor()
         try:
             cur.execute("BEGIN TRANSACTION")
@@ -172,6 +359,7 @@ class Store:
                 cur.execute("ROLLBACK")
             self._ids, self._last_mask, self._last_xid = ids_before, mask_before, xid_before
             self._gpu_info = info_before
+            self._newest_gpu_ns = newest_before
             self.stats.failed_transactions += 1
             log.error("store: transaction of %d rows failed: %s", merged.row_count(), e)
             for _, f in taken:
@@ -192,6 +380,105 @@ class Store:
         if self._thread is not None:
             self._thread.join(timeout=30)
         self._con.close()
+
+    # -- per-minute summaries ---------------------------------------------------------------------
+    _ROLL_UP_CHUNK_MINUTES = 5  # per step: a backlog is caught up between commits, never in one long stall
+
+    def _rollup_ids(self) -> tuple[list[int], int | None]:
+        sig = self._ids["signals"]
+        return [sig[n] for n in rollups.QUANTILE_SIGNALS if n in sig], sig.get("clock_event_reasons")
+
+    def _roll_up_step(self) -> bool:
+        """Summarise up to a few complete minutes (once the newest sample is ``GRACE_NS`` past them), in a
+        transaction of their own that also moves the watermark. True when it wrote some."""
+        if self.read_only or not self.roll_up_enabled or self._newest_gpu_ns is None:
+            return False
+        start = self._rolled_until
+        if start is None:
+            row = self._con.execute("SELECT min(time_ns) FROM gpu_samples").fetchall()
+            if not row or row[0][0] is None:
+                return False
+            # nothing before the first sample needs a summary (a sample older than it is late, see below)
+            start = self._rolled_until = rollups.floor_minute(int(row[0][0]))
+        target = rollups.floor_minute(self._newest_gpu_ns - rollups.GRACE_NS)
+        if target <= start:
+            return False
+        end = min(target, start + self._ROLL_UP_CHUNK_MINUTES * rollups.MINUTE_NS)
+        quantile_ids, reasons_id = self._rollup_ids()
+        cur = self._con.cursor()
+        try:
+            cur.execute("BEGIN TRANSACTION")
+            rollups.roll_up(cur, start, end, quantile_ids, reasons_id)
+            cur.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [rollups.WATERMARK_KEY, str(end)])
+            cur.execute("COMMIT")
+        except duckdb.Error as e:
+            with contextlib.suppress(duckdb.Error):
+                cur.execute("ROLLBACK")
+            log.error("store: per-minute summaries of [%d, %d) failed: %s", start, end, e)
+            return False
+        finally:
+            cur.close()
+        self._rolled_until = end
+        self.stats.minutes_rolled_up += (end - start) // rollups.MINUTE_NS
+        return True
+
+    def catch_up_rollups(self) -> int:
+        """Summarise every complete minute now (benchmarks, tests, and a store opened after an import);
+        returns the number of minutes written."""
+        before = self.stats.minutes_rolled_up
+        with self._write_lock:
+            # rows may have been appended past the writer (a bulk load): the newest sample is the table's
+            row = self._con.execute("SELECT max(time_ns) FROM gpu_samples").fetchall()
+            if row and row[0][0] is not None:
+                self._newest_gpu_ns = max(int(row[0][0]), self._newest_gpu_ns or 0)
+            while self._roll_up_step():
+                pass
+        return self.stats.minutes_rolled_up - before
+
+    # -- schema -------------------------------------------------------------------------------------
+    def _check_schema(self) -> None:
+        """A store of an older schema is migrated when opened for writing (opened read-only, it is read as it
+        is: its tables have the columns the readers use); one of a newer schema is refused."""
+        con = self._con
+        tables = dict(con.execute("SELECT table_name, table_type FROM information_schema.tables "
+                                  "WHERE table_schema = 'main' AND table_catalog = current_database()").fetchall())
+        version = None
+        if "meta" in tables:
+            row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+            version = row[0][0] if row else None
+        if version is not None and (not str(version).isdigit() or int(version) > int(SCHEMA_VERSION)):
+            raise StoreError(f"{self.path} has schema version {version}, newer than this stacklens reads "
+                             f"({SCHEMA_VERSION}): open it with the stacklens that wrote it")
+        if not self.read_only and tables.get("requests") == "BASE TABLE":  # schema 1: requests was a table
+            self._migrate_requests()
+
+    def _migrate_requests(self) -> None:
+        """Schema 1 → 2 in one transaction: the ``requests`` table's rows into ``request_rows``, read back
+        through the view ``requests`` exactly as they were."""
+        con = self._con
+        n = con.execute("SELECT count(*) FROM requests").fetchall()[0][0]
+        log.info("store: migrating %s from schema 1 to %s (%d requests)", self.path, SCHEMA_VERSION, n)
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute("ALTER TABLE requests RENAME TO requests_schema1")
+            con.execute(DDL)
+            last = con.execute("SELECT max(rowid) FROM requests_schema1").fetchall()[0][0]
+            for lo in range(0, -1 if last is None else last + 1, 1 << 20):  # a million rows at a time
+                part = con.sql(f"SELECT * FROM requests_schema1 WHERE rowid >= {lo} AND rowid < {lo + (1 << 20)} "
+                               "ORDER BY start_ns").to_arrow_table()
+                con.register("_schema1_part", request_rows(part))
+                try:
+                    names = ", ".join(REQUEST_ROW_COLUMNS)
+                    con.execute(f"INSERT INTO request_rows ({names}) SELECT {names} FROM _schema1_part")
+                finally:
+                    con.unregister("_schema1_part")
+            con.execute("DROP TABLE requests_schema1")
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
+            con.execute("COMMIT")
+        except duckdb.Error as e:
+            with contextlib.suppress(duckdb.Error):
+                con.execute("ROLLBACK")
+            raise StoreError(f"{self.path}: migrating from schema 1 failed, the store is unchanged: {e}") from e
 
     # -- ids ------------------------------------------------------------------------------------
     def _load_ids(self) -> None:
@@ -279,6 +566,7 @@ class Store:
                 "signal_id": self._map(t["signal"], sig_ids, pa.int16()), "sub": t["sub"], "value": t["value"]})
             self._append(cur, "gpu_samples", view)
             self._derive_events(cur, view, sig_ids)
+            self._summarise_late(cur, view)
         h = b.host_samples
         if len(h):
             t = _arrow(h)
@@ -305,18 +593,49 @@ class Store:
             t = _arrow(r)
             cols = {c: t[c] for c in r.columns if c != "node"}
             cols["node_id"] = self._map(t["node"], node_ids, pa.int32())
-            table = pa.table(cols)
+            table = request_rows(pa.table(cols))
             cur.register("_batch_requests", table)
             try:
-                names = ", ".join(c for c in self._columns(cur, "requests"))
-                # a client that retries an export it did not see acknowledged sends the same spans again
-                cur.execute(
-                    f"INSERT INTO requests ({names}) SELECT {names} FROM _batch_requests b WHERE NOT EXISTS ("
-                    "SELECT 1 FROM requests r WHERE r.start_ns BETWEEN (SELECT min(start_ns) FROM _batch_requests)"
-                    " AND (SELECT max(start_ns) FROM _batch_requests) AND r.trace_id = b.trace_id"
-                    " AND r.span_id = b.span_id)")
+                names = ", ".join(REQUEST_ROW_COLUMNS)
+                # a client that retries an export it did not see acknowledged sends the same spans again: a
+                # request whose (trace, span) is stored already is not stored twice (one without either id is)
+                in_range = ("r.start_ns BETWEEN (SELECT min(start_ns) FROM _batch_requests)"
+                            " AND (SELECT max(start_ns) FROM _batch_requests)")
+                if table["trace_hi"].null_count == 0 and table["span_bin"].null_count == 0:
+                    # every id a number (what the decoder makes): such an id is never also stored as text
+                    cur.execute(
+                        f"INSERT INTO request_rows ({names}) SELECT {names} FROM _batch_requests b WHERE NOT EXISTS"
+                        f" (SELECT 1 FROM request_rows r WHERE {in_range} AND r.trace_lo = b.trace_lo"
+                        " AND r.trace_hi = b.trace_hi AND r.span_bin = b.span_bin)")
+                else:
+                    cur.execute(
+                        f"INSERT INTO request_rows ({names}) SELECT {names} FROM _batch_requests b"
+                        " WHERE b.trace_hi IS NULL AND b.trace_text IS NULL"
+                        " OR b.span_bin IS NULL AND b.span_text IS NULL OR NOT EXISTS (SELECT 1 FROM request_rows r"
+                        f" WHERE {in_range} AND r.trace_hi IS NOT DISTINCT FROM b.trace_hi"
+                        " AND r.trace_lo IS NOT DISTINCT FROM b.trace_lo"
+                        " AND r.trace_text IS NOT DISTINCT FROM b.trace_text"
+                        " AND r.span_bin IS NOT DISTINCT FROM b.span_bin"
+                        " AND r.span_text IS NOT DISTINCT FROM b.span_text)")
             finally:
                 cur.unregister("_batch_requests")
+
+    def _summarise_late(self, cur: duckdb.DuckDBPyConnection, view: pa.Table) -> None:
+        """Samples of minutes already summarised (a buffered export after an outage): summarise those
+        minutes of those GPUs again, in this transaction, so that ``gpu_minutes`` never goes stale."""
+        newest = pc.max(view["time_ns"]).as_py()
+        if newest is not None and (self._newest_gpu_ns is None or newest > self._newest_gpu_ns):
+            self._newest_gpu_ns = int(newest)
+        until = self._rolled_until
+        oldest = pc.min(view["time_ns"]).as_py()
+        if until is None or oldest is None or oldest >= until:
+            return
+        late = view.filter(pc.less(view["time_ns"], until))
+        lo = rollups.floor_minute(int(pc.min(late["time_ns"]).as_py()))
+        hi = min(until, rollups.floor_minute(int(pc.max(late["time_ns"]).as_py())) + rollups.MINUTE_NS)
+        gpus = sorted({int(g) for g in pc.unique(late["gpu_id"]).to_pylist()})
+        rollups.roll_up(cur, lo, hi, *self._rollup_ids(), gpu_ids=gpus)
+        self.stats.late_rollups += 1
 
     def _columns(self, cur: duckdb.DuckDBPyConnection, table: str) -> list[str]:
         cols = self._column_cache.get(table)
@@ -397,9 +716,10 @@ class Store:
         base.mkdir(parents=True, exist_ok=True)
         written: list[str] = []
         with self.reader() as cur:
-            for table, col in TIMED_TABLES.items():
-                if table == "findings":
+            for stored, col in TIMED_TABLES.items():
+                if stored in ("findings", "gpu_minutes"):  # derived: made again from the samples
                     continue
+                table = READ_AS.get(stored, stored)  # requests with their ids in hex and every latency
                 cols = self._columns(cur, table)
                 select = ", ".join(f"t.{c}" for c in cols)
                 gpu_join = "LEFT JOIN gpus g ON g.gpu_id = t.gpu_id" if "gpu_id" in cols else ""

@@ -7,7 +7,9 @@ nanoseconds as the source stamped them (NVML's, the scrape's, the span's). A NUL
 
 from __future__ import annotations
 
-SCHEMA_VERSION = "1"
+# 2: requests became a view over request_rows (binary ids, derivable latencies not stored); a store of
+# schema 1 is migrated when opened for writing (Store), and is still read as it is when opened read-only
+SCHEMA_VERSION = "2"
 
 DDL = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -27,12 +29,32 @@ CREATE TABLE IF NOT EXISTS placements (
     time_ns BIGINT NOT NULL, node_id INTEGER NOT NULL, gpu_id INTEGER NOT NULL, pid INTEGER,
     container_id VARCHAR, pod_uid VARCHAR, pod VARCHAR, namespace VARCHAR, container VARCHAR,
     used_memory_bytes DOUBLE);
-CREATE TABLE IF NOT EXISTS requests (
+-- a request as stored: hex ids as 64-bit words (other ids as text), a latency that equals its derivation not stored
+-- (its bit in derived, see DERIVED_LATENCIES); readers use the view requests, writers request_rows
+CREATE TABLE IF NOT EXISTS request_rows (
     start_ns BIGINT NOT NULL, end_ns BIGINT NOT NULL, node_id INTEGER NOT NULL, service VARCHAR, model VARCHAR,
-    engine VARCHAR, trace_id VARCHAR, span_id VARCHAR, request_id VARCHAR,
+    engine VARCHAR, trace_hi UBIGINT, trace_lo UBIGINT, span_bin UBIGINT, request_hi UBIGINT, request_lo UBIGINT,
+    request_form UTINYINT,
+    trace_text VARCHAR, span_text VARCHAR, request_text VARCHAR, request_suffix VARCHAR,
+    derived UTINYINT NOT NULL DEFAULT 0,
     ttft_s DOUBLE, tpot_s DOUBLE, e2e_s DOUBLE, queue_s DOUBLE, prefill_s DOUBLE, decode_s DOUBLE,
     inference_s DOUBLE, prompt_tokens INTEGER, output_tokens INTEGER, finish_reason VARCHAR,
     pid INTEGER, container_id VARCHAR, pod_uid VARCHAR, pod VARCHAR, namespace VARCHAR, gpu_uuids VARCHAR);
+CREATE OR REPLACE VIEW requests AS SELECT
+    start_ns, end_ns, node_id, service, model, engine,
+    CASE WHEN trace_hi IS NULL THEN trace_text ELSE format('{:016x}{:016x}', trace_hi, trace_lo) END AS trace_id,
+    CASE WHEN span_bin IS NULL THEN span_text ELSE format('{:016x}', span_bin) END AS span_id,
+    CASE WHEN request_hi IS NULL THEN request_text ELSE concat(request_text, CASE WHEN request_form = 2
+        THEN CAST(CAST(format('{:016x}{:016x}', request_hi, request_lo) AS UUID) AS VARCHAR)
+        ELSE format('{:016x}{:016x}', request_hi, request_lo) END, request_suffix) END AS request_id,
+    CASE WHEN derived & 1 = 0 THEN ttft_s ELSE queue_s + prefill_s END AS ttft_s,
+    CASE WHEN derived & 2 = 0 THEN tpot_s WHEN output_tokens >= 2 THEN decode_s / (output_tokens - 1) END AS tpot_s,
+    CASE WHEN derived & 4 = 0 THEN e2e_s WHEN start_ns > 0 AND end_ns >= start_ns THEN (end_ns - start_ns) / 1e9
+        END AS e2e_s,
+    queue_s, prefill_s, decode_s,
+    CASE WHEN derived & 8 = 0 THEN inference_s ELSE prefill_s + decode_s END AS inference_s,
+    prompt_tokens, output_tokens, finish_reason, pid, container_id, pod_uid, pod, namespace, gpu_uuids
+FROM request_rows;
 CREATE TABLE IF NOT EXISTS events (
     time_ns BIGINT NOT NULL, node_id INTEGER NOT NULL, gpu_id INTEGER, kind VARCHAR NOT NULL, code INTEGER,
     detail VARCHAR);
@@ -44,6 +66,16 @@ CREATE TABLE IF NOT EXISTS findings (
 
 # tables that grow with time, and the column that says when a row happened (retention, export)
 TIMED_TABLES: dict[str, str] = {
-    "gpu_samples": "time_ns", "host_samples": "time_ns", "engine_samples": "time_ns", "placements": "time_ns",
-    "requests": "start_ns", "events": "time_ns", "findings": "created_ns",
+    "gpu_samples": "time_ns", "gpu_minutes": "minute_ns", "host_samples": "time_ns", "engine_samples": "time_ns",
+    "placements": "time_ns",
+    "request_rows": "start_ns", "events": "time_ns", "findings": "created_ns",
 }
+# a stored table that is read (and exported) through a view of another name
+READ_AS: dict[str, str] = {"request_rows": "requests"}
+
+# The latencies a request row does not store when they equal, bit for bit, their derivation from the stored
+# columns as the span decoder derives them: TTFT = queue + prefill, TPOT = decode / (output tokens - 1) (none
+# below 2 tokens), e2e = (end_ns - start_ns) / 1e9 (none unless 0 < start <= end), inference = prefill +
+# decode. Each has a bit in request_rows.derived; the view requests computes the derivation where it is set
+# (Store._derive_latencies decides; tests/test_request_rows.py holds the two to each other).
+DERIVED_LATENCIES: dict[str, int] = {"ttft_s": 1, "tpot_s": 2, "e2e_s": 4, "inference_s": 8}
