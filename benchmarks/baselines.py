@@ -19,7 +19,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from correlator.analysis.evidence import POWER_MASK, THERMAL_MASK
+from correlator.store.rollups import POWER_MASK, THERMAL_MASK
 
 # the cause each signal is primary evidence of (DESIGN.md's cause table)
 CAUSE_OF_SIGNAL: dict[str, tuple[str, str]] = {

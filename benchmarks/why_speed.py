@@ -59,7 +59,7 @@ from correlator.analysis.why import RootCause, WhyQuery
 from correlator.ingest.batch import IngestBatch
 from correlator.store.duckdb_store import Store
 
-FORMAT_VERSION = 1  # bump when the generated data changes, so that cached stores are rebuilt
+FORMAT_VERSION = 2  # bump when the generated data changes, so that cached stores are rebuilt
 T0_NS = 1_795_000_000 * 10**9
 GPUS_PER_NODE = 8
 TP = 2
@@ -352,7 +352,7 @@ def _write_bulk(cur: duckdb.DuckDBPyConnection, ids: _Ids, c: Chunk) -> int:
     cols["pid"] = ids.engine_pid[re_]
     names = list(cols)
     # trace/span/request ids stay NULL: the analysis never reads them, and random hex would only take disk
-    _insert(cur, "requests", pa.table(cols),
+    _insert(cur, "request_rows", pa.table(cols),
             f"({', '.join(names)}, service, model, engine, finish_reason) SELECT {', '.join(names)}, "
             f"'{SERVICE}', '{MODEL}', 'vllm', 'stop'")
     return _count(c)
@@ -388,13 +388,19 @@ def build(f: Fleet, path: Path, log: Callable[[str], None] = print) -> dict[str,
                 el = last_log - t_start
                 log(f"  generated {s / f.seconds:5.1%} ({rows / 1e6:.1f}M rows, {el:.0f} s, "
                     f"{rows / el / 1e6:.2f}M rows/s)")
-        cur.execute("CHECKPOINT")
         cur.close()
+        # the per-minute GPU summaries the writer keeps as data arrives (here: all at once, timed)
+        t_roll = time.perf_counter()
+        minutes = store.catch_up_rollups()
+        rollup_s = time.perf_counter() - t_roll
+        log(f"  summarised {minutes} minutes of GPU series in {rollup_s:.1f} s")
+        store.cursor().execute("CHECKPOINT")
     finally:
         store.close()
     tmp.rename(path)
     took = time.perf_counter() - t_start
-    info = {"fleet": asdict(f), "rows": rows, "generate_s": round(took, 1),
+    info = {"fleet": asdict(f), "rows": rows, "generate_s": round(took, 1), "rollup_s": round(rollup_s, 1),
+            "rollup_minutes": minutes,
             "bytes": path.stat().st_size, "fault_gpu": gpu_uuid(f.fault_gpu),
             "fault_node": node_name(f.fault_gpu // GPUS_PER_NODE), "onset_ns": f.onset_ns}
     path.with_suffix(".json").write_text(json.dumps(info, indent=1))
@@ -447,6 +453,10 @@ def run(f: Fleet, data: Path, repeat: int, day: bool) -> dict[str, Any]:
     path, info = ensure(f, data)
     print(f"store: {path} ({info['bytes'] / 2**30:.2f} GiB, {info['rows'] / 1e6:.1f}M rows, generated in "
           f"{info['generate_s']:.0f} s)", flush=True)
+    if info.get("rollup_minutes"):
+        print(f"per-minute GPU summaries: {info['rollup_minutes']} minutes in {info['rollup_s']:.1f} s "
+              f"({1000 * info['rollup_s'] / info['rollup_minutes']:.0f} ms of the store's writer per minute of the "
+              "fleet's data)", flush=True)
     results: dict[str, Any] = {"machine": {**machine(), "duckdb": duckdb.__version__, "polars": pl.__version__,
                                            "numpy": np.__version__}, "store": info, "figures": {}}
     rss0 = _rss_mb()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import duckdb
 
-from collector.signals import CLOCK_EVENT_REASONS
+from correlator.store import rollups
 
 # smallest meaningful change per signal, in its canonical unit
 FLOORS: dict[str, float] = {
@@ -34,9 +34,6 @@ GPU_COUNTERS = ("pcie_replay_total", "ecc_dbe_volatile_total", "ecc_sbe_volatile
                 "nvlink_crc_flit_errors_total", "nvlink_replay_errors_total")
 HOST_SIGNALS = ("host_cpu_util_ratio", "host_cpu_steal_ratio", "host_run_queue", "host_load1", "host_cpu_count")
 ENGINE_SIGNALS = ("engine_kv_cache_usage_ratio", "engine_requests_waiting", "engine_requests_running")
-_BIT = {name: bit for bit, name in CLOCK_EVENT_REASONS.items()}
-THERMAL_MASK = _BIT["sw_thermal"] | _BIT["hw_thermal"] | _BIT["hw_slowdown"]
-POWER_MASK = _BIT["sw_power_cap"] | _BIT["hw_power_brake"]
 
 # usable PCIe bytes/s per lane and direction, by generation (after line encoding)
 PCIE_LANE_BYTES_PER_S = {1: 0.25e9, 2: 0.5e9, 3: 0.985e9, 4: 1.969e9, 5: 3.938e9, 6: 7.563e9}
@@ -123,44 +120,61 @@ def collect(cur: duckdb.DuckDBPyConnection, b0: int, b1: int, i0: int, i1: int) 
         return out
 
     mad = "mad(value) FILTER (WHERE time_ns < $i0)"  # w = 0
+    # the GPU series come from their per-minute summaries (``correlator.store.rollups``): the baseline is
+    # w = 0, the incident w = 1
+    until = rollups.watermark(cur)
+    gpu_windows = [(b0, b1), (i0, i1 + 1)]
+    quantile_ids = list(_signal_ids(cur, rollups.QUANTILE_SIGNALS))
+    reasons = ids(["clock_event_reasons"])
+    reasons_id = next(iter(reasons), None)
+
+    def summaries(signals: dict[int, str], sub_is_null: bool = False) -> tuple[str, dict[str, object]]:
+        return rollups.window_summaries(until, gpu_windows, list(signals), quantile_ids, reasons_id, sub_is_null)
+
     gauges = ids(GPU_SIGNALS)
-    rows = cur.execute(
-        f"SELECT gpu_id, signal_id, {w} AS w, median(value), {mad}, max(value) FROM gpu_samples "
-        f"WHERE {where} AND sub IS NULL AND signal_id IN ({_in(gauges)}) GROUP BY ALL", params).fetchall() \
-        if gauges else []
-    for (gid, name), st in stats(rows).items():
-        ev.gpu.setdefault(int(gid), {})[name] = st  # type: ignore[call-overload]
+    if gauges:
+        # median and MAD over the union of the minutes' quantile representatives (the MAD of the baseline
+        # only: the incident's is never used); the maximum is exact
+        src, sp = summaries(gauges, sub_is_null=True)
+        rows = cur.execute(
+            "SELECT gpu_id, signal_id, w, m, CASE WHEN w = 0 THEN list_median(list_transform(l, lambda x: abs(x - m))) "
+            "END, hi FROM (SELECT *, list_median(l) AS m FROM (SELECT gpu_id, signal_id, w, "
+            f"flatten(list(q) FILTER (WHERE q IS NOT NULL)) AS l, max(hi) AS hi FROM ({src}) GROUP BY ALL))",
+            sp).fetchall()
+        for (gid, name), st in stats(rows).items():
+            ev.gpu.setdefault(int(gid), {})[name] = st  # type: ignore[call-overload]
 
     counters = ids(GPU_COUNTERS)
-    for gid, sid, win, lo, hi in cur.execute(
-            f"SELECT gpu_id, signal_id, {w}, min(value), max(value) FROM gpu_samples "
-            f"WHERE {where} AND signal_id IN ({_in(counters)}) GROUP BY ALL", params).fetchall() if counters else []:
-        name = names[int(sid)]
-        d = ev.gpu_counter_delta.setdefault(gid, {}).setdefault(name, (0.0, 0.0))
-        delta = max(0.0, (hi or 0.0) - (lo or 0.0))
-        ev.gpu_counter_delta[gid][name] = (delta, d[1]) if win == 0 else (d[0], delta)
+    if counters:
+        src, sp = summaries(counters)
+        for gid, sid, win, lo, hi in cur.execute(
+                f"SELECT gpu_id, signal_id, w, min(lo), max(hi) FROM ({src}) GROUP BY ALL", sp).fetchall():
+            name = names[int(sid)]
+            d = ev.gpu_counter_delta.setdefault(gid, {}).setdefault(name, (0.0, 0.0))
+            delta = max(0.0, (hi or 0.0) - (lo or 0.0))
+            ev.gpu_counter_delta[gid][name] = (delta, d[1]) if win == 0 else (d[0], delta)
 
-    reasons = ids(["clock_event_reasons"])
-    for gid, win, power, thermal in cur.execute(
-            f"SELECT gpu_id, {w}, avg((((value::BIGINT) & {POWER_MASK}) != 0)::INT), "
-            f"avg((((value::BIGINT) & {THERMAL_MASK}) != 0)::INT) FROM gpu_samples "
-            f"WHERE {where} AND signal_id IN ({_in(reasons)}) AND value IS NOT NULL GROUP BY ALL",
-            params).fetchall() if reasons else []:
-        cur_share = ev.throttle_share.setdefault(gid, {"power": (0.0, 0.0), "thermal": (0.0, 0.0)})
-        for k, v in (("power", power), ("thermal", thermal)):
-            b, i = cur_share[k]
-            cur_share[k] = (v, i) if win == 0 else (b, v)
+    if reasons:
+        src, sp = summaries(reasons)
+        for gid, win, power, thermal in cur.execute(
+                f"SELECT gpu_id, w, sum(power_n) / sum(n), sum(thermal_n) / sum(n) FROM ({src}) "
+                "GROUP BY ALL HAVING sum(n) > 0", sp).fetchall():
+            cur_share = ev.throttle_share.setdefault(gid, {"power": (0.0, 0.0), "thermal": (0.0, 0.0)})
+            for k, v in (("power", power), ("thermal", thermal)):
+                b, i = cur_share[k]
+                cur_share[k] = (v, i) if win == 0 else (b, v)
 
     # links down in each window: down in most of the baseline's samples, in a tenth of the incident's (an
     # onset found a few seconds late must not hide a link that went down at the fault)
     link_up = ids(["nvlink_link_up"])
-    for gid, win, down in cur.execute(
-            f"SELECT gpu_id, w, count(*) FILTER (WHERE (w = 0 AND down >= 0.5) OR (w = 1 AND down >= 0.1)) FROM ("
-            f"SELECT gpu_id, sub, {w} AS w, avg((value = 0)::INT) AS down "
-            f"FROM gpu_samples WHERE {where} AND signal_id IN ({_in(link_up)}) "
-            "GROUP BY ALL) GROUP BY ALL", params).fetchall() if link_up else []:
-        b, i = ev.links_down.get(gid, (0, 0))
-        ev.links_down[gid] = (int(down), i) if win == 0 else (b, int(down))
+    if link_up:
+        src, sp = summaries(link_up)
+        for gid, win, down in cur.execute(
+                f"SELECT gpu_id, w, count(*) FILTER (WHERE (w = 0 AND down >= 0.5) OR (w = 1 AND down >= 0.1)) FROM ("
+                f"SELECT gpu_id, sub, w, sum(zeros) / sum(n) AS down FROM ({src}) GROUP BY ALL HAVING sum(n) > 0) "
+                "GROUP BY ALL", sp).fetchall():
+            b, i = ev.links_down.get(gid, (0, 0))
+            ev.links_down[gid] = (int(down), i) if win == 0 else (b, int(down))
 
     for gid, n, codes, first in cur.execute(
             "SELECT gpu_id, count(*), list(DISTINCT code), min(time_ns) FROM events WHERE kind = 'xid' "

@@ -74,7 +74,7 @@ class OnlineDetector:
         """One evaluation; returns the incidents confirmed by it."""
         self.evaluations += 1
         try:
-            doc = RootCause(cur).why(WhyQuery(since=self.window, as_of_ns=as_of_ns))
+            doc = RootCause(cur, speculative=False).why(WhyQuery(since=self.window, as_of_ns=as_of_ns))
         except NoData:
             return []
         now_ns = as_of_ns

@@ -13,7 +13,8 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from correlator.analysis.requests import resolve_units
+from correlator.analysis.request_stats import RequestScope
+from correlator.analysis.requests import KEY_COLUMNS
 from correlator.analysis.timeparse import format_ns
 
 
@@ -55,13 +56,6 @@ def load_slos(path: str | Path) -> list[Slo]:
 DEFAULT_SLOS = [Slo("ttft", 0.99, 0.5), Slo("tpot", 0.99, 0.1)]
 
 
-def _window_requests(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, service: str | None,
-                     model: str | None, node: str | None) -> pl.DataFrame:
-    from correlator.analysis.requests import load_requests
-
-    return load_requests(cur, start_ns, end_ns, service, model, node)
-
-
 def energy_by_gpu(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int) -> dict[int, float]:
     """Joules each GPU used in the window, from its energy counter (or power integrated when absent)."""
     # the signal's id first: a filter on it is pushed into the scan, a join on the name is not
@@ -80,82 +74,99 @@ def energy_by_gpu(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int) ->
     return out
 
 
+_METRICS = ("ttft", "tpot", "e2e")
+
+
+def _column(metric: str) -> str:
+    if metric not in _METRICS:
+        raise ValueError(f"metric must be one of {', '.join(_METRICS)}")
+    return f"{metric}_s"
+
+
 def top(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, service: str | None = None,
         model: str | None = None, node: str | None = None, metric: str = "ttft") -> list[dict[str, Any]]:
     """GPUs ranked by latency impact: the share of the window's excess latency (over the fleet median) their
-    requests carry, with p99s and energy per output token."""
-    reqs = _window_requests(cur, start_ns, end_ns, service, model, node)
-    if reqs.is_empty():
+    requests carry, with p99s and energy per output token. Aggregated in DuckDB, per replica."""
+    col = _column(metric)
+    scope = RequestScope(cur, start_ns, end_ns, service, model, node)
+    if scope.empty:
         return []
-    reqs, units = resolve_units(cur, reqs, start_ns, end_ns)
-    col = f"{metric}_s"
-    med = reqs[col].drop_nulls().median()
-    reqs = reqs.with_columns((pl.col(col) - (med or 0)).clip(lower_bound=0).fill_null(0).alias("excess"))
-    total = float(reqs["excess"].sum()) or 1.0
+    med = scope.fleet_quantile(col, 0.5)
+    per = scope.per_unit(
+        "count(*), quantile_cont(ttft_s, 0.99), quantile_cont(tpot_s, 0.99), "
+        f"sum(greatest({col} - $med, 0)), sum(output_tokens)", {"med": med or 0.0})
+    total = float(sum(float(v[3] or 0.0) for v in per.values())) or 1.0
     meta = {g: (u, i, n) for g, u, i, n in cur.execute(
         "SELECT gpu_id, uuid, gpu_index, n.name FROM gpus JOIN nodes n USING (node_id)").fetchall()}
     energy = energy_by_gpu(cur, start_ns, end_ns)
     rows = []
-    narrow = reqs.select("unit", "output_tokens", "ttft_s", "tpot_s", "excess")
-    parts, empty = _by_unit(narrow), narrow.clear()
-    for key, unit in units.items():
-        r = parts.get(key, empty)
-        tokens = int(r["output_tokens"].sum() or 0)
+    for key, unit in scope.units.items():
+        n, ttft_p99, tpot_p99, excess, tokens = per.get((key, None), (0, None, None, 0.0, 0))
+        tokens = int(tokens or 0)
         for g in unit.gpu_ids or ():
             uuid, idx, nname = meta.get(g, (None, None, unit.node))
             rows.append({
                 "node": nname, "gpu_index": idx, "gpu": uuid, "replica": key, "mapping": unit.mapping,
-                "requests": len(r), "ttft_p99_s": _q(r["ttft_s"], 0.99), "tpot_p99_s": _q(r["tpot_s"], 0.99),
-                "impact_share": round(float(r["excess"].sum()) / total / max(1, len(unit.gpu_ids)), 4),
+                "requests": int(n), "ttft_p99_s": _round(ttft_p99), "tpot_p99_s": _round(tpot_p99),
+                "impact_share": round(float(excess or 0.0) / total / max(1, len(unit.gpu_ids)), 4),
                 "energy_per_token_j": round(energy[g] / tokens, 4) if g in energy and tokens else None})
     rows.sort(key=lambda x: -float(x["impact_share"]))
     return rows
 
 
 def slo(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, slos: list[Slo], service: str | None = None,
-        model: str | None = None, node: str | None = None, by: tuple[str, ...] = ("model", "node")
-        ) -> list[dict[str, Any]]:
-    """Percentiles and attainment (share of requests within the threshold) per group, per SLO."""
-    reqs = _window_requests(cur, start_ns, end_ns, service, model, node)
-    if reqs.is_empty():
+        model: str | None = None, node: str | None = None) -> list[dict[str, Any]]:
+    """Percentiles and attainment (share of requests within the threshold) per model and node, per SLO:
+    one grouped scan in DuckDB (thresholds and percentiles are bound parameters)."""
+    scope = RequestScope(cur, start_ns, end_ns, service, model, node)
+    if scope.empty:
         return []
-    energy_tokens = _energy_per_token_by_model(cur, reqs, start_ns, end_ns)
+    aggs: list[str] = []
+    params: dict[str, object] = {}
+    for i, s in enumerate(slos):
+        col = _column(s.metric)
+        aggs.append(f"count({col}), quantile_cont({col}, $q{i}), avg(({col} <= $t{i})::DOUBLE)")
+        params.update({f"q{i}": [0.5, 0.9, 0.99, s.percentile], f"t{i}": s.threshold_s})
+    groups = cur.execute(
+        "SELECT model, (SELECT name FROM nodes n WHERE n.node_id = r.node_id) AS node, list(DISTINCT service), "
+        f"{', '.join(aggs)} FROM requests r WHERE {scope.where} GROUP BY model, node_id ORDER BY min(start_ns)",
+        {**scope.params, **params}).fetchall()
+    energy_tokens = _energy_per_token_by_model(cur, scope, start_ns, end_ns)
     out = []
-    # only the columns read per group: iterating groups gathers every column of each
-    narrow = reqs.select(list(dict.fromkeys([*by, "service", "ttft_s", "tpot_s", "e2e_s"])))
-    for keys, g in narrow.group_by(list(by), maintain_order=True):
-        group = dict(zip(by, keys, strict=True))
-        for s in slos:
-            if (s.model and group.get("model") != s.model) or (s.service and s.service != service and
-                                                                s.service not in g["service"].unique().to_list()):
+    for row in groups:
+        g_model, g_node, services = row[:3]
+        for i, s in enumerate(slos):
+            if (s.model and g_model != s.model) or (s.service and s.service != service and
+                                                    s.service not in (services or [])):
                 continue
-            v = g[f"{s.metric}_s"].drop_nulls()
-            if v.is_empty():
+            n, qs, att = row[3 + 3 * i: 6 + 3 * i]
+            if not n:
                 continue
-            att = float((v <= s.threshold_s).cast(pl.Float64).mean() or 0.0)  # type: ignore[arg-type]
-            out.append({**group, "slo": f"{s.metric} p{s.percentile * 100:g} <= {s.threshold_s * 1000:g}ms",
-                        "requests": len(v), "p50_s": _q(v, 0.5), "p90_s": _q(v, 0.9), "p99_s": _q(v, 0.99),
-                        "percentile_s": _q(v, s.percentile), "attainment": round(att, 4),
-                        "met": bool(_q(v, s.percentile) is not None and (_q(v, s.percentile) or 0) <= s.threshold_s),
-                        "energy_per_token_j": energy_tokens.get(group.get("model"))})
+            p50, p90, p99, pq = (_round(v) for v in qs)
+            out.append({"model": g_model, "node": g_node,
+                        "slo": f"{s.metric} p{s.percentile * 100:g} <= {s.threshold_s * 1000:g}ms",
+                        "requests": int(n), "p50_s": p50, "p90_s": p90, "p99_s": p99, "percentile_s": pq,
+                        "attainment": round(float(att or 0.0), 4), "met": bool(pq is not None and pq <= s.threshold_s),
+                        "energy_per_token_j": energy_tokens.get(g_model)})
     return out
 
 
-def _energy_per_token_by_model(cur: duckdb.DuckDBPyConnection, reqs: pl.DataFrame, start_ns: int, end_ns: int
+def _energy_per_token_by_model(cur: duckdb.DuckDBPyConnection, scope: RequestScope, start_ns: int, end_ns: int
                                ) -> dict[Any, float | None]:
-    joined, units = resolve_units(cur, reqs, start_ns, end_ns)
+    """Joules per output token by model: each replica's GPUs' energy shared among the models it served by
+    their share of its requests."""
     energy = energy_by_gpu(cur, start_ns, end_ns)
+    per = scope.per_unit("count(*), sum(output_tokens)", by="model")
+    unit_n: dict[str, int] = {}
+    for (unit, _m), (n, _t) in per.items():
+        unit_n[unit] = unit_n.get(unit, 0) + int(n)
     by_model: dict[Any, list[float]] = {}
-    narrow = joined.select("unit", "model", "output_tokens")
-    parts, empty = _by_unit(narrow), narrow.clear()
-    for key, unit in units.items():
-        r = parts.get(key, empty)
-        for m, g in r.group_by("model"):
-            share = len(g) / max(1, len(r))
-            j = sum(energy.get(gid, 0.0) for gid in unit.gpu_ids) * share
-            acc = by_model.setdefault(m[0], [0.0, 0.0])
-            acc[0] += j
-            acc[1] += float(g["output_tokens"].cast(pl.Float64).fill_null(0.0).sum())
+    for (unit, m), (n, tokens) in per.items():
+        u = scope.units[unit]
+        j = sum(energy.get(gid, 0.0) for gid in u.gpu_ids) * int(n) / max(1, unit_n[unit])
+        acc = by_model.setdefault(m, [0.0, 0.0])
+        acc[0] += j
+        acc[1] += float(tokens or 0)
     return {m: (round(j / t, 4) if t else None) for m, (j, t) in by_model.items()}
 
 
@@ -163,12 +174,19 @@ def slowest_requests(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int,
                      model: str | None = None, node: str | None = None, metric: str = "ttft", limit: int = 20
                      ) -> list[dict[str, Any]]:
     """The slowest requests with the state of their first GPU at their start (ASOF join on the samples)."""
-    reqs = _window_requests(cur, start_ns, end_ns, service, model, node)
-    if reqs.is_empty():
+    col = _column(metric)
+    scope = RequestScope(cur, start_ns, end_ns, service, model, node)
+    if scope.empty:
         return []
-    reqs, units = resolve_units(cur, reqs, start_ns, end_ns)
-    col = f"{metric}_s"
-    worst = reqs.filter(pl.col(col).is_not_null()).sort(col, descending=True).head(limit)
+    worst = pl.from_arrow(cur.sql(
+        "SELECT start_ns, (SELECT name FROM nodes n WHERE n.node_id = r.node_id) AS node, model, ttft_s, tpot_s, "
+        f"queue_s, prefill_s, decode_s, prompt_tokens, output_tokens, {', '.join(KEY_COLUMNS)} FROM requests r "
+        f"WHERE {scope.where} AND {col} IS NOT NULL ORDER BY {col} DESC, start_ns LIMIT $limit",
+        params={**scope.params, "limit": int(limit)}).to_arrow_table())
+    assert isinstance(worst, pl.DataFrame)
+    worst = worst.with_columns(pl.Series("unit", [scope.unit_of_key(r) for r in worst.iter_rows(named=True)],
+                                         dtype=pl.String))
+    units = scope.units
     gpu_of = {k: (u.gpu_ids[0] if u.gpu_ids else None, u.mapping) for k, u in units.items()}
     probe = pl.DataFrame({"i": list(range(len(worst))), "gpu_id": [gpu_of.get(k, (None, ""))[0] for k in worst["unit"]],
                           "t": worst["start_ns"].to_list()}, schema={"i": pl.Int64, "gpu_id": pl.Int32, "t": pl.Int64})
@@ -203,11 +221,5 @@ def slowest_requests(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int,
     return out
 
 
-def _by_unit(df: pl.DataFrame) -> dict[str, pl.DataFrame]:
-    """Each replica's rows, in their order, split once (a filter per replica is O(replicas x rows))."""
-    return {str(k[0]): part for k, part in df.partition_by("unit", as_dict=True, maintain_order=True).items()}
-
-
-def _q(s: pl.Series, p: float) -> float | None:
-    s = s.drop_nulls()
-    return round(float(s.quantile(p, "linear")), 4) if len(s) else None  # type: ignore[arg-type]
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(float(v), 4)

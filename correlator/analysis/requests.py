@@ -72,11 +72,32 @@ def load_requests(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, se
     return pl.from_arrow(cur.sql(sql, params=params).to_arrow_table())  # type: ignore[return-value]
 
 
+KEY_COLUMNS = ("node_id", "pid", "container_id", "pod_uid", "pod", "gpu_uuids")  # what identifies a replica
+
+
 def resolve_units(cur: duckdb.DuckDBPyConnection, requests: pl.DataFrame, start_ns: int, end_ns: int,
                   slack_ns: int = 60 * 10**9) -> tuple[pl.DataFrame, dict[str, Unit]]:
     """Adds a ``unit`` column to ``requests``; returns it and the units by key."""
     if requests.is_empty():
         return requests.with_columns(pl.lit(None, pl.String).alias("unit")), {}
+    n = len(requests)
+    # a key column that is null on every request (no pods, no explicit GPUs) is left out of the unique and of
+    # the join, which then runs on (node, pid) integers instead of six columns
+    used = [c for c in KEY_COLUMNS if requests[c].null_count() < n]
+    keys = requests.select(*used, "node").unique().with_columns(
+        pl.lit(None, requests.schema[c]).alias(c) for c in KEY_COLUMNS if c not in used)
+    mapping, units = unit_map(cur, keys, start_ns, end_ns, slack_ns)
+    # join only the key columns (in the requests' order) and attach the unit: joining the whole frame would
+    # copy every column of millions of rows
+    unit = requests.select(used).join(mapping.select(*used, "unit"), on=used, how="left", nulls_equal=True,
+                                      maintain_order="left")["unit"]
+    return requests.with_columns(unit), units
+
+
+def unit_map(cur: duckdb.DuckDBPyConnection, keys: pl.DataFrame, start_ns: int, end_ns: int,
+             slack_ns: int = 60 * 10**9) -> tuple[pl.DataFrame, dict[str, Unit]]:
+    """The replica of each distinct join key (``keys``: KEY_COLUMNS and ``node``, the node's name): the keys
+    in a stable order with a ``unit`` column, and the units by key."""
     placements = cur.execute(
         "SELECT node_id, pid, container_id, pod_uid, pod, list(DISTINCT gpu_id ORDER BY gpu_id) "
         "FROM placements WHERE time_ns BETWEEN ? AND ? GROUP BY ALL",
@@ -97,18 +118,10 @@ def resolve_units(cur: duckdb.DuckDBPyConnection, requests: pl.DataFrame, start_
     for gid, nid in cur.execute("SELECT gpu_id, node_id FROM gpus ORDER BY gpu_id").fetchall():
         node_gpus.setdefault(nid, []).append(gid)
 
-    # the distinct join keys; a key column that is null on every request (no pods, no explicit GPUs) is left
-    # out of the unique and of the join, which then runs on (node, pid) integers instead of six columns
-    key_cols = ("node_id", "pid", "container_id", "pod_uid", "pod", "gpu_uuids")
-    n = len(requests)
-    used = [c for c in key_cols if requests[c].null_count() < n]
-    absent = [c for c in key_cols if c not in used]
     # sorted keys: units (and the culprit pid of a node-wide finding) come out the same on every run
-    keys = requests.select(*used, "node").unique().sort(used, nulls_last=True).with_columns(
-        pl.lit(None, requests.schema[c]).alias(c) for c in absent).select(
-        "node_id", "node", "pid", "container_id", "pod_uid", "pod", "gpu_uuids")
+    keys = keys.select(*KEY_COLUMNS, "node").sort(list(KEY_COLUMNS), nulls_last=True)
     units: dict[str, Unit] = {}
-    mapping_rows: list[dict[str, object]] = []
+    unit_keys: list[str] = []
     for row in keys.iter_rows(named=True):
         nid, pid = row["node_id"], row["pid"]
         found: tuple[int, ...] = ()
@@ -130,11 +143,5 @@ def resolve_units(cur: duckdb.DuckDBPyConnection, requests: pl.DataFrame, start_
         key = f"{row['node']}/pid{pid}" if pid else f"{row['node']}/{row['pod'] or row['container_id'] or 'gpus'}"
         key = f"{key}/{'-'.join(map(str, found))}" if how == "inferred" else key
         units.setdefault(key, Unit(key, nid, row["node"], pid, found, how, row["pod"]))
-        mapping_rows.append({**row, "unit": key})
-    mapping = pl.DataFrame(mapping_rows, schema={**dict(keys.schema), "unit": pl.String})
-    # join only the key columns (in the requests' order) and attach the unit: joining the whole frame would
-    # copy every column of millions of rows
-    unit = requests.select(used).join(mapping.select(*used, "unit"), on=used, how="left", nulls_equal=True,
-                                      maintain_order="left")["unit"]
-    joined = requests.with_columns(unit)
-    return joined, units
+        unit_keys.append(key)
+    return keys.with_columns(pl.Series("unit", unit_keys, dtype=pl.String)), units

@@ -9,24 +9,27 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import duckdb
 import numpy as np
-import polars as pl
 
 from correlator.analysis.attribution import Candidate, UnitLatency, gpu_candidates, score, unit_candidates
-from correlator.analysis.evidence import collect
-from correlator.analysis.requests import WHY_COLUMNS, Unit, data_extent, load_requests, resolve_units
+from correlator.analysis.evidence import Evidence, collect
+from correlator.analysis.request_stats import EMPTY, RequestScope, WindowStat
+from correlator.analysis.requests import Unit, data_extent
 from correlator.analysis.timeparse import format_clock, format_ns, parse_duration_ns, parse_time_ns
-from correlator.analysis.windows import detect_onset, detect_onsets, rate_step
+from correlator.analysis.windows import ChangePoint, best_step, rate_step
 
 REGRESSION_RATIO = 1.15
 MIN_REQUESTS = 30
 _MIN_SCORE = 0.3
 _UNIT_ONSET_SCORE = 4.0  # a replica's median series is steadier than the fleet's p90: its step must be larger
 _HOUR_NS = 3600 * 10**9
+_BUCKET_NS = 30 * 10**9  # the latency series' and arrival counts' bucket
+_MAX_ARRIVAL_BUCKETS = 300
 
 
 class NoData(Exception):
@@ -56,9 +59,8 @@ class Windows:
     onset_detected: bool
 
 
-def resolve_windows(cur: duckdb.DuckDBPyConnection, q: WhyQuery
-                    ) -> tuple[Windows, pl.DataFrame, dict[str, Unit]]:
-    """The baseline and incident windows, and their requests joined with their replicas (``unit``)."""
+def resolve_windows(cur: duckdb.DuckDBPyConnection, q: WhyQuery) -> tuple[Windows, RequestScope]:
+    """The baseline and incident windows, and the requests of both with their replicas."""
     extent = data_extent(cur, q.as_of_ns)
     if extent is None:
         raise NoData("no requests in the database yet: send spans to `stacklens serve` or run `stacklens import`")
@@ -71,41 +73,33 @@ def resolve_windows(cur: duckdb.DuckDBPyConnection, q: WhyQuery
         i1 = parse_time_ns(q.until, anchor) if q.until else anchor
         b1 = parse_time_ns(q.baseline_until, anchor) if q.baseline_until else i0
         b0 = parse_time_ns(q.baseline_since, anchor) if q.baseline_since else max(first, b1 - _HOUR_NS)
-        reqs = load_requests(cur, b0, i1, q.service, q.model, q.node, known, WHY_COLUMNS)
-        reqs, units = resolve_units(cur, reqs, b0, i1)
-        return Windows(b0, b1, i0, i1, False), reqs, units
+        return Windows(b0, b1, i0, i1, False), RequestScope(cur, b0, i1, q.service, q.model, q.node, known)
     # no window given: look back 75 minutes from the last data for the step up of the latency, of the
     # fleet (its p90) or of one replica (its median: a fault on one replica of many barely moves the fleet)
     lookback0 = max(first, anchor - _HOUR_NS - parse_duration_ns("15m"))
-    reqs = load_requests(cur, lookback0, anchor, q.service, q.model, q.node, known, WHY_COLUMNS)
-    if reqs.is_empty():
+    scope = RequestScope(cur, lookback0, anchor, q.service, q.model, q.node, known)
+    if scope.empty:
         raise NoData("no requests match the filters")
-    reqs, units = resolve_units(cur, reqs, lookback0, anchor)
-    metrics = ["ttft_s", "tpot_s"] if q.metric == "auto" else [f"{q.metric}_s"]
-    cps = [("fleet", cp) for cp in (detect_onset(reqs, m) for m in metrics) if cp is not None]
-    if len(units) > 1:
-        per_unit = {m: detect_onsets(reqs, m, "unit", q=0.5) for m in metrics}
-        for key in units:
-            cps += [(key, cp) for cp in (per_unit[m].get(key) for m in metrics) if cp is not None]
-    cps = [(scope, cp) for scope, cp in cps
-           if cp.score >= (3.0 if scope == "fleet" else _UNIT_ONSET_SCORE) and cp.after > cp.before * 1.05]
+    metrics = ["ttft", "tpot"] if q.metric == "auto" else [q.metric]
+    cps: list[tuple[str, ChangePoint]] = []
+    for (ft, fx), per_unit in scope.bucket_series(metrics, _BUCKET_NS, fleet_q=0.9, unit_q=0.5).values():
+        cp = best_step(ft, fx)
+        if cp is not None:
+            cps.append(("fleet", cp))
+        if len(scope.units) > 1:
+            cps += [(key, c) for key, (t, x) in per_unit.items() if (c := best_step(t, x)) is not None]
+    cps = [(where, cp) for where, cp in cps
+           if cp.score >= (3.0 if where == "fleet" else _UNIT_ONSET_SCORE) and cp.after > cp.before * 1.05]
     if cps:
         best = max((cp for _, cp in cps), key=lambda c: c.score)
         i0 = best.onset_ns
-        b0 = max(first, i0 - _HOUR_NS)
-        return Windows(b0, i0, i0, anchor, True), reqs.filter(pl.col("start_ns") >= b0), units
+        return Windows(max(first, i0 - _HOUR_NS), i0, i0, anchor, True), scope
     i0 = anchor - parse_duration_ns("15m")
-    return Windows(max(first, i0 - _HOUR_NS), i0, i0, anchor, False), reqs, units
+    return Windows(max(first, i0 - _HOUR_NS), i0, i0, anchor, False), scope
 
 
-def _q(s: pl.Series, p: float) -> float | None:
-    s = s.drop_nulls()
-    return float(s.quantile(p, "linear")) if len(s) else None  # type: ignore[arg-type]
-
-
-def _ratio(b: pl.Series, i: pl.Series, p: float) -> float | None:
-    vb, vi = _q(b, p), _q(i, p)
-    return vi / vb if vb and vi is not None else None
+def _ratio(b: float | None, i: float | None) -> float | None:
+    return i / b if b and i is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,30 +121,50 @@ _UNIT_P50 = (1.07, 0.05)
 _UNIT_TAIL = (1.12, 0.08)
 
 
-def detect_regression(base: pl.DataFrame, inc: pl.DataFrame, units: dict[str, Unit], metrics: list[str],
-                      p: float, rows: UnitRows) -> Regression:
+@dataclass(frozen=True, slots=True)
+class WindowStats:
+    """The fleet's and each replica's requests in the baseline and the incident window."""
+
+    fleet_base: WindowStat
+    fleet_inc: WindowStat
+    base: dict[str, WindowStat]
+    inc: dict[str, WindowStat]
+
+    @classmethod
+    def of(cls, scope: RequestScope, w: Windows, p: float) -> WindowStats:
+        fleet, per_unit = scope.window_stats({"base": (w.b0, w.b1, False), "inc": (w.i0, w.i1, True)}, p)
+        return cls(fleet.get("base", EMPTY), fleet.get("inc", EMPTY),
+                   {k: v["base"] for k, v in per_unit.items() if "base" in v},
+                   {k: v["inc"] for k, v in per_unit.items() if "inc" in v})
+
+    def unit_base(self, key: str) -> WindowStat:
+        return self.base.get(key, EMPTY)
+
+    def unit_inc(self, key: str) -> WindowStat:
+        return self.inc.get(key, EMPTY)
+
+
+def detect_regression(st: WindowStats, units: dict[str, Unit], metrics: list[str], p: float) -> Regression:
     """The fleet's percentile ratio; where that stays under REGRESSION_RATIO, each replica against its peers
     (a fault on one replica of many dilutes the fleet's percentile below any sane threshold)."""
     fleet = []
     for m in metrics:
-        b, i = base[f"{m}_s"].drop_nulls(), inc[f"{m}_s"].drop_nulls()
-        vb, vi = _q(b, p), _q(i, p)
-        ratio = vi / vb if vb and vi is not None else None
-        ok = ratio is not None and ratio >= REGRESSION_RATIO and len(b) >= MIN_REQUESTS and len(i) >= MIN_REQUESTS
-        fleet.append(Regression(m, "fleet", vb, vi, ratio, ok, len(b), len(i)))
+        nb, ni = st.fleet_base.count(m), st.fleet_inc.count(m)
+        vb, vi = st.fleet_base.q(m, p), st.fleet_inc.q(m, p)
+        ratio = _ratio(vb, vi)
+        ok = ratio is not None and ratio >= REGRESSION_RATIO and nb >= MIN_REQUESTS and ni >= MIN_REQUESTS
+        fleet.append(Regression(m, "fleet", vb, vi, ratio, ok, nb, ni))
     detected = [r for r in fleet if r.detected]
     if detected:
         return max(detected, key=lambda r: r.ratio or 0.0)
     best: tuple[float, Regression] | None = None
     for m in metrics:
-        col = f"{m}_s"
         per_unit: dict[str, tuple[float, float, int, int]] = {}
         for key in units:
-            b = rows.base(key)[col].drop_nulls()
-            i = rows.inc(key)[col].drop_nulls()
-            r50, rp = _ratio(b, i, 0.5), _ratio(b, i, p)
-            if len(b) >= MIN_REQUESTS and len(i) >= MIN_REQUESTS and r50 is not None and rp is not None:
-                per_unit[key] = (r50, rp, len(b), len(i))
+            b, i = st.unit_base(key), st.unit_inc(key)
+            r50, rp = _ratio(b.q(m, 0.5), i.q(m, 0.5)), _ratio(b.q(m, p), i.q(m, p))
+            if b.count(m) >= MIN_REQUESTS and i.count(m) >= MIN_REQUESTS and r50 is not None and rp is not None:
+                per_unit[key] = (r50, rp, b.count(m), i.count(m))
         if len(per_unit) < 2:
             continue
         for key, (r50, rp, nb, ni) in per_unit.items():
@@ -160,117 +174,94 @@ def detect_regression(base: pl.DataFrame, inc: pl.DataFrame, units: dict[str, Un
             stand_out = max(r50 - peer50 if r50 >= _UNIT_P50[0] and r50 - peer50 >= _UNIT_P50[1] else 0.0,
                             rp - peerp if rp >= _UNIT_TAIL[0] and rp - peerp >= _UNIT_TAIL[1] else 0.0)
             if stand_out > 0 and (best is None or stand_out > best[0]):
-                u_b = rows.base(key)[col]
-                u_i = rows.inc(key)[col]
-                best = (stand_out, Regression(m, key, _q(u_b, p), _q(u_i, p), rp, True, nb, ni))
+                best = (stand_out, Regression(m, key, st.unit_base(key).q(m, p), st.unit_inc(key).q(m, p), rp,
+                                              True, nb, ni))
     if best is not None:
         return best[1]
     return max(fleet, key=lambda r: r.ratio or 0.0)
 
 
-def _by_unit(df: pl.DataFrame) -> dict[str, pl.DataFrame]:
-    """The rows of each replica (in their order), split once: filtering per replica is O(replicas x rows)."""
-    return {str(k[0]): part for k, part in df.partition_by("unit", as_dict=True, maintain_order=True).items()}
-
-
-# what the per-replica analysis reads of a request
-_UNIT_COLUMNS = ("unit", "start_ns", "ttft_s", "tpot_s", "queue_s", "prefill_s", "prompt_tokens", "output_tokens")
-
-
-class UnitRows:
-    """Each replica's requests, split once (only the columns the per-replica analysis reads), and its
-    baseline and incident rows: the same rows, in the same order, as filtering the windows' requests by
-    replica, for a fraction of the cost."""
-
-    def __init__(self, reqs: pl.DataFrame, w: Windows) -> None:
-        narrow = reqs.select(c for c in _UNIT_COLUMNS if c in reqs.columns)
-        self.empty = narrow.clear()
-        self._all = _by_unit(narrow)
-        self._w = w
-        self._base: dict[str, pl.DataFrame] = {}
-        self._inc: dict[str, pl.DataFrame] = {}
-
-    def all(self, key: str) -> pl.DataFrame:
-        return self._all.get(key, self.empty)
-
-    def base(self, key: str) -> pl.DataFrame:
-        b = self._base.get(key)
-        if b is None:
-            b = self._base[key] = self.all(key).filter((pl.col("start_ns") >= self._w.b0)
-                                                       & (pl.col("start_ns") < self._w.b1))
-        return b
-
-    def inc(self, key: str) -> pl.DataFrame:
-        i = self._inc.get(key)
-        if i is None:
-            i = self._inc[key] = self.all(key).filter((pl.col("start_ns") >= self._w.i0)
-                                                      & (pl.col("start_ns") <= self._w.i1))
-        return i
-
-
-def unit_latency(units: dict[str, Unit], w: Windows, metric: str, rows: UnitRows) -> dict[str, UnitLatency]:
+def unit_latency(units: dict[str, Unit], w: Windows, metric: str, st: WindowStats, scope: RequestScope
+                 ) -> dict[str, UnitLatency]:
     # the share of the regression a replica carries: the extra latency of its incident requests over its
     # own baseline mean (an exact decomposition of the fleet's extra total latency, negatives clipped)
     extra: dict[str, float] = {}
     for key in units:
-        sb = rows.base(key)[metric].drop_nulls()
-        si = rows.inc(key)[metric].drop_nulls()
-        mb, mi = sb.mean(), si.mean()
-        extra[key] = max(0.0, (float(mi) - float(mb)) * len(si)  # type: ignore[arg-type]
-                         ) if mb is not None and mi is not None else 0.0
+        b, i = st.unit_base(key), st.unit_inc(key)
+        mb, mi = b.mean(metric), i.mean(metric)
+        extra[key] = max(0.0, (mi - mb) * i.count(metric)) if mb is not None and mi is not None else 0.0
     total_extra = sum(extra.values()) or 1.0
     b_span = max(1e-9, (w.b1 - w.b0) / 1e9)
     i_span = max(1e-9, (w.i1 - w.i0) / 1e9)
+    # 30 s buckets, coarser over long windows (a day's baseline): the step search is quadratic in buckets
+    bucket_ns = max(1, -(-(w.i1 - w.b0) // (_MAX_ARRIVAL_BUCKETS * _BUCKET_NS))) * _BUCKET_NS
+    edges, arrivals = scope.arrival_counts(w.b0, w.i1, bucket_ns)
     out: dict[str, UnitLatency] = {}
     for key, unit in units.items():
-        b = rows.base(key)
-        i = rows.inc(key)
-        if len(i) == 0:
+        b, i = st.unit_base(key), st.unit_inc(key)
+        if i.n == 0:
             continue
 
-        def ratio(col: str, bb: pl.DataFrame = b, ii: pl.DataFrame = i) -> float:
+        def ratio(m: str, bb: WindowStat = b, ii: WindowStat = i) -> float:
             # the larger of the median's and the tail's change: a slower GPU moves the median, a queue the tail
-            rs = [r for r in (_ratio(bb[col], ii[col], 0.5), _ratio(bb[col], ii[col], 0.99)) if r is not None]
+            rs = [r for r in (_ratio(bb.q(m, 0.5), ii.q(m, 0.5)), _ratio(bb.q(m, 0.99), ii.q(m, 0.99)))
+                  if r is not None]
             return max(rs) if rs else 1.0
 
-        pf_b = b.select((pl.col("prefill_s") / pl.col("prompt_tokens").clip(lower_bound=1)).alias("v"))["v"]
-        pf_i = i.select((pl.col("prefill_s") / pl.col("prompt_tokens").clip(lower_bound=1)).alias("v"))["v"]
-        pfb, pfi = _q(pf_b, 0.5), _q(pf_i, 0.5)
-        tok_b = float(b["output_tokens"].sum() or 0) / b_span
-        tok_i = float(i["output_tokens"].sum() or 0) / i_span
+        pfb, pfi = b.prefill_per_token_p50_s, i.prefill_per_token_p50_s
+        tok_b = b.output_tokens / b_span
+        tok_i = i.output_tokens / i_span
         out[key] = UnitLatency(
-            unit, len(b), len(i), ratio("ttft_s"), ratio("tpot_s"),
-            _q(b["queue_s"], 0.9) or 0.0, _q(i["queue_s"], 0.9) or 0.0,
+            unit, b.n, i.n, ratio("ttft"), ratio("tpot"), b.queue_p90_s or 0.0, i.queue_p90_s or 0.0,
             pfi / pfb if pfb and pfi is not None else 1.0,
-            (len(i) / i_span) / (len(b) / b_span) if len(b) else 1.0,
+            (i.n / i_span) / (b.n / b_span) if b.n else 1.0,
             tok_i / tok_b if tok_b else 1.0,
-            extra[key] / total_extra, _arrival_step(rows.all(key), w))
+            extra[key] / total_extra, _arrival_step(edges, arrivals.get(key)))
     return out
 
 
-def _arrival_step(ureqs: pl.DataFrame, w: Windows) -> tuple[float, float, int] | None:
+def _arrival_step(edges: np.ndarray, counts: np.ndarray | None) -> tuple[float, float, int] | None:
     """A clear step up of one replica's arrival rate between the baseline's start and the incident's end."""
-    cp = rate_step(ureqs["start_ns"].to_numpy(), w.b0, w.i1)
+    if counts is None:
+        counts = np.zeros(max(0, len(edges) - 1))
+    cp = rate_step(edges, counts)
     if cp is None or cp.score < 4.0 or cp.before <= 0 or cp.after < 1.25 * cp.before:
         return None
     return cp.before, cp.after, cp.onset_ns
 
 
 class RootCause:
-    """The facade: ``RootCause(cursor).why(query)`` returns the DESIGN.md JSON document."""
+    """The facade: ``RootCause(cursor).why(query)`` returns the DESIGN.md JSON document.
 
-    def __init__(self, cur: duckdb.DuckDBPyConnection) -> None:
+    ``speculative``: gather the hardware evidence on a second cursor while the requests are measured (a
+    person waiting on ``why`` gets the answer sooner on a multi-core machine); the online detector, whose
+    evaluations mostly find no regression, leaves it off rather than spend the CPU for nothing."""
+
+    def __init__(self, cur: duckdb.DuckDBPyConnection, speculative: bool = True) -> None:
         self.cur = cur
+        self.speculative = speculative
 
     def why(self, q: WhyQuery) -> dict[str, Any]:
         t_start = time.perf_counter()
-        w, reqs, units = resolve_windows(self.cur, q)
-        base = reqs.filter((pl.col("start_ns") >= w.b0) & (pl.col("start_ns") < w.b1))
-        inc = reqs.filter((pl.col("start_ns") >= w.i0) & (pl.col("start_ns") <= w.i1))
+        w, requests = resolve_windows(self.cur, q)
         p = q.percentile
         pct = f"p{round(p * 100):d}"
-        rows = UnitRows(reqs, w)
-        reg = detect_regression(base, inc, units, ["ttft", "tpot"] if q.metric == "auto" else [q.metric], p, rows)
+        if not self.speculative:
+            return self._why(q, w, requests, p, pct, None, t_start)
+        own = self.cur.cursor()
+        pool = ThreadPoolExecutor(1, thread_name_prefix="why-evidence")
+        try:
+            return self._why(q, w, requests, p, pct, pool.submit(collect, own, w.b0, w.b1, w.i0, w.i1), t_start)
+        finally:
+            own.interrupt()  # no regression: the evidence is not needed, stop its query rather than wait for it
+            pool.shutdown(wait=True, cancel_futures=True)
+            own.close()
+
+    def _why(self, q: WhyQuery, w: Windows, requests: RequestScope, p: float, pct: str,
+             evidence: Future[Evidence] | None, t_start: float) -> dict[str, Any]:
+        units = requests.units
+        st = WindowStats.of(requests, w, p)
+        reg = detect_regression(st, units, ["ttft", "tpot"] if q.metric == "auto" else [q.metric], p)
         metric, b_val, i_val, ratio, detected = reg.metric, reg.baseline_s, reg.incident_s, reg.ratio, reg.detected
         n_b, n_i = reg.n_base, reg.n_inc
         scope = units.get(reg.scope)
@@ -292,8 +283,8 @@ class RootCause:
                               else "no regression: not enough requests in one of the windows")
             doc["elapsed_s"] = round(time.perf_counter() - t_start, 3)
             return doc
-        lat = unit_latency(units, w, f"{metric}_s", rows)
-        ev = collect(self.cur, w.b0, w.b1, w.i0, w.i1)
+        lat = unit_latency(units, w, metric, st, requests)
+        ev = evidence.result() if evidence is not None else collect(self.cur, w.b0, w.b1, w.i0, w.i1)
         units_of_gpu: dict[int, list[str]] = {}
         for key, u in units.items():
             for g in u.gpu_ids:

@@ -1,18 +1,17 @@
 """Where the incident starts: the change point of a latency percentile series.
 
-Requests are bucketed (30 s by default), the p90 of each bucket forms a series, and the split that
-maximises the robust shift of the median (after − before, over the before-part's MAD) is the onset.
+Requests are bucketed (30 s), a percentile of each bucket forms a series (computed in DuckDB by
+:mod:`correlator.analysis.request_stats`), and the split that maximises the robust shift of the median
+(after − before, over the before-part's MAD) is the onset.
 Binary segmentation would find several; one is what ``why`` needs: the most recent large step up.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
 from dataclasses import dataclass
 
 import numpy as np
-import polars as pl
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,21 +20,6 @@ class ChangePoint:
     score: float  # robust shift, in units of the before-part's spread
     before: float
     after: float
-
-
-def _buckets(requests: pl.DataFrame, value: str, bucket_ns: int, q: float, by: tuple[str, ...] = ()
-             ) -> pl.DataFrame:
-    """The ``q`` quantile ``v`` of ``value`` per start-time bucket ``b`` (per ``by`` group), buckets of at
-    least 5 requests, in time order."""
-    return (requests.filter(pl.col(value).is_not_null())
-            .with_columns((pl.col("start_ns") // bucket_ns * bucket_ns).alias("b"))
-            .group_by(*by, "b").agg(pl.col(value).quantile(q).alias("v"), pl.len().alias("n"))
-            .filter(pl.col("n") >= 5).sort(*by, "b"))
-
-
-def bucket_series(requests: pl.DataFrame, value: str, bucket_ns: int, q: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
-    df = _buckets(requests, value, bucket_ns, q)
-    return df["b"].to_numpy(), df["v"].to_numpy().astype(float)
 
 
 def best_step(t: np.ndarray, x: np.ndarray, min_segment: int = 4) -> ChangePoint | None:
@@ -79,14 +63,13 @@ def _refined(t: np.ndarray, x: np.ndarray, k: int, score: float, before: float, 
 
 
 def _prefix_medians(x: np.ndarray) -> np.ndarray:
-    """``out[k - 1]`` = ``np.median(x[:k])`` for every k (kept sorted by insertion: O(n) per value)."""
-    out = np.empty(len(x))
-    ordered: list[float] = []
-    for k, v in enumerate(x.tolist(), 1):
-        bisect.insort(ordered, v)
-        h = k // 2
-        out[k - 1] = ordered[h] if k % 2 else (ordered[h - 1] + ordered[h]) / 2  # as np.mean of the two
-    return out
+    """``out[k - 1]`` = ``np.median(x[:k])`` for every k: each prefix sorted at once (row k - 1 of a
+    triangle holds x[:k], padded with +inf), the middle one or the mean of the middle two."""
+    n = len(x)
+    rows = np.sort(np.where(np.tri(n, dtype=bool), x[None, :], np.inf), axis=1)
+    k = np.arange(1, n + 1)
+    lo, hi = rows[k - 1, (k - 1) // 2], rows[k - 1, k // 2]
+    return np.where(k % 2 == 1, lo, (lo + hi) / 2)  # as np.mean of the two
 
 
 def _best_step_loop(t: np.ndarray, x: np.ndarray, min_segment: int = 4) -> ChangePoint | None:
@@ -131,29 +114,9 @@ def refine_onset(x: np.ndarray, k: int, min_segment: int = 4) -> int:
     return k
 
 
-def detect_onset(requests: pl.DataFrame, value: str, bucket_ns: int = 30 * 10**9,
-                 min_segment: int = 4, q: float = 0.9) -> ChangePoint | None:
-    """The most significant step up of the bucketed ``q`` quantile of ``value``; None when there are too few
-    buckets. The fleet uses p90 (where a tail grows); one replica's few requests per bucket use the median."""
-    t, x = bucket_series(requests, value, bucket_ns, q)
-    return best_step(t, x, min_segment)
-
-
-def detect_onsets(requests: pl.DataFrame, value: str, by: str, bucket_ns: int = 30 * 10**9,
-                  min_segment: int = 4, q: float = 0.9) -> dict[object, ChangePoint | None]:
-    """:func:`detect_onset` of each group of ``requests`` by ``by`` (one group_by for all of them)."""
-    df = _buckets(requests, value, bucket_ns, q, (by,))
-    out: dict[object, ChangePoint | None] = {}
-    for (key,), part in df.partition_by(by, as_dict=True, maintain_order=True).items():
-        out[key] = best_step(part["b"].to_numpy(), part["v"].to_numpy().astype(float), min_segment)
-    return out
-
-
-def rate_step(start_ns: np.ndarray, t0_ns: int, t1_ns: int, bucket_ns: int = 30 * 10**9,
-              min_segment: int = 4) -> ChangePoint | None:
-    """The largest step up of the arrival rate (requests per second per bucket) between t0 and t1."""
-    edges = np.arange(t0_ns, t1_ns + 1, bucket_ns, dtype=np.int64)
+def rate_step(edges: np.ndarray, counts: np.ndarray, min_segment: int = 4) -> ChangePoint | None:
+    """The largest step up of an arrival rate, from request ``counts`` per bucket between ``edges``."""
     if len(edges) < 2 * min_segment + 1:
         return None
-    counts, _ = np.histogram(start_ns, bins=edges)
-    return best_step(edges[:-1], counts.astype(float) / (bucket_ns / 1e9), min_segment)
+    bucket_s = float(edges[1] - edges[0]) / 1e9
+    return best_step(edges[:-1], counts.astype(float) / bucket_s, min_segment)

@@ -1,0 +1,191 @@
+"""Per-minute GPU summaries (``gpu_minutes``): the writer keeps them complete and fresh, and ``why``'s
+evidence is the same whether it reads them or summarises the raw samples itself."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from correlator.analysis.evidence import Evidence, collect
+from correlator.ingest.batch import IngestBatch
+from correlator.store import rollups
+from correlator.store.duckdb_store import Store
+
+T0 = 1_795_000_000 * 10**9 + 17 * 10**9  # not on a minute boundary
+S = 10**9
+GPUS = ("GPU-a", "GPU-b", "GPU-c")
+POWER_CAP = 0x4  # sw_power_cap
+
+
+def _samples(first_s: int, seconds: int, seed: int = 3, fault_from_s: int | None = None) -> IngestBatch:
+    """One sample a second per GPU: noisy gauges, counters, a clock-event mask (power cap now and then) and
+    two NVLinks (one of GPU-b down from ``fault_from_s``)."""
+    rng = random.Random(seed + first_s)
+    b = IngestBatch()
+    for s in range(first_s, first_s + seconds):
+        t = T0 + s * S
+        for i, uuid in enumerate(GPUS):
+            hot = fault_from_s is not None and s >= fault_from_s and uuid == "GPU-b"
+            vals = {"power_w": rng.gauss(450 + 30 * i + (120 if hot else 0), 12.0),
+                    "sm_clock_hz": rng.gauss(1.7e9, 3e7),
+                    "pcie_rx_bytes_per_s": rng.uniform(1e9, 3e9) * (20 if hot else 1),
+                    "gpu_util_ratio": rng.random(), "pcie_replay_total": float(s // 7 + (s if hot else 0)),
+                    "clock_event_reasons": float(POWER_CAP if rng.random() < (0.6 if hot else 0.1) else 0)}
+            for name, v in vals.items():
+                b.gpu_samples.append(t + i * 1000, "node-1", uuid, i, name, None, v)
+            b.gpu_samples.append(t, "node-1", uuid, i, "power_w", "ignored-sub", 1.0)  # a gauge with a sub
+            for link in ("0", "1"):
+                down = hot and link == "1"
+                b.gpu_samples.append(t, "node-1", uuid, i, "nvlink_link_up", link, 0.0 if down else 1.0)
+            b.gpu_samples.append(t, "node-1", uuid, i, "gpu_temp_c", None, None)  # missing, never 0
+    return b
+
+
+def _evidence_both_ways(store: Store, b0: int, b1: int, i0: int, i1: int) -> tuple[Evidence, Evidence]:
+    with store.reader() as cur:
+        rolled = collect(cur, b0, b1, i0, i1)
+        cur.execute("BEGIN TRANSACTION")
+        cur.execute("DELETE FROM meta WHERE key = ?", [rollups.WATERMARK_KEY])  # as if never rolled up
+        raw = collect(cur, b0, b1, i0, i1)
+        cur.execute("ROLLBACK")
+    return rolled, raw
+
+
+def test_evidence_is_the_same_from_summaries_and_from_raw_samples(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.duckdb")
+    try:
+        for first in range(0, 20 * 60, 60):
+            store.write(_samples(first, 60, fault_from_s=14 * 60 + 20))
+        store.catch_up_rollups()
+        # the writer rolled them up as they came: every minute the grace has passed, from the first sample's
+        expected = (rollups.floor_minute(T0 + 1199 * S - rollups.GRACE_NS) - rollups.floor_minute(T0)) // (60 * S)
+        assert store.stats.minutes_rolled_up == expected == 19
+        with store.reader() as cur:
+            until = rollups.watermark(cur)
+            assert until is not None and until % rollups.MINUTE_NS == 0
+            newest = cur.execute("SELECT max(time_ns) FROM gpu_samples").fetchall()[0][0]
+            assert until == rollups.floor_minute(newest - rollups.GRACE_NS)
+            # one row per minute and series; missing values are not counted
+            n_temp = cur.execute("SELECT sum(n) FROM gpu_minutes JOIN signals USING (signal_id) "
+                                 "WHERE name = 'gpu_temp_c'").fetchall()[0][0]
+            assert n_temp == 0
+            assert cur.execute("SELECT count(*) FROM gpu_minutes WHERE q IS NOT NULL AND sub IS NOT NULL"
+                               ).fetchall()[0][0] == 0
+        # windows with ragged edges, and an incident running past the summaries into raw samples
+        i0, i1 = T0 + (14 * 60 + 20) * S + 123, T0 + (20 * 60 - 1) * S
+        b0, b1 = T0 + 37 * S, i0
+        rolled, raw = _evidence_both_ways(store, b0, b1, i0, i1)
+        assert rolled == raw
+    finally:
+        store.close()
+
+
+def test_summaries_see_the_fault_and_match_exact_statistics(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.duckdb")
+    try:
+        for first in range(0, 20 * 60, 60):
+            store.write(_samples(first, 60, fault_from_s=14 * 60))
+        store.catch_up_rollups()
+        i0, i1 = T0 + 14 * 60 * S, T0 + 18 * 60 * S
+        b0, b1 = T0, i0
+        with store.reader() as cur:
+            ev = collect(cur, b0, b1, i0, i1)
+            gid = dict(cur.execute("SELECT uuid, gpu_id FROM gpus").fetchall())
+            exact = [v for (v,) in cur.execute(
+                "SELECT value FROM gpu_samples JOIN signals USING (signal_id) WHERE name = 'power_w' AND sub IS NULL "
+                "AND gpu_id = ? AND time_ns >= ? AND time_ns < ?", [gid["GPU-a"], b0, b1]).fetchall()]
+        a, b = ev.gpu[gid["GPU-a"]]["power_w"], ev.gpu[gid["GPU-b"]]["power_w"]
+        med = float(np.median(exact))
+        mad = float(np.median(np.abs(np.array(exact) - med)))
+        assert a.base_median is not None and a.base_mad is not None
+        assert abs(a.base_median - med) < 0.1 * mad  # the mixture's median, within a tenth of the spread
+        assert abs(a.base_mad - mad) < 0.1 * mad
+        assert a.base_high == pytest.approx(max(exact))  # maxima are exact
+        assert b.z("power_w") > 5 and abs(a.z("power_w")) < 1.5
+        assert ev.links_down[gid["GPU-b"]] == (0, 1) and ev.links_down[gid["GPU-a"]] == (0, 0)
+        power_b, power_a = ev.throttle_share[gid["GPU-b"]]["power"], ev.throttle_share[gid["GPU-a"]]["power"]
+        assert power_b[1] > 0.45 and power_a[1] < 0.2
+        # counter deltas are exact: the replay counter of GPU-b jumps by the fault's seconds
+        base_d, inc_d = ev.gpu_counter_delta[gid["GPU-b"]]["pcie_replay_total"]
+        assert inc_d > 4 * 60 and base_d < 14 * 60 / 7 + 1
+    finally:
+        store.close()
+
+
+def test_samples_that_come_late_are_summarised_again(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.duckdb")
+    try:
+        store.write(_samples(0, 10 * 60))
+        store.catch_up_rollups()
+        minute = rollups.floor_minute(T0 + 120 * S)
+        with store.reader() as cur:
+            before = cur.execute("SELECT sum(n) FROM gpu_minutes WHERE minute_ns = ?", [minute]).fetchall()[0][0]
+        # an agent's buffered export: a second GPU's samples for minute 2, after it was summarised
+        late = IngestBatch()
+        late.gpu_samples.append(minute + 5 * S + 7, "node-1", "GPU-late", 9, "power_w", None, 300.0)
+        late.gpu_samples.append(minute + 6 * S + 7, "node-1", "GPU-late", 9, "power_w", None, 900.0)
+        store.write(late)
+        assert store.stats.late_rollups == 1
+        with store.reader() as cur:
+            after = cur.execute("SELECT sum(n) FROM gpu_minutes WHERE minute_ns = ?", [minute]).fetchall()[0][0]
+            row = cur.execute("SELECT n, lo, hi FROM gpu_minutes JOIN gpus USING (gpu_id) WHERE uuid = 'GPU-late'"
+                              ).fetchall()
+        assert after == before + 2 and row == [(2, 300.0, 900.0)]
+        rolled, raw = _evidence_both_ways(store, T0, T0 + 300 * S, T0 + 300 * S, T0 + 599 * S)
+        assert rolled == raw
+    finally:
+        store.close()
+
+
+def test_writer_rolls_up_as_data_arrives_and_retention_prunes_summaries(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.duckdb")
+    try:
+        store.write(_samples(0, 30))
+        store.catch_up_rollups()
+        with store.reader() as cur:
+            assert rollups.watermark(cur) is None  # nothing complete yet: the newest sample is within the grace
+        for first in range(30, 6 * 60, 30):
+            store.write(_samples(first, 30))
+        store.catch_up_rollups()
+        with store.reader() as cur:
+            until = rollups.watermark(cur)
+            assert until == rollups.floor_minute(T0 + (6 * 60 - 1) * S - rollups.GRACE_NS)
+            first_minute = cur.execute("SELECT min(minute_ns) FROM gpu_minutes").fetchall()[0][0]
+            assert first_minute == rollups.floor_minute(T0)
+        pruned = store.prune(T0 + 3 * 60 * S)
+        assert pruned["gpu_minutes"] > 0
+        with store.reader() as cur:
+            assert cur.execute("SELECT min(minute_ns) FROM gpu_minutes").fetchall()[0][0] >= T0 + 3 * 60 * S - 60 * S
+    finally:
+        store.close()
+    # reopening keeps the watermark: nothing is summarised twice
+    again = Store(tmp_path / "s.duckdb")
+    try:
+        assert again.catch_up_rollups() == 0
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize(("lo", "hi", "until", "rolled", "raw"), [
+    (90, 400, None, None, [(90, 400)]),
+    (90, 400, 300, (120, 300), [(90, 120), (300, 400)]),
+    (120, 360, 600, (120, 360), []),
+    (130, 170, 600, None, [(130, 170)]),  # no whole minute inside
+    (90, 400, 60, None, [(90, 400)]),  # nothing summarised yet in the window
+    (200, 200, 600, None, []),
+])
+def test_split_window(lo: int, hi: int, until: int | None, rolled: tuple[int, int] | None,
+                      raw: list[tuple[int, int]]) -> None:
+    m = rollups.MINUTE_NS // 60  # one "second" in these cases
+    got = rollups.split_window(lo * m, hi * m, until * m if until is not None else None)
+    assert got == ((rolled[0] * m, rolled[1] * m) if rolled else None, [(a * m, b * m) for a, b in raw])
+
+
+def test_quantile_signals_cover_what_the_evidence_reads() -> None:
+    from correlator.analysis.evidence import GPU_SIGNALS
+
+    assert set(GPU_SIGNALS) <= set(rollups.QUANTILE_SIGNALS)
+    assert "clock_event_reasons" not in rollups.QUANTILE_SIGNALS
