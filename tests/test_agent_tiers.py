@@ -5,14 +5,17 @@ host signals between their reads."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 import subprocess
 import sys
 import textwrap
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -137,6 +140,102 @@ def test_pcie_counter_poller_unwraps_and_feeds_the_sampler(standin_lib: Path, tm
     t1 = (BASE_US + STEP_US) * 1000
     assert rx[:3] == [(5, BASE_US * 1000), (10, t1), (10, t1)]  # the read that said NOT_SUPPORTED: last total
     assert rx[3:] == [None, None]  # then absent, as a field NVML lacks
+
+
+def test_pcie_poller_catches_every_wrap_at_the_links_maximum_rate(standin_lib: Path, tmp_path: Path) -> None:
+    """Three GPUs polled together (one NVML call each, checked and unpacked at once). GPU 0 moves the most
+    bytes a gen5 x16 link's wrap-safe period allows, so its 32-bit counter wraps on four polls in five: every
+    wrap is counted, the 64-bit totals are exact. GPU 1 fails one read (that poll goes GPU by GPU, the others
+    unharmed, and the next poll batched again; the read after the failure spans two periods, so GPU 1 runs at
+    half that rate) and GPU 2 falls off the bus at tick 8: the others go on, GPU by GPU."""
+    from collector.nvml.pcie import wrap_safe_period_s
+
+    period = wrap_safe_period_s(5, 16)
+    step_us = int(period * 1e6)
+    per_poll = int(0.8 * 2**32)  # the rate the period is sized for (with headers) times the period
+    assert per_poll == pytest.approx(3.938e9 * 16 * 1.1 * period, rel=1e-3)
+    polls = 12
+    tx0 = [(k * per_poll) % 2**32 for k in range(polls)]
+    tx1 = [(k * per_poll // 2) % 2**32 for k in range(polls)]
+    script = (StandinScript().driver("580.82.07").gpus(3).system("clock_base_us", BASE_US)
+              .system("clock_step_us", step_us)
+              .set(0, "field.197", *[f"u32:{v}" for v in tx0])
+              .set(0, "field.198", *[f"u32:{7 * k}" for k in range(polls)])
+              .set(1, "field.197", *[f"u32:{v}" if k != 2 else "ERR:999" for k, v in enumerate(tx1)])
+              .set(1, "field.198", "u32:0")
+              .set(2, "field.197", *[f"u32:{k}" for k in range(polls)]).set(2, "field.198", "u32:2")
+              .set(2, "lost_at_tick", 8))
+    path = script.write(tmp_path / "script.txt")
+    code = textwrap.dedent(f"""
+        import json
+        from collector.nvml.access import NvmlAccess
+        from collector.nvml.pcie import PcieCounterPoller
+        a = NvmlAccess()
+        a.init()
+        handles = [(i, a.call("nvmlDeviceGetHandleByIndex", i, i)) for i in range(3)]
+        poller = PcieCounterPoller(a, handles, {period!r})
+        out = []
+        for _ in range({polls}):
+            poller.poll_once()
+            out.append({{i: poller.view(i) for i in range(3)}})
+        print(json.dumps({{"polls": out, "errors": [list(k) + [n] for k, n in a.errors.items()],
+                          "lost": sorted(a._lost)}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=standin_env(standin_lib, path),
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    views = result["polls"]
+    gpu0 = [dict((fid, (total, t)) for fid, total, t in poll["0"]) for poll in views]
+    assert sum(1 for a, b in itertools.pairwise(tx0) if b < a) >= 8  # the raw counter wraps most polls
+    assert [v[197][0] for v in gpu0] == [k * per_poll for k in range(polls)]  # every wrap counted
+    assert [v[197][1] for v in gpu0] == [(BASE_US + k * step_us) * 1000 for k in range(polls)]  # NVML's times
+    assert [v[198][0] for v in gpu0] == [7 * k for k in range(polls)]
+    gpu1 = [dict((fid, (total, t)) for fid, total, t in poll["1"])[197] for poll in views]
+    assert [total for total, _ in gpu1] == [k * per_poll // 2 if k != 2 else per_poll // 2 for k in range(polls)]
+    assert gpu1[2][1] == gpu1[1][1]  # the failed read kept the last total and its time (no rate from it)
+    assert sorted(map(tuple, result["errors"])) == [("field 197", "Unknown", 1),
+                                                    ("nvmlDeviceGetFieldValues", "GPU_IS_LOST", 1)]
+    gpu2 = [poll["2"] for poll in views]
+    assert gpu2[7] != gpu2[6] and gpu2[8:] == [gpu2[7]] * (polls - 8)  # lost at tick 8: no new totals from it
+    assert result["lost"] == [2]
+
+
+def test_pcie_poller_polls_on_a_fixed_grid() -> None:
+    """The poll period is kept between reads, not added after each poll's own time and wake-up delay."""
+    from collector.nvml.pcie import PcieCounterPoller
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    clock = Clock()
+
+    class Poller(PcieCounterPoller):
+        def __init__(self) -> None:
+            self.period_s, self._monotonic, self.late_polls = 0.05, clock, 0
+            self._stop = threading.Event()
+            self.at: list[float] = []
+
+        def poll_once(self) -> None:
+            self.at.append(round(clock.now, 6))
+            clock.now += 0.004  # each poll takes 4 ms
+            if len(self.at) == 5:
+                clock.now += 0.2  # a stall of four periods: counted, and the grid starts again
+            if len(self.at) == 8:
+                self._stop.set()
+
+    p = Poller()
+
+    def sleep(s: float) -> None:
+        clock.now += s
+
+    with mock.patch("collector.nvml.pcie.time.sleep", sleep):
+        p._run()
+    assert p.at[:5] == [0.05, 0.1, 0.15, 0.2, 0.25]
+    assert p.late_polls == 1 and p.at[5:] == [0.454, 0.504, 0.554]
 
 
 def test_agent_with_the_pcie_poller_exports_rates(standin_lib: Path, tmp_path: Path) -> None:
@@ -301,6 +400,57 @@ def test_metrics_page_is_unchanged_by_its_caches() -> None:
     cold.update(_snap(T0 + 9, 42.0, host=True))
     assert warm.render() == cold.render()
     assert "DCGM_FI_DEV_POWER_USAGE{" in cold.render() and " 42.0\n" in cold.render()
+
+
+_GPUS = (GPU, GpuIdentity(1, "GPU-0001", "NVIDIA H100 80GB HBM3", "00000000:28:00.0", 1))
+# (signal, labels) of the readings a cycle may hold: fast, medium and slow tiers, a per-link signal
+_SERIES = (("power_w", ()), ("sm_clock_hz", ()), ("gpu_temp_c", ()), ("energy_j", ()),
+           ("nvlink_tx_bytes_per_s", (("link", "0"),)), ("nvlink_tx_bytes_per_s", (("link", "1"),)))
+
+
+_READINGS = st.lists(st.tuples(st.sampled_from(range(len(_SERIES))), st.one_of(st.none(), st.floats(0, 1e6))),
+                     max_size=4)
+
+
+@given(cycles=st.lists(st.tuples(_READINGS, st.sampled_from([False] * 12 + [True]),
+                                 st.one_of(st.none(), _READINGS), st.sampled_from([1] * 8 + [30, 61])),
+                       min_size=1, max_size=90),
+       scrape_every=st.integers(1, 70))
+@settings(max_examples=200, deadline=None)
+def test_metrics_page_folded_at_scrapes_equals_updated_every_cycle(
+        cycles: list[tuple[list[tuple[int, float | None]], bool, list[tuple[int, float | None]] | None, int]],
+        scrape_every: int) -> None:
+    """/metrics folds the cycles' readings in at the scrape (newest sample of each shape only): the page must
+    be the one a fold at every cycle gives, whatever the mix of tiers, missing values, a GPU that comes, goes
+    or is lost, the gaps between cycles (values expire 60 s after they were stored) and the scrape cadence."""
+    every_cycle, at_scrapes = PrometheusExposition("n"), PrometheusExposition("n")
+    t = T0
+    for n, (first, lost, second, gap_s) in enumerate(cycles):
+        t += gap_s * 1_000_000_000
+        samples: list[GpuSample] = []
+        for gpu, readings, gone in ((_GPUS[0], first, lost), (_GPUS[1], second, False)):
+            if readings is None:
+                continue
+            if gone:
+                samples.append(GpuSample(gpu, t, (Reading("gpu_lost", 1.0, t),), lost=True))
+                continue
+            rs = tuple(Reading(_SERIES[k][0], v, t + k, _SERIES[k][1]) for k, v in readings)
+            samples.append(GpuSample(gpu, t, (Reading("gpu_lost", 0.0, t), *rs)))
+        snapshot = NodeSnapshot("n", t, tuple(samples))
+        every_cycle.update(snapshot)
+        reference = every_cycle.render()
+        at_scrapes.update(snapshot)
+        if n % scrape_every == 0 or n == len(cycles) - 1:
+            # the same samples and values; the order of the families on the page may differ (it never meant
+            # anything: it follows when each series was first stored)
+            assert _page(at_scrapes.render()) == _page(reference)
+
+
+def _page(text: str) -> Counter[tuple[Any, ...]]:
+    types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
+    assert len(types) == len(set(types))  # each family once, its samples together
+    return Counter((family.name, family.type, sample.name, tuple(sorted(sample.labels.items())), sample.value)
+                   for family in text_string_to_metric_families(text) for sample in family.samples)
 
 
 def test_prepared_getters_answer_as_access_call(standin_lib: Path, tmp_path: Path) -> None:

@@ -301,9 +301,14 @@ class NvmlAccess:
 
     def _read_fields(self, device: int, handle: Any, wanted: _Fields, array: Any, count: Any, ref: Any) -> bytes:
         """One ``nvmlDeviceGetFieldValues`` call into ``array``; its rows as bytes, errors handled."""
-        nvml = self.nvml
         self.calls += 1
-        ret = self._field_fn(handle, count, ref)
+        return self._field_result(device, wanted, self._field_fn(handle, count, ref), array)
+
+    def _field_result(self, device: int, wanted: _Fields, ret: int, array: Any) -> bytes:
+        """What one ``nvmlDeviceGetFieldValues`` call into ``array`` returned (``ret``): its rows as bytes,
+        errors handled (NOT_SUPPORTED remembered, GPU_IS_LOST raised, others counted); b"" when the call
+        itself failed."""
+        nvml = self.nvml
         if ret != NVML_SUCCESS:
             if ret == NVML_ERROR_GPU_IS_LOST:
                 self._mark_lost(device, "nvmlDeviceGetFieldValues")
@@ -367,12 +372,20 @@ class FieldReader:
     request's ctypes array and call arguments while the access layer's verdicts are unchanged (no new
     NOT_SUPPORTED, the GPU not lost, the function present); otherwise it goes the full way."""
 
-    __slots__ = ("_access", "_args", "_device", "_fields", "_generation", "_handle")
+    __slots__ = ("_access", "_args", "_device", "_fields", "_generation", "_handle", "_rcs", "array", "quads",
+                 "wanted", "words")
 
     def __init__(self, access: NvmlAccess, device: int, handle: Any, fields: _Fields) -> None:
         self._access, self._device, self._handle, self._fields = access, device, handle, fields
         self._generation = -1
         self._args: tuple[_Fields, Any, Any, Any] | None = None
+        # after a read_in_place() that returned None: the fields read, the ctypes array NVML filled, and
+        # that array's memory as 32-bit and as 64-bit words (FIELD_ROW's columns, see _ROW_WORDS)
+        self.wanted: _Fields = ()
+        self.array: Any = None
+        self.words: memoryview | None = None
+        self.quads: memoryview | None = None
+        self._rcs: memoryview | None = None
 
     def read(self) -> tuple[_Fields, bytes]:
         """(the fields NVML answers for, the rows as bytes), as :meth:`NvmlAccess.field_buffer`."""
@@ -380,16 +393,129 @@ class FieldReader:
         args = self._args
         if (args is None or self._generation != len(a._unsupported) or self._device in a._lost
                 or a._field_fn is None):
-            wanted, buf = a.field_buffer(self._device, self._handle, self._fields)
-            cached = a._field_arrays.get((self._device, self._fields))
-            if cached is not None and cached[2] is not None and cached[0] == len(a._unsupported):
-                _, prepared, array = cached
-                self._args = (prepared, array, ctypes.c_int32(len(prepared)), ctypes.byref(array))
-                self._generation = cached[0]
-            return wanted, buf
+            return self._prepare()
         wanted, array, count, ref = args
         buf = a._read_fields(self._device, self._handle, wanted, array, count, ref)
         return (wanted, buf) if buf else ((), b"")
+
+    def _prepare(self) -> tuple[_Fields, bytes]:
+        """The full way: NvmlAccess.field_buffer, then keep its request's array and arguments."""
+        a = self._access
+        wanted, buf = a.field_buffer(self._device, self._handle, self._fields)
+        cached = a._field_arrays.get((self._device, self._fields))
+        self._args, self.array, self.words, self.quads, self._rcs = None, None, None, None, None
+        if cached is not None and cached[2] is not None and cached[0] == len(a._unsupported):
+            _, prepared, array = cached
+            self._args = (prepared, array, ctypes.c_int32(len(prepared)), ctypes.byref(array))
+            self._generation = cached[0]
+            self.wanted = prepared
+            if _NATIVE_ROWS and ctypes.sizeof(array) == FIELD_ROW.size * len(prepared):
+                self.array = array
+                self.words = memoryview(array).cast("B").cast("I")
+                self.quads = memoryview(array).cast("B").cast("Q")
+                self._rcs = self.words[_RC_WORD::_ROW_WORDS]
+        return wanted, buf
+
+    def read_in_place(self) -> tuple[_Fields, bytes] | None:
+        """Like :meth:`read`, without copying the rows when nothing is unusual: None when NVML answered
+        every field of :attr:`wanted` with SUCCESS; the rows are then in :attr:`array` (read them with
+        ``FIELD_ROW.unpack_from(reader.array, offset)`` or the :attr:`words` / :attr:`quads` columns)
+        until the next read. Otherwise (a field failed, the request changed, the first read) what
+        :meth:`read` returns, with the same verdicts."""
+        a = self._access
+        args, rcs = self._args, self._rcs
+        if (args is None or rcs is None or self._generation != len(a._unsupported) or self._device in a._lost
+                or a._field_fn is None):
+            return self._prepare()
+        wanted, array, count, ref = args
+        a.calls += 1
+        ret = a._field_fn(self._handle, count, ref)
+        if ret == NVML_SUCCESS and not any(rcs):
+            return None
+        buf = a._field_result(self._device, wanted, ret, array)
+        return (wanted, buf) if buf else ((), b"")
+
+
+class MultiFieldReader:
+    """The same fields of several devices, read many times a second (the PCIe counter poller): one
+    ``nvmlDeviceGetFieldValues`` call per device as always, each into its own slice of one ctypes array,
+    so that the rows of every device are checked, and can be unpacked, at once. That way holds while
+    nothing is unusual (every device answered every field, none is lost, no new NOT_SUPPORTED); otherwise
+    each device is read with its own :class:`FieldReader`, with the same verdicts."""
+
+    def __init__(self, access: NvmlAccess, devices: Sequence[tuple[int, Any]], fields: _Fields) -> None:
+        self._access = access
+        self.devices = tuple(devices)
+        self.fields = fields
+        self._indices = frozenset(index for index, _ in self.devices)
+        self._readers = [(index, access.field_reader(index, handle, fields)) for index, handle in self.devices]
+        self._generation = -1
+        # per device: (index, its slice of the array, the call's arguments)
+        self._slices: list[tuple[int, Any, tuple[Any, Any, Any]]] = []
+        self._rcs: memoryview | None = None
+        self.array: Any = None  # after read() returned None: every device's rows, in device order
+
+    def _prepare(self) -> bool:
+        """The shared array for the current verdicts; False when they rule the shared way out."""
+        a = self._access
+        self._rcs = None
+        self._generation = len(a._unsupported)
+        k = len(self.fields)
+        if (not _NATIVE_ROWS or not self.devices or not k or a._field_fn is None
+                or any(("field", index, f) in a._unsupported for index in self._indices for f in self.fields)):
+            return False
+        row_type = a.nvml.c_nvmlFieldValue_t
+        array = (row_type * (k * len(self.devices)))()
+        if ctypes.sizeof(array) != FIELD_ROW.size * k * len(self.devices):
+            return False
+        slices = []
+        for j, (index, handle) in enumerate(self.devices):
+            part = (row_type * k).from_buffer(array, j * k * FIELD_ROW.size)
+            for i, (fid, scope) in enumerate(self.fields):
+                part[i].fieldId = fid
+                part[i].scopeId = scope
+            slices.append((index, part, (handle, ctypes.c_int32(k), ctypes.byref(part))))
+        self.array, self._slices = array, slices
+        self._rcs = memoryview(array).cast("B").cast("I")[_RC_WORD::_ROW_WORDS]
+        return True
+
+    def read(self) -> list[tuple[int, _Fields, bytes]] | None:
+        """None when every device answered every field with SUCCESS: the rows are in :attr:`array`
+        (``len(fields)`` rows per device, in device order) until the next read. Otherwise per device read
+        (a lost device left out): (index, the fields NVML answers for, the rows as bytes)."""
+        a = self._access
+        rcs = self._rcs
+        usable = a._field_fn is not None and self._indices.isdisjoint(a._lost)
+        if not usable or rcs is None or self._generation != len(a._unsupported):
+            # the shared way is re-examined only when the verdicts change
+            if not usable or self._generation == len(a._unsupported) or not self._prepare():
+                return self._one_by_one()
+            rcs = self._rcs
+        assert rcs is not None
+        fn = a._field_fn
+        a.calls += len(self._slices)
+        rets = [fn(*args) for _, _, args in self._slices]
+        if not any(rets) and not any(rcs):
+            return None
+        out = []
+        for (index, part, _), ret in zip(self._slices, rets, strict=True):
+            try:
+                buf = a._field_result(index, self.fields, ret, part)
+            except GpuLost:
+                continue
+            out.append((index, self.fields, buf) if buf else (index, (), b""))
+        return out
+
+    def _one_by_one(self) -> list[tuple[int, _Fields, bytes]]:
+        out = []
+        for index, reader in self._readers:
+            try:
+                wanted, buf = reader.read()
+            except GpuLost:
+                continue
+            out.append((index, wanted, buf))
+        return out
+
 
 # nvmlFieldValue_t: fieldId u32, scopeId u32, timestamp i64 (us), latencyUsec i64, valueType u32,
 # nvmlReturn u32, value (an 8-byte union, read here as its raw unsigned 64 bits)

@@ -132,18 +132,21 @@ def _utilization(out: Any) -> tuple[int, int]:
     return (out.gpu, out.memory)
 
 
-def _link_sum(buf: bytes, group: _LinkGroup, words: memoryview | None = None) -> tuple[bool, int, int]:
+def _link_sum(buf: Any, group: _LinkGroup, words: memoryview | None = None,
+              quads: memoryview | None = None) -> tuple[bool, int, int]:
     """(every link answered with a 64-bit value, the latest timestamp in us, the sum of the values) of
     one link group's rows. The links' rows are consecutive (the field plan's order): their value types,
     return codes, timestamps and values are strided columns of the array, compared and summed without a
-    Python step per link. ``words``: ``buf`` as 32-bit words, when the caller has it already."""
+    Python step per link. ``buf``: the rows (bytes, or the ctypes array NVML filled); ``words`` and
+    ``quads``: the same memory as 32-bit and 64-bit words, when the caller has them already."""
     first, end = group.positions[0], group.positions[-1] + 1
     if _LITTLE_ENDIAN and end - first == len(group.positions):
         if words is None:
-            words = memoryview(buf).cast("I")
+            words = memoryview(buf).cast("B").cast("I")
+        if quads is None:
+            quads = words.cast("B").cast("Q")
         ok = (words[first * 10 + 6:end * 10:10].tobytes() == group.all_u64
               and words[first * 10 + 7:end * 10:10].tobytes() == group.all_success)
-        quads = words.cast("B").cast("Q")
         return ok, max(quads[first * 5 + 1:end * 5:5]), sum(quads[first * 5 + 4:end * 5:5])
     rows = [FIELD_ROW.unpack_from(buf, pos * FIELD_ROW.size) for pos in group.positions]
     return (all(r[4] == 3 and r[5] == 0 for r in rows), max(r[2] for r in rows), sum(r[6] for r in rows))
@@ -408,18 +411,26 @@ class NvmlGpuSource:
               ) -> tuple[list[Reading], tuple[GpuProcess, ...]]:
         a = self.access
         i, h = dev.ident.index, dev.handle
-        readings: list[Reading] = [Reading("gpu_lost", 0.0, now_ns)]
-        add = readings.append
-        rates_of, unsupported = self._rates.update, a.is_unsupported
         # Readings built with tuple.__new__: ~40 % cheaper than the NamedTuple constructor, and these loops
         # make dozens per GPU per cycle (see docs/performance.md)
         new, reading = tuple.__new__, Reading
+        readings: list[Reading] = [new(reading, ("gpu_lost", 0.0, now_ns, ()))]
+        add = readings.append
+        rates_of, unsupported = self._rates.update, a.is_unsupported
         tier = "slow" if slow else "medium" if medium else "fast"
         reader = dev.readers.get(tier)
         if reader is None:
             request = dev.full_request if slow else dev.fast_medium_request if medium else dev.fast_request
             reader = dev.readers[tier] = a.field_reader(i, h, request)
-        wanted, buf = reader.read()
+        # the rows where NVML wrote them when every field answered (no copy), else as bytes
+        words: memoryview | None
+        quads: memoryview | None
+        buf: Any
+        if (result := reader.read_in_place()) is None:
+            wanted, buf, words, quads = reader.wanted, reader.array, reader.words, reader.quads
+        else:
+            (wanted, buf), quads = result, None
+            words = memoryview(buf).cast("I") if buf else None
         last = dev.last_decoder.get(tier)
         if last is not None and last[0] is wanted:  # the same prepared request as last time
             decoder = last[1]
@@ -444,9 +455,8 @@ class NvmlGpuSource:
         # NVLink: the per-GPU total rate every cycle, from the sum of the links' counters; the rate of
         # each link on medium cycles, over the medium interval (the links' counters are read every cycle
         # for the total either way)
-        words = memoryview(buf).cast("I") if decoder.links else None
         for group in decoder.links:
-            ok, ts_us, counter = _link_sum(buf, group, words)
+            ok, ts_us, counter = _link_sum(buf, group, words, quads)
             t = ts_us * 1000 or now_ns
             if ok:
                 # 64-bit KiB counters: a sum that goes down means a link was reset (no rate this interval)
@@ -479,7 +489,7 @@ class NvmlGpuSource:
         if (slow and a.is_unsupported("field", i, (FI_TOTAL_ENERGY_CONSUMPTION, 0))
                 and (mj := a.call("nvmlDeviceGetTotalEnergyConsumption", i, h)) is not None):
             add(Reading("energy_j", mj / 1000.0, now_ns))
-        if self._counters is not None and (polled := self._counters.latest.get(i)) is not None:
+        if self._counters is not None and (polled := self._counters.view(i)) is not None:
             for fid, total_bytes, t_ns in polled:
                 t = t_ns or now_ns
                 add(new(reading, (_PCIE_SIGNALS[fid], rates_of((i, fid, 0), total_bytes, t), t, ())))
