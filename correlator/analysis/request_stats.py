@@ -165,14 +165,16 @@ class RequestScope:
             + ", ".join(f"quantile_cont(r.{c}, {float(unit_q)!r}) AS v{k}, count(r.{c}) AS n{k}"
                         for k, c in enumerate(cols))
             + f" FROM {src} GROUP BY ALL", params)
-        parts = df.sort("unit", "b").partition_by("unit", as_dict=True)
+        df = df.sort("unit", "b")
         out: dict[str, tuple[Series, dict[str, Series]]] = {}
         for k, m in enumerate(metrics):
             # a bucket with fewer than ``min_requests`` values of this metric is left out of its series
-            per: dict[str, Series] = {}
-            for (unit,), part in parts.items():
-                kept = part.filter((pl.col(f"n{k}") >= min_requests) & pl.col(f"v{k}").is_not_null())
-                per[str(unit)] = (kept["b"].to_numpy().astype(np.int64), kept[f"v{k}"].to_numpy().astype(float))
+            kept = df.filter((pl.col(f"n{k}") >= min_requests) & pl.col(f"v{k}").is_not_null())
+            units = kept["unit"].to_numpy()
+            b, v = kept["b"].to_numpy().astype(np.int64), kept[f"v{k}"].to_numpy().astype(float)
+            cuts = np.flatnonzero(units[1:] != units[:-1]) + 1
+            per = {str(units[lo]): (b[lo:hi], v[lo:hi])
+                   for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(units)], strict=True) if hi > lo}
             out[m] = (_series([(int(r[0]), r[1 + 2 * k], r[2 + 2 * k]) for r in fleet], min_requests), per)
         return out
 

@@ -26,16 +26,6 @@ class Unit:
     pod: str | None = None
 
 
-_REQUEST_COLUMNS: tuple[str, ...] = (
-    "start_ns", "end_ns", "node_id", "service", "model", "pid", "container_id", "pod_uid", "pod", "gpu_uuids",
-    "ttft_s", "tpot_s", "e2e_s", "queue_s", "prefill_s", "decode_s", "prompt_tokens", "output_tokens")
-
-
-# what ``why`` reads of a request: the join key and the latencies it compares
-WHY_COLUMNS = ("start_ns", "node_id", "pid", "container_id", "pod_uid", "pod", "gpu_uuids", "ttft_s", "tpot_s",
-               "queue_s", "prefill_s", "prompt_tokens", "output_tokens")
-
-
 def data_extent(cur: duckdb.DuckDBPyConnection, known_by_ns: int | None = None) -> tuple[int, int] | None:
     """First start and last end of the requests (known by ``known_by_ns``: a span arrives when it ends)."""
     rows = cur.execute("SELECT min(start_ns), max(end_ns) FROM requests WHERE end_ns <= $k",
@@ -44,32 +34,6 @@ def data_extent(cur: duckdb.DuckDBPyConnection, known_by_ns: int | None = None) 
     if row is None or row[0] is None:
         return None
     return int(row[0]), int(row[1])
-
-
-def load_requests(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, service: str | None = None,
-                  model: str | None = None, node: str | None = None, known_by_ns: int | None = None,
-                  columns: tuple[str, ...] = _REQUEST_COLUMNS) -> pl.DataFrame:
-    """Requests that started in [start_ns, end_ns] (and ended by ``known_by_ns``, to replay what an online
-    detector knew at that time), filtered; parameters are bound, never spliced. ``columns``: those of
-    ``_REQUEST_COLUMNS`` to load (millions of rows: each unread column costs), plus ``node`` always."""
-    where = ["r.start_ns >= $start", "r.start_ns <= $end"]
-    params: dict[str, object] = {"start": start_ns, "end": end_ns}
-    if known_by_ns is not None:
-        where.append("r.end_ns <= $known")
-        params["known"] = known_by_ns
-    if service:
-        where.append("r.service = $service")
-        params["service"] = service
-    if model:
-        where.append("r.model = $model")
-        params["model"] = model
-    if node:
-        where.append("n.name = $node")
-        params["node"] = node
-    cols = ", ".join(f"r.{c}" for c in _REQUEST_COLUMNS if c in columns)
-    sql = (f"SELECT {cols}, n.name AS node FROM requests r JOIN nodes n USING (node_id) "
-           f"WHERE {' AND '.join(where)} ORDER BY r.start_ns")
-    return pl.from_arrow(cur.sql(sql, params=params).to_arrow_table())  # type: ignore[return-value]
 
 
 KEY_COLUMNS = ("node_id", "pid", "container_id", "pod_uid", "pod", "gpu_uuids")  # what identifies a replica
