@@ -338,6 +338,7 @@ def import_cmd(db: DbOpt = "stacklens.duckdb",
             store.write(batch)
             total += batch.row_count()
             _console(stderr=True).print(f"{p}: {batch.row_count()} rows", markup=False)
+        store.catch_up_rollups()  # the per-minute GPU summaries `why` reads, written now rather than later
     except (ImportFileError, StoreError) as e:
         raise _fail(str(e)) from e
     finally:
@@ -367,6 +368,7 @@ def _import_prometheus(db: str, url: str, since: str, until: str) -> None:
     try:
         puller = PrometheusPuller(url, store=store)
         result = puller.pull(since_ns / 1e9, until_ns / 1e9)
+        store.catch_up_rollups()
     except ValueError as e:
         raise _fail(str(e), 2) from e
     finally:

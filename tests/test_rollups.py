@@ -189,3 +189,31 @@ def test_quantile_signals_cover_what_the_evidence_reads() -> None:
 
     assert set(GPU_SIGNALS) <= set(rollups.QUANTILE_SIGNALS)
     assert "clock_event_reasons" not in rollups.QUANTILE_SIGNALS
+
+
+def test_import_writes_the_summaries_of_what_it_imported(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from correlator.cli import app
+
+    src = Store(tmp_path / "src.duckdb")
+    try:
+        src.roll_up_enabled = False  # the source has none: the import must make them
+        src.write(_samples(0, 20 * 60))  # one file: one commit, after which the writer rolls up 5 minutes
+        src.export_parquet(tmp_path / "export")
+    finally:
+        src.close()
+    db = tmp_path / "imported.duckdb"
+    res = CliRunner().invoke(app, ["import", "--db", str(db), str(tmp_path / "export" / "gpu_samples")])
+    assert res.exit_code == 0, res.output
+    store = Store(db)
+    try:
+        with store.reader() as cur:
+            until = rollups.watermark(cur)
+            newest = cur.execute("SELECT max(time_ns) FROM gpu_samples").fetchall()[0][0]
+            assert until == rollups.floor_minute(newest - rollups.GRACE_NS)
+            assert cur.execute("SELECT count(DISTINCT minute_ns) FROM gpu_minutes").fetchall()[0][0] == 19
+        rolled, raw = _evidence_both_ways(store, T0, T0 + 600 * S, T0 + 600 * S, T0 + 1199 * S)
+        assert rolled == raw
+    finally:
+        store.close()
