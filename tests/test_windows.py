@@ -31,3 +31,25 @@ def test_rate_step_finds_the_arrival_step() -> None:
     cp = rate_step(edges, counts)
     assert cp is not None and abs(cp.onset_ns - 2400 * s) <= 60 * s and cp.after > 2.5 * cp.before
     assert rate_step(edges[:5], counts[:4]) is None  # too few buckets
+
+
+def test_min_score_skips_only_series_that_cannot_reach_it() -> None:
+    rng = np.random.default_rng(5)
+    skipped = 0
+    for i in range(300):
+        n = int(rng.integers(8, 160))
+        x = rng.normal(loc=1.0, scale=rng.choice([0.002, 0.01, 0.05, 0.3]), size=n)
+        if i % 4 == 0:
+            x[int(rng.integers(4, n - 3)):] *= rng.uniform(1.0, 1.3)
+        if i % 9 == 0:
+            x = -x  # negative medians
+        t = np.arange(n, dtype=np.int64) * 30
+        full = best_step(t, x)
+        bounded = best_step(t, x, min_score=4.0)
+        assert full is not None
+        if bounded is None:
+            skipped += 1
+            assert full.score < 4.0, (i, full)
+        else:
+            assert repr(bounded) == repr(full)
+    assert skipped > 50  # the bound does skip the flat series

@@ -87,7 +87,9 @@ def resolve_windows(cur: duckdb.DuckDBPyConnection, q: WhyQuery) -> tuple[Window
         if cp is not None:
             cps.append(("fleet", cp))
         if len(scope.units) > 1:
-            cps += [(key, c) for key, (t, x) in per_unit.items() if (c := best_step(t, x)) is not None]
+            # a replica's step counts from _UNIT_ONSET_SCORE on: one that cannot reach it is not scored in full
+            cps += [(key, c) for key, (t, x) in per_unit.items()
+                    if (c := best_step(t, x, min_score=_UNIT_ONSET_SCORE)) is not None]
     cps = [(where, cp) for where, cp in cps
            if cp.score >= (3.0 if where == "fleet" else _UNIT_ONSET_SCORE) and cp.after > cp.before * 1.05]
     if cps:

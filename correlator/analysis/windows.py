@@ -23,14 +23,18 @@ class ChangePoint:
     after: float
 
 
-def best_step(t: np.ndarray, x: np.ndarray, min_segment: int = 4) -> ChangePoint | None:
+def best_step(t: np.ndarray, x: np.ndarray, min_segment: int = 4, min_score: float | None = None
+              ) -> ChangePoint | None:
     """The split of the series ``x`` (at times ``t``) that maximises the robust shift of its median: the
     onset of the largest step up, where it is one; a ramp (a queue building up) puts the split halfway up
     and :func:`refine_onset` walks it back to where the series left its baseline.
 
     Every split is scored at once (numpy over a block of splits x the series); the medians are the same
     order statistics, averaged the same way, as ``np.median`` of each part, so the split, its score and
-    the medians are those of scoring the splits one by one (:func:`_best_step_loop`)."""
+    the medians are those of scoring the splits one by one (:func:`_best_step_loop`).
+
+    ``min_score``: None as well when no split can score that much, which the medians alone can prove (the
+    spread is never below 2 % of the median before the split), before the costly spreads are computed."""
     n = len(x)
     if n < 2 * min_segment:
         return None
@@ -42,6 +46,11 @@ def best_step(t: np.ndarray, x: np.ndarray, min_segment: int = 4) -> ChangePoint
     suffix = _prefix_medians(xf[::-1])  # suffix[m - 1]: median of the last m values
     mb_all = prefix[ks - 1]
     ma_all = suffix[n - ks - 1]
+    weight = np.sqrt(ks * (n - ks) / n) / 2.0
+    if min_score is not None:
+        bound = np.maximum(ma_all - mb_all, 0.0) / np.maximum(0.02 * np.abs(mb_all), 1e-6) * weight
+        if float(bound.max()) < min_score:
+            return None
     mad = np.empty(len(ks))
     cols = np.arange(n)
     block = max(1, 2_000_000 // n)
@@ -52,7 +61,7 @@ def best_step(t: np.ndarray, x: np.ndarray, min_segment: int = 4) -> ChangePoint
     # pooled robust spread, and the sqrt(k(n-k)/n) of a two-sample statistic so that a split a few
     # buckets from either end needs a larger step to win
     scale = np.maximum(np.maximum(1.4826 * mad, 0.02 * np.abs(mb_all)), 1e-6)
-    scores = (ma_all - mb_all) / scale * np.sqrt(ks * (n - ks) / n) / 2.0
+    scores = (ma_all - mb_all) / scale * weight
     i = int(np.argmax(scores))
     return _refined(t, x, int(ks[i]), float(scores[i]), float(mb_all[i]), float(ma_all[i]), min_segment)
 
