@@ -15,9 +15,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import SpanKind, Tracer
 
+from collector.records import DerivedLatencies
+
 
 @dataclass(frozen=True, slots=True)
-class FinishedRequest:
+class FinishedRequest(DerivedLatencies):
     """A plain :class:`RequestTiming`: what tests and benchmarks hand to :class:`VllmSpanEmitter`."""
 
     request_id: str
@@ -29,18 +31,6 @@ class FinishedRequest:
     prompt_tokens: int
     output_tokens: int
     finish_reason: str = "stop"
-
-    @property
-    def ttft_s(self) -> float:
-        return self.queue_s + self.prefill_s
-
-    @property
-    def e2e_s(self) -> float:
-        return (self.end_ns - self.arrival_ns) / 1e9
-
-    @property
-    def tpot_s(self) -> float | None:
-        return self.decode_s / (self.output_tokens - 1) if self.output_tokens > 1 else None
 
 
 class RequestTiming(Protocol):

@@ -97,3 +97,28 @@ class NodeSnapshot:
     # why there are no GPU samples, if there are none (e.g. "library_not_found" on a CPU-only node)
     gpu_status: str = "ok"
     driver_version: str | None = None
+
+
+class DerivedLatencies:
+    """TTFT, end-to-end time and TPOT of a finished request, derived as DESIGN.md defines them from the
+    fields a request record holds (a base of the dataclasses that hold them)."""
+
+    __slots__ = ()
+    arrival_ns: int
+    end_ns: int
+    queue_s: float
+    prefill_s: float
+    decode_s: float
+    output_tokens: int
+
+    @property
+    def ttft_s(self) -> float:
+        return self.queue_s + self.prefill_s
+
+    @property
+    def e2e_s(self) -> float:
+        return (self.end_ns - self.arrival_ns) / 1e9
+
+    @property
+    def tpot_s(self) -> float | None:
+        return self.decode_s / (self.output_tokens - 1) if self.output_tokens > 1 else None

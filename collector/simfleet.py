@@ -26,7 +26,17 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from collector.records import GpuIdentity, GpuProcess, GpuSample, HostSample, NodeSnapshot, Placement, Reading, XidEvent
+from collector.records import (
+    DerivedLatencies,
+    GpuIdentity,
+    GpuProcess,
+    GpuSample,
+    HostSample,
+    NodeSnapshot,
+    Placement,
+    Reading,
+    XidEvent,
+)
 from collector.signals import CLOCK_EVENT_REASONS
 
 _BIT = {name: bit for bit, name in CLOCK_EVENT_REASONS.items()}
@@ -180,7 +190,7 @@ def fault_scenario(kind: str, seed: int = 7, onset_s: float = 600.0, duration_s:
 
 
 @dataclass(frozen=True, slots=True)
-class SimRequest:
+class SimRequest(DerivedLatencies):
     request_id: str
     replica: str
     node: str
@@ -196,14 +206,6 @@ class SimRequest:
     output_tokens: int
     finish_reason: str
     preemptions: int
-
-    @property
-    def ttft_s(self) -> float:
-        return self.queue_s + self.prefill_s
-
-    @property
-    def e2e_s(self) -> float:
-        return (self.end_ns - self.arrival_ns) / 1e9
 
 
 @dataclass(frozen=True, slots=True)

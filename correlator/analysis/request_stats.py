@@ -15,6 +15,8 @@ a replica's percentiles are over all its requests.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +64,7 @@ class RequestScope:
 
     def __init__(self, cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, service: str | None = None,
                  model: str | None = None, node: str | None = None, known_by_ns: int | None = None) -> None:
-        self.cur, self.start_ns, self.end_ns = cur, start_ns, end_ns
+        self.cur = cur
         where = ["start_ns >= $start", "start_ns <= $end"]
         params: dict[str, object] = {"start": start_ns, "end": end_ns}
         if known_by_ns is not None:
@@ -116,29 +118,31 @@ class RequestScope:
         on = " AND ".join(f"r.{c} IS NOT DISTINCT FROM m.{c}" for c in self._used)
         return f"(SELECT * FROM requests WHERE {cond}) r JOIN {self._map_name} m ON {on}", "m.unit"
 
-    def _run(self, sql: str, params: dict[str, object] | None = None) -> list[tuple[Any, ...]]:
+    @contextmanager
+    def _unit_map(self) -> Iterator[None]:
+        """The key→replica map registered for :meth:`_from`'s join while a query runs (when it joins)."""
         if not self._joined:
-            return self.cur.execute(sql, {**self._params, **(params or {})}).fetchall()
+            yield
+            return
         self.cur.register(self._map_name, self._map)
         try:
-            return self.cur.execute(sql, {**self._params, **(params or {})}).fetchall()
+            yield
         finally:
             self.cur.unregister(self._map_name)
+
+    def _run(self, sql: str, params: dict[str, object] | None = None) -> list[tuple[Any, ...]]:
+        with self._unit_map():
+            return self.cur.execute(sql, {**self._params, **(params or {})}).fetchall()
 
     def _frame(self, sql: str, params: dict[str, object] | None = None) -> pl.DataFrame:
         """The result of a per-replica query (its group key first) as a frame with a ``unit`` column in place
         of the key: for results of tens of thousands of rows, where a Python loop per row would cost."""
-        if self._joined:
-            self.cur.register(self._map_name, self._map)
-        try:
+        with self._unit_map():
             df = pl.from_arrow(self.cur.sql(sql, params={**self._params, **(params or {})}).to_arrow_table())
-        finally:
-            if self._joined:
-                self.cur.unregister(self._map_name)
         assert isinstance(df, pl.DataFrame)
         if self._joined:
             return df
-        keys = self._keys.select([*self._used, "unit"]).cast({c: df.schema[c] for c in self._used})
+        keys = self._keys.cast({c: df.schema[c] for c in self._used})
         return df.join(keys, on=self._used, how="left", nulls_equal=True, maintain_order="left").drop(self._used)
 
     def _unit(self, row: tuple[Any, ...], width: int) -> str:
