@@ -393,7 +393,8 @@ def build(f: Fleet, path: Path, log: Callable[[str], None] = print) -> dict[str,
         t_roll = time.perf_counter()
         minutes = store.catch_up_rollups()
         rollup_s = time.perf_counter() - t_roll
-        log(f"  summarised {minutes} minutes of GPU series in {rollup_s:.1f} s")
+        log(f"  summarised {minutes} minutes of GPU series and {store.stats.request_hours_rolled_up} hours of "
+            f"requests in {rollup_s:.1f} s")
         store.cursor().execute("CHECKPOINT")
     finally:
         store.close()
@@ -421,7 +422,26 @@ def ensure(f: Fleet, data: Path) -> tuple[Path, dict[str, Any]]:
         subprocess.run([sys.executable, "-m", "benchmarks.why_speed", "--generate-only", "--data", str(data),
                         "--gpus", str(f.gpus), "--rate", str(f.rate), "--seconds", str(f.seconds),
                         "--links", str(f.links), "--seed", str(f.seed)], check=True, cwd=REPO)
+    else:
+        # a store cached by an older stacklens: the summaries this one keeps, written before anything is timed
+        subprocess.run([sys.executable, "-m", "benchmarks.why_speed", "--catch-up-only", str(path)], check=True,
+                       cwd=REPO)
     return path, json.loads(path.with_suffix(".json").read_text())
+
+
+def catch_up(path: Path) -> None:
+    """Write the summaries a store lacks (what the writer of ``stacklens serve`` keeps as data arrives)."""
+    t = time.perf_counter()
+    store = Store(path)
+    try:
+        minutes = store.catch_up_rollups()
+        hours = store.stats.request_hours_rolled_up
+        if minutes or hours:
+            store.cursor().execute("CHECKPOINT")
+            print(f"  summaries caught up: {minutes} minutes of series, {hours} hours of requests in "
+                  f"{time.perf_counter() - t:.1f} s", flush=True)
+    finally:
+        store.close()
 
 
 # -- measuring ---------------------------------------------------------------------------------------
@@ -553,7 +573,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--catch-up-only", type=Path, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.catch_up_only:
+        catch_up(a.catch_up_only)
+        return 0
     if a.gpus % GPUS_PER_NODE:
         ap.error(f"--gpus must be a multiple of {GPUS_PER_NODE}")
     seconds = a.seconds or (int(a.hours * 3600) if a.hours else 75 * 60)

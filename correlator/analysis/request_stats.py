@@ -15,7 +15,7 @@ a replica's percentiles are over all its requests.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +25,7 @@ import numpy as np
 import polars as pl
 
 from correlator.analysis.requests import KEY_COLUMNS, unit_map
+from correlator.store import request_rollups
 
 _ids = itertools.count()
 Series = tuple[np.ndarray, np.ndarray]  # bucket start times (ns), values
@@ -65,24 +66,40 @@ class RequestScope:
     def __init__(self, cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, service: str | None = None,
                  model: str | None = None, node: str | None = None, known_by_ns: int | None = None) -> None:
         self.cur = cur
-        where = ["start_ns >= $start", "start_ns <= $end"]
-        params: dict[str, object] = {"start": start_ns, "end": end_ns}
+        # the filters on what a request is (its service, model, node): the same columns in the summaries
+        filters: list[str] = []
+        params: dict[str, object] = {}
+        if service:
+            filters.append("service = $service")
+            params["service"] = service
+        if model:
+            filters.append("model = $model")
+            params["model"] = model
+        if node:
+            filters.append("node_id = (SELECT node_id FROM nodes WHERE name = $node)")
+            params["node"] = node
+        where = ["start_ns >= $start", "start_ns <= $end", *filters]
+        params.update({"start": start_ns, "end": end_ns})
         if known_by_ns is not None:
             where.append("end_ns <= $known")
             params["known"] = known_by_ns
-        if service:
-            where.append("service = $service")
-            params["service"] = service
-        if model:
-            where.append("model = $model")
-            params["model"] = model
-        if node:
-            where.append("node_id = (SELECT node_id FROM nodes WHERE name = $node)")
-            params["node"] = node
         self._where, self._params = " AND ".join(where), params
+        # the params of the filters alone (the summaries' queries have no $start/$end; DuckDB refuses extras)
+        self._filter_params = {k: v for k, v in params.items() if k not in ("start", "end")}
+        self._filters = filters
+        self._known = known_by_ns
+        self._summarised: tuple[int | None] | None = None  # (summaries' end,) once read
+        keys_sql = f"SELECT DISTINCT {', '.join(KEY_COLUMNS)} FROM requests WHERE {self._where}"
+        if end_ns - start_ns > request_rollups.LONG_WINDOW_NS:
+            # a long scope: its keys from the per-minute summaries where they stand for the requests
+            cols = ", ".join(KEY_COLUMNS)
+            src, sp = self._long_source(start_ns, end_ns + 1, f"SELECT {cols} FROM request_minutes", "minute_ns",
+                                        request_rollups.MINUTE_NS, lambda raw: f"SELECT {cols} FROM {raw}")
+            keys_sql = f"SELECT DISTINCT * FROM ({src})"
+            params = {**self._filter_params, **sp}
         keys = pl.from_arrow(cur.sql(
-            f"SELECT DISTINCT {', '.join(KEY_COLUMNS)}, (SELECT name FROM nodes n WHERE n.node_id = r.node_id) AS node "
-            f"FROM requests r WHERE {self._where}", params=params).to_arrow_table())
+            f"SELECT *, (SELECT name FROM nodes n WHERE n.node_id = k.node_id) AS node FROM ({keys_sql}) k",
+            params=params).to_arrow_table())
         assert isinstance(keys, pl.DataFrame)
         self.empty = keys.is_empty()
         mapping, self.units = unit_map(cur, keys, start_ns, end_ns)
@@ -110,6 +127,32 @@ class RequestScope:
         return self._unit_of.get(tuple(row[c] for c in self._used))
 
     # -- SQL pieces ---------------------------------------------------------------------------------
+    def _summarised_until(self) -> int | None:
+        if self._summarised is None:
+            self._summarised = (request_rollups.summarised_until(self.cur, self._known),)
+        return self._summarised[0]
+
+    def _long_source(self, lo_ns: int, hi_ns: int, summary_select: str, time_col: str, step_ns: int,
+                     raw_select: Callable[[str], str], tag: str = "") -> tuple[str, dict[str, object]]:
+        """SQL of the scope's requests that started in [lo_ns, hi_ns): ``summary_select`` (``SELECT ... FROM``
+        a summary table) over the whole steps the summaries hold, ``raw_select(source)`` over ``requests``
+        elsewhere (``source``: the table and its condition), UNION ALL; with its bound params."""
+        rolled, raw = request_rollups.split(lo_ns, hi_ns, self._summarised_until(), step_ns)
+        parts: list[str] = []
+        params: dict[str, object] = {}
+        filters = "".join(f" AND {f}" for f in self._filters)
+        if rolled is not None:
+            parts.append(f"{summary_select} WHERE {time_col} >= $s{tag}a AND {time_col} < $s{tag}b{filters}")
+            params.update({f"s{tag}a": rolled[0], f"s{tag}b": rolled[1]})
+        known = " AND end_ns <= $known" if self._known is not None else ""
+        for k, (a, b) in enumerate(raw):
+            parts.append(raw_select(
+                f"requests WHERE start_ns >= $x{tag}{k}a AND start_ns < $x{tag}{k}b{filters}{known}"))
+            params.update({f"x{tag}{k}a": a, f"x{tag}{k}b": b})
+        if not parts:  # an empty range: no rows, the columns of the raw select
+            parts.append(raw_select(f"requests WHERE false{filters}"))
+        return " UNION ALL ".join(f"({p})" for p in parts), params
+
     def _from(self, extra_where: str = "") -> tuple[str, str]:
         """(FROM clause, group key expression) for the scope's requests, by replica."""
         cond = self._where + (f" AND {extra_where}" if extra_where else "")
@@ -187,7 +230,19 @@ class RequestScope:
         """Per window (name → (start, end, end included)): the fleet's stats and each replica's."""
         qs = sorted({0.5, 0.99, p})
         parts, params = [], {}
-        for i, (name, (lo, hi, closed)) in enumerate(windows.items()):
+        fleet: dict[str, WindowStat] = {}
+        per_unit: dict[str, dict[str, WindowStat]] = {}
+        short: dict[str, tuple[int, int, bool]] = {}
+        for name, (lo, hi, closed) in windows.items():
+            if hi - lo > request_rollups.LONG_WINDOW_NS:
+                fleet[name], units = self._long_window_stats(lo, hi + 1 if closed else hi, qs, p)
+                for unit, stat in units.items():
+                    per_unit.setdefault(unit, {})[name] = stat
+            else:
+                short[name] = (lo, hi, closed)
+        if not short:
+            return fleet, per_unit
+        for i, (name, (lo, hi, closed)) in enumerate(short.items()):
             src, key = self._from(f"start_ns >= $lo{i} AND start_ns {'<=' if closed else '<'} $hi{i}")
             parts.append(f"SELECT {key} AS u, $w{i} AS w, r.* FROM {src}" if self._joined else
                          f"SELECT {key}, $w{i} AS w, r.ttft_s, r.tpot_s, r.queue_s, r.prefill_s, r.prompt_tokens, "
@@ -206,11 +261,71 @@ class RequestScope:
             f"quantile_cont(tpot_s, $qs), NULL, NULL, NULL, NULL, NULL FROM ({union}) GROUP BY w",
             {**params, "qs": [p]})
         w = self._width
-        per_unit: dict[str, dict[str, WindowStat]] = {}
         for row in rows:
             per_unit.setdefault(self._unit(row, w), {})[str(row[w])] = _stat(row[w + 1:], qs)
-        fleet = {str(r[0]): _stat(r[1:], [p]) for r in fleet_rows}
+        fleet.update({str(r[0]): _stat(r[1:], [p]) for r in fleet_rows})
         return fleet, per_unit
+
+    def _long_window_stats(self, lo_ns: int, hi_ns: int, qs: list[float], p: float
+                           ) -> tuple[WindowStat, dict[str, WindowStat]]:
+        """The stats of the requests that started in [lo_ns, hi_ns), a long window: counts, means and tokens
+        exact from the per-minute summaries, percentiles read off the binned counts (within 0.5 %; see
+        :mod:`correlator.store.request_rollups`)."""
+        rr = request_rollups
+        keys = ", ".join(rr.KEYS)
+        on = " AND ".join(f"r.{c} IS NOT DISTINCT FROM m.{c}" for c in self._used)
+        scal_src, sp = self._long_source(
+            lo_ns, hi_ns, f"SELECT {keys}, n, n_ttft, sum_ttft, n_tpot, sum_tpot, output_tokens FROM request_minutes",
+            "minute_ns", rr.MINUTE_NS,
+            lambda raw: f"SELECT {keys}, {rr.SUMS} FROM {raw} GROUP BY ALL", "m")
+        bin_src, bp = self._long_source(
+            lo_ns, hi_ns, f"SELECT {keys}, metric, bin, n FROM request_bins", "hour_ns", rr.HOUR_NS,
+            lambda raw: f"SELECT {keys}, metric, bin, count(*)::INTEGER AS n FROM ({rr.binned(raw)}) GROUP BY ALL", "h")
+        name = f"_unit_map_long_{next(_ids)}"
+        self.cur.register(name, self._map)
+        try:
+            scalars = self.cur.execute(
+                f"SELECT m.unit, sum(n), sum(n_ttft), sum(n_tpot), sum(sum_ttft), sum(sum_tpot), sum(output_tokens) "
+                f"FROM ({scal_src}) r JOIN {name} m ON {on} GROUP BY ALL", {**self._filter_params, **sp}).fetchall()
+            b = self.cur.execute(
+                f"SELECT m.unit, r.metric, r.bin, sum(r.n)::BIGINT AS n FROM ({bin_src}) r JOIN {name} m ON {on} "
+                "GROUP BY ALL ORDER BY 1, 2, 3", {**self._filter_params, **bp}).fetchnumpy()
+        finally:
+            self.cur.unregister(name)
+        units = np.asarray(b["unit"], dtype=object)
+        metric = np.asarray(b["metric"], dtype=np.int64)
+        bins = np.asarray(b["bin"], dtype=np.int64)
+        counts = np.asarray(b["n"], dtype=np.int64)
+        codes = np.unique(units, return_inverse=True)[1].astype(np.int64) if len(units) else metric
+        qmap: dict[tuple[str, int], dict[float, float | None]] = {}
+        for m, wanted in ((0, qs), (1, qs), (2, [0.9]), (3, [0.5])):
+            sel = metric == m
+            groups, values = rr.quantiles_from_bins(codes[sel], bins[sel], counts[sel], wanted)
+            first = {int(c): str(u) for c, u in zip(codes[sel], units[sel], strict=True)}
+            for g, row in zip(groups, values, strict=True):
+                qmap[(first[int(g)], m)] = dict(zip(wanted, row.tolist(), strict=True))
+        fleet_q: dict[int, dict[float, float | None]] = {}
+        for m in (0, 1):
+            sel = metric == m
+            if not sel.any():
+                continue
+            ub, inv = np.unique(bins[sel], return_inverse=True)
+            merged = np.bincount(inv, weights=counts[sel]).astype(np.int64)
+            _, values = rr.quantiles_from_bins(np.zeros(len(ub), dtype=np.int64), ub, merged, [p])
+            fleet_q[m] = {p: float(values[0, 0])}
+        per: dict[str, WindowStat] = {}
+        tot = [0, 0, 0]
+        for unit, n, n_ttft, n_tpot, s_ttft, s_tpot, tokens in scalars:
+            u = str(unit)
+            tot = [tot[0] + int(n), tot[1] + int(n_ttft), tot[2] + int(n_tpot)]
+            per[u] = WindowStat(
+                int(n), int(n_ttft), int(n_tpot), qmap.get((u, 0), dict.fromkeys(qs)),
+                qmap.get((u, 1), dict.fromkeys(qs)), s_ttft / n_ttft if n_ttft else None,
+                s_tpot / n_tpot if n_tpot else None, qmap.get((u, 2), {}).get(0.9),
+                qmap.get((u, 3), {}).get(0.5), int(tokens or 0))
+        fleet = WindowStat(tot[0], tot[1], tot[2], fleet_q.get(0, {p: None}), fleet_q.get(1, {p: None}),
+                           None, None, None, None, 0)
+        return fleet, per
 
     def fleet_quantile(self, column: str, q: float) -> float | None:
         """The ``q`` quantile of a column (one of the request table's, chosen by the caller) over the scope."""
@@ -231,16 +346,40 @@ class RequestScope:
 
     def arrival_counts(self, t0_ns: int, t1_ns: int, bucket_ns: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Requests per replica per bucket of ``numpy.arange(t0, t1 + 1, bucket)`` edges (the last bucket
-        holds its right edge, as ``numpy.histogram`` counts): (edges, counts by replica)."""
-        edges = np.arange(t0_ns, t1_ns + 1, bucket_ns, dtype=np.int64)
+        holds its right edge, as ``numpy.histogram`` counts): (edges, counts by replica).
+
+        Over a long range in whole-minute buckets the edges start at the minute ``t0_ns`` falls in (the
+        requests still from ``t0_ns`` on), and whole minutes are counted from the per-minute summaries."""
+        mn = request_rollups.MINUTE_NS
+        long = t1_ns - t0_ns > request_rollups.LONG_WINDOW_NS and bucket_ns % mn == 0
+        first = request_rollups.floor_to(t0_ns, mn) if long else t0_ns
+        edges = np.arange(first, t1_ns + 1, bucket_ns, dtype=np.int64)
         if len(edges) < 2:
             return edges, {}
         nb = len(edges) - 1
-        src, key = self._from("start_ns >= $t0 AND start_ns <= $tend")
-        unit = " AS unit" if self._joined else ""
-        df = self._frame(f"SELECT {key}{unit}, least((r.start_ns - $t0) // $bucket, $last) AS k, count(*) AS n "
-                         f"FROM {src} GROUP BY ALL",
-                         {"t0": t0_ns, "tend": int(edges[-1]), "bucket": bucket_ns, "last": nb - 1})
+        params = {"t0": first, "bucket": bucket_ns, "last": nb - 1}
+        if long:
+            cols = ", ".join(KEY_COLUMNS)
+            src, sp = self._long_source(
+                t0_ns, int(edges[-1]) + 1, f"SELECT {cols}, minute_ns, n FROM request_minutes", "minute_ns", mn,
+                lambda raw: f"SELECT {cols}, start_ns // {mn} * {mn} AS minute_ns, count(*) AS n FROM {raw} "
+                            "GROUP BY ALL", "a")
+            name = f"_unit_map_arrivals_{next(_ids)}"
+            on = " AND ".join(f"r.{c} IS NOT DISTINCT FROM m.{c}" for c in self._used)
+            self.cur.register(name, self._map)
+            try:
+                df = pl.from_arrow(self.cur.sql(
+                    f"SELECT m.unit, least((r.minute_ns - $t0) // $bucket, $last) AS k, sum(r.n) AS n "
+                    f"FROM ({src}) r JOIN {name} m ON {on} GROUP BY ALL",
+                    params={**self._filter_params, **sp, **params}).to_arrow_table())
+            finally:
+                self.cur.unregister(name)
+            assert isinstance(df, pl.DataFrame)
+        else:
+            src, key = self._from("start_ns >= $t0 AND start_ns <= $tend")
+            unit = " AS unit" if self._joined else ""
+            df = self._frame(f"SELECT {key}{unit}, least((r.start_ns - $t0) // $bucket, $last) AS k, count(*) AS n "
+                             f"FROM {src} GROUP BY ALL", {**params, "tend": int(edges[-1])})
         out: dict[str, np.ndarray] = {}
         for (unit,), part in df.partition_by("unit", as_dict=True).items():
             counts = np.zeros(nb)

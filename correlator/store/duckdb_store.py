@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 
 from collector.signals import CLOCK_EVENT_REASONS
 from correlator.ingest.batch import IngestBatch, Rows
-from correlator.store import rollups
+from correlator.store import request_rollups, rollups
 from correlator.store.schema import DDL, DERIVED_LATENCIES, READ_AS, SCHEMA_VERSION, TIMED_TABLES
 
 log = logging.getLogger("stacklens.store")
@@ -220,6 +220,8 @@ class WriterStats:
     failed_transactions: int = 0
     minutes_rolled_up: int = 0
     late_rollups: int = 0  # transactions that summarised minutes again for samples that came late
+    request_hours_rolled_up: int = 0
+    late_request_rollups: int = 0  # transactions that summarised hours again for requests that came late
 
 
 def _arrow(rows: Rows) -> pa.Table:
@@ -246,6 +248,7 @@ class Store:
         if not read_only:
             self._con.execute(DDL)
             self._con.execute(rollups.DDL)
+            self._con.execute(request_rollups.DDL)
             self._con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
         self._linger_s = linger_s
         self._max_batch_rows = max_batch_rows
@@ -264,12 +267,18 @@ class Store:
         self._rolled_until: int | None = None
         self._newest_gpu_ns: int | None = None
         self.roll_up_enabled = True
+        # the request summaries of long windows: complete before ``_requests_rolled_until``; the newest start
+        self._requests_rolled_until: int | None = None
+        self._newest_request_ns: int | None = None
         self._write_lock = threading.Lock()  # the writer thread's, and a caller's of catch_up_rollups
         if not read_only:
             self._load_ids()
             self._rolled_until = rollups.watermark(self._con)
             row = self._con.execute("SELECT max(time_ns) FROM gpu_samples").fetchall()
             self._newest_gpu_ns = row[0][0] if row and row[0][0] is not None else None
+            self._requests_rolled_until = request_rollups.watermark(self._con)
+            row = self._con.execute("SELECT max(start_ns) FROM request_rows").fetchall()
+            self._newest_request_ns = row[0][0] if row and row[0][0] is not None else None
             self._thread = threading.Thread(target=self._run, name="stacklens-store-writer", daemon=True)
             self._thread.start()
 
@@ -340,6 +349,7 @@ class Store:
                 if taken:
                     self._commit(taken)
                 self._roll_up_step()
+                self._roll_up_requests_step()
 
     def _commit(self, taken: list[tuple[IngestBatch, Future[None]]]) -> None:
         merged = IngestBatch()
@@ -349,6 +359,7 @@ class Store:
         mask_before, xid_before = dict(self._last_mask), dict(self._last_xid)
         info_before = dict(self._gpu_info)
         newest_before = self._newest_gpu_ns
+        newest_request_before = self._newest_request_ns
         cur = self._con.cursor()
         try:
             cur.execute("BEGIN TRANSACTION")
@@ -360,6 +371,7 @@ class Store:
             self._ids, self._last_mask, self._last_xid = ids_before, mask_before, xid_before
             self._gpu_info = info_before
             self._newest_gpu_ns = newest_before
+            self._newest_request_ns = newest_request_before
             self.stats.failed_transactions += 1
             log.error("store: transaction of %d rows failed: %s", merged.row_count(), e)
             for _, f in taken:
@@ -433,7 +445,62 @@ class Store:
                 self._newest_gpu_ns = max(int(row[0][0]), self._newest_gpu_ns or 0)
             while self._roll_up_step():
                 pass
+            row = self._con.execute("SELECT max(start_ns) FROM request_rows").fetchall()
+            if row and row[0][0] is not None:
+                self._newest_request_ns = max(int(row[0][0]), self._newest_request_ns or 0)
+            while self._roll_up_requests_step():
+                pass
         return self.stats.minutes_rolled_up - before
+
+    def _roll_up_requests_step(self) -> bool:
+        """Summarise the requests of the oldest complete hour not yet summarised (once the newest request
+        started ``request_rollups.GRACE_NS`` after its end), in a transaction of its own that also moves the
+        watermark. True when it wrote one."""
+        if self.read_only or not self.roll_up_enabled or self._newest_request_ns is None:
+            return False
+        hour = request_rollups.HOUR_NS
+        start = self._requests_rolled_until
+        if start is None:
+            row = self._con.execute("SELECT min(start_ns) FROM request_rows").fetchall()
+            if not row or row[0][0] is None:
+                return False
+            start = self._requests_rolled_until = request_rollups.floor_to(int(row[0][0]), hour)
+        if request_rollups.floor_to(self._newest_request_ns - request_rollups.GRACE_NS, hour) <= start:
+            return False
+        end = start + hour
+        cur = self._con.cursor()
+        try:
+            cur.execute("BEGIN TRANSACTION")
+            request_rollups.roll_up(cur, start, end)
+            cur.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [request_rollups.WATERMARK_KEY, str(end)])
+            cur.execute("COMMIT")
+        except duckdb.Error as e:
+            with contextlib.suppress(duckdb.Error):
+                cur.execute("ROLLBACK")
+            log.error("store: request summaries of [%d, %d) failed: %s", start, end, e)
+            return False
+        finally:
+            cur.close()
+        self._requests_rolled_until = end
+        self.stats.request_hours_rolled_up += 1
+        return True
+
+    def _summarise_late_requests(self, cur: duckdb.DuckDBPyConnection, start_ns: pa.ChunkedArray | pa.Array) -> None:
+        """Requests that started in hours already summarised (one longer than the grace, or a buffered export
+        after an outage): summarise those hours again, in this transaction."""
+        newest = pc.max(start_ns).as_py()
+        if newest is not None and (self._newest_request_ns is None or newest > self._newest_request_ns):
+            self._newest_request_ns = int(newest)
+        until = self._requests_rolled_until
+        oldest = pc.min(start_ns).as_py()
+        if until is None or oldest is None or oldest >= until:
+            return
+        hour = request_rollups.HOUR_NS
+        late = pc.filter(start_ns, pc.less(start_ns, until))
+        lo = request_rollups.floor_to(int(pc.min(late).as_py()), hour)
+        hi = min(until, request_rollups.floor_to(int(pc.max(late).as_py()), hour) + hour)
+        request_rollups.roll_up(cur, lo, hi)
+        self.stats.late_request_rollups += 1
 
     # -- schema -------------------------------------------------------------------------------------
     def _check_schema(self) -> None:
@@ -619,6 +686,7 @@ class Store:
                         " AND r.span_text IS NOT DISTINCT FROM b.span_text)")
             finally:
                 cur.unregister("_batch_requests")
+            self._summarise_late_requests(cur, table["start_ns"])
 
     def _summarise_late(self, cur: duckdb.DuckDBPyConnection, view: pa.Table) -> None:
         """Samples of minutes already summarised (a buffered export after an outage): summarise those
@@ -707,6 +775,12 @@ class Store:
                 n = cur.execute(f"SELECT count(*) FROM {table} WHERE {col} < ?", [older_than_ns]).fetchall()
                 cur.execute(f"DELETE FROM {table} WHERE {col} < ?", [older_than_ns])
                 out[table] = int(n[0][0]) if n else 0
+            # the hour the cut falls in lost its summaries with its first part: summarise what is left of it
+            with self._write_lock:
+                until = self._requests_rolled_until
+                hour = request_rollups.floor_to(older_than_ns, request_rollups.HOUR_NS)
+                if not self.read_only and until is not None and older_than_ns < until:
+                    request_rollups.roll_up(cur, hour, min(hour + request_rollups.HOUR_NS, until))
         return out
 
     def export_parquet(self, directory: str | os.PathLike[str]) -> list[str]:
@@ -717,7 +791,7 @@ class Store:
         written: list[str] = []
         with self.reader() as cur:
             for stored, col in TIMED_TABLES.items():
-                if stored in ("findings", "gpu_minutes"):  # derived: made again from the samples
+                if stored in ("findings", "gpu_minutes", *request_rollups.TABLES):  # derived: made again
                     continue
                 table = READ_AS.get(stored, stored)  # requests with their ids in hex and every latency
                 cols = self._columns(cur, table)

@@ -68,7 +68,8 @@ CREATE TABLE IF NOT EXISTS findings (
 TIMED_TABLES: dict[str, str] = {
     "gpu_samples": "time_ns", "gpu_minutes": "minute_ns", "host_samples": "time_ns", "engine_samples": "time_ns",
     "placements": "time_ns",
-    "request_rows": "start_ns", "events": "time_ns", "findings": "created_ns",
+    "request_rows": "start_ns", "request_minutes": "minute_ns", "request_bins": "hour_ns", "events": "time_ns",
+    "findings": "created_ns",
 }
 # a stored table that is read (and exported) through a view of another name
 READ_AS: dict[str, str] = {"request_rows": "requests"}
