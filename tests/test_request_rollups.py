@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ HOURS = 5.5
 REPLICAS = (("node-1", 11, "GPU-11"), ("node-1", 12, "GPU-12"), ("node-2", 21, "GPU-21"))
 
 
-def _batch(rng: random.Random, t_from: int, t_to: int, rows: list[dict[str, object]], step_s: float = 1.5
+def _batch(rng: random.Random, t_from: int, t_to: int, rows: list[dict[str, Any]], step_s: float = 1.5
            ) -> IngestBatch:
     b = IngestBatch()
     t = t_from
@@ -55,9 +56,9 @@ def _placements(t_from: int, t_to: int) -> IngestBatch:
     return b
 
 
-def _store(path: Path, rolled: bool, seed: int = 3) -> tuple[Store, list[dict[str, object]]]:
+def _store(path: Path, rolled: bool, seed: int = 3) -> tuple[Store, list[dict[str, Any]]]:
     rng = random.Random(seed)
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, Any]] = []
     s = Store(path)
     s.roll_up_enabled = rolled
     end = T0 + int(HOURS * 3600 * S)
@@ -69,7 +70,7 @@ def _store(path: Path, rolled: bool, seed: int = 3) -> tuple[Store, list[dict[st
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, Store, list[dict[str, object]]]:
+def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, Store, list[dict[str, Any]]]:
     d = Path(tmp_path_factory.mktemp("rr"))
     rolled, rows = _store(d / "rolled.duckdb", True)
     raw, rows2 = _store(d / "raw.duckdb", False)
@@ -89,22 +90,23 @@ def _same(a: WindowStat, b: WindowStat) -> None:
     assert a.ttft_q == b.ttft_q and a.tpot_q == b.tpot_q
     assert (a.queue_p90_s, a.prefill_per_token_p50_s) == (b.queue_p90_s, b.prefill_per_token_p50_s)
     for x, y in ((a.ttft_mean_s, b.ttft_mean_s), (a.tpot_mean_s, b.tpot_mean_s)):
-        assert (x is None) == (y is None) and (x is None or math.isclose(x, y, rel_tol=1e-9))  # type: ignore[arg-type]
+        assert (x is None) == (y is None)
+        assert x is None or y is None or math.isclose(x, y, rel_tol=1e-9)
 
 
-def test_summaries_were_written(stores: tuple[Store, Store, list[dict[str, object]]]) -> None:
+def test_summaries_were_written(stores: tuple[Store, Store, list[dict[str, Any]]]) -> None:
     rolled, raw, rows = stores
     with rolled.reader() as cur:
         until = request_rollups.watermark(cur)
         n = cur.execute("SELECT sum(n) FROM request_minutes").fetchall()[0][0]
     assert until is not None and until > T0 + 3 * 3600 * S
-    assert n == sum(1 for r in rows if int(r["start"]) < until)  # type: ignore[call-overload]
+    assert n == sum(1 for r in rows if int(r["start"]) < until)
     with raw.reader() as cur:
         assert request_rollups.watermark(cur) is None
 
 
 def test_long_window_equals_raw_and_exact_within_half_a_percent(
-        stores: tuple[Store, Store, list[dict[str, object]]]) -> None:
+        stores: tuple[Store, Store, list[dict[str, Any]]]) -> None:
     rolled, raw, rows = stores
     lo, hi = T0 + 7 * 60 * S + 123, T0 + int(5.2 * 3600 * S)
     fleet_r, units_r = _stats(rolled, lo, hi)
@@ -114,34 +116,34 @@ def test_long_window_equals_raw_and_exact_within_half_a_percent(
     for u in units_r:
         _same(units_r[u]["long"], units_x[u]["long"])
     # against numpy's exact quantiles (``quantile_cont`` is numpy's linear method)
-    inside = [r for r in rows if lo <= int(r["start"]) < hi]  # type: ignore[call-overload]
+    inside = [r for r in rows if lo <= int(r["start"]) < hi]
     for unit in units_r:
         mine = [r for r in inside if r["unit"] == unit]
         st = units_r[unit]["long"]
         assert st.n == len(mine)
-        ttft = np.array([float(r["ttft"]) for r in mine if r["ttft"] is not None])  # type: ignore[arg-type]
+        ttft = np.array([float(r["ttft"]) for r in mine if r["ttft"] is not None])
         assert st.n_ttft == len(ttft)
         assert st.ttft_mean_s == pytest.approx(float(ttft.mean()), rel=1e-9)
         for q in (0.5, 0.95, 0.99):
             assert st.ttft_q[q] == pytest.approx(float(np.quantile(ttft, q)), rel=0.005)
-        queue = np.array([float(r["queue"]) for r in mine])  # type: ignore[arg-type]
+        queue = np.array([float(r["queue"]) for r in mine])
         assert st.queue_p90_s == pytest.approx(float(np.quantile(queue, 0.9)), rel=0.005)
-        pf = np.array([float(r["pf"]) for r in mine])  # type: ignore[arg-type]
+        pf = np.array([float(r["pf"]) for r in mine])
         assert st.prefill_per_token_p50_s == pytest.approx(float(np.median(pf)), rel=0.005)
-    all_tpot = np.array([float(r["tpot"]) for r in inside if r["tpot"] is not None])  # type: ignore[arg-type]
+    all_tpot = np.array([float(r["tpot"]) for r in inside if r["tpot"] is not None])
     assert fleet_r["long"].tpot_q[0.95] == pytest.approx(float(np.quantile(all_tpot, 0.95)), rel=0.005)
 
 
-def test_short_windows_stay_exact(stores: tuple[Store, Store, list[dict[str, object]]]) -> None:
+def test_short_windows_stay_exact(stores: tuple[Store, Store, list[dict[str, Any]]]) -> None:
     rolled, _, rows = stores
     lo, hi = T0 + 3600 * S, T0 + 2 * 3600 * S  # one hour: exact quantile_cont, summaries or not
     fleet, _ = _stats(rolled, lo, hi)
-    ttft = np.array([float(r["ttft"]) for r in rows  # type: ignore[arg-type]
-                     if lo <= int(r["start"]) < hi and r["ttft"] is not None])  # type: ignore[call-overload]
+    ttft = np.array([float(r["ttft"]) for r in rows
+                     if lo <= int(r["start"]) < hi and r["ttft"] is not None])
     assert fleet["long"].ttft_q[0.95] == pytest.approx(float(np.quantile(ttft, 0.95)), rel=1e-12)
 
 
-def test_as_of_a_time_uses_only_what_had_ended(stores: tuple[Store, Store, list[dict[str, object]]]) -> None:
+def test_as_of_a_time_uses_only_what_had_ended(stores: tuple[Store, Store, list[dict[str, Any]]]) -> None:
     rolled, raw, rows = stores
     lo, hi = T0, T0 + int(5.4 * 3600 * S)
     with rolled.reader() as cur:
@@ -150,8 +152,8 @@ def test_as_of_a_time_uses_only_what_had_ended(stores: tuple[Store, Store, list[
     fleet_r, units_r = _stats(rolled, lo, hi, known)
     fleet_x, units_x = _stats(raw, lo, hi, known)
     _same(fleet_r["long"], fleet_x["long"])
-    assert fleet_r["long"].n == sum(1 for r in rows if lo <= int(r["start"]) < hi  # type: ignore[call-overload]
-                                    and int(r["end"]) <= known)  # type: ignore[call-overload]
+    assert fleet_r["long"].n == sum(1 for r in rows if lo <= int(r["start"]) < hi
+                                    and int(r["end"]) <= known)
     for u in units_r:
         _same(units_r[u]["long"], units_x[u]["long"])
 
@@ -161,7 +163,7 @@ def test_late_requests_and_retention_keep_summaries_true(tmp_path: Path) -> None
     raw, _ = _store(tmp_path / "b.duckdb", False, seed=9)
     try:
         # a buffered export after an outage: requests of the second hour, long summarised, arrive now
-        late_rows: list[dict[str, object]] = []
+        late_rows: list[dict[str, Any]] = []
         for s in (rolled, raw):
             late_rows.clear()
             s.write(_batch(random.Random(1), T0 + 3600 * S, T0 + 3600 * S + 600 * S, late_rows, step_s=0.5))
@@ -175,8 +177,8 @@ def test_late_requests_and_retention_keep_summaries_true(tmp_path: Path) -> None
         lo = cut
         a, b = _stats(rolled, lo, hi)[0]["long"], _stats(raw, lo, hi)[0]["long"]
         _same(a, b)
-        assert a.n == sum(1 for r in rows if lo <= int(r["start"]) < hi) + sum(  # type: ignore[call-overload]
-            1 for r in late_rows if lo <= int(r["start"]) < hi)  # type: ignore[call-overload]
+        assert a.n == sum(1 for r in rows if lo <= int(r["start"]) < hi) + sum(
+            1 for r in late_rows if lo <= int(r["start"]) < hi)
     finally:
         rolled.close()
         raw.close()
@@ -198,7 +200,7 @@ def test_quantiles_from_bins_match_numpy_within_half_a_percent() -> None:
 
 
 def test_arrivals_over_a_long_range_count_every_request_once(
-        stores: tuple[Store, Store, list[dict[str, object]]]) -> None:
+        stores: tuple[Store, Store, list[dict[str, Any]]]) -> None:
     rolled, raw, rows = stores
     t0, t1, bucket = T0 + 7 * 60 * S + 5 * S, T0 + int(5.2 * 3600 * S), 5 * 60 * S
     out = []
@@ -210,6 +212,6 @@ def test_arrivals_over_a_long_range_count_every_request_once(
     assert np.array_equal(edges, edges_raw) and sorted(counts) == sorted(counts_raw)
     for unit, c in counts.items():
         assert np.array_equal(c, counts_raw[unit])
-        starts = [int(r["start"]) for r in rows if r["unit"] == unit]  # type: ignore[call-overload]
+        starts = [int(r["start"]) for r in rows if r["unit"] == unit]
         expected, _ = np.histogram([t for t in starts if t0 <= t <= edges[-1]], bins=edges)
         assert np.array_equal(c, expected)
