@@ -158,13 +158,19 @@ class RequestScope:
         cond = self._where + (f" AND {extra_where}" if extra_where else "")
         if not self._joined:
             return f"(SELECT * FROM requests WHERE {cond}) r", ", ".join(f"r.{c}" for c in self._used)
+        return f"(SELECT * FROM requests WHERE {cond}) r {self._map_join}", "m.unit"
+
+    @property
+    def _map_join(self) -> str:
+        """The join of rows ``r`` with the key columns to their replica ``m.unit`` (under :meth:`_unit_map`)."""
         on = " AND ".join(f"r.{c} IS NOT DISTINCT FROM m.{c}" for c in self._used)
-        return f"(SELECT * FROM requests WHERE {cond}) r JOIN {self._map_name} m ON {on}", "m.unit"
+        return f"JOIN {self._map_name} m ON {on}"
 
     @contextmanager
-    def _unit_map(self) -> Iterator[None]:
-        """The key→replica map registered for :meth:`_from`'s join while a query runs (when it joins)."""
-        if not self._joined:
+    def _unit_map(self, always: bool = False) -> Iterator[None]:
+        """The key→replica map registered for :attr:`_map_join` while a query runs (when :meth:`_from` joins
+        it, or ``always``)."""
+        if not (self._joined or always):
             yield
             return
         self.cur.register(self._map_name, self._map)
@@ -273,7 +279,6 @@ class RequestScope:
         :mod:`correlator.store.request_rollups`)."""
         rr = request_rollups
         keys = ", ".join(rr.KEYS)
-        on = " AND ".join(f"r.{c} IS NOT DISTINCT FROM m.{c}" for c in self._used)
         scal_src, sp = self._long_source(
             lo_ns, hi_ns, f"SELECT {keys}, n, n_ttft, sum_ttft, n_tpot, sum_tpot, output_tokens FROM request_minutes",
             "minute_ns", rr.MINUTE_NS,
@@ -281,22 +286,18 @@ class RequestScope:
         bin_src, bp = self._long_source(
             lo_ns, hi_ns, f"SELECT {keys}, metric, bin, n FROM request_bins", "hour_ns", rr.HOUR_NS,
             lambda raw: f"SELECT {keys}, metric, bin, count(*)::INTEGER AS n FROM ({rr.binned(raw)}) GROUP BY ALL", "h")
-        name = f"_unit_map_long_{next(_ids)}"
-        self.cur.register(name, self._map)
-        try:
+        with self._unit_map(always=True):
             scalars = self.cur.execute(
                 f"SELECT m.unit, sum(n), sum(n_ttft), sum(n_tpot), sum(sum_ttft), sum(sum_tpot), sum(output_tokens) "
-                f"FROM ({scal_src}) r JOIN {name} m ON {on} GROUP BY ALL", {**self._filter_params, **sp}).fetchall()
+                f"FROM ({scal_src}) r {self._map_join} GROUP BY ALL", {**self._filter_params, **sp}).fetchall()
             b = self.cur.execute(
-                f"SELECT m.unit, r.metric, r.bin, sum(r.n)::BIGINT AS n FROM ({bin_src}) r JOIN {name} m ON {on} "
+                f"SELECT m.unit, r.metric, r.bin, sum(r.n)::BIGINT AS n FROM ({bin_src}) r {self._map_join} "
                 "GROUP BY ALL ORDER BY 1, 2, 3", {**self._filter_params, **bp}).fetchnumpy()
-        finally:
-            self.cur.unregister(name)
         units = np.asarray(b["unit"], dtype=object)
         metric = np.asarray(b["metric"], dtype=np.int64)
         bins = np.asarray(b["bin"], dtype=np.int64)
         counts = np.asarray(b["n"], dtype=np.int64)
-        codes = np.unique(units, return_inverse=True)[1].astype(np.int64) if len(units) else metric
+        codes = np.unique(units, return_inverse=True)[1].astype(np.int64)
         qmap: dict[tuple[str, int], dict[float, float | None]] = {}
         for m, wanted in ((0, qs), (1, qs), (2, [0.9]), (3, [0.5])):
             sel = metric == m
@@ -364,16 +365,11 @@ class RequestScope:
                 t0_ns, int(edges[-1]) + 1, f"SELECT {cols}, minute_ns, n FROM request_minutes", "minute_ns", mn,
                 lambda raw: f"SELECT {cols}, start_ns // {mn} * {mn} AS minute_ns, count(*) AS n FROM {raw} "
                             "GROUP BY ALL", "a")
-            name = f"_unit_map_arrivals_{next(_ids)}"
-            on = " AND ".join(f"r.{c} IS NOT DISTINCT FROM m.{c}" for c in self._used)
-            self.cur.register(name, self._map)
-            try:
+            with self._unit_map(always=True):
                 df = pl.from_arrow(self.cur.sql(
                     f"SELECT m.unit, least((r.minute_ns - $t0) // $bucket, $last) AS k, sum(r.n) AS n "
-                    f"FROM ({src}) r JOIN {name} m ON {on} GROUP BY ALL",
+                    f"FROM ({src}) r {self._map_join} GROUP BY ALL",
                     params={**self._filter_params, **sp, **params}).to_arrow_table())
-            finally:
-                self.cur.unregister(name)
             assert isinstance(df, pl.DataFrame)
         else:
             src, key = self._from("start_ns >= $t0 AND start_ns <= $tend")
