@@ -1,5 +1,10 @@
 """Per-GPU, per-node and per-engine signal statistics in the baseline and the incident window, computed
-in DuckDB (one grouped scan per table), and the robust change score of each.
+in DuckDB from the per-minute summaries of the series and placements (and, in a long window, the hour
+blocks of the gauges: ``correlator.store.rollups``), and the robust change score of each.
+
+Maxima, counter deltas and rates, throttle and link-down shares and the share of placement snapshots a
+process is in are exact; medians, MADs and an engine gauge's 95th percentile are those of the union of the
+minutes' (hours') quantile representatives: the mixture of their distributions, a close approximation.
 
 Robust change: z = (incident median − baseline median) / max(1.4826 · baseline MAD, floor), where the
 floor is the smallest change of that signal that means anything (a watt of power is noise, 2 % of HBM
@@ -75,10 +80,6 @@ _BASELINE_PRESENCE = 0.25  # of the baseline's placement snapshots: a process th
 _INCIDENT_PRESENCE = 0.1  # of the incident's: one that came (a short foreign job counts)
 
 
-def _windows_sql(col: str) -> tuple[str, str]:
-    return (f"{col} >= $b0 AND {col} <= $i1 AND ({col} < $b1 OR {col} >= $i0)", f"({col} >= $i0)::INT")
-
-
 def _signal_ids(cur: duckdb.DuckDBPyConnection, names: tuple[str, ...] | list[str]) -> dict[int, str]:
     """The store's ids of ``names`` (those it has): the scans filter on the integer id, which DuckDB pushes
     into the scan, instead of joining ``signals`` on every row."""
@@ -92,8 +93,6 @@ def _in(ids: dict[int, str]) -> str:
 
 def collect(cur: duckdb.DuckDBPyConnection, b0: int, b1: int, i0: int, i1: int) -> Evidence:
     ev = Evidence()
-    params = {"b0": b0, "b1": b1, "i0": i0, "i1": i1}
-    where, w = _windows_sql("time_ns")
     ev.node_names = dict(cur.execute("SELECT node_id, name FROM nodes").fetchall())
     for gid, uuid, idx, nid, model in cur.execute("SELECT gpu_id, uuid, gpu_index, node_id, model FROM gpus"
                                                   ).fetchall():
@@ -119,34 +118,34 @@ def collect(cur: duckdb.DuckDBPyConnection, b0: int, b1: int, i0: int, i1: int) 
             out[k] = Stat(b[0], b[1], i[0], i[2], b[2])
         return out
 
-    mad = "mad(value) FILTER (WHERE time_ns < $i0)"  # w = 0
-    # the GPU series come from their per-minute summaries (``correlator.store.rollups``): the baseline is
-    # w = 0, the incident w = 1
-    until = rollups.watermark(cur)
-    gpu_windows = [(b0, b1), (i0, i1 + 1)]
-    quantile_ids = list(_signal_ids(cur, rollups.QUANTILE_SIGNALS))
+    # every series comes from its per-minute summaries (``correlator.store.rollups``: whole minutes from the
+    # summary tables, the rest from the samples, the same either way): the baseline is w = 0, the incident
+    # w = 1
+    sig = {str(n): int(i) for n, i in cur.execute("SELECT name, signal_id FROM signals").fetchall()}
+    windows = [(b0, b1), (i0, i1 + 1)]
     reasons = ids(["clock_event_reasons"])
-    reasons_id = next(iter(reasons), None)
 
-    def summaries(signals: dict[int, str], sub_is_null: bool = False) -> tuple[str, dict[str, object]]:
-        return rollups.window_summaries(until, gpu_windows, list(signals), quantile_ids, reasons_id, sub_is_null)
+    def summaries(table: str, signals: dict[int, str]) -> tuple[str, dict[str, object]]:
+        return rollups.window_summaries(cur, table, windows, sig, f"signal_id IN ({_in(signals)})")
 
-    gauges = ids(GPU_SIGNALS)
-    if gauges:
-        # median and MAD over the union of the minutes' quantile representatives (the MAD of the baseline
-        # only: the incident's is never used); the maximum is exact
-        src, sp = summaries(gauges, sub_is_null=True)
-        rows = cur.execute(
-            "SELECT gpu_id, signal_id, w, m, CASE WHEN w = 0 THEN list_median(list_transform(l, lambda x: abs(x - m))) "
-            "END, hi FROM (SELECT *, list_median(l) AS m FROM (SELECT gpu_id, signal_id, w, "
-            f"flatten(list(q) FILTER (WHERE q IS NOT NULL)) AS l, max(hi) AS hi FROM ({src}) GROUP BY ALL))",
-            sp).fetchall()
-        for (gid, name), st in stats(rows).items():
-            ev.gpu.setdefault(int(gid), {})[name] = st  # type: ignore[call-overload]
+    def gauges(table: str, keys: str, signals: dict[int, str], high: str = "hi") -> list[tuple[object, ...]]:
+        # median and MAD over the union of the representatives of the window's minutes (or, in a long
+        # window, of its hours; the MAD of the baseline only: the incident's is never used), and the
+        # window's upper level: ``high`` of the same union, or the exact maximum
+        src, sp = rollups.gauge_blocks(cur, table, windows, sig, f"signal_id IN ({_in(signals)})")
+        return cur.execute(
+            f"SELECT {keys}, w, m, CASE WHEN w = 0 THEN list_median(list_transform(l, lambda x: abs(x - m))) "
+            f"END, {high} FROM (SELECT *, list_median(l) AS m FROM (SELECT {keys}, w, flatten(list(q)) AS l, "
+            f"max(hi) AS hi FROM ({src}) GROUP BY ALL))", sp).fetchall()
+
+    gpu_gauges = ids(GPU_SIGNALS)
+    for (gid, name), st in stats(gauges("gpu_minutes", "gpu_id, signal_id", gpu_gauges) if gpu_gauges else []
+                                 ).items():
+        ev.gpu.setdefault(int(gid), {})[name] = st  # type: ignore[call-overload]
 
     counters = ids(GPU_COUNTERS)
     if counters:
-        src, sp = summaries(counters)
+        src, sp = summaries("gpu_minutes", counters)
         for gid, sid, win, lo, hi in cur.execute(
                 f"SELECT gpu_id, signal_id, w, min(lo), max(hi) FROM ({src}) GROUP BY ALL", sp).fetchall():
             name = names[int(sid)]
@@ -155,7 +154,7 @@ def collect(cur: duckdb.DuckDBPyConnection, b0: int, b1: int, i0: int, i1: int) 
             ev.gpu_counter_delta[gid][name] = (delta, d[1]) if win == 0 else (d[0], delta)
 
     if reasons:
-        src, sp = summaries(reasons)
+        src, sp = summaries("gpu_minutes", reasons)
         for gid, win, power, thermal in cur.execute(
                 f"SELECT gpu_id, w, sum(power_n) / sum(n), sum(thermal_n) / sum(n) FROM ({src}) "
                 "GROUP BY ALL HAVING sum(n) > 0", sp).fetchall():
@@ -168,7 +167,7 @@ def collect(cur: duckdb.DuckDBPyConnection, b0: int, b1: int, i0: int, i1: int) 
     # onset found a few seconds late must not hide a link that went down at the fault)
     link_up = ids(["nvlink_link_up"])
     if link_up:
-        src, sp = summaries(link_up)
+        src, sp = summaries("gpu_minutes", link_up)
         for gid, win, down in cur.execute(
                 f"SELECT gpu_id, w, count(*) FILTER (WHERE (w = 0 AND down >= 0.5) OR (w = 1 AND down >= 0.1)) FROM ("
                 f"SELECT gpu_id, sub, w, sum(zeros) / sum(n) AS down FROM ({src}) GROUP BY ALL HAVING sum(n) > 0) "
@@ -183,10 +182,11 @@ def collect(cur: duckdb.DuckDBPyConnection, b0: int, b1: int, i0: int, i1: int) 
 
     # processes on each GPU in each window, by the share of the placement snapshots they appear in: a
     # process seen in a few baseline snapshots (an onset found a little late) is still new in the incident
+    src, sp = rollups.window_summaries(cur, "placement_minutes", windows, sig)
     for gid, win, pid, share in cur.execute(
-            f"SELECT gpu_id, w, pid, count(DISTINCT time_ns) / any_value(snaps) FROM ("
-            f"SELECT gpu_id, pid, time_ns, {w} AS w, count(DISTINCT time_ns) OVER (PARTITION BY gpu_id, {w}) AS snaps "
-            f"FROM placements WHERE {where}) WHERE pid > 0 GROUP BY ALL", params).fetchall():
+            f"WITH p AS ({src}) SELECT gpu_id, w, pid, s / snaps FROM (SELECT gpu_id, w, pid, sum(snaps) AS s FROM p "
+            "WHERE NOT all_pids AND pid > 0 GROUP BY ALL) JOIN (SELECT gpu_id, w, sum(snaps) AS snaps FROM p "
+            "WHERE all_pids GROUP BY ALL) USING (gpu_id, w)", sp).fetchall():
         seen_b, seen_i = ev.gpu_pids.setdefault(gid, (set(), set()))
         if win == 0 and share >= _BASELINE_PRESENCE:
             seen_b.add(int(pid))
@@ -194,22 +194,19 @@ def collect(cur: duckdb.DuckDBPyConnection, b0: int, b1: int, i0: int, i1: int) 
             seen_i.add(int(pid))
 
     host = ids(HOST_SIGNALS)
-    rows = cur.execute(
-        f"SELECT node_id, signal_id, {w}, median(value), {mad}, max(value) FROM host_samples "
-        f"WHERE {where} AND sub IS NULL AND signal_id IN ({_in(host)}) GROUP BY ALL", params).fetchall() \
-        if host else []
-    for (nid, name), st in stats(rows).items():
+    for (nid, name), st in stats(gauges("host_minutes", "node_id, signal_id", host) if host else []).items():
         ev.host.setdefault(int(nid), {})[name] = st  # type: ignore[call-overload]
     # CFS throttling of the serving processes' cgroups: throttled periods / periods, per window
     cfs = ids(["cgroup_cpu_throttled_periods", "cgroup_cpu_periods"])
     throttled = [i for i, n in cfs.items() if n == "cgroup_cpu_throttled_periods"]
     periods = [i for i, n in cfs.items() if n == "cgroup_cpu_periods"]
+    if cfs:
+        src, sp = summaries("host_minutes", cfs)
     for nid, win, ratio in cur.execute(
             f"SELECT node_id, w, sum(CASE WHEN signal_id = $throttled THEN d END) / "
             f"nullif(sum(CASE WHEN signal_id = $periods THEN d END), 0) FROM ("
-            f"SELECT node_id, sub, signal_id, {w} AS w, max(value) - min(value) AS d FROM host_samples "
-            f"WHERE {where} AND signal_id IN ({_in(cfs)}) GROUP BY ALL) GROUP BY ALL",
-            {**params, "throttled": throttled[0] if throttled else -1, "periods": periods[0] if periods else -1}
+            f"SELECT node_id, sub, signal_id, w, max(hi) - min(lo) AS d FROM ({src}) GROUP BY ALL) GROUP BY ALL",
+            {**sp, "throttled": throttled[0] if throttled else -1, "periods": periods[0] if periods else -1}
             ).fetchall() if cfs else []:
         h = ev.host.setdefault(nid, {})
         old = h.get("cgroup_throttled_ratio", Stat(None, 0.0, None))
@@ -219,19 +216,18 @@ def collect(cur: duckdb.DuckDBPyConnection, b0: int, b1: int, i0: int, i1: int) 
     engine = ids(ENGINE_SIGNALS)
     # for the engines' gauges the "max" of a window is its 95th percentile: the level a batch is held at,
     # not a peak of the minute before the onset that an incident window found a little early still holds
-    # (the median and the 95th percentile from one sort: DuckDB's median is quantile_cont(value, 0.5))
-    rows = cur.execute(
-        "SELECT n, p, s, w, q[1], m, q[2] FROM (SELECT node_id AS n, coalesce(pid, -1) AS p, signal_id AS s, "
-        f"{w} AS w, quantile_cont(value, [0.5, 0.95]) AS q, {mad} AS m FROM engine_samples "
-        f"WHERE {where} AND signal_id IN ({_in(engine)}) GROUP BY ALL)", params).fetchall() if engine else []
+    # (of the union of the representatives, as the median)
+    rows = gauges("engine_minutes", "node_id, coalesce(pid, -1) AS pid, signal_id", engine,
+                  "list_aggregate(l, 'quantile_cont', 0.95)") if engine else []
     for (key, name), st in stats(rows, 2).items():
         node_pid: tuple[int, int] = key  # type: ignore[assignment]
         ev.engine.setdefault((int(node_pid[0]), None if node_pid[1] == -1 else int(node_pid[1])), {})[name] = st
     preempt = ids(["engine_preemptions_total"])
+    if preempt:
+        src, sp = summaries("engine_minutes", preempt)
     for nid, pid, win, d, span in cur.execute(
-            f"SELECT node_id, coalesce(pid, -1), {w}, max(value) - min(value), (max(time_ns) - min(time_ns)) / 1e9 "
-            f"FROM engine_samples WHERE {where} AND signal_id IN ({_in(preempt)}) GROUP BY ALL",
-            params).fetchall() if preempt else []:
+            f"SELECT node_id, coalesce(pid, -1), w, max(hi) - min(lo), (max(t_hi) - min(t_lo)) / 1e9 "
+            f"FROM ({src}) GROUP BY ALL", sp).fetchall() if preempt else []:
         key = (int(nid), None if pid == -1 else int(pid))
         e = ev.engine.setdefault(key, {})
         rate = (d or 0.0) / span if span else 0.0

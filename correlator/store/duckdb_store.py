@@ -263,9 +263,10 @@ class Store:
         self._thread: threading.Thread | None = None
         self._column_cache: dict[str, list[str]] = {}
         self._gpu_info: dict[str, tuple[object, ...]] = {}
-        # per-minute GPU summaries: complete before ``_rolled_until``; the newest sample time seen
-        self._rolled_until: int | None = None
-        self._newest_gpu_ns: int | None = None
+        # per-minute (per-hour) summaries: complete before ``_rolled_until[table]``; the newest sample time
+        # seen per sample table
+        self._rolled_until: dict[str, int | None] = {}
+        self._newest_ns: dict[str, int | None] = {}
         self.roll_up_enabled = True
         # the request summaries of long windows: complete before ``_requests_rolled_until``; the newest start
         self._requests_rolled_until: int | None = None
@@ -273,9 +274,10 @@ class Store:
         self._write_lock = threading.Lock()  # the writer thread's, and a caller's of catch_up_rollups
         if not read_only:
             self._load_ids()
-            self._rolled_until = rollups.watermark(self._con)
-            row = self._con.execute("SELECT max(time_ns) FROM gpu_samples").fetchall()
-            self._newest_gpu_ns = row[0][0] if row and row[0][0] is not None else None
+            self._rolled_until = {t: rollups.watermark(self._con, t) for t in rollups.TABLES}
+            for source in rollups.CHAINS:
+                row = self._con.execute(f"SELECT max(time_ns) FROM {source}").fetchall()
+                self._newest_ns[source] = row[0][0] if row and row[0][0] is not None else None
             self._requests_rolled_until = request_rollups.watermark(self._con)
             row = self._con.execute("SELECT max(start_ns) FROM request_rows").fetchall()
             self._newest_request_ns = row[0][0] if row and row[0][0] is not None else None
@@ -358,7 +360,7 @@ class Store:
         ids_before = {k: dict(v) for k, v in self._ids.items()}
         mask_before, xid_before = dict(self._last_mask), dict(self._last_xid)
         info_before = dict(self._gpu_info)
-        newest_before = self._newest_gpu_ns
+        newest_before = dict(self._newest_ns)
         newest_request_before = self._newest_request_ns
         cur = self._con.cursor()
         try:
@@ -370,7 +372,7 @@ class Store:
                 cur.execute("ROLLBACK")
             self._ids, self._last_mask, self._last_xid = ids_before, mask_before, xid_before
             self._gpu_info = info_before
-            self._newest_gpu_ns = newest_before
+            self._newest_ns = newest_before
             self._newest_request_ns = newest_request_before
             self.stats.failed_transactions += 1
             log.error("store: transaction of %d rows failed: %s", merged.row_count(), e)
@@ -396,42 +398,54 @@ class Store:
     # -- per-minute summaries ---------------------------------------------------------------------
     _ROLL_UP_CHUNK_MINUTES = 5  # per step: a backlog is caught up between commits, never in one long stall
 
-    def _rollup_ids(self) -> tuple[list[int], int | None]:
-        sig = self._ids["signals"]
-        return [sig[n] for n in rollups.QUANTILE_SIGNALS if n in sig], sig.get("clock_event_reasons")
-
     def _roll_up_step(self) -> bool:
-        """Summarise up to a few complete minutes (once the newest sample is ``GRACE_NS`` past them), in a
-        transaction of their own that also moves the watermark. True when it wrote some."""
-        if self.read_only or not self.roll_up_enabled or self._newest_gpu_ns is None:
+        """Summarise up to a few complete minutes of each sample table (once its newest sample is
+        ``GRACE_NS`` past them), and an hour once its minutes are, each in a transaction of its own that
+        also moves the watermark. True when it wrote some."""
+        if self.read_only or not self.roll_up_enabled:
             return False
-        start = self._rolled_until
+        wrote = False
+        for source, chain in rollups.CHAINS.items():
+            newest = self._newest_ns.get(source)
+            if newest is None:
+                continue
+            target: int | None = rollups.floor_minute(newest - rollups.GRACE_NS)
+            for table in chain:  # minutes, then the hours they complete
+                if target is not None:
+                    wrote = self._roll_up_table(table, target) or wrote
+                target = self._rolled_until.get(table)
+        return wrote
+
+    def _roll_up_table(self, table: str, target_ns: int) -> bool:
+        s = rollups.SUMMARIES[table]
+        start = self._rolled_until.get(table)
         if start is None:
-            row = self._con.execute("SELECT min(time_ns) FROM gpu_samples").fetchall()
+            row = self._con.execute(f"SELECT min({s.time}) FROM {s.source}").fetchall()
             if not row or row[0][0] is None:
                 return False
             # nothing before the first sample needs a summary (a sample older than it is late, see below)
-            start = self._rolled_until = rollups.floor_minute(int(row[0][0]))
-        target = rollups.floor_minute(self._newest_gpu_ns - rollups.GRACE_NS)
+            start = self._rolled_until[table] = int(row[0][0]) // s.step_ns * s.step_ns
+        target = target_ns // s.step_ns * s.step_ns
         if target <= start:
             return False
-        end = min(target, start + self._ROLL_UP_CHUNK_MINUTES * rollups.MINUTE_NS)
-        quantile_ids, reasons_id = self._rollup_ids()
+        end = min(target, start + (self._ROLL_UP_CHUNK_MINUTES * rollups.MINUTE_NS if s.step_ns == rollups.MINUTE_NS
+                                   else s.step_ns))
         cur = self._con.cursor()
         try:
             cur.execute("BEGIN TRANSACTION")
-            rollups.roll_up(cur, start, end, quantile_ids, reasons_id)
-            cur.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [rollups.WATERMARK_KEY, str(end)])
+            rollups.roll_up(cur, table, start, end, self._ids["signals"])
+            cur.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [s.watermark_key, str(end)])
             cur.execute("COMMIT")
         except duckdb.Error as e:
             with contextlib.suppress(duckdb.Error):
                 cur.execute("ROLLBACK")
-            log.error("store: per-minute summaries of [%d, %d) failed: %s", start, end, e)
+            log.error("store: summaries %s of [%d, %d) failed: %s", table, start, end, e)
             return False
         finally:
             cur.close()
-        self._rolled_until = end
-        self.stats.minutes_rolled_up += (end - start) // rollups.MINUTE_NS
+        self._rolled_until[table] = end
+        if table == "gpu_minutes":
+            self.stats.minutes_rolled_up += (end - start) // rollups.MINUTE_NS
         return True
 
     def catch_up_rollups(self) -> int:
@@ -440,9 +454,10 @@ class Store:
         before = self.stats.minutes_rolled_up
         with self._write_lock:
             # rows may have been appended past the writer (a bulk load): the newest sample is the table's
-            row = self._con.execute("SELECT max(time_ns) FROM gpu_samples").fetchall()
-            if row and row[0][0] is not None:
-                self._newest_gpu_ns = max(int(row[0][0]), self._newest_gpu_ns or 0)
+            for source in rollups.CHAINS:
+                row = self._con.execute(f"SELECT max(time_ns) FROM {source}").fetchall()
+                if row and row[0][0] is not None:
+                    self._newest_ns[source] = max(int(row[0][0]), self._newest_ns.get(source) or 0)
             while self._roll_up_step():
                 pass
             row = self._con.execute("SELECT max(start_ns) FROM request_rows").fetchall()
@@ -633,20 +648,24 @@ class Store:
                 "signal_id": self._map(t["signal"], sig_ids, pa.int16()), "sub": t["sub"], "value": t["value"]})
             self._append(cur, "gpu_samples", view)
             self._derive_events(cur, view, sig_ids)
-            self._summarise_late(cur, view)
+            self._summarise_late(cur, "gpu_samples", view)
         h = b.host_samples
         if len(h):
             t = _arrow(h)
-            self._append(cur, "host_samples", pa.table({
+            host = pa.table({
                 "time_ns": t["time_ns"], "node_id": self._map(t["node"], node_ids, pa.int32()),
-                "signal_id": self._map(t["signal"], sig_ids, pa.int16()), "sub": t["sub"], "value": t["value"]}))
+                "signal_id": self._map(t["signal"], sig_ids, pa.int16()), "sub": t["sub"], "value": t["value"]})
+            self._append(cur, "host_samples", host)
+            self._summarise_late(cur, "host_samples", host)
         e = b.engine_samples
         if len(e):
             t = _arrow(e)
-            self._append(cur, "engine_samples", pa.table({
+            engine = pa.table({
                 "time_ns": t["time_ns"], "node_id": self._map(t["node"], node_ids, pa.int32()),
                 "service": t["service"], "model": t["model"], "pid": t["pid"],
-                "signal_id": self._map(t["signal"], sig_ids, pa.int16()), "value": t["value"]}))
+                "signal_id": self._map(t["signal"], sig_ids, pa.int16()), "value": t["value"]})
+            self._append(cur, "engine_samples", engine)
+            self._summarise_late(cur, "engine_samples", engine)
         p = b.placements
         if len(p):
             t = _arrow(p)
@@ -654,7 +673,9 @@ class Store:
                                     "gpu_id": self._map(t["gpu_uuid"], gpu_ids, pa.int32())}
             for c in ("pid", "container_id", "pod_uid", "pod", "namespace", "container", "used_memory_bytes"):
                 cols[c] = t[c]
-            self._append(cur, "placements", pa.table(cols))
+            placements = pa.table(cols)
+            self._append(cur, "placements", placements)
+            self._summarise_late(cur, "placements", placements)
         r = b.requests
         if len(r):
             t = _arrow(r)
@@ -688,21 +709,27 @@ class Store:
                 cur.unregister("_batch_requests")
             self._summarise_late_requests(cur, table["start_ns"])
 
-    def _summarise_late(self, cur: duckdb.DuckDBPyConnection, view: pa.Table) -> None:
-        """Samples of minutes already summarised (a buffered export after an outage): summarise those
-        minutes of those GPUs again, in this transaction, so that ``gpu_minutes`` never goes stale."""
+    def _summarise_late(self, cur: duckdb.DuckDBPyConnection, source: str, view: pa.Table) -> None:
+        """Rows of ``source`` (its columns ``time_ns`` and the summaries' scope) of minutes already
+        summarised (a buffered export after an outage): summarise those minutes of those GPUs or nodes, and
+        their hours, again, in this transaction, so that the summaries never go stale."""
         newest = pc.max(view["time_ns"]).as_py()
-        if newest is not None and (self._newest_gpu_ns is None or newest > self._newest_gpu_ns):
-            self._newest_gpu_ns = int(newest)
-        until = self._rolled_until
+        if newest is not None and (self._newest_ns.get(source) is None or newest > (self._newest_ns[source] or 0)):
+            self._newest_ns[source] = int(newest)
+        chain = rollups.CHAINS[source]
+        until = self._rolled_until.get(chain[0])
         oldest = pc.min(view["time_ns"]).as_py()
         if until is None or oldest is None or oldest >= until:
             return
         late = view.filter(pc.less(view["time_ns"], until))
         lo = rollups.floor_minute(int(pc.min(late["time_ns"]).as_py()))
         hi = min(until, rollups.floor_minute(int(pc.max(late["time_ns"]).as_py())) + rollups.MINUTE_NS)
-        gpus = sorted({int(g) for g in pc.unique(late["gpu_id"]).to_pylist()})
-        rollups.roll_up(cur, lo, hi, *self._rollup_ids(), gpu_ids=gpus)
+        scope = sorted({int(g) for g in pc.unique(late[rollups.SUMMARIES[chain[0]].scope]).to_pylist()})
+        for table in chain:
+            step, done = rollups.SUMMARIES[table].step_ns, self._rolled_until.get(table)
+            a, b = lo // step * step, min(done or 0, -(-hi // step) * step)
+            if done is not None and b > a:
+                rollups.roll_up(cur, table, a, b, self._ids["signals"], scope)
         self.stats.late_rollups += 1
 
     def _columns(self, cur: duckdb.DuckDBPyConnection, table: str) -> list[str]:
@@ -775,6 +802,13 @@ class Store:
                 n = cur.execute(f"SELECT count(*) FROM {table} WHERE {col} < ?", [older_than_ns]).fetchall()
                 cur.execute(f"DELETE FROM {table} WHERE {col} < ?", [older_than_ns])
                 out[table] = int(n[0][0]) if n else 0
+            # the minute (hour) the cut falls in lost its summary with its first part: summarise what is left
+            with self._write_lock:
+                for table, s in rollups.SUMMARIES.items():
+                    until, step = self._rolled_until.get(table), s.step_ns
+                    if not self.read_only and until is not None and older_than_ns % step and older_than_ns < until:
+                        cut = older_than_ns // step * step
+                        rollups.roll_up(cur, table, cut, min(cut + step, until), self._ids["signals"])
             # the hour the cut falls in lost its summaries with its first part: summarise what is left of it
             with self._write_lock:
                 until = self._requests_rolled_until
@@ -791,7 +825,7 @@ class Store:
         written: list[str] = []
         with self.reader() as cur:
             for stored, col in TIMED_TABLES.items():
-                if stored in ("findings", "gpu_minutes", *request_rollups.TABLES):  # derived: made again
+                if stored in ("findings", *rollups.TABLES, *request_rollups.TABLES):  # derived: made again
                     continue
                 table = READ_AS.get(stored, stored)  # requests with their ids in hex and every latency
                 cols = self._columns(cur, table)

@@ -67,7 +67,8 @@ CREATE TABLE IF NOT EXISTS findings (
 # tables that grow with time, and the column that says when a row happened (retention, export)
 TIMED_TABLES: dict[str, str] = {
     "gpu_samples": "time_ns", "gpu_minutes": "minute_ns", "host_samples": "time_ns", "engine_samples": "time_ns",
-    "placements": "time_ns",
+    "placements": "time_ns", "host_minutes": "minute_ns", "engine_minutes": "minute_ns",
+    "placement_minutes": "minute_ns", "gpu_hours": "hour_ns", "host_hours": "hour_ns", "engine_hours": "hour_ns",
     "request_rows": "start_ns", "request_minutes": "minute_ns", "request_bins": "hour_ns", "events": "time_ns",
     "findings": "created_ns",
 }
