@@ -10,6 +10,12 @@ supported), exporting OTLP/HTTP to a local receiver and serving /metrics that is
    with the export endpoint down for the middle third so the bounded buffer fills and drains.
 
     python -m benchmarks.agent_cpu_memory --seconds 30
+
+Before/after on a shared, noisy machine: ``--compare TREE`` runs the agent of another source tree (e.g.
+``git archive HEAD | tar -x -C /tmp/base``) alternating with this one's, ``--rounds`` times each, and
+reports both medians (only the 100 ms runs)::
+
+    python -m benchmarks.agent_cpu_memory --seconds 30 --rounds 4 --compare /tmp/base
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,8 +65,7 @@ def _receiver() -> tuple[ThreadingHTTPServer, int]:
 
 
 def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _cpu_s_of(Path(f"/proc/{pid}/stat"))
 
 
 def _rss_mb(pid: int | str = "self") -> float:
@@ -69,14 +75,31 @@ def _rss_mb(pid: int | str = "self") -> float:
     return float("nan")
 
 
-def realtime(env: dict[str, str], seconds: float, interval: str, port: int, *extra: str) -> dict[str, Any]:
+def _thread_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds of each live thread of ``pid`` (threads that ended are only in the process's total)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out[int(task.name)] = _cpu_s_of(task / "stat")
+    return out
+
+
+def _cpu_s_of(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def realtime(env: dict[str, str], seconds: float, interval: str, port: int, *extra: str,
+             tree: Path = REPO) -> dict[str, Any]:
+    """One agent process (of the source tree ``tree``) at ``interval`` for ``seconds``: its CPU share."""
     free = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "collector.cli", "--interval", interval, "--otlp-endpoint", f"http://127.0.0.1:{port}",
          "--prometheus-port", str(free), "--prometheus-address", "127.0.0.1", "--log-level", "warning", *extra],
-        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        env=env, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         time.sleep(3.0)  # start-up (imports, NVML init) is not the steady state
+        threads0 = _thread_cpu_s(proc.pid)
         cpu0, t0 = _cpu_s(proc.pid), time.monotonic()
         end = t0 + seconds
         while time.monotonic() < end:
@@ -84,13 +107,17 @@ def realtime(env: dict[str, str], seconds: float, interval: str, port: int, *ext
             with contextlib.suppress(OSError):
                 urllib.request.urlopen(f"http://127.0.0.1:{free}/metrics", timeout=5).read()
         cpu1, t1 = _cpu_s(proc.pid), time.monotonic()
+        threads1 = _thread_cpu_s(proc.pid)
         rss = _rss_mb(proc.pid)
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=20)
     return {"interval": interval + (" " + " ".join(extra) if extra else ""),
             "cpu_share_of_one_core": (cpu1 - cpu0) / (t1 - t0), "rss_mb": rss,
-            "stderr_tail": err.decode()[-300:]}
+            # per thread that lived through the run (by thread id, in start order), share of one core
+            "threads": [round((threads1[tid] - threads0[tid]) / (t1 - t0), 5)
+                        for tid in sorted(threads1) if tid in threads0],
+            "tree": str(tree), "stderr_tail": err.decode()[-300:]}
 
 
 def _free_port() -> int:
@@ -153,6 +180,23 @@ def hour(port: int, cycles: int) -> dict[str, Any]:
             "dropped_requests": stats.dropped_requests}
 
 
+def compare(env: dict[str, str], seconds: float, port: int, other: Path, rounds: int) -> dict[str, Any]:
+    """The agent of ``other`` and of this tree at 100 ms, alternating (which goes first alternates too)."""
+    shares: dict[str, list[float]] = {"other": [], "this": []}
+    runs = []
+    for i in range(rounds):
+        order = (("other", other), ("this", REPO)) if i % 2 == 0 else (("this", REPO), ("other", other))
+        for name, tree in order:
+            r = realtime(env, seconds, "100ms", port, tree=tree)
+            shares[name].append(100 * r["cpu_share_of_one_core"])
+            runs.append({"which": name, **r})
+            print(f"{name:6} {100 * r['cpu_share_of_one_core']:.2f} %  threads {r['threads']}", flush=True)
+    return {"machine": machine(), "other": str(other), "runs": runs,
+            "median_other_pct": statistics.median(shares["other"]),
+            "median_this_pct": statistics.median(shares["this"]),
+            "other_pct": shares["other"], "this_pct": shares["this"]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=30.0)
@@ -161,6 +205,8 @@ def main() -> int:
                         help="repeat the 100 ms run this many times (a shared machine is noisy: report every run)")
     parser.add_argument("--skip-hour", action="store_true", help="only the real-time runs")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--compare", type=Path, metavar="TREE",
+                        help="another source tree: its agent at 100 ms alternating with this one's, --rounds each")
     args = parser.parse_args()
     if "NVML_STANDIN_SCRIPT" not in os.environ:
         from tests.nvml_standin.script import build_standin, standin_env
@@ -172,6 +218,13 @@ def main() -> int:
                                env=standin_env(lib, script), cwd=REPO)
     server, port = _receiver()
     env = dict(os.environ)
+    if args.compare is not None:
+        compared = compare(env, args.seconds, port, args.compare.resolve(), max(1, args.rounds))
+        server.shutdown()
+        if args.json:
+            args.json.write_text(json.dumps(compared, indent=2))
+        print(json.dumps({k: v for k, v in compared.items() if k != "runs"}, indent=2))
+        return 0
     runs = []
     for _ in range(max(1, args.rounds)):
         runs.append(realtime(env, args.seconds, "100ms", port))

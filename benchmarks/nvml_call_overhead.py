@@ -188,9 +188,11 @@ def standard_script(gpus: int) -> Any:
     for key, values in getters.items():
         s.set(None, key, *values)
     s.set(None, "field.91", 18)
-    for fid in (186, 190, 83, 82, 94, 197, 198, 38, 45, 52, 59, 3, 4, 5, 6, 29, 30, 31, 142, 143, 144, 145,
+    for fid in (186, 190, 83, 82, 94, 38, 45, 52, 59, 3, 4, 5, 6, 29, 30, 31, 142, 143, 144, 145,
                 74, 75, 76, 77, 78, 79, 269, 270, 271):
         s.set(None, f"field.{fid}", *[1000 * (k + 1) for k in range(4)])
+    for fid in (197, 198):  # the PCIe byte counters: 32-bit, as an H100 answers them (NVML value type 1)
+        s.set(None, f"field.{fid}", *[f"u32:{1000 * (k + 1)}" for k in range(4)])
     for link in range(18):
         s.set(None, f"field.138.{link}", *[4096 * (k + 1) for k in range(4)])
         s.set(None, f"field.139.{link}", *[8192 * (k + 1) for k in range(4)])
