@@ -469,7 +469,11 @@ def check_why(doc: dict[str, Any], info: dict[str, Any]) -> tuple[bool, str]:
     return ok, f"{f0['cause']}/{f0['subcause']} on {f0['culprit']['node']} GPU {f0['culprit'].get('gpu_index')}"
 
 
-def run(f: Fleet, data: Path, repeat: int, day: bool) -> dict[str, Any]:
+QUERIES = ("why", "top", "slo")
+
+
+def run(f: Fleet, data: Path, repeat: int, day: bool, queries: frozenset[str] = frozenset(QUERIES)
+        ) -> dict[str, Any]:
     path, info = ensure(f, data)
     print(f"store: {path} ({info['bytes'] / 2**30:.2f} GiB, {info['rows'] / 1e6:.1f}M rows, generated in "
           f"{info['generate_s']:.0f} s)", flush=True)
@@ -502,7 +506,7 @@ def run(f: Fleet, data: Path, repeat: int, day: bool) -> dict[str, Any]:
                   flush=True)
             return out
 
-        if not day:
+        if not day and "why" in queries:
             doc = report("why_auto", why(WhyQuery()))
             ok, what = check_why(doc, info)
             onset_err = (_parse(doc["query"]["window"][0]) - onset) / 1e9
@@ -520,9 +524,10 @@ def run(f: Fleet, data: Path, repeat: int, day: bool) -> dict[str, Any]:
             q = WhyQuery(since=format_ns(onset), baseline_since=format_ns(onset - hour))
         else:
             q = WhyQuery(since=format_ns(onset), baseline_since=format_ns(first))
-        doc = report("why_window" if not day else "why_24h_baseline", why(q))
-        ok, what = check_why(doc, info)
-        checks.append(("why_window", ok, what))
+        if "why" in queries:
+            doc = report("why_window" if not day else "why_24h_baseline", why(q))
+            ok, what = check_why(doc, info)
+            checks.append(("why_window", ok, what))
 
         def do_top() -> list[dict[str, Any]]:
             with store.reader() as cur:
@@ -532,11 +537,13 @@ def run(f: Fleet, data: Path, repeat: int, day: bool) -> dict[str, Any]:
             with store.reader() as cur:
                 return slo(cur, first, last, DEFAULT_SLOS)
 
-        rows = report("top" if not day else "top_24h", do_top)
-        checks.append(("top", bool(rows) and rows[0]["gpu"] in _replica(f),
-                       f"first: {rows[0]['node']} GPU {rows[0]['gpu_index']}" if rows else "empty"))
-        rows = report("slo" if not day else "slo_24h", do_slo)
-        checks.append(("slo", len(rows) == 2 * f.nodes, f"{len(rows)} rows"))
+        if "top" in queries:
+            rows = report("top" if not day else "top_24h", do_top)
+            checks.append(("top", bool(rows) and rows[0]["gpu"] in _replica(f),
+                           f"first: {rows[0]['node']} GPU {rows[0]['gpu_index']}" if rows else "empty"))
+        if "slo" in queries:
+            rows = report("slo" if not day else "slo_24h", do_slo)
+            checks.append(("slo", len(rows) == 2 * f.nodes, f"{len(rows)} rows"))
     finally:
         store.close()
     results["peak_rss_mb"] = round(_rss_mb(), 0)
@@ -571,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--links", type=int, default=2, help="NVLink links per GPU with a link-up series")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--queries", default=",".join(QUERIES),
+                    help="which of why,top,slo to run (one alone: the peak RSS is that query's own)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--catch-up-only", type=Path, default=None, help=argparse.SUPPRESS)
@@ -595,7 +604,10 @@ def main(argv: list[str] | None = None) -> int:
           f"polars {pl.__version__}, kernel {m['kernel']}")
     print(f"fleet: {f.nodes} nodes x {GPUS_PER_NODE} GPUs = {f.gpus} GPUs, TP-{TP} ({f.engines} engines), "
           f"{f.rate:g} requests/s, {seconds / 3600:.2f} h, incident: the last 15 min", flush=True)
-    res = run(f, data, a.repeat, seconds > 2 * 3600)
+    queries = frozenset(a.queries.split(","))
+    if not queries <= set(QUERIES):
+        ap.error(f"--queries: choose from {','.join(QUERIES)}")
+    res = run(f, data, a.repeat, seconds > 2 * 3600, queries)
     if a.json:
         a.json.write_text(json.dumps(res, indent=1))
     return 0 if all(c["ok"] for c in res["checks"]) else 1

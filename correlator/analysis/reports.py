@@ -11,11 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import polars as pl
 
-from correlator.analysis.request_stats import RequestScope
+from correlator.analysis.request_stats import (
+    RequestScope,
+    at_most_from_bins,
+    excess_from_bins,
+    group_codes,
+    median_in_bins,
+)
 from correlator.analysis.requests import KEY_COLUMNS
 from correlator.analysis.timeparse import format_ns
+from correlator.store import request_rollups, rollups
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,25 +64,61 @@ def load_slos(path: str | Path) -> list[Slo]:
 DEFAULT_SLOS = [Slo("ttft", 0.99, 0.5), Slo("tpot", 0.99, 0.1)]
 
 
+def _long(start_ns: int, end_ns: int) -> bool:
+    """Whether a window is read from the summaries (as ``why``'s windows are: by its length alone)."""
+    return end_ns - start_ns > request_rollups.LONG_WINDOW_NS
+
+
 def energy_by_gpu(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int) -> dict[int, float]:
-    """Joules each GPU used in the window, from its energy counter (or power integrated when absent)."""
-    # the signal's id first: a filter on it is pushed into the scan, a join on the name is not
-    sid = cur.execute("SELECT signal_id FROM signals WHERE name = 'energy_j'").fetchall()
-    rows = cur.execute(
-        "SELECT gpu_id, max(value) - min(value) FROM gpu_samples WHERE signal_id = ? AND time_ns BETWEEN ? AND ? "
-        "GROUP BY gpu_id", [sid[0][0], start_ns, end_ns]).fetchall() if sid else []
+    """Joules each GPU used in the window, from its energy counter (or power integrated when absent).
+
+    Over a long window the counter's delta (max - min) comes from the per-minute lo/hi of ``gpu_minutes``
+    (whole minutes) and the samples at the window's edges: the same exact value without reading a day of
+    samples. A GPU without the counter has its power integrated: sample by sample (each value held until the
+    next) over a short window; over a long one, minute by minute from the summaries (each minute's mean
+    power, as the mean of its eight quantile representatives, over the part of the window it covers): within
+    a fraction of a percent on a steady load, but a gap in the samples counts as no power, where holding
+    the last value would count it at that value."""
+    sig = {str(n): int(i) for i, n in cur.execute("SELECT signal_id, name FROM signals").fetchall()}
+    rows: list[tuple[Any, ...]] = []
+    if "energy_j" in sig and _long(start_ns, end_ns):
+        # [start, end] of the samples' BETWEEN is [start, end + 1) in the summaries' half-open ranges
+        src, params = rollups.window_summaries(cur, "gpu_minutes", [(start_ns, end_ns + 1)], sig,
+                                               f"signal_id = {sig['energy_j']}")
+        rows = cur.execute(f"SELECT gpu_id, max(hi) - min(lo) FROM ({src}) WHERE n > 0 GROUP BY gpu_id",
+                           params).fetchall()
+    elif "energy_j" in sig:
+        # the signal's id first: a filter on it is pushed into the scan, a join on the name is not
+        rows = cur.execute(
+            "SELECT gpu_id, max(value) - min(value) FROM gpu_samples WHERE signal_id = ? AND time_ns BETWEEN ? AND ? "
+            "GROUP BY gpu_id", [sig["energy_j"], start_ns, end_ns]).fetchall()
     out = {int(g): float(j) for g, j in rows if j is not None}
-    if len(out) < len(cur.execute("SELECT gpu_id FROM gpus").fetchall()):
-        for g, j in cur.execute(
-                "SELECT gpu_id, sum(w * dt) FROM (SELECT gpu_id, value AS w, (lead(time_ns) OVER (PARTITION BY gpu_id "
-                "ORDER BY time_ns) - time_ns) / 1e9 AS dt FROM gpu_samples JOIN signals s USING (signal_id) "
-                "WHERE s.name = 'power_w' AND time_ns BETWEEN ? AND ?) GROUP BY gpu_id", [start_ns, end_ns]).fetchall():
-            if int(g) not in out and j is not None:
-                out[int(g)] = float(j)
+    missing = [int(g) for (g,) in cur.execute("SELECT gpu_id FROM gpus").fetchall() if int(g) not in out]
+    if missing and "power_w" in sig:
+        ids = ", ".join(str(g) for g in missing)  # the store's integers
+        if _long(start_ns, end_ns):
+            # the GPUs without a counter over a long window: each minute's mean power (that of its eight
+            # quantile representatives in gpu_minutes) times the part of the window the minute covers, in
+            # place of a window function over a day of samples (see energy_by_gpu's docstring)
+            src, params = rollups.window_summaries(cur, "gpu_minutes", [(start_ns, end_ns + 1)], sig,
+                                                   f"signal_id = {sig['power_w']} AND gpu_id IN ({ids})")
+            found = cur.execute(
+                f"SELECT gpu_id, sum(list_avg(q) * (least(minute_ns + {rollups.MINUTE_NS}, $hi_e) - "
+                f"greatest(minute_ns, $lo_e)) / 1e9) FROM ({src}) WHERE q IS NOT NULL AND n > 0 GROUP BY gpu_id",
+                {**params, "lo_e": start_ns, "hi_e": end_ns + 1}).fetchall()
+        else:
+            # only the GPUs without a counter reading: their power samples integrated
+            found = cur.execute(
+                "SELECT gpu_id, sum(w * dt) FROM (SELECT gpu_id, value AS w, (lead(time_ns) OVER (PARTITION BY "
+                "gpu_id ORDER BY time_ns) - time_ns) / 1e9 AS dt FROM gpu_samples WHERE signal_id = ? AND "
+                f"gpu_id IN ({ids}) AND time_ns BETWEEN ? AND ?) GROUP BY gpu_id",
+                [sig["power_w"], start_ns, end_ns]).fetchall()
+        out.update({int(g): float(j) for g, j in found if j is not None})
     return out
 
 
 _METRICS = ("ttft", "tpot", "e2e")
+_BINNED = {"ttft": 0, "tpot": 1}  # the metrics with bins in request_bins (e2e has none: read exactly)
 
 
 def _column(metric: str) -> str:
@@ -86,15 +130,22 @@ def _column(metric: str) -> str:
 def top(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, service: str | None = None,
         model: str | None = None, node: str | None = None, metric: str = "ttft") -> list[dict[str, Any]]:
     """GPUs ranked by latency impact: the share of the window's excess latency (over the fleet median) their
-    requests carry, with p99s and energy per output token. Aggregated in DuckDB, per replica."""
+    requests carry, with p99s and energy per output token. Aggregated in DuckDB, per replica.
+
+    A window longer than 3 h (``request_rollups.LONG_WINDOW_NS``) of TTFT or TPOT is read from the request
+    summaries (:func:`_top_long`: counts, tokens and energy exact, percentiles within 0.5 %, shares within a
+    fraction of a percent); e2e, which has no bins, is always scanned exactly."""
     col = _column(metric)
     scope = RequestScope(cur, start_ns, end_ns, service, model, node)
     if scope.empty:
         return []
-    med = scope.fleet_quantile(col, 0.5)
-    per = scope.per_unit(
-        "count(*), quantile_cont(ttft_s, 0.99), quantile_cont(tpot_s, 0.99), "
-        f"sum(greatest({col} - $med, 0)), sum(output_tokens)", {"med": med or 0.0})
+    if _long(start_ns, end_ns) and metric in _BINNED:
+        per = _top_long(scope, start_ns, end_ns + 1, metric)
+    else:
+        med = scope.fleet_quantile(col, 0.5)
+        per = scope.per_unit(
+            "count(*), quantile_cont(ttft_s, 0.99), quantile_cont(tpot_s, 0.99), "
+            f"sum(greatest({col} - $med, 0)), sum(output_tokens)", {"med": med or 0.0})
     total = float(sum(float(v[3] or 0.0) for v in per.values())) or 1.0
     meta = {g: (u, i, n) for g, u, i, n in cur.execute(
         "SELECT gpu_id, uuid, gpu_index, n.name FROM gpus JOIN nodes n USING (node_id)").fetchall()}
@@ -114,23 +165,61 @@ def top(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, service: str
     return rows
 
 
+def _top_long(scope: RequestScope, lo_ns: int, hi_ns: int, metric: str
+              ) -> dict[tuple[str, Any], tuple[Any, ...]]:
+    """``top``'s per-replica aggregates (requests, TTFT p99, TPOT p99, excess over the fleet median, output
+    tokens) of the requests that started in [lo_ns, hi_ns), from the summaries: counts and tokens exact, the
+    percentiles within 0.5 %, the fleet median placed within its bin by rank (:func:`median_in_bins`) and
+    the excess from the bins (each value placed evenly in log space within its 1 %-wide bin; see
+    :func:`excess_from_bins`)."""
+    sums = scope.long_sums(lo_ns, hi_ns)
+    b = scope.long_bins(lo_ns, hi_ns, metrics=(0, 1))
+    units = np.asarray(b["unit"], dtype=object)
+    metrics = np.asarray(b["metric"], dtype=np.int64)
+    bins = np.asarray(b["bin"], dtype=np.int64)
+    counts = np.asarray(b["n"], dtype=np.int64)
+    codes = group_codes(units)
+    name = {int(c): str(u) for c, u in zip(codes, units, strict=True)}
+    m = _BINNED[metric]
+    sel = metrics == m
+    med = 0.0
+    if sel.any():
+        # the fleet's median: every replica's bins merged
+        ub, inv = np.unique(bins[sel], return_inverse=True)
+        med = median_in_bins(ub, np.bincount(inv, weights=counts[sel]).astype(np.int64))
+    excess = np.bincount(codes[sel], weights=excess_from_bins(bins[sel], counts[sel], med),
+                         minlength=len(name)) if len(codes) else np.zeros(0)
+    p99: dict[tuple[str, int], float] = {}
+    for k in (0, 1):
+        on = metrics == k
+        groups, values = request_rollups.quantiles_from_bins(codes[on], bins[on], counts[on], [0.99])
+        p99.update({(name[int(g)], k): float(v[0]) for g, v in zip(groups, values, strict=True)})
+    ex = {name[c]: float(excess[c]) for c in range(len(excess))}
+    return {(str(u), None): (int(n), p99.get((str(u), 0)), p99.get((str(u), 1)), ex.get(str(u), 0.0), tokens)
+            for u, n, _nt, _np, _st, _sp, tokens in sums}
+
+
 def slo(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, slos: list[Slo], service: str | None = None,
         model: str | None = None, node: str | None = None) -> list[dict[str, Any]]:
     """Percentiles and attainment (share of requests within the threshold) per model and node, per SLO:
-    one grouped scan in DuckDB (thresholds and percentiles are bound parameters)."""
+    one grouped scan in DuckDB (thresholds and percentiles are bound parameters), or, over a window longer
+    than 3 h whose SLOs are all of TTFT or TPOT, the request summaries (:func:`_slo_groups_long`)."""
     scope = RequestScope(cur, start_ns, end_ns, service, model, node)
     if scope.empty:
         return []
-    aggs: list[str] = []
-    params: dict[str, object] = {}
-    for i, s in enumerate(slos):
-        col = _column(s.metric)
-        aggs.append(f"count({col}), quantile_cont({col}, $q{i}), avg(({col} <= $t{i})::DOUBLE)")
-        params.update({f"q{i}": [0.5, 0.9, 0.99, s.percentile], f"t{i}": s.threshold_s})
-    groups = cur.execute(
-        "SELECT model, (SELECT name FROM nodes n WHERE n.node_id = r.node_id) AS node, list(DISTINCT service), "
-        f"{', '.join(aggs)} FROM requests r WHERE {scope.where} GROUP BY model, node_id ORDER BY min(start_ns)",
-        {**scope.params, **params}).fetchall()
+    if _long(start_ns, end_ns) and all(x.metric in _BINNED for x in slos):
+        groups = _slo_groups_long(cur, scope, start_ns, end_ns + 1, slos)
+    else:
+        aggs: list[str] = []
+        params: dict[str, object] = {}
+        for i, s in enumerate(slos):
+            col = _column(s.metric)
+            aggs.append(f"count({col}), quantile_cont({col}, $q{i}), avg(({col} <= $t{i})::DOUBLE)")
+            params.update({f"q{i}": [0.5, 0.9, 0.99, s.percentile], f"t{i}": s.threshold_s})
+        groups = cur.execute(
+            "SELECT model, (SELECT name FROM nodes n WHERE n.node_id = r.node_id) AS node, list(DISTINCT service), "
+            f"{', '.join(aggs)} FROM requests r WHERE {scope.where} GROUP BY model, node_id ORDER BY min(start_ns)",
+            {**scope.params, **params}).fetchall()
     energy_tokens = _energy_per_token_by_model(cur, scope, start_ns, end_ns)
     out = []
     for row in groups:
@@ -151,12 +240,61 @@ def slo(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, slos: list[S
     return out
 
 
+def _slo_groups_long(cur: duckdb.DuckDBPyConnection, scope: RequestScope, lo_ns: int, hi_ns: int, slos: list[Slo]
+                     ) -> list[tuple[Any, ...]]:
+    """``slo``'s rows per model and node (model, node, services, then per SLO: count, [p50, p90, p99, its
+    percentile], attainment) of the requests that started in [lo_ns, hi_ns), from the summaries, in the
+    order of the groups' first requests (as the exact scan orders them). Counts exact; percentiles within
+    0.5 %; attainment off by at most the share of the group's values in the threshold's 1 %-wide bin."""
+    by = ("model", "node_id")
+    first = scope.long_first_starts(lo_ns, hi_ns, by)
+    n_by: dict[tuple[Any, ...], list[int]] = {}
+    services: dict[tuple[Any, ...], set[Any]] = {}
+    for model, node_id, service, _n, n_ttft, n_tpot, *_ in scope.long_sums(lo_ns, hi_ns, False, (*by, "service")):
+        acc = n_by.setdefault((model, node_id), [0, 0])
+        acc[0] += int(n_ttft)
+        acc[1] += int(n_tpot)
+        services.setdefault((model, node_id), set()).add(service)
+    b = scope.long_bins(lo_ns, hi_ns, False, by, metrics=tuple(sorted({_BINNED[x.metric] for x in slos})))
+    models, node_ids = np.asarray(b["model"], dtype=object), np.asarray(b["node_id"], dtype=object)
+    metrics = np.asarray(b["metric"], dtype=np.int64)
+    bins = np.asarray(b["bin"], dtype=np.int64)
+    counts = np.asarray(b["n"], dtype=np.int64)
+    codes = group_codes(models, node_ids)
+    key = {int(c): (m, int(nid)) for c, m, nid in zip(codes, models, node_ids, strict=True)}
+    per: dict[tuple[Any, ...], list[Any]] = {}
+    for i, x in enumerate(slos):
+        on = metrics == _BINNED[x.metric]
+        groups, values = request_rollups.quantiles_from_bins(
+            codes[on], bins[on], counts[on], [0.5, 0.9, 0.99, x.percentile])
+        within = np.bincount(codes[on], weights=at_most_from_bins(bins[on], counts[on], x.threshold_s),
+                             minlength=len(key))
+        total = np.bincount(codes[on], weights=counts[on].astype(np.float64), minlength=len(key))
+        for g, v in zip(groups, values, strict=True):
+            k = key[int(g)]
+            per.setdefault(k, [None] * len(slos))[i] = (v.tolist(), float(within[g] / total[g]))
+    names = dict(cur.execute("SELECT node_id, name FROM nodes").fetchall())
+    out = []
+    for k in sorted(n_by, key=lambda k: (first.get(k, hi_ns), str(k[0]), k[1])):
+        row: list[Any] = [k[0], names.get(k[1]), sorted(services.get(k, set()), key=str)]
+        for i, x in enumerate(slos):
+            n = n_by[k][_BINNED[x.metric]]
+            got = per.get(k, [None] * len(slos))[i]
+            row += [n, got[0], got[1]] if n and got is not None else [n, [None] * 4, None]
+        out.append(tuple(row))
+    return out
+
+
 def _energy_per_token_by_model(cur: duckdb.DuckDBPyConnection, scope: RequestScope, start_ns: int, end_ns: int
                                ) -> dict[Any, float | None]:
     """Joules per output token by model: each replica's GPUs' energy shared among the models it served by
     their share of its requests."""
     energy = energy_by_gpu(cur, start_ns, end_ns)
-    per = scope.per_unit("count(*), sum(output_tokens)", by="model")
+    if _long(start_ns, end_ns):  # exact from the per-minute summaries
+        per = {(str(u), m): (n, tokens) for u, m, n, _nt, _np, _st, _sp, tokens
+               in scope.long_sums(start_ns, end_ns + 1, by=("model",))}
+    else:
+        per = scope.per_unit("count(*), sum(output_tokens)", by="model")
     unit_n: dict[str, int] = {}
     for (unit, _m), (n, _t) in per.items():
         unit_n[unit] = unit_n.get(unit, 0) + int(n)

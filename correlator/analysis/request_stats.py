@@ -277,22 +277,8 @@ class RequestScope:
         """The stats of the requests that started in [lo_ns, hi_ns), a long window: counts, means and tokens
         exact from the per-minute summaries, percentiles read off the binned counts (within 0.5 %; see
         :mod:`correlator.store.request_rollups`)."""
-        rr = request_rollups
-        keys = ", ".join(rr.KEYS)
-        scal_src, sp = self._long_source(
-            lo_ns, hi_ns, f"SELECT {keys}, n, n_ttft, sum_ttft, n_tpot, sum_tpot, output_tokens FROM request_minutes",
-            "minute_ns", rr.MINUTE_NS,
-            lambda raw: f"SELECT {keys}, {rr.SUMS} FROM {raw} GROUP BY ALL", "m")
-        bin_src, bp = self._long_source(
-            lo_ns, hi_ns, f"SELECT {keys}, metric, bin, n FROM request_bins", "hour_ns", rr.HOUR_NS,
-            lambda raw: f"SELECT {keys}, metric, bin, count(*)::INTEGER AS n FROM ({rr.binned(raw)}) GROUP BY ALL", "h")
-        with self._unit_map(always=True):
-            scalars = self.cur.execute(
-                f"SELECT m.unit, sum(n), sum(n_ttft), sum(n_tpot), sum(sum_ttft), sum(sum_tpot), sum(output_tokens) "
-                f"FROM ({scal_src}) r {self._map_join} GROUP BY ALL", {**self._filter_params, **sp}).fetchall()
-            b = self.cur.execute(
-                f"SELECT m.unit, r.metric, r.bin, sum(r.n)::BIGINT AS n FROM ({bin_src}) r {self._map_join} "
-                "GROUP BY ALL ORDER BY 1, 2, 3", {**self._filter_params, **bp}).fetchnumpy()
+        scalars = self.long_sums(lo_ns, hi_ns)
+        b = self.long_bins(lo_ns, hi_ns)
         units = np.asarray(b["unit"], dtype=object)
         metric = np.asarray(b["metric"], dtype=np.int64)
         bins = np.asarray(b["bin"], dtype=np.int64)
@@ -301,7 +287,7 @@ class RequestScope:
         qmap: dict[tuple[str, int], dict[float, float | None]] = {}
         for m, wanted in ((0, qs), (1, qs), (2, [0.9]), (3, [0.5])):
             sel = metric == m
-            groups, values = rr.quantiles_from_bins(codes[sel], bins[sel], counts[sel], wanted)
+            groups, values = request_rollups.quantiles_from_bins(codes[sel], bins[sel], counts[sel], wanted)
             first = {int(c): str(u) for c, u in zip(codes[sel], units[sel], strict=True)}
             for g, row in zip(groups, values, strict=True):
                 qmap[(first[int(g)], m)] = dict(zip(wanted, row.tolist(), strict=True))
@@ -312,7 +298,7 @@ class RequestScope:
                 continue
             ub, inv = np.unique(bins[sel], return_inverse=True)
             merged = np.bincount(inv, weights=counts[sel]).astype(np.int64)
-            _, values = rr.quantiles_from_bins(np.zeros(len(ub), dtype=np.int64), ub, merged, [p])
+            _, values = request_rollups.quantiles_from_bins(np.zeros(len(ub), dtype=np.int64), ub, merged, [p])
             fleet_q[m] = {p: float(values[0, 0])}
         per: dict[str, WindowStat] = {}
         tot = [0, 0, 0]
@@ -327,6 +313,95 @@ class RequestScope:
         fleet = WindowStat(tot[0], tot[1], tot[2], fleet_q.get(0, {p: None}), fleet_q.get(1, {p: None}),
                            None, None, None, None, 0)
         return fleet, per
+
+    def _long_columns(self, unit: bool, by: tuple[str, ...]) -> list[str]:
+        """The key columns a long window's summary query groups by: those that decide the replica (when
+        ``unit``) and ``by`` (callers' names from :data:`request_rollups.KEYS`, never user text). Only these:
+        grouping the union of summaries and edges by all eight key columns (strings) costs seconds."""
+        if not set(by) <= set(request_rollups.KEYS):
+            raise ValueError(f"not a key column: {by}")
+        return list(dict.fromkeys([*(self._used if unit else []), *by]))
+
+    def _long_frame(self, sql: str, params: dict[str, object], unit: bool, by: tuple[str, ...],
+                    cols: list[str], sums: list[str], order: list[str]) -> pl.DataFrame:
+        """The result of a long window's summary query (grouped by ``cols`` and ``order``'s others) with the
+        replica in column ``unit`` (when asked: several keys of one replica summed) in place of the key
+        columns that decide it, sorted by (unit,) ``by``, ``order``."""
+        df = pl.from_arrow(self.cur.sql(sql, params=params).to_arrow_table())
+        assert isinstance(df, pl.DataFrame)
+        group = [*by, *order]
+        if unit:
+            keys = self._keys.cast({c: df.schema[c] for c in self._used})
+            df = df.join(keys, on=self._used, how="inner", nulls_equal=True)
+            df = df.group_by(["unit", *group]).agg(pl.col(c).sum() for c in sums)
+            group = ["unit", *group]
+        return df.select(*group, *sums).sort(group, nulls_last=True)
+
+    def long_sums(self, lo_ns: int, hi_ns: int, unit: bool = True, by: tuple[str, ...] = ()
+                  ) -> list[tuple[Any, ...]]:
+        """Exact per-group sums of the requests that started in [lo_ns, hi_ns), per replica (``unit``) and
+        value of the key columns ``by``: (group columns..., n, n_ttft, n_tpot, sum_ttft, sum_tpot,
+        output_tokens), from the per-minute summaries where complete and the requests elsewhere."""
+        rr = request_rollups
+        cols = self._long_columns(unit, by)
+        keys = ", ".join(cols)
+        src, sp = self._long_source(
+            lo_ns, hi_ns, f"SELECT {keys}, n, n_ttft, sum_ttft, n_tpot, sum_tpot, output_tokens FROM request_minutes",
+            "minute_ns", rr.MINUTE_NS, lambda raw: f"SELECT {keys}, {rr.SUMS} FROM {raw} GROUP BY ALL", "m")
+        sums = ["n", "n_ttft", "n_tpot", "sum_ttft", "sum_tpot", "output_tokens"]
+        df = self._long_frame(
+            f"SELECT {keys}, sum(n)::BIGINT AS n, sum(n_ttft)::BIGINT AS n_ttft, sum(n_tpot)::BIGINT AS n_tpot, "
+            "sum(sum_ttft) AS sum_ttft, sum(sum_tpot) AS sum_tpot, sum(output_tokens)::BIGINT AS output_tokens "
+            f"FROM ({src}) GROUP BY ALL", {**self._filter_params, **sp}, unit, by, cols, sums, [])
+        return df.rows()
+
+    def long_bins(self, lo_ns: int, hi_ns: int, unit: bool = True, by: tuple[str, ...] = (),
+                  metrics: tuple[int, ...] = (0, 1, 2, 3)) -> dict[str, np.ndarray]:
+        """The binned latencies (:mod:`~correlator.store.request_rollups`) of the requests that started in
+        [lo_ns, hi_ns), per replica (column ``unit``) and key columns ``by``, and ``metric`` (numbers of
+        ``request_rollups.METRICS``), ``bin``, ``n``; sorted by group, metric, bin (as
+        ``quantiles_from_bins`` needs). Whole hours from ``request_bins`` where complete, the rest binned
+        from the requests with the writer's SQL."""
+        rr = request_rollups
+        cols = self._long_columns(unit, by)
+        keys = ", ".join(cols)
+        ms = ", ".join(str(int(m)) for m in metrics)
+        src, bp = self._long_source(
+            lo_ns, hi_ns, f"SELECT {keys}, metric, bin, n FROM request_bins",
+            "hour_ns", rr.HOUR_NS,
+            lambda raw: f"SELECT {keys}, metric, bin, count(*)::INTEGER AS n FROM ({_binned(raw, metrics, keys)}) "
+                        "GROUP BY ALL", "h")
+        df = self._long_frame(f"SELECT {keys}, metric, bin, sum(n)::BIGINT AS n FROM ({src}) WHERE metric IN ({ms}) "
+                              "GROUP BY ALL",
+                              {**self._filter_params, **bp}, unit, by, cols, ["n"], ["metric", "bin"])
+        return {c: df[c].to_numpy() for c in df.columns}
+
+    def long_first_starts(self, lo_ns: int, hi_ns: int, by: tuple[str, ...]) -> dict[tuple[Any, ...], int]:
+        """The exact first start (ns) of each group of the key columns ``by`` among the requests that started
+        in [lo_ns, hi_ns): each group's first minute from the per-minute summaries, then only those minutes
+        of the requests (usually one minute, not the window)."""
+        rr = request_rollups
+        cols = ", ".join(by)
+        self._long_columns(False, by)
+        src, sp = self._long_source(
+            lo_ns, hi_ns, f"SELECT {cols}, minute_ns AS t FROM request_minutes", "minute_ns", rr.MINUTE_NS,
+            lambda raw: f"SELECT {cols}, min(start_ns) // {rr.MINUTE_NS} * {rr.MINUTE_NS} AS t FROM {raw} "
+                        "GROUP BY ALL", "f")
+        minutes = sorted({int(r[0]) for r in self.cur.execute(
+            f"SELECT min(t) FROM ({src}) GROUP BY ALL", {**self._filter_params, **sp}).fetchall()})
+        if not minutes:
+            return {}
+        filters = "".join(f" AND {f}" for f in self._filters)
+        known = " AND end_ns <= $known" if self._known is not None else ""
+        parts, params = [], {}
+        for k, m in enumerate(minutes):
+            parts.append(f"SELECT {cols}, start_ns FROM requests WHERE start_ns >= $a{k} AND start_ns < $b{k}"
+                         f"{filters}{known}")
+            params.update({f"a{k}": max(m, lo_ns), f"b{k}": min(m + rr.MINUTE_NS, hi_ns)})
+        rows = self.cur.execute(
+            f"SELECT {cols}, min(start_ns) FROM ({' UNION ALL '.join(parts)}) GROUP BY ALL",
+            {**self._filter_params, **params}).fetchall()
+        return {tuple(r[:-1]): int(r[-1]) for r in rows}
 
     def fleet_quantile(self, column: str, q: float) -> float | None:
         """The ``q`` quantile of a column (one of the request table's, chosen by the caller) over the scope."""
@@ -398,3 +473,84 @@ def _stat(v: tuple[Any, ...], qs: list[float]) -> WindowStat:
 
 def _qmap(values: list[float | None] | None, qs: list[float]) -> dict[float, float | None]:
     return dict(zip(qs, values, strict=True)) if values is not None else dict.fromkeys(qs)
+
+
+# the SQL of each binned metric, by its number in ``request_bins.metric``
+_METRIC_SQL = {num: request_rollups.PREFILL_PER_TOKEN if name == "prefill_per_token_s" else name
+               for name, num in request_rollups.METRICS.items()}
+
+
+def _binned(source: str, metrics: tuple[int, ...], key: str) -> str:
+    """:func:`request_rollups.binned` (the writer's SQL) of only the ``metrics`` (their numbers): binning the
+    raw edge of a long window costs per metric."""
+    if set(metrics) >= set(_METRIC_SQL):
+        return request_rollups.binned(source, key)
+    ms = sorted(set(metrics))
+    bins = ", ".join(request_rollups.bin_sql(_METRIC_SQL[m]) for m in ms)
+    return (f"SELECT * FROM (SELECT {key}, unnest([{', '.join(str(int(m)) for m in ms)}]) "
+            f"AS metric, unnest([{bins}]) AS bin FROM {source}) WHERE bin IS NOT NULL")
+
+
+def group_codes(*columns: np.ndarray) -> np.ndarray:
+    """0, 1, 2, ... for the runs of equal values of ``columns`` (rows sorted by them), as
+    ``quantiles_from_bins`` groups rows."""
+    n = len(columns[0]) if columns else 0
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    change = np.zeros(n - 1, dtype=bool)
+    for c in columns:
+        a = np.asarray(c, dtype=object)
+        change |= a[1:] != a[:-1]
+    return np.asarray(np.r_[0, np.cumsum(change)], dtype=np.int64)
+
+
+def _bin_bounds(bins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The lowest and highest value of each (non-zero) bin: bin b holds ln(x) * BINS_PER_E within b ± 0.5."""
+    b = bins.astype(np.float64)
+    per_e = float(request_rollups.BINS_PER_E)
+    return np.exp((b - 0.5) / per_e), np.exp((b + 0.5) / per_e)
+
+
+def excess_from_bins(bins: np.ndarray, counts: np.ndarray, median: float) -> np.ndarray:
+    """Per row (a bin of some group and its count): the sum of max(x - median, 0) over the row's values, taking
+    them spread evenly in log space across the bin. Exact but for where the values lie within their 1 %-wide
+    bins: each value is off by at most 1 % of itself, and the bin holding the median is split at it."""
+    lo, hi = _bin_bounds(bins)
+    width = 1.0 / request_rollups.BINS_PER_E  # of a bin, in ln units
+    mean = (hi - lo) / width  # of a log-uniform value in [lo, hi]
+    m = max(float(median), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # the bin straddling the median: its integral of (x - m) over [m, hi] under the density 1/(x width)
+        part = ((hi - m) - m * (np.log(hi) - np.log(m if m > 0 else 1.0))) / width if m > 0 else mean
+    each = np.where(m <= lo, mean - m, np.where(m >= hi, 0.0, part))
+    each = np.where(bins == request_rollups.ZERO_BIN, 0.0, each)
+    return np.asarray(each * counts.astype(np.float64), dtype=np.float64)
+
+
+def median_in_bins(bins: np.ndarray, counts: np.ndarray) -> float:
+    """The median (``quantile_cont``'s rank (n - 1) / 2) of binned values (sorted bins, one group), placed
+    within its bin by its rank among the bin's values spread evenly in log space: for the excess over a
+    fleet's median, where a bin's centre (up to 0.5 % off) would shift every replica's excess by the
+    requests above it times that error, and crowded bins make the rank's place in its bin telling."""
+    cum = np.cumsum(counts.astype(np.int64))
+    if len(cum) == 0 or cum[-1] == 0:
+        return 0.0
+    rank = 0.5 * float(cum[-1] - 1)
+    i = int(np.searchsorted(cum, rank, side="right"))
+    if int(bins[i]) == request_rollups.ZERO_BIN:
+        return 0.0
+    frac = (rank - float(cum[i] - counts[i]) + 0.5) / float(counts[i])
+    return float(np.exp((float(bins[i]) - 0.5 + frac) / request_rollups.BINS_PER_E))
+
+
+def at_most_from_bins(bins: np.ndarray, counts: np.ndarray, threshold: float) -> np.ndarray:
+    """Per row (a bin and its count): how many of its values are <= ``threshold``: bins below the threshold's
+    bin whole, the threshold's own bin in proportion to where the threshold falls in it in log space (off by
+    at most that one bin's count), zeros whole."""
+    if threshold <= 0:
+        frac = np.where(bins == request_rollups.ZERO_BIN, 1.0, 0.0)
+    else:
+        pos = np.log(threshold) * request_rollups.BINS_PER_E
+        frac = np.clip(pos - bins.astype(np.float64) + 0.5, 0.0, 1.0)
+        frac = np.where(bins == request_rollups.ZERO_BIN, 1.0, frac)
+    return np.asarray(frac * counts.astype(np.float64), dtype=np.float64)
