@@ -38,12 +38,28 @@ def replay(db: Path, meta: dict[str, Any], before_s: int = 120, after_s: int = 3
     store = Store(db, read_only=True)
     first: dict[str, Any] | None = None
     first_right: float | None = None
+    # where the delay goes: since when the last minute had shown the regression (the latency of requests
+    # ended by then) in every evaluation up to the first right confirmed finding, and the first evaluation
+    # whose top finding was the right one
+    streak_from: int | None = None
+    shown: float | None = None
+    named: float | None = None
     early = 0
     wall = time.perf_counter()
     with store.reader() as cur:
         t = t0
         while t <= t1:
-            for inc in det.step(cur, t, store=False):
+            confirmed = det.step(cur, t, store=False)
+            doc = det.last
+            detected = doc is not None and bool(doc["regression"]["detected"])
+            streak_from = (streak_from if streak_from is not None else t) if detected else None
+            if doc is not None and not healthy and t >= onset and detected:
+                f0 = (doc.get("findings") or [None])[0]
+                c0 = f0["culprit"] if f0 else {}
+                if named is None and f0 and (f0["cause"], f0.get("subcause") or "") == cause \
+                        and _culprit_ok(kind, meta, c0.get("gpu"), c0.get("node")):
+                    named = (t - onset) / 1e9
+            for inc in confirmed:
                 assert inc.confirmed_ns is not None
                 delay = (inc.confirmed_ns - onset) / 1e9
                 c, sub, node, gpu = inc.key
@@ -54,9 +70,11 @@ def replay(db: Path, meta: dict[str, Any], before_s: int = 120, after_s: int = 3
                     first = {"delay_s": delay, "cause": f"{c}/{sub}", "right": right}
                 if right and first_right is None and delay >= 0:
                     first_right = delay
+                    shown = max(0, (streak_from or t) - onset) / 1e9
             t += _STEP_NS
     store.close()
     return {"fault": kind, "seed": meta["seed"], "first": first, "first_right_s": first_right,
+            "regression_shown_s": shown, "right_cause_named_s": named,
             "false_alarms": early, "evaluations": det.evaluations,
             "ms_per_evaluation": round(1000 * (time.perf_counter() - wall) / max(1, det.evaluations), 1)}
 
@@ -92,8 +110,13 @@ def main() -> None:
     for kind in dict.fromkeys(r["fault"] for r in faults):
         d = [r["first_right_s"] for r in faults if r["fault"] == kind and r["first_right_s"] is not None]
         n = sum(1 for r in faults if r["fault"] == kind)
+        shown = [r["regression_shown_s"] for r in faults if r["fault"] == kind and r["regression_shown_s"] is not None]
+        named = [r["right_cause_named_s"] for r in faults
+                 if r["fault"] == kind and r["right_cause_named_s"] is not None]
         per_fault[kind] = {"found": f"{len(d)}/{n}", "median_s": statistics.median(d) if d else None,
-                           "max_s": max(d) if d else None}
+                           "max_s": max(d) if d else None,
+                           "regression_shown_median_s": statistics.median(shown) if shown else None,
+                           "right_cause_named_median_s": statistics.median(named) if named else None}
     summary = {
         "fault_cases": len(faults),
         "found_within_300s": round(len(delays) / max(1, len(faults)), 3),

@@ -109,12 +109,18 @@ def test_online_detector_confirms_the_fault_within_a_minute_of_onset(pcie_demo_d
     detector = OnlineDetector()
     confirmed: list[Incident] = []
     t = truth.onset_ns - 90 * 10**9
+    shown: list[int] = []  # evaluations whose last minute showed the regression (the detector's latest document)
     while t <= truth.onset_ns + 120 * 10**9 and not confirmed:
         confirmed = detector.step(con, t, store=False)
+        assert detector.last is not None
+        if detector.last["regression"]["detected"]:
+            shown.append(t)
         t += 10 * 10**9
     con.close()
     assert confirmed, "no finding within two minutes of onset"
     inc = confirmed[0]
+    # the confirming evaluation's own document is the detector's latest, and it shows the regression
+    assert shown and shown[-1] == inc.confirmed_ns
     assert inc.key[:2] == ("interconnect", "pcie") and inc.key[3] == truth.gpu_uuid
     assert inc.confirmed_ns is not None and 0 < inc.confirmed_ns - truth.onset_ns <= 60 * 10**9
 

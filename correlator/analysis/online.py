@@ -66,6 +66,7 @@ class OnlineDetector:
         self.open: dict[IncidentKey, Incident] = {}
         self.evaluations = 0
         self.errors = 0
+        self.last: dict[str, Any] | None = None  # the latest evaluation's ``why`` document (None: no data)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -73,10 +74,12 @@ class OnlineDetector:
              ) -> list[Incident]:
         """One evaluation; returns the incidents confirmed by it."""
         self.evaluations += 1
+        self.last = None
         try:
             doc = RootCause(cur, speculative=False).why(WhyQuery(since=self.window, as_of_ns=as_of_ns))
         except NoData:
             return []
+        self.last = doc
         now_ns = as_of_ns
         if now_ns is None:  # the data's time: the end of the newest request (why found some, so there is one)
             extent = data_extent(cur)
