@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck unit prometheus bench clean
 
-$(STAMP): pyproject.toml
+# setup.py builds the span decoder's C fast path (correlator/ingest/_fastspans.c) into the tree
+$(STAMP): pyproject.toml setup.py correlator/ingest/_fastspans.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
@@ -37,4 +38,4 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info correlator/ingest/_fastspans*.so

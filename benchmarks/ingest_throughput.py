@@ -19,6 +19,12 @@ high-water mark (VmHWM).
 
     python -m benchmarks.ingest_throughput            # ~2 minutes on 2 cores
     python -m benchmarks.ingest_throughput --quick    # a smaller run
+
+The span decoder's compiled fast path (``correlator/ingest/fast_spans.py``) is on when built; the report
+also gives in-process decode rates, fast and pure Python. ``--compare pure`` (the same tree with
+``STACKLENS_PURE_PYTHON=1``) or ``--compare PATH`` (``stacklens serve`` of another tree, e.g. HEAD's from
+``git archive HEAD | tar -x -C /tmp/base``) runs only the span phases, this tree and the baseline
+alternating for ``--rounds`` rounds on the same payloads, and reports both per round and their medians.
 """
 
 from __future__ import annotations
@@ -26,11 +32,13 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import queue
 import random
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -123,14 +131,14 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, db: Path) -> None:
+    def __init__(self, db: Path, tree: Path = REPO, env_extra: dict[str, str] | None = None) -> None:
         self.db = db
         self.grpc_port, self.http_port = _free_port(), _free_port()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "correlator.cli", "serve", "--db", str(db), "--otlp-grpc",
              f"127.0.0.1:{self.grpc_port}", "--otlp-http", f"127.0.0.1:{self.http_port}", "--api", "off"],
-            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.ps = psutil.Process(self.proc.pid)
         deadline = time.monotonic() + 60
         for port in (self.grpc_port, self.http_port):
@@ -243,9 +251,10 @@ def _own_bytes(db: Path, workdir: Path, table: str) -> int:
         copy.unlink(missing_ok=True)
 
 
-def phase(name: str, workdir: Path, table: str, send: Callable[[int, int], None], concurrency: int) -> dict[str, Any]:
+def phase(name: str, workdir: Path, table: str, send: Callable[[int, int], None], concurrency: int,
+          tree: Path = REPO, env_extra: dict[str, str] | None = None, sizes: bool = True) -> dict[str, Any]:
     db = workdir / f"{name}.duckdb"
-    server = Server(db)
+    server = Server(db, tree, env_extra)
     try:
         cpu0, t0 = server.cpu_s(), time.perf_counter()
         send(server.grpc_port if "grpc" in name else server.http_port, concurrency)
@@ -256,6 +265,12 @@ def phase(name: str, workdir: Path, table: str, send: Callable[[int, int], None]
         server.stop()
     con = duckdb.connect(str(db))
     rows = int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # type: ignore[index]
+    if not sizes:
+        con.close()
+        db.unlink()
+        return {"phase": name, "rows": rows, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+                "rows_per_cpu_s": round(rows / cpu) if cpu else None, "rows_per_wall_s": round(rows / wall),
+                "cpu_cores_used": round(cpu / wall, 2), "peak_rss_mb": round(peak, 1)}
     con.execute("CHECKPOINT")
     # the same data written afresh in one go (what a compaction would leave)
     compact = workdir / f"{name}-compact.duckdb"
@@ -299,6 +314,68 @@ def _empty_store_bytes(workdir: Path) -> int:
     return path.stat().st_size
 
 
+def decode_rates(bodies: Sequence[bytes], repeat: int = 3) -> dict[str, Any]:
+    """In-process decode of the span bodies, spans/s on one core: the compiled fast path (as the servers
+    call it: body → rows), the reference path (upb parse + decode_spans) and upb's parse alone."""
+    from correlator.ingest import fast_spans
+    from correlator.ingest.otlp_spans import decode_spans
+    from correlator.ingest.payload import parse_message
+
+    n = sum(len(decode_spans(parse_message("traces", b, "protobuf")).requests) for b in bodies)
+    paths: dict[str, Callable[[bytes], Any]] = {
+        "pure": lambda b: decode_spans(parse_message("traces", b, "protobuf")),
+        "upb_parse_only": lambda b: parse_message("traces", b, "protobuf"),
+    }
+    if fast_spans.available():
+        paths["fast"] = fast_spans.decode
+    best = {k: math.inf for k in paths}
+    for _ in range(repeat):  # alternating, the best of each
+        for k, f in paths.items():
+            t = time.process_time()
+            for b in bodies:
+                f(b)
+            best[k] = min(best[k], time.process_time() - t)
+    out: dict[str, Any] = {f"{k}_spans_per_s": round(n / v) for k, v in best.items() if v > 0}
+    out["fast_path"] = fast_spans.available()
+    if "fast" in best and best["fast"] > 0:
+        out["speedup"] = round(best["pure"] / best["fast"], 1)
+    return out
+
+
+def compare(n_spans: int, concurrency: int, baseline: str, rounds: int) -> dict[str, Any]:
+    """The span phases of this tree and of a baseline (``pure``: this tree without the fast path; else a
+    path to another tree), alternating, on the same payloads."""
+    spans = span_bodies(n_spans)
+    base_tree, base_env = (REPO, {"STACKLENS_PURE_PYTHON": "1"}) if baseline == "pure" else (
+        Path(baseline).resolve(), {"STACKLENS_PURE_PYTHON": "1"})
+    runs: dict[str, list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="stacklens-ingest-cmp-") as tmp:
+        work = Path(tmp)
+        for r in range(rounds):
+            order = [("this", REPO, {}), ("baseline", base_tree, base_env)]
+            for who, tree, env in order if r % 2 == 0 else order[::-1]:
+                for name, send in (("spans_http", lambda port, c: send_http(port, "/v1/traces", spans, c)),
+                                   ("spans_grpc", lambda port, c: send_grpc(port, TRACES, spans, c))):
+                    res = phase(f"{who}-{name}-{r}", work, "requests", send, concurrency, tree, env, sizes=False)
+                    runs.setdefault(f"{who} {name}", []).append(res)
+    medians = {k: statistics.median(x["rows_per_cpu_s"] for x in v) for k, v in runs.items()}
+    return {"baseline": baseline, "rounds": rounds, "spans": n_spans, "runs": runs, "median_rows_per_cpu_s": medians,
+            "decode": decode_rates(spans[: max(1, 20_000 // 512)])}
+
+
+def compare_report(doc: dict[str, Any]) -> str:
+    lines = [f"span phases, this tree vs baseline {doc['baseline']!r}, {doc['spans']} spans, {doc['rounds']} rounds"
+             " alternating; rows per CPU-second of the correlator process", ""]
+    for k, v in doc["runs"].items():
+        lines.append(f"{k:<22}" + "".join(f"{x['rows_per_cpu_s']:>10,}" for x in v)
+                     + f"   median {doc['median_rows_per_cpu_s'][k]:>10,.0f}")
+    d = doc["decode"]
+    lines += ["", "in-process decode, spans/s on one core: " + ", ".join(f"{k} {v:,}" if isinstance(v, int)
+                                                                        and not isinstance(v, bool) else f"{k} {v}"
+                                                                        for k, v in d.items())]
+    return "\n".join(lines)
+
+
 def run(n_spans: int, n_cycles: int, concurrency: int) -> dict[str, Any]:
     from correlator.ingest.payload import upb_active
 
@@ -319,6 +396,7 @@ def run(n_spans: int, n_cycles: int, concurrency: int) -> dict[str, Any]:
                              lambda port, c: send_grpc(port, METRICS, metrics, c), concurrency))
     span_bytes = sum(map(len, spans)) / n_spans
     return {"machine": {**machine(), "duckdb": duckdb.__version__, "upb": upb_active()},
+            "decode": decode_rates(spans[: max(1, 20_000 // 512)]),
             "load": {"spans": n_spans, "span_exports": len(spans), "span_bytes_on_wire": round(span_bytes, 1),
                      "metric_cycles_8_gpus": n_cycles, "metric_exports": len(metrics), "points_approx": points,
                      "concurrency": concurrency, "prepare_s": round(prep_s, 1)},
@@ -329,7 +407,8 @@ def report(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, DuckDB {m['duckdb']}, "
              f"protobuf upb backend {'active' if m['upb'] else 'NOT active (pure Python: ~20x slower)'}",
-             f"load: {json.dumps(doc['load'])}", "",
+             f"load: {json.dumps(doc['load'])}",
+             f"in-process span decode (one core): {json.dumps(doc['decode'])}", "",
              f"{'phase':<14}{'rows':>10}{'wall s':>8}{'CPU s':>8}{'rows/CPU-s':>12}{'rows/wall-s':>12}"
              f"{'cores':>7}{'peak RSS MB':>13}{'B/row duckdb':>14}{'compacted':>11}{'table':>8}{'parquet':>9}"]
     for p in doc["phases"]:
@@ -379,9 +458,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=4, help="exports in flight")
     ap.add_argument("--quick", action="store_true", help="a small run (20k spans, 100 cycles)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    ap.add_argument("--compare", metavar="pure|TREE", help="span phases only, against this tree without the fast "
+                    "path (pure) or another tree's stacklens serve, alternating")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of --compare")
     args = ap.parse_args(argv)
     if args.quick:
         args.spans, args.cycles = 20_000, 100
+    if args.compare:
+        cmp = compare(args.spans, args.concurrency, args.compare, args.rounds)
+        print(compare_report(cmp))
+        if args.json:
+            print(json.dumps(cmp, indent=2))
+        return 0
     doc = run(args.spans, args.cycles, args.concurrency)
     print(report(doc))
     if args.json:

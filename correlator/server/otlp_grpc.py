@@ -23,9 +23,8 @@ from correlator.ingest.payload import (
     Limits,
     PayloadError,
     Signal,
-    decode_message,
+    decode_protobuf,
     inflate,
-    parse_message,
 )
 from correlator.server.otlp_http import IngestStats
 from correlator.store.duckdb_store import StoreError
@@ -49,7 +48,7 @@ def _handler(signal: Signal, response: Any, submit: Callable[[IngestBatch], Any]
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
         try:
             raw = inflate(body, "", limits.max_decoded_bytes)
-            batch = decode_message(signal, parse_message(signal, raw, "protobuf"))
+            batch = decode_protobuf(signal, raw)
         except PayloadError as e:
             stats.rejected_requests += 1
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if e.status == 413 else grpc.StatusCode.INVALID_ARGUMENT

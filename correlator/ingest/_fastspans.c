@@ -1,0 +1,1123 @@
+/* The compiled fast path of span decoding (correlator/ingest/fast_spans.py loads it with ctypes).
+ *
+ * Parses the protobuf wire format of an OTLP ExportTraceServiceRequest directly from the body bytes and
+ * applies exactly the rules of correlator/ingest/otlp_spans.py::decode_spans (its _f, _i, _s, node_of,
+ * is_request_span, the derivations and the start_ns repair, in the same double arithmetic), writing one
+ * row per request span into column buffers.
+ *
+ * Exactness by construction: whatever this file does not handle exactly as protobuf (upb) plus
+ * decode_spans would, it does not handle at all: fs_decode reports FS_UNHANDLED and the caller takes the
+ * reference path with the same bytes. That covers malformed or truncated wire data, groups, varints that
+ * are longer than 10 bytes or carry bits past 64, length-delimited fields this schema does not know (a
+ * newer schema may validate them), AnyValue fields outside 1..7 or more than one of them, a KeyValue with
+ * its key or its value twice, a Resource twice (upb would merge them), a known field with another wire
+ * type, nesting deeper than MAX_DEPTH, and every value conversion
+ * that needs Python (a string where a number is read, str() of a float, of a kvlist or of a nested list,
+ * a string holding NUL). Invalid UTF-8 in any string field is unhandled too (upb refuses it). What is
+ * handled follows protobuf and Python exactly: a later scalar field wins, a later attribute of the same key
+ * wins (as in attributes_of's dict), fields are read wherever they are in their message.
+ * Every read is bounds-checked; nothing is read past buf + len. fs_decode keeps no state between calls
+ * (fs_init fills constant tables once) and may run in several threads at once.
+ *
+ * Plain C99, no Python headers. Compiled with -ffp-contract=off so that no multiply-add is fused.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define FS_OK 0
+#define FS_UNHANDLED 1
+#define FS_NOMEM 2
+
+#define MAX_DEPTH 48
+#define INT32_MAXV 2147483647LL
+
+/* -- the output ------------------------------------------------------------------------------------ */
+enum { F_TTFT, F_TPOT, F_E2E, F_QUEUE, F_PREFILL, F_DECODE, F_INFERENCE, NF };
+enum { I_START, I_END, I_PROMPT, I_OUTPUT, I_PID, NI };
+/* string columns: the first ND are deduplicated (an index per row into the column's distinct values), the
+ * rest hold one entry per row */
+enum { S_NODE, S_SERVICE, S_MODEL, S_ENGINE, S_FINISH, S_CONTAINER, S_POD_UID, S_POD, S_NS, S_GPUS, ND,
+       S_TRACE = ND, S_SPAN, S_REQ, NS };
+
+typedef struct {
+    size_t off; /* offset + 1 of the entry in the column's blob; 0: an empty slot */
+    size_t len;
+    uint64_t hash;
+    int32_t idx;
+} fs_slot;
+
+typedef struct {
+    char *buf;
+    size_t cap, len;
+} arena_t;
+
+typedef struct {
+    int64_t status;      /* FS_OK, FS_UNHANDLED, FS_NOMEM */
+    int64_t n;           /* request rows */
+    int64_t ignored;     /* spans decode_spans counts as ignored */
+    int64_t cap;
+    double *f[NF];       /* NaN: None (no value of these columns is ever NaN) */
+    int64_t *iv[NI];     /* -1: None (prompt, output, pid; start and end are never None) */
+    int32_t *sidx[NS];   /* deduplicated columns: index into the distinct values, -1: None; else NULL */
+    char *sblob[NS];     /* the entries, each followed by a NUL byte (no entry contains one) */
+    int64_t slen[NS];
+    int64_t scount[NS];  /* entries in sblob */
+    int64_t snone[NS];   /* rows that are None (per-row columns: an empty entry) */
+    /* private */
+    int64_t scap[NS];
+    fs_slot *tab[ND];
+    int64_t tabcap[ND];
+    const uint8_t *last_p[ND];
+    size_t last_n[ND];
+    int32_t last_i[ND];
+    arena_t res_arena;   /* strings this file makes (hex, decimal, joins) for the resource at hand */
+    arena_t span_arena;  /* ... and for the span at hand */
+} fs_out;
+
+/* -- reading the wire format ---------------------------------------------------------------------- */
+typedef struct {
+    const uint8_t *p, *end;
+} rd;
+
+enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_I32 = 5 };
+
+static inline int rd_varint(rd *r, uint64_t *out) {
+    if (r->p < r->end && *r->p < 0x80) { /* the common case: one byte */
+        *out = *r->p++;
+        return 1;
+    }
+    uint64_t v = 0;
+    for (int i = 0; i < 10; i++) {
+        if (r->p >= r->end) return 0;
+        uint8_t b = *r->p++;
+        if (i == 9) {
+            if (b > 1) return 0; /* bits past 64, or longer than 10 bytes: let upb decide */
+            v |= (uint64_t)b << 63;
+            *out = v;
+            return 1;
+        }
+        v |= (uint64_t)(b & 0x7F) << (7 * i);
+        if (!(b & 0x80)) {
+            *out = v;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static inline int rd_tag(rd *r, uint32_t *field, int *wt) {
+    uint64_t t;
+    if (!rd_varint(r, &t)) return 0;
+    if (t > 0xFFFFFFFFu) return 0;
+    *field = (uint32_t)(t >> 3);
+    *wt = (int)(t & 7);
+    return *field != 0;
+}
+
+static inline int rd_len(rd *r, rd *sub) {
+    uint64_t n;
+    if (!rd_varint(r, &n)) return 0;
+    if (n > (uint64_t)(r->end - r->p)) return 0;
+    sub->p = r->p;
+    sub->end = r->p + n;
+    r->p += n;
+    return 1;
+}
+
+static int rd_fixed64(rd *r, uint64_t *out) {
+    if (r->end - r->p < 8) return 0;
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = (v << 8) | r->p[i];
+    r->p += 8;
+    *out = v;
+    return 1;
+}
+
+static int rd_skip_fixed(rd *r, size_t n) {
+    if ((size_t)(r->end - r->p) < n) return 0;
+    r->p += n;
+    return 1;
+}
+
+/* a field of wire type VARINT, I64 or I32 whose value is not needed */
+static int skip_scalar(rd *r, int wt) {
+    uint64_t v;
+    switch (wt) {
+    case WT_VARINT: return rd_varint(r, &v);
+    case WT_I64: return rd_skip_fixed(r, 8);
+    case WT_I32: return rd_skip_fixed(r, 4);
+    default: return 0;
+    }
+}
+
+/* a field number this schema does not know: a scalar (which no schema can refuse) is skipped */
+static int skip_unknown(rd *r, int wt) {
+    if (wt == WT_LEN) return 0;
+    return skip_scalar(r, wt);
+}
+
+static int utf8_ok(const uint8_t *s, size_t n) {
+    size_t i = 0;
+    while (i < n) {
+        if (n - i >= 8) { /* eight ASCII bytes at a time */
+            uint64_t w;
+            memcpy(&w, s + i, 8);
+            if (!(w & 0x8080808080808080ULL)) {
+                i += 8;
+                continue;
+            }
+        }
+        uint8_t c = s[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        uint8_t lo = 0x80, hi = 0xBF;
+        size_t k;
+        if (c >= 0xC2 && c <= 0xDF) k = 1;
+        else if (c == 0xE0) { k = 2; lo = 0xA0; }
+        else if ((c >= 0xE1 && c <= 0xEC) || c == 0xEE || c == 0xEF) k = 2;
+        else if (c == 0xED) { k = 2; hi = 0x9F; }
+        else if (c == 0xF0) { k = 3; lo = 0x90; }
+        else if (c >= 0xF1 && c <= 0xF3) k = 3;
+        else if (c == 0xF4) { k = 3; hi = 0x8F; }
+        else return 0;
+        if (n - i <= k) return 0;
+        if (s[i + 1] < lo || s[i + 1] > hi) return 0;
+        for (size_t j = 2; j <= k; j++)
+            if ((s[i + j] & 0xC0) != 0x80) return 0;
+        i += k + 1;
+    }
+    return 1;
+}
+
+static inline int rd_string(rd *r, rd *sub) {
+    return rd_len(r, sub) && utf8_ok(sub->p, (size_t)(sub->end - sub->p));
+}
+
+/* -- attribute values ---------------------------------------------------------------------------------- */
+enum { V_ABSENT, V_NONE, V_STR, V_BOOL, V_INT, V_DBL, V_ARR, V_KVL, V_BYTES };
+
+typedef struct {
+    int type;
+    const uint8_t *p; /* STR, BYTES: the bytes; ARR: the ArrayValue message */
+    size_t n;
+    int64_t i;        /* INT, BOOL; ARR, KVL: the number of elements */
+    double d;
+} val_t;
+
+static int parse_any(rd m, int depth, val_t *v);
+
+static int parse_kv(rd m, int depth, rd *key, val_t *v) {
+    int seen_key = 0, seen_val = 0;
+    key->p = key->end = m.p;
+    v->type = V_NONE;
+    if (depth > MAX_DEPTH) return 0;
+    while (m.p < m.end) {
+        uint32_t f;
+        int wt;
+        if (!rd_tag(&m, &f, &wt)) return 0;
+        if (f == 1) {
+            if (wt != WT_LEN || seen_key++ || !rd_string(&m, key)) return 0;
+        } else if (f == 2) {
+            rd sub;
+            if (wt != WT_LEN || seen_val++ || !rd_len(&m, &sub) || !parse_any(sub, depth + 1, v)) return 0;
+        } else if (f == 3) { /* key_strindex (int32) in newer schemas */
+            if (wt != WT_VARINT || !skip_scalar(&m, wt)) return 0;
+        } else if (!skip_unknown(&m, wt)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static int parse_any(rd m, int depth, val_t *v) {
+    int seen = 0;
+    v->type = V_NONE;
+    if (depth > MAX_DEPTH) return 0;
+    while (m.p < m.end) {
+        uint32_t f;
+        int wt;
+        uint64_t x;
+        rd sub;
+        if (!rd_tag(&m, &f, &wt)) return 0;
+        if (f < 1 || f > 7 || seen++) return 0; /* one member of the oneof, and only those this file knows */
+        switch (f) {
+        case 1:
+            if (wt != WT_LEN || !rd_string(&m, &sub)) return 0;
+            v->type = V_STR, v->p = sub.p, v->n = (size_t)(sub.end - sub.p);
+            break;
+        case 2:
+            if (wt != WT_VARINT || !rd_varint(&m, &x)) return 0;
+            v->type = V_BOOL, v->i = x != 0;
+            break;
+        case 3:
+            if (wt != WT_VARINT || !rd_varint(&m, &x)) return 0;
+            v->type = V_INT, v->i = (int64_t)x;
+            break;
+        case 4: {
+            if (wt != WT_I64 || !rd_fixed64(&m, &x)) return 0;
+            double d;
+            memcpy(&d, &x, sizeof d);
+            v->type = V_DBL, v->d = d;
+            break;
+        }
+        case 5:
+        case 6: {
+            if (wt != WT_LEN || !rd_len(&m, &sub)) return 0;
+            v->type = f == 5 ? V_ARR : V_KVL, v->p = sub.p, v->n = (size_t)(sub.end - sub.p), v->i = 0;
+            rd it = sub;
+            while (it.p < it.end) {
+                uint32_t g;
+                int wt2;
+                if (!rd_tag(&it, &g, &wt2)) return 0;
+                if (g == 1) {
+                    rd el;
+                    val_t ev;
+                    rd k;
+                    if (wt2 != WT_LEN || !rd_len(&it, &el)) return 0;
+                    if (f == 5 ? !parse_any(el, depth + 1, &ev) : !parse_kv(el, depth + 1, &k, &ev)) return 0;
+                    v->i++;
+                } else if (!skip_unknown(&it, wt2)) {
+                    return 0;
+                }
+            }
+            break;
+        }
+        case 7:
+            if (wt != WT_LEN || !rd_len(&m, &sub)) return 0;
+            v->type = V_BYTES, v->p = sub.p, v->n = (size_t)(sub.end - sub.p);
+            break;
+        default:
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* -- the keys decode_spans reads -------------------------------------------------------------------- */
+enum {
+    K_E2E, K_QUEUE, K_TTFT, K_PREFILL, K_DECODE, K_INFERENCE, K_SRV_TTFT,
+    K_COMPLETION, K_OUTPUT, K_PROMPT, K_INPUT, K_PID,
+    K_RESP_MODEL, K_REQ_MODEL, K_PROVIDER, K_SYSTEM, K_REQ_ID, K_RESP_ID, K_FINISHES, K_FINISH,
+    K_CONTAINER, K_POD_UID, K_POD, K_NS, K_GPUS,
+    K_NODE, K_HOST, K_HOSTNAME_UC, K_HOSTNAME, K_SERVICE, K_MODEL, K_VLLM_MODEL,
+    K_COUNT
+};
+
+static const char *const KEYS[K_COUNT] = {
+    "gen_ai.latency.e2e", "gen_ai.latency.time_in_queue", "gen_ai.latency.time_to_first_token",
+    "gen_ai.latency.time_in_model_prefill", "gen_ai.latency.time_in_model_decode",
+    "gen_ai.latency.time_in_model_inference", "gen_ai.server.time_to_first_token",
+    "gen_ai.usage.completion_tokens", "gen_ai.usage.output_tokens", "gen_ai.usage.prompt_tokens",
+    "gen_ai.usage.input_tokens", "process.pid",
+    "gen_ai.response.model", "gen_ai.request.model", "gen_ai.provider.name", "gen_ai.system",
+    "gen_ai.request.id", "gen_ai.response.id", "gen_ai.response.finish_reasons", "gen_ai.response.finish_reason",
+    "container.id", "k8s.pod.uid", "k8s.pod.name", "k8s.namespace.name", "gpu.uuids",
+    "k8s.node.name", "host.name", "Hostname", "hostname", "service.name", "model", "vllm.model",
+};
+static size_t KEYLEN[K_COUNT];
+static int keylen_ready;
+
+static const char LAT_PREFIX[] = "gen_ai.latency.";
+
+typedef struct {
+    val_t v[K_COUNT];
+    int latency_prefix; /* some key starts with gen_ai.latency. */
+} attrs_t;
+
+/* the keys of each length (at most MAX_SAME_LEN of them), -1 after the last */
+#define MAX_KEYLEN 40
+#define MAX_SAME_LEN 8
+static signed char BYLEN[MAX_KEYLEN + 1][MAX_SAME_LEN + 1];
+
+static void keys_init(void) {
+    memset(BYLEN, -1, sizeof BYLEN);
+    for (int i = 0; i < K_COUNT; i++) {
+        KEYLEN[i] = strlen(KEYS[i]);
+        signed char *slot = BYLEN[KEYLEN[i]];
+        while (*slot >= 0) slot++;
+        *slot = (signed char)i;
+    }
+}
+
+static inline int key_index(const uint8_t *k, size_t n) {
+    if (n > MAX_KEYLEN) return -1;
+    for (const signed char *c = BYLEN[n]; *c >= 0; c++)
+        if (memcmp(KEYS[(int)*c], k, n) == 0) return *c;
+    return -1;
+}
+
+/* one KeyValue of an attribute list into attrs (a later one of the same key wins, as in a dict) */
+static int add_attr(rd kvmsg, int depth, attrs_t *a) {
+    rd key;
+    val_t v;
+    if (!parse_kv(kvmsg, depth, &key, &v)) return 0;
+    size_t n = (size_t)(key.end - key.p);
+    if (n >= sizeof LAT_PREFIX - 1 && memcmp(key.p, LAT_PREFIX, sizeof LAT_PREFIX - 1) == 0) a->latency_prefix = 1;
+    int k = key_index(key.p, n);
+    if (k >= 0) a->v[k] = v;
+    return 1;
+}
+
+static void attrs_clear(attrs_t *a) {
+    for (int i = 0; i < K_COUNT; i++) a->v[i].type = V_ABSENT;
+    a->latency_prefix = 0;
+}
+
+/* -- decode_spans' value rules ---------------------------------------------------------------------- */
+#define R_NONE 0
+#define R_VAL 1
+#define R_BAD (-1) /* needs Python: unhandled */
+
+/* _f(attrs, k) for one key: R_VAL with *out, R_NONE to try the next key */
+static int f_one(const val_t *v, double *out) {
+    switch (v->type) {
+    case V_DBL:
+        if (0.0 <= v->d && v->d < INFINITY) {
+            *out = v->d;
+            return R_VAL;
+        }
+        return R_NONE;
+    case V_INT: {
+        double f = (double)v->i;
+        if (isfinite(f) && f >= 0.0) {
+            *out = f;
+            return R_VAL;
+        }
+        return R_NONE;
+    }
+    case V_STR:
+    case V_BYTES:
+        return R_BAD; /* float(str): Python's parser */
+    default:
+        return R_NONE; /* absent, None, bool, list, dict */
+    }
+}
+
+static int get_f(const attrs_t *a, int k1, int k2, double *out) {
+    int r = f_one(&a->v[k1], out);
+    if (r != R_NONE || k2 < 0) return r;
+    return f_one(&a->v[k2], out);
+}
+
+static int i_one(const val_t *v, int64_t *out) {
+    if (v->type == V_INT) {
+        if (v->i >= 0 && v->i <= INT32_MAXV) {
+            *out = v->i;
+            return R_VAL;
+        }
+        return R_NONE;
+    }
+    double f;
+    int r = f_one(v, &f);
+    if (r != R_VAL) return r;
+    if (f <= (double)INT32_MAXV) {
+        *out = (int64_t)f;
+        return R_VAL;
+    }
+    return 2; /* None, and no further key is tried */
+}
+
+static int get_i(const attrs_t *a, int k1, int k2, int64_t *out) {
+    int r = i_one(&a->v[k1], out);
+    if (r == 2) return R_NONE;
+    if (r != R_NONE || k2 < 0) return r;
+    r = i_one(&a->v[k2], out);
+    return r == 2 ? R_NONE : r;
+}
+
+/* strings made here live in the arena, reserved beforehand for the message at hand */
+typedef struct {
+    const uint8_t *p; /* NULL: None */
+    size_t n;
+} sref;
+
+static int arena_put(arena_t *o, const void *s, size_t n, sref *out) {
+    if (o->cap - o->len < n) return 0;
+    char *dst = o->buf + o->len;
+    if (n) memcpy(dst, s, n);
+    o->len += n;
+    out->p = (const uint8_t *)dst;
+    out->n = n;
+    return 1;
+}
+
+static const char HEX[] = "0123456789abcdef";
+
+static void hex_into(char *dst, const uint8_t *p, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        dst[2 * i] = HEX[p[i] >> 4];
+        dst[2 * i + 1] = HEX[p[i] & 15];
+    }
+}
+
+static int arena_hex(arena_t *o, const uint8_t *p, size_t n, sref *out) {
+    if ((o->cap - o->len) / 2 < n) return 0;
+    char *dst = o->buf + o->len;
+    hex_into(dst, p, n);
+    o->len += 2 * n;
+    out->p = (const uint8_t *)dst;
+    out->n = 2 * n;
+    return 1;
+}
+
+static size_t fmt_int(int64_t v, char *buf) { /* str(int), buf of 21 */
+    char tmp[24];
+    size_t n = 0;
+    uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
+    do {
+        tmp[n++] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    size_t m = 0;
+    if (v < 0) buf[m++] = '-';
+    while (n) buf[m++] = tmp[--n];
+    return m;
+}
+
+/* str(x) of a scalar (not float, list or dict): R_VAL, or R_BAD */
+static int str_of(arena_t *o, const val_t *v, sref *out) {
+    char buf[24];
+    switch (v->type) {
+    case V_STR:
+        out->p = v->p, out->n = v->n;
+        return R_VAL;
+    case V_INT:
+        return arena_put(o, buf, fmt_int(v->i, buf), out) ? R_VAL : R_BAD;
+    case V_BOOL:
+        return arena_put(o, v->i ? "True" : "False", v->i ? 4 : 5, out) ? R_VAL : R_BAD;
+    case V_BYTES:
+        return arena_hex(o, v->p, v->n, out) ? R_VAL : R_BAD;
+    case V_NONE:
+        return arena_put(o, "None", 4, out) ? R_VAL : R_BAD;
+    default:
+        return R_BAD;
+    }
+}
+
+/* ",".join(str(x) for x in the list) */
+static int join_of(arena_t *o, const val_t *v, sref *out) {
+    rd it = {v->p, v->p + v->n};
+    size_t start = o->len;
+    int first = 1;
+    if (v->i == 1) { /* one element: no copy for a string */
+        while (it.p < it.end) {
+            uint32_t g;
+            int wt;
+            rd el;
+            val_t ev;
+            if (!rd_tag(&it, &g, &wt)) return R_BAD;
+            if (g != 1) {
+                if (!skip_unknown(&it, wt)) return R_BAD;
+                continue;
+            }
+            if (!rd_len(&it, &el) || !parse_any(el, 0, &ev)) return R_BAD;
+            return str_of(o, &ev, out);
+        }
+        return R_BAD;
+    }
+    while (it.p < it.end) {
+        uint32_t g;
+        int wt;
+        rd el;
+        val_t ev;
+        sref s;
+        if (!rd_tag(&it, &g, &wt)) return R_BAD;
+        if (g != 1) {
+            if (!skip_unknown(&it, wt)) return R_BAD;
+            continue;
+        }
+        if (!rd_len(&it, &el) || !parse_any(el, 0, &ev)) return R_BAD;
+        if (!first && !arena_put(o, ",", 1, &s)) return R_BAD;
+        first = 0;
+        size_t before = o->len;
+        if (str_of(o, &ev, &s) != R_VAL) return R_BAD;
+        if (o->len == before && s.n) { /* a string element: copy it in */
+            if (!arena_put(o, s.p, s.n, &s)) return R_BAD;
+        }
+    }
+    out->p = (const uint8_t *)o->buf + start;
+    out->n = o->len - start;
+    return R_VAL;
+}
+
+/* _s(attrs, k) for one key: R_VAL with a non-empty string, R_NONE to try the next key, R_BAD */
+static int s_one(arena_t *o, const val_t *v, sref *out) {
+    int r;
+    switch (v->type) {
+    case V_ABSENT:
+    case V_NONE:
+        return R_NONE;
+    case V_ARR:
+        if (v->i == 0) return R_NONE;
+        r = join_of(o, v, out);
+        break;
+    case V_DBL:
+    case V_KVL:
+        return R_BAD; /* str(float), str(dict): Python's */
+    default:
+        r = str_of(o, v, out);
+    }
+    if (r != R_VAL) return r;
+    return out->n ? R_VAL : R_NONE;
+}
+
+static int get_s(arena_t *o, const attrs_t *a, const int *keys, int nkeys, sref *out) {
+    out->p = NULL, out->n = 0;
+    for (int i = 0; i < nkeys; i++) {
+        int r = s_one(o, &a->v[keys[i]], out);
+        if (r != R_NONE) return r;
+    }
+    out->p = NULL, out->n = 0;
+    return R_NONE;
+}
+
+/* node_of(resource): the first truthy of four keys, as str() */
+static int node_of(arena_t *o, const attrs_t *a, sref *out) {
+    static const int keys[4] = {K_NODE, K_HOST, K_HOSTNAME_UC, K_HOSTNAME};
+    for (int i = 0; i < 4; i++) {
+        const val_t *v = &a->v[keys[i]];
+        switch (v->type) {
+        case V_ABSENT:
+        case V_NONE:
+            continue;
+        case V_STR:
+        case V_BYTES:
+            if (!v->n) continue;
+            return str_of(o, v, out);
+        case V_INT:
+        case V_BOOL:
+            if (!v->i) continue;
+            return str_of(o, v, out);
+        case V_DBL:
+            if (v->d == 0.0) continue;
+            return R_BAD;
+        default: /* list, dict: repr() unless empty */
+            if (v->i == 0) continue;
+            return R_BAD;
+        }
+    }
+    out->p = (const uint8_t *)"unknown", out->n = 7;
+    return R_VAL;
+}
+
+/* -- output columns -------------------------------------------------------------------------------- */
+static int grow_rows(fs_out *o) {
+    int64_t cap = o->cap ? 2 * o->cap : 256;
+    for (int c = 0; c < NF; c++) {
+        double *p = realloc(o->f[c], (size_t)cap * sizeof *p);
+        if (!p) return 0;
+        o->f[c] = p;
+    }
+    for (int c = 0; c < NI; c++) {
+        int64_t *p = realloc(o->iv[c], (size_t)cap * sizeof *p);
+        if (!p) return 0;
+        o->iv[c] = p;
+    }
+    for (int c = 0; c < ND; c++) {
+        int32_t *p = realloc(o->sidx[c], (size_t)cap * sizeof *p);
+        if (!p) return 0;
+        o->sidx[c] = p;
+    }
+    o->cap = cap;
+    return 1;
+}
+
+/* append an entry and its NUL to column c's blob; 0 on no memory, -1 on a NUL in the string */
+static int blob_put(fs_out *o, int c, const uint8_t *p, size_t n) {
+    if (n && memchr(p, 0, n)) return -1;
+    if ((size_t)(o->scap[c] - o->slen[c]) < n + 1) {
+        size_t cap = o->scap[c] ? (size_t)o->scap[c] : 4096;
+        while (cap - (size_t)o->slen[c] < n + 1) cap *= 2;
+        char *b = realloc(o->sblob[c], cap);
+        if (!b) return 0;
+        o->sblob[c] = b;
+        o->scap[c] = (int64_t)cap;
+    }
+    if (n) memcpy(o->sblob[c] + o->slen[c], p, n);
+    o->slen[c] += (int64_t)n;
+    o->sblob[c][o->slen[c]++] = 0;
+    o->scount[c]++;
+    return 1;
+}
+
+static uint64_t hash_bytes(const uint8_t *p, size_t n) {
+    uint64_t h = 1469598103934665603ULL;
+    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 1099511628211ULL;
+    return h;
+}
+
+/* the index of s in deduplicated column c (added if new): >= 0; -1 for None; -2 no memory; -3 a NUL */
+static int64_t dedup(fs_out *o, int c, sref s) {
+    if (!s.p) {
+        o->snone[c]++;
+        return -1;
+    }
+    if (s.p == o->last_p[c] && s.n == o->last_n[c]) return o->last_i[c];
+    if (o->scount[c] >= INT32_MAX / 2) return -2;
+    if (o->scount[c] * 2 >= o->tabcap[c]) { /* grow and rehash */
+        int64_t cap = o->tabcap[c] ? 2 * o->tabcap[c] : 64;
+        fs_slot *t = calloc((size_t)cap, sizeof *t);
+        if (!t) return -2;
+        for (int64_t i = 0; i < o->tabcap[c]; i++) {
+            fs_slot *e = &o->tab[c][i];
+            if (!e->off) continue;
+            int64_t j = (int64_t)(e->hash & (uint64_t)(cap - 1));
+            while (t[j].off) j = (j + 1) & (cap - 1);
+            t[j] = *e;
+        }
+        free(o->tab[c]);
+        o->tab[c] = t;
+        o->tabcap[c] = cap;
+    }
+    uint64_t h = hash_bytes(s.p, s.n);
+    int64_t mask = o->tabcap[c] - 1;
+    int64_t j = (int64_t)(h & (uint64_t)mask);
+    int32_t idx = -1;
+    while (o->tab[c][j].off) {
+        fs_slot *e = &o->tab[c][j];
+        if (e->hash == h && e->len == s.n && memcmp(o->sblob[c] + e->off - 1, s.p, s.n) == 0) {
+            idx = e->idx;
+            break;
+        }
+        j = (j + 1) & mask;
+    }
+    if (idx < 0) {
+        size_t off = (size_t)o->slen[c];
+        int r = blob_put(o, c, s.p, s.n);
+        if (r <= 0) return r == 0 ? -2 : -3;
+        idx = (int32_t)(o->scount[c] - 1);
+        fs_slot *e = &o->tab[c][j];
+        e->off = off + 1, e->len = s.n, e->hash = h, e->idx = idx;
+    }
+    /* a pointer into the span arena is reused by the next span: remember only the body's and the
+     * resource's */
+    uintptr_t at = (uintptr_t)s.p, lo = (uintptr_t)o->span_arena.buf;
+    if (at >= lo && at - lo < o->span_arena.cap) {
+        o->last_p[c] = NULL;
+    } else {
+        o->last_p[c] = s.p, o->last_n[c] = s.n, o->last_i[c] = idx;
+    }
+    return idx;
+}
+
+static int blob_hex(fs_out *o, int c, const uint8_t *p, size_t n) {
+    size_t need = 2 * n + 1;
+    if ((size_t)(o->scap[c] - o->slen[c]) < need) {
+        size_t cap = o->scap[c] ? (size_t)o->scap[c] : 4096;
+        while (cap - (size_t)o->slen[c] < need) cap *= 2;
+        char *b = realloc(o->sblob[c], cap);
+        if (!b) return 0;
+        o->sblob[c] = b;
+        o->scap[c] = (int64_t)cap;
+    }
+    hex_into(o->sblob[c] + o->slen[c], p, n);
+    o->slen[c] += (int64_t)(2 * n);
+    o->sblob[c][o->slen[c]++] = 0;
+    o->scount[c]++;
+    return 1;
+}
+
+static int arena_reserve(arena_t *a, size_t n) {
+    a->len = 0;
+    if (a->cap >= n) return 1;
+    char *b = realloc(a->buf, n);
+    if (!b) return 0;
+    a->buf = b;
+    a->cap = n;
+    return 1;
+}
+
+/* -- the messages ------------------------------------------------------------------------------------ */
+static int fail(fs_out *o, int status) {
+    if (o->status == FS_OK) o->status = status;
+    return 0;
+}
+#define BAD() return fail(o, FS_UNHANDLED)
+#define NOMEM() return fail(o, FS_NOMEM)
+
+static int valid_kv(rd *m, int wt, int depth) {
+    rd sub, key;
+    val_t v;
+    return wt == WT_LEN && rd_len(m, &sub) && parse_kv(sub, depth, &key, &v);
+}
+
+static int valid_string(rd *m, int wt) {
+    rd sub;
+    return wt == WT_LEN && rd_string(m, &sub);
+}
+
+static int valid_bytes(rd *m, int wt) {
+    rd sub;
+    return wt == WT_LEN && rd_len(m, &sub);
+}
+
+/* InstrumentationScope, Span.Event, Span.Link, Status: parsed by upb, so checked here, not kept */
+static int valid_scope(rd m, int depth) {
+    while (m.p < m.end) {
+        uint32_t f;
+        int wt, ok;
+        if (!rd_tag(&m, &f, &wt)) return 0;
+        switch (f) {
+        case 1: case 2: ok = valid_string(&m, wt); break;
+        case 3: ok = valid_kv(&m, wt, depth + 1); break;
+        case 4: ok = wt == WT_VARINT && skip_scalar(&m, wt); break;
+        default: ok = skip_unknown(&m, wt);
+        }
+        if (!ok) return 0;
+    }
+    return 1;
+}
+
+static int valid_event(rd m, int depth) {
+    while (m.p < m.end) {
+        uint32_t f;
+        int wt, ok;
+        if (!rd_tag(&m, &f, &wt)) return 0;
+        switch (f) {
+        case 1: ok = wt == WT_I64 && skip_scalar(&m, wt); break;
+        case 2: ok = valid_string(&m, wt); break;
+        case 3: ok = valid_kv(&m, wt, depth + 1); break;
+        case 4: ok = wt == WT_VARINT && skip_scalar(&m, wt); break;
+        default: ok = skip_unknown(&m, wt);
+        }
+        if (!ok) return 0;
+    }
+    return 1;
+}
+
+static int valid_link(rd m, int depth) {
+    while (m.p < m.end) {
+        uint32_t f;
+        int wt, ok;
+        if (!rd_tag(&m, &f, &wt)) return 0;
+        switch (f) {
+        case 1: case 2: ok = valid_bytes(&m, wt); break;
+        case 3: ok = valid_string(&m, wt); break;
+        case 4: ok = valid_kv(&m, wt, depth + 1); break;
+        case 5: ok = wt == WT_VARINT && skip_scalar(&m, wt); break;
+        case 6: ok = wt == WT_I32 && skip_scalar(&m, wt); break;
+        default: ok = skip_unknown(&m, wt);
+        }
+        if (!ok) return 0;
+    }
+    return 1;
+}
+
+static int valid_status(rd m) {
+    while (m.p < m.end) {
+        uint32_t f;
+        int wt, ok;
+        if (!rd_tag(&m, &f, &wt)) return 0;
+        switch (f) {
+        case 2: ok = valid_string(&m, wt); break;
+        case 3: ok = wt == WT_VARINT && skip_scalar(&m, wt); break;
+        default: ok = skip_unknown(&m, wt);
+        }
+        if (!ok) return 0;
+    }
+    return 1;
+}
+
+typedef struct {
+    sref node, service, model, container, pod_uid, pod, ns, gpus;
+    int64_t pid; /* -1: None */
+} res_t;
+
+static const int KS_SERVICE[] = {K_SERVICE};
+static const int KS_RES_MODEL[] = {K_REQ_MODEL, K_RESP_MODEL, K_MODEL, K_VLLM_MODEL};
+static const int KS_SPAN_MODEL[] = {K_RESP_MODEL, K_REQ_MODEL};
+static const int KS_ENGINE[] = {K_PROVIDER, K_SYSTEM};
+static const int KS_REQ[] = {K_REQ_ID, K_RESP_ID};
+static const int KS_FINISH[] = {K_FINISHES, K_FINISH};
+static const int KS_CONTAINER[] = {K_CONTAINER};
+static const int KS_POD_UID[] = {K_POD_UID};
+static const int KS_POD[] = {K_POD};
+static const int KS_NS[] = {K_NS};
+static const int KS_GPUS[] = {K_GPUS};
+#define S(o, a, ks, out) (get_s((o), (a), (ks), (int)(sizeof(ks) / sizeof(ks)[0]), (out)) == R_BAD)
+
+static int do_span(fs_out *o, rd m, const res_t *res, int depth) {
+    attrs_t a;
+    attrs_clear(&a);
+    rd trace = {m.p, m.p}, span_id = {m.p, m.p}, name = {m.p, m.p}, sub;
+    uint64_t start = 0, end = 0;
+    if (!arena_reserve(&o->span_arena, 3 * (size_t)(m.end - m.p) + 64)) NOMEM();
+    while (m.p < m.end) {
+        uint32_t f;
+        int wt, ok;
+        if (!rd_tag(&m, &f, &wt)) BAD();
+        switch (f) {
+        case 1: ok = wt == WT_LEN && rd_len(&m, &trace); break;
+        case 2: ok = wt == WT_LEN && rd_len(&m, &span_id); break;
+        case 3: ok = valid_string(&m, wt); break;
+        case 4: ok = valid_bytes(&m, wt); break;
+        case 5: ok = wt == WT_LEN && rd_string(&m, &name); break;
+        case 6: case 10: case 12: case 14: ok = wt == WT_VARINT && skip_scalar(&m, wt); break;
+        case 7: ok = wt == WT_I64 && rd_fixed64(&m, &start); break;
+        case 8: ok = wt == WT_I64 && rd_fixed64(&m, &end); break;
+        case 9: ok = wt == WT_LEN && rd_len(&m, &sub) && add_attr(sub, depth + 1, &a); break;
+        case 11: ok = wt == WT_LEN && rd_len(&m, &sub) && valid_event(sub, depth + 1); break;
+        case 13: ok = wt == WT_LEN && rd_len(&m, &sub) && valid_link(sub, depth + 1); break;
+        case 15: ok = wt == WT_LEN && rd_len(&m, &sub) && valid_status(sub); break;
+        case 16: ok = wt == WT_I32 && skip_scalar(&m, wt); break;
+        default: ok = skip_unknown(&m, wt);
+        }
+        if (!ok) BAD();
+    }
+    size_t name_n = (size_t)(name.end - name.p);
+    int vllm = name_n == 11 && memcmp(name.p, "llm_request", 11) == 0;
+    /* is_request_span */
+    if (!(vllm || a.latency_prefix || (a.v[K_REQ_MODEL].type != V_ABSENT
+                                       && (a.v[K_OUTPUT].type != V_ABSENT || a.v[K_COMPLETION].type != V_ABSENT)))) {
+        o->ignored++;
+        return 1;
+    }
+    if (start > (uint64_t)INT64_MAX || end > (uint64_t)INT64_MAX) {
+        o->ignored++; /* past the year 2262 */
+        return 1;
+    }
+    int64_t start_ns = (int64_t)start, end_ns = (int64_t)end;
+    double e2e, queue, ttft, prefill, decode, inference;
+    int h_e2e, h_queue, h_ttft, h_prefill, h_decode, h_inference;
+    if ((h_e2e = get_f(&a, K_E2E, -1, &e2e)) == R_BAD) BAD();
+    if (!h_e2e && end_ns >= start_ns && start_ns > 0) {
+        e2e = (double)(end_ns - start_ns) / 1e9;
+        h_e2e = 1;
+    }
+    if ((h_queue = get_f(&a, K_QUEUE, -1, &queue)) == R_BAD) BAD();
+    if ((h_ttft = get_f(&a, K_TTFT, K_SRV_TTFT, &ttft)) == R_BAD) BAD();
+    if ((h_prefill = get_f(&a, K_PREFILL, -1, &prefill)) == R_BAD) BAD();
+    if ((h_decode = get_f(&a, K_DECODE, -1, &decode)) == R_BAD) BAD();
+    if ((h_inference = get_f(&a, K_INFERENCE, -1, &inference)) == R_BAD) BAD();
+    if (!h_prefill && h_ttft && h_queue) {
+        double x = ttft - queue;
+        prefill = x > 0.0 ? x : 0.0; /* max(0.0, x): the first unless the second is greater */
+        h_prefill = 1;
+    }
+    if (!h_decode && h_ttft && h_e2e) {
+        double x = e2e - ttft;
+        decode = x > 0.0 ? x : 0.0;
+        h_decode = 1;
+    }
+    if (!h_inference && h_prefill && h_decode) {
+        inference = prefill + decode;
+        h_inference = 1;
+    }
+    if (!h_ttft && h_queue && h_prefill) {
+        ttft = queue + prefill;
+        h_ttft = 1;
+    }
+    int64_t output, prompt, pid;
+    int h_output, h_prompt, h_pid;
+    if ((h_output = get_i(&a, K_COMPLETION, K_OUTPUT, &output)) == R_BAD) BAD();
+    if (start_ns <= 0 && end_ns > 0 && h_e2e) {
+        double x = e2e * 1e9;
+        /* x < end_ns compared exactly (as Python compares a float with an int) */
+        if (x < 9223372036854775808.0 && (int64_t)x < end_ns) start_ns = end_ns - (int64_t)x;
+    }
+    sref model, engine, req, finish, container, pod_uid, pod, ns, gpus;
+    arena_t *sa = &o->span_arena;
+    if (S(sa, &a, KS_SPAN_MODEL, &model)) BAD();
+    if (!model.p) model = res->model;
+    if (vllm) {
+        engine.p = (const uint8_t *)"vllm", engine.n = 4;
+    } else {
+        if (S(sa, &a, KS_ENGINE, &engine)) BAD();
+        if (!engine.p) engine = res->service;
+        if (!engine.p) engine.p = (const uint8_t *)"genai", engine.n = 5;
+    }
+    if (S(sa, &a, KS_REQ, &req)) BAD();
+    if ((h_prompt = get_i(&a, K_PROMPT, K_INPUT, &prompt)) == R_BAD) BAD();
+    if (S(sa, &a, KS_FINISH, &finish)) BAD();
+    if ((h_pid = get_i(&a, K_PID, -1, &pid)) == R_BAD) BAD();
+    if (!h_pid || pid == 0) pid = res->pid; /* _i(a, "process.pid") or res_pid */
+    if (S(sa, &a, KS_CONTAINER, &container)) BAD();
+    if (!container.p) container = res->container;
+    if (S(sa, &a, KS_POD_UID, &pod_uid)) BAD();
+    if (!pod_uid.p) pod_uid = res->pod_uid;
+    if (S(sa, &a, KS_POD, &pod)) BAD();
+    if (!pod.p) pod = res->pod;
+    if (S(sa, &a, KS_NS, &ns)) BAD();
+    if (!ns.p) ns = res->ns;
+    if (S(sa, &a, KS_GPUS, &gpus)) BAD();
+    if (!gpus.p) gpus = res->gpus;
+
+    if (o->n == o->cap && !grow_rows(o)) NOMEM();
+    int64_t r = o->n;
+    o->f[F_TTFT][r] = h_ttft ? ttft : NAN;
+    o->f[F_TPOT][r] = h_decode && h_output && output >= 2 ? decode / (double)(output - 1) : NAN;
+    o->f[F_E2E][r] = h_e2e ? e2e : NAN;
+    o->f[F_QUEUE][r] = h_queue ? queue : NAN;
+    o->f[F_PREFILL][r] = h_prefill ? prefill : NAN;
+    o->f[F_DECODE][r] = h_decode ? decode : NAN;
+    o->f[F_INFERENCE][r] = h_inference ? inference : NAN;
+    o->iv[I_START][r] = start_ns;
+    o->iv[I_END][r] = end_ns;
+    o->iv[I_PROMPT][r] = h_prompt ? prompt : -1;
+    o->iv[I_OUTPUT][r] = h_output ? output : -1;
+    o->iv[I_PID][r] = pid;
+    const sref cols[ND] = {res->node, res->service, model, engine, finish, container, pod_uid, pod, ns, gpus};
+    for (int c = 0; c < ND; c++) {
+        int64_t idx = dedup(o, c, cols[c]);
+        if (idx == -2) NOMEM();
+        if (idx == -3) BAD();
+        o->sidx[c][r] = (int32_t)idx;
+    }
+    if (!blob_hex(o, S_TRACE, trace.p, (size_t)(trace.end - trace.p))) NOMEM();
+    if (!blob_hex(o, S_SPAN, span_id.p, (size_t)(span_id.end - span_id.p))) NOMEM();
+    int b = blob_put(o, S_REQ, req.p ? req.p : (const uint8_t *)"", req.p ? req.n : 0);
+    if (b == 0) NOMEM();
+    if (b < 0) BAD();
+    if (!req.p) o->snone[S_REQ]++;
+    o->n++;
+    return 1;
+}
+
+static int do_scope_spans(fs_out *o, rd m, const res_t *res, int depth) {
+    while (m.p < m.end) {
+        uint32_t f;
+        int wt, ok;
+        rd sub;
+        if (!rd_tag(&m, &f, &wt)) BAD();
+        switch (f) {
+        case 1: ok = wt == WT_LEN && rd_len(&m, &sub) && valid_scope(sub, depth + 1); break;
+        case 2:
+            if (wt != WT_LEN || !rd_len(&m, &sub)) BAD();
+            if (!do_span(o, sub, res, depth + 1)) return 0;
+            ok = 1;
+            break;
+        case 3: ok = valid_string(&m, wt); break;
+        default: ok = skip_unknown(&m, wt);
+        }
+        if (!ok) BAD();
+    }
+    return 1;
+}
+
+static int do_resource_spans(fs_out *o, rd m, int depth) {
+    attrs_t a;
+    attrs_clear(&a);
+    rd it = m, resource = {m.p, m.p};
+    int n_resource = 0;
+    /* the resource first, wherever it is in the message */
+    while (it.p < it.end) {
+        uint32_t f;
+        int wt, ok;
+        if (!rd_tag(&it, &f, &wt)) BAD();
+        switch (f) {
+        case 1: ok = wt == WT_LEN && !n_resource++ && rd_len(&it, &resource); break; /* twice: merged */
+        case 2: ok = valid_bytes(&it, wt); break;
+        case 3: ok = valid_string(&it, wt); break;
+        default: ok = skip_unknown(&it, wt);
+        }
+        if (!ok) BAD();
+    }
+    if (!arena_reserve(&o->res_arena, 3 * (size_t)(resource.end - resource.p) + 64)) NOMEM();
+    while (resource.p < resource.end) {
+        uint32_t f;
+        int wt, ok;
+        rd sub;
+        if (!rd_tag(&resource, &f, &wt)) BAD();
+        switch (f) {
+        case 1: ok = wt == WT_LEN && rd_len(&resource, &sub) && add_attr(sub, depth + 2, &a); break;
+        case 2: ok = wt == WT_VARINT && skip_scalar(&resource, wt); break;
+        default: ok = skip_unknown(&resource, wt); /* entity_refs (3) included: a message */
+        }
+        if (!ok) BAD();
+    }
+    res_t res;
+    arena_t *ra = &o->res_arena;
+    if (node_of(ra, &a, &res.node) == R_BAD) BAD();
+    if (S(ra, &a, KS_SERVICE, &res.service)) BAD();
+    if (S(ra, &a, KS_RES_MODEL, &res.model)) BAD();
+    int h = get_i(&a, K_PID, -1, &res.pid);
+    if (h == R_BAD) BAD();
+    if (!h) res.pid = -1;
+    if (S(ra, &a, KS_CONTAINER, &res.container)) BAD();
+    if (S(ra, &a, KS_POD_UID, &res.pod_uid)) BAD();
+    if (S(ra, &a, KS_POD, &res.pod)) BAD();
+    if (S(ra, &a, KS_NS, &res.ns)) BAD();
+    if (S(ra, &a, KS_GPUS, &res.gpus)) BAD();
+    /* the remembered strings of the previous resource may be overwritten now */
+    for (int c = 0; c < ND; c++) o->last_p[c] = NULL;
+    it = m;
+    while (it.p < it.end) {
+        uint32_t f;
+        int wt;
+        rd sub;
+        if (!rd_tag(&it, &f, &wt)) BAD();
+        if (f == 2) {
+            if (!rd_len(&it, &sub)) BAD();
+            if (!do_scope_spans(o, sub, &res, depth + 1)) return 0;
+        } else if (wt == WT_LEN) {
+            if (!rd_len(&it, &sub)) BAD();
+        } else if (!skip_scalar(&it, wt)) {
+            BAD();
+        }
+    }
+    return 1;
+}
+
+/* -- the interface ---------------------------------------------------------------------------------- */
+#define FS_ABI 2 /* fast_spans.py's _ABI: the public head of fs_out, and the functions */
+
+int fs_abi(void) { return FS_ABI; }
+
+/* Once, before any fs_decode (which may then run in several threads at once: it keeps no state). */
+void fs_init(void) {
+    if (!keylen_ready) {
+        keys_init();
+        keylen_ready = 1;
+    }
+}
+
+void fs_free(fs_out *o) {
+    if (!o) return;
+    for (int c = 0; c < NF; c++) free(o->f[c]);
+    for (int c = 0; c < NI; c++) free(o->iv[c]);
+    for (int c = 0; c < NS; c++) {
+        free(o->sidx[c]);
+        free(o->sblob[c]);
+    }
+    for (int c = 0; c < ND; c++) free(o->tab[c]);
+    free(o->res_arena.buf);
+    free(o->span_arena.buf);
+    free(o);
+}
+
+/* Decode the serialized ExportTraceServiceRequest buf[0:len]. Returns NULL without memory; else a result
+ * whose status says whether it holds the rows (FS_OK) or the caller must take the reference path. */
+fs_out *fs_decode(const uint8_t *buf, size_t len) {
+    fs_out *o = calloc(1, sizeof *o);
+    if (!o) return NULL;
+    if (!keylen_ready) {
+        fail(o, FS_UNHANDLED); /* fs_init was not called */
+        return o;
+    }
+    rd m = {buf, buf + len};
+    while (m.p < m.end) {
+        uint32_t f;
+        int wt;
+        rd sub;
+        if (!rd_tag(&m, &f, &wt)) {
+            fail(o, FS_UNHANDLED);
+            break;
+        }
+        if (f == 1) {
+            if (wt != WT_LEN || !rd_len(&m, &sub)) {
+                fail(o, FS_UNHANDLED);
+                break;
+            }
+            if (!do_resource_spans(o, sub, 1)) break;
+        } else if (!skip_unknown(&m, wt)) {
+            fail(o, FS_UNHANDLED);
+            break;
+        }
+    }
+    return o;
+}
