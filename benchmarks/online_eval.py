@@ -39,8 +39,8 @@ def replay(db: Path, meta: dict[str, Any], before_s: int = 120, after_s: int = 3
     first: dict[str, Any] | None = None
     first_right: float | None = None
     # where the delay goes: since when the last minute had shown the regression (the latency of requests
-    # ended by then) in every evaluation up to the first right confirmed finding, and the first evaluation
-    # whose top finding was the right one
+    # ended by then, of the fleet or of a replica on the fault's node) in every evaluation up to the first
+    # right confirmed finding, and the first evaluation whose top finding was the right one
     streak_from: int | None = None
     shown: float | None = None
     named: float | None = None
@@ -51,9 +51,12 @@ def replay(db: Path, meta: dict[str, Any], before_s: int = 120, after_s: int = 3
         while t <= t1:
             confirmed = det.step(cur, t, store=False)
             doc = det.last
-            detected = doc is not None and bool(doc["regression"]["detected"])
+            reg = doc["regression"] if doc is not None else None
+            # a regression of the fleet, or of a replica on the fault's node (not a peer's noise in a minute)
+            detected = reg is not None and bool(reg["detected"]) and (
+                reg["scope"] == "fleet" or (reg["replica"] or {}).get("node") == meta.get("node"))
             streak_from = (streak_from if streak_from is not None else t) if detected else None
-            if doc is not None and not healthy and t >= onset and detected:
+            if doc is not None and not healthy and t >= onset and doc["regression"]["detected"]:
                 f0 = (doc.get("findings") or [None])[0]
                 c0 = f0["culprit"] if f0 else {}
                 if named is None and f0 and (f0["cause"], f0.get("subcause") or "") == cause \
