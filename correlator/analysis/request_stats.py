@@ -45,6 +45,9 @@ class WindowStat:
     queue_p90_s: float | None
     prefill_per_token_p50_s: float | None
     output_tokens: int
+    # of these requests, how many a window of ``edge_s`` seconds that ends where the requests known end would
+    # have seen, on average: sum(max(0, edge_s - duration)) / edge_s (None: not asked, or a long window)
+    edge_visible_n: float | None = None
 
     def count(self, metric: str) -> int:
         return self.n_ttft if metric == "ttft" else self.n_tpot
@@ -231,9 +234,10 @@ class RequestScope:
             out[m] = (_series([(int(r[0]), r[1 + 2 * k], r[2 + 2 * k]) for r in fleet], min_requests), per)
         return out
 
-    def window_stats(self, windows: dict[str, tuple[int, int, bool]], p: float
+    def window_stats(self, windows: dict[str, tuple[int, int, bool]], p: float, edge_s: float | None = None
                      ) -> tuple[dict[str, WindowStat], dict[str, dict[str, WindowStat]]]:
-        """Per window (name → (start, end, end included)): the fleet's stats and each replica's."""
+        """Per window (name → (start, end, end included)): the fleet's stats and each replica's (with
+        ``edge_s``, also each replica's :attr:`WindowStat.edge_visible_n` in the windows of 3 h or less)."""
         qs = sorted({0.5, 0.99, p})
         parts, params = [], {}
         fleet: dict[str, WindowStat] = {}
@@ -252,15 +256,19 @@ class RequestScope:
             src, key = self._from(f"start_ns >= $lo{i} AND start_ns {'<=' if closed else '<'} $hi{i}")
             parts.append(f"SELECT {key} AS u, $w{i} AS w, r.* FROM {src}" if self._joined else
                          f"SELECT {key}, $w{i} AS w, r.ttft_s, r.tpot_s, r.queue_s, r.prefill_s, r.prompt_tokens, "
-                         f"r.output_tokens FROM {src}")
+                         f"r.output_tokens, r.start_ns, r.end_ns FROM {src}")
             params.update({f"lo{i}": lo, f"hi{i}": hi, f"w{i}": name})
         group = "u" if self._joined else ", ".join(self._used)
         aggs = ("count(*), count(ttft_s), count(tpot_s), quantile_cont(ttft_s, $qs), quantile_cont(tpot_s, $qs), "
                 "avg(ttft_s), avg(tpot_s), quantile_cont(queue_s, 0.9), "
                 "quantile_cont(prefill_s / CASE WHEN prompt_tokens < 1 THEN 1 ELSE prompt_tokens END, 0.5), "
                 "sum(output_tokens)")
+        if edge_s is not None:
+            aggs += ", sum(greatest(0.0, $edge - (end_ns - start_ns) / 1e9)) / $edge"
+            params["edge"] = float(edge_s)
         union = " UNION ALL ".join(parts)
         rows = self._run(f"SELECT {group}, w, {aggs} FROM ({union}) GROUP BY ALL", {**params, "qs": qs})
+        params.pop("edge", None)
         # the fleet's regression reads only the counts and the percentile p of each metric
         fleet_rows = self._run(
             "SELECT w, count(*), count(ttft_s), count(tpot_s), quantile_cont(ttft_s, $qs), "
@@ -466,9 +474,10 @@ def _series(points: list[tuple[int, Any, int]], min_requests: int) -> Series:
 
 
 def _stat(v: tuple[Any, ...], qs: list[float]) -> WindowStat:
-    n, n_ttft, n_tpot, ttft_q, tpot_q, ttft_mean, tpot_mean, queue_p90, pf, tokens = v
+    n, n_ttft, n_tpot, ttft_q, tpot_q, ttft_mean, tpot_mean, queue_p90, pf, tokens = v[:10]
+    edge = float(v[10]) if len(v) > 10 and v[10] is not None else None
     return WindowStat(int(n), int(n_ttft), int(n_tpot), _qmap(ttft_q, qs), _qmap(tpot_q, qs), ttft_mean, tpot_mean,
-                      queue_p90, pf, int(tokens or 0))
+                      queue_p90, pf, int(tokens or 0), edge)
 
 
 def _qmap(values: list[float | None] | None, qs: list[float]) -> dict[float, float | None]:

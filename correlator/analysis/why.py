@@ -57,6 +57,9 @@ class Windows:
     i0: int
     i1: int
     onset_detected: bool
+    # the incident ends where the requests known end: those still in flight then are missing from its last
+    # seconds (a span arrives when its request ends), so its arrival rate is compared with like (unit_latency)
+    censored_end: bool = False
 
 
 def resolve_windows(cur: duckdb.DuckDBPyConnection, q: WhyQuery) -> tuple[Windows, RequestScope]:
@@ -73,7 +76,8 @@ def resolve_windows(cur: duckdb.DuckDBPyConnection, q: WhyQuery) -> tuple[Window
         i1 = parse_time_ns(q.until, anchor) if q.until else anchor
         b1 = parse_time_ns(q.baseline_until, anchor) if q.baseline_until else i0
         b0 = parse_time_ns(q.baseline_since, anchor) if q.baseline_since else max(first, b1 - _HOUR_NS)
-        return Windows(b0, b1, i0, i1, False), RequestScope(cur, b0, i1, q.service, q.model, q.node, known)
+        return (Windows(b0, b1, i0, i1, False, i1 >= anchor),
+                RequestScope(cur, b0, i1, q.service, q.model, q.node, known))
     # no window given: look back 75 minutes from the last data for the step up of the latency, of the
     # fleet (its p90) or of one replica (its median: a fault on one replica of many barely moves the fleet)
     lookback0 = max(first, anchor - _HOUR_NS - parse_duration_ns("15m"))
@@ -95,9 +99,9 @@ def resolve_windows(cur: duckdb.DuckDBPyConnection, q: WhyQuery) -> tuple[Window
     if cps:
         best = max((cp for _, cp in cps), key=lambda c: c.score)
         i0 = best.onset_ns
-        return Windows(max(first, i0 - _HOUR_NS), i0, i0, anchor, True), scope
+        return Windows(max(first, i0 - _HOUR_NS), i0, i0, anchor, True, True), scope
     i0 = anchor - parse_duration_ns("15m")
-    return Windows(max(first, i0 - _HOUR_NS), i0, i0, anchor, False), scope
+    return Windows(max(first, i0 - _HOUR_NS), i0, i0, anchor, False, True), scope
 
 
 def _ratio(b: float | None, i: float | None) -> float | None:
@@ -134,7 +138,8 @@ class WindowStats:
 
     @classmethod
     def of(cls, scope: RequestScope, w: Windows, p: float) -> WindowStats:
-        fleet, per_unit = scope.window_stats({"base": (w.b0, w.b1, False), "inc": (w.i0, w.i1, True)}, p)
+        fleet, per_unit = scope.window_stats({"base": (w.b0, w.b1, False), "inc": (w.i0, w.i1, True)}, p,
+                                             edge_s=(w.i1 - w.i0) / 1e9 if w.censored_end and w.i1 > w.i0 else None)
         return cls(fleet.get("base", EMPTY), fleet.get("inc", EMPTY),
                    {k: v["base"] for k, v in per_unit.items() if "base" in v},
                    {k: v["inc"] for k, v in per_unit.items() if "inc" in v})
@@ -213,10 +218,15 @@ def unit_latency(units: dict[str, Unit], w: Windows, metric: str, st: WindowStat
         pfb, pfi = b.prefill_per_token_p50_s, i.prefill_per_token_p50_s
         tok_b = b.output_tokens / b_span
         tok_i = i.output_tokens / i_span
+        # arrivals: an incident that ends at the edge of what is known misses the requests still in flight,
+        # most of its last seconds' (a one-minute window of 10 s requests reads ~20 % low, more as a queue
+        # grows): its rate is compared with the baseline's as a window of its length ending at the edge
+        # would have seen the baseline's requests
+        b_rate = (b.edge_visible_n if w.censored_end and b.edge_visible_n else b.n) / b_span
         out[key] = UnitLatency(
             unit, b.n, i.n, ratio("ttft"), ratio("tpot"), b.queue_p90_s or 0.0, i.queue_p90_s or 0.0,
             pfi / pfb if pfb and pfi is not None else 1.0,
-            (i.n / i_span) / (b.n / b_span) if b.n else 1.0,
+            (i.n / i_span) / b_rate if b_rate > 0 else 1.0,
             tok_i / tok_b if tok_b else 1.0,
             extra[key] / total_extra, _arrival_step(edges, arrivals.get(key)))
     return out
