@@ -23,8 +23,10 @@ high-water mark (VmHWM).
 The span decoder's compiled fast path (``correlator/ingest/fast_spans.py``) is on when built; the report
 also gives in-process decode rates, fast and pure Python. ``--compare pure`` (the same tree with
 ``STACKLENS_PURE_PYTHON=1``) or ``--compare PATH`` (``stacklens serve`` of another tree, e.g. HEAD's from
-``git archive HEAD | tar -x -C /tmp/base``) runs only the span phases, this tree and the baseline
-alternating for ``--rounds`` rounds on the same payloads, and reports both per round and their medians.
+``git archive HEAD | tar -x -C /tmp/base``, with this tree's ``correlator/ingest/_fastspans*.so`` copied
+there when the C file is the same: without it that tree decodes in pure Python) runs only the span phases,
+this tree and the baseline alternating for ``--rounds`` rounds on the same payloads, and reports both per
+round and their medians.
 """
 
 from __future__ import annotations
@@ -252,10 +254,15 @@ def _own_bytes(db: Path, workdir: Path, table: str) -> int:
 
 
 def phase(name: str, workdir: Path, table: str, send: Callable[[int, int], None], concurrency: int,
-          tree: Path = REPO, env_extra: dict[str, str] | None = None, sizes: bool = True) -> dict[str, Any]:
+          tree: Path = REPO, env_extra: dict[str, str] | None = None, sizes: bool = True,
+          warmup: Callable[[int, int], None] | None = None, warm_rows: int = 0) -> dict[str, Any]:
+    """One server, one load. ``warmup`` (if any, storing ``warm_rows`` rows) is sent first and left out of the
+    figures: the process' one-time costs (imports and first calls on the first exports) then do not count."""
     db = workdir / f"{name}.duckdb"
     server = Server(db, tree, env_extra)
     try:
+        if warmup is not None:
+            warmup(server.grpc_port if "grpc" in name else server.http_port, concurrency)
         cpu0, t0 = server.cpu_s(), time.perf_counter()
         send(server.grpc_port if "grpc" in name else server.http_port, concurrency)
         wall = time.perf_counter() - t0
@@ -264,7 +271,7 @@ def phase(name: str, workdir: Path, table: str, send: Callable[[int, int], None]
     finally:
         server.stop()
     con = duckdb.connect(str(db))
-    rows = int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # type: ignore[index]
+    rows = int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]) - warm_rows  # type: ignore[index]
     if not sizes:
         con.close()
         db.unlink()
@@ -342,12 +349,23 @@ def decode_rates(bodies: Sequence[bytes], repeat: int = 3) -> dict[str, Any]:
     return out
 
 
-def compare(n_spans: int, concurrency: int, baseline: str, rounds: int) -> dict[str, Any]:
+def _span_count(body: bytes) -> int:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    msg = ExportTraceServiceRequest.FromString(body)
+    return sum(len(ss.spans) for rs in msg.resource_spans for ss in rs.scope_spans)
+
+
+def compare(n_spans: int, concurrency: int, baseline: str, rounds: int, warmup_exports: int = 0) -> dict[str, Any]:
     """The span phases of this tree and of a baseline (``pure``: this tree without the fast path; else a
-    path to another tree), alternating, on the same payloads."""
+    path to another tree), alternating, on the same payloads; the first ``warmup_exports`` exports of each
+    phase sent before the measurement (left out of it)."""
     spans = span_bodies(n_spans)
+    warm, spans = spans[:warmup_exports], spans[warmup_exports:]
+    warm_rows = sum(_span_count(b) for b in warm)  # each a request span, none twice: each stored once
+    # another tree runs as it is: its compiled decoder too where it has one built (copy or build it there)
     base_tree, base_env = (REPO, {"STACKLENS_PURE_PYTHON": "1"}) if baseline == "pure" else (
-        Path(baseline).resolve(), {"STACKLENS_PURE_PYTHON": "1"})
+        Path(baseline).resolve(), {})
     runs: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="stacklens-ingest-cmp-") as tmp:
         work = Path(tmp)
@@ -356,16 +374,24 @@ def compare(n_spans: int, concurrency: int, baseline: str, rounds: int) -> dict[
             for who, tree, env in order if r % 2 == 0 else order[::-1]:
                 for name, send in (("spans_http", lambda port, c: send_http(port, "/v1/traces", spans, c)),
                                    ("spans_grpc", lambda port, c: send_grpc(port, TRACES, spans, c))):
-                    res = phase(f"{who}-{name}-{r}", work, "requests", send, concurrency, tree, env, sizes=False)
+                    warm_send = None
+                    if warm:
+                        warm_send = ((lambda port, c: send_grpc(port, TRACES, warm, c)) if "grpc" in name
+                                     else (lambda port, c: send_http(port, "/v1/traces", warm, c)))
+                    res = phase(f"{who}-{name}-{r}", work, "requests", send, concurrency, tree, env, sizes=False,
+                                warmup=warm_send, warm_rows=warm_rows)
                     runs.setdefault(f"{who} {name}", []).append(res)
     medians = {k: statistics.median(x["rows_per_cpu_s"] for x in v) for k, v in runs.items()}
-    return {"baseline": baseline, "rounds": rounds, "spans": n_spans, "runs": runs, "median_rows_per_cpu_s": medians,
+    return {"baseline": baseline, "rounds": rounds, "spans": n_spans - warm_rows, "warmup_exports": len(warm),
+            "runs": runs, "median_rows_per_cpu_s": medians,
             "decode": decode_rates(spans[: max(1, 20_000 // 512)])}
 
 
 def compare_report(doc: dict[str, Any]) -> str:
     lines = [f"span phases, this tree vs baseline {doc['baseline']!r}, {doc['spans']} spans, {doc['rounds']} rounds"
-             " alternating; rows per CPU-second of the correlator process", ""]
+             " alternating; rows per CPU-second of the correlator process"
+             + (f" (after {doc['warmup_exports']} warm-up exports, left out)" if doc.get("warmup_exports") else ""),
+             ""]
     for k, v in doc["runs"].items():
         lines.append(f"{k:<22}" + "".join(f"{x['rows_per_cpu_s']:>10,}" for x in v)
                      + f"   median {doc['median_rows_per_cpu_s'][k]:>10,.0f}")
@@ -461,11 +487,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--compare", metavar="pure|TREE", help="span phases only, against this tree without the fast "
                     "path (pure) or another tree's stacklens serve, alternating")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of --compare")
+    ap.add_argument("--warmup", type=int, default=0, metavar="EXPORTS",
+                    help="--compare: send the first EXPORTS exports of each phase before measuring (the process' "
+                    "one-time costs left out: steady state); 0, the default, measures from the first export")
     args = ap.parse_args(argv)
     if args.quick:
         args.spans, args.cycles = 20_000, 100
     if args.compare:
-        cmp = compare(args.spans, args.concurrency, args.compare, args.rounds)
+        cmp = compare(args.spans, args.concurrency, args.compare, args.rounds, args.warmup)
         print(compare_report(cmp))
         if args.json:
             print(json.dumps(cmp, indent=2))

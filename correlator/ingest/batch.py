@@ -9,6 +9,10 @@ them; a value of ``None`` is a missing value and is stored as NULL, never as 0.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 # Column order of each table, as the store's tables have them (store/schema.py).
 GPU_COLUMNS = ("time_ns", "node", "gpu_uuid", "gpu_index", "signal", "sub", "value")
@@ -46,6 +50,53 @@ class Rows:
     def extend(self, other: Rows) -> None:
         for c in self.columns:
             self.data[c].extend(other.data[c])
+
+
+_DATA_SLOT: Any = Rows.__dict__["data"]  # the slot behind Rows.data
+
+
+class ArrowRows(Rows):
+    """Rows held as one Arrow table, as the compiled span decoder makes them (columns ``columns``, in that
+    order, of the types the store gives the lists: ``_ARROW_TYPES``, else string), so that the store takes
+    them without a Python object per value.
+
+    They behave as :class:`Rows` for everyone else: ``data`` makes the lists (the same values) when first
+    read, and from then on the lists are the rows and the table is let go (``table`` is None), so that a
+    caller that changes the lists, appends or extends never has them differ from what is stored."""
+
+    __slots__ = ("_table",)
+
+    def __init__(self, columns: tuple[str, ...], table: pa.Table) -> None:
+        if tuple(table.column_names) != columns:
+            raise ValueError(f"table columns {table.column_names} are not {columns}")
+        self.columns = columns
+        self._table: pa.Table | None = table
+        _DATA_SLOT.__set__(self, None)
+
+    @property
+    def table(self) -> pa.Table | None:
+        """The rows as the Arrow table, or None once ``data`` has been read (the lists are the rows then)."""
+        return self._table
+
+    @property
+    def data(self) -> dict[str, list[object]]:
+        d: dict[str, list[object]] | None = _DATA_SLOT.__get__(self)
+        if d is None:
+            t = self._table
+            assert t is not None
+            d = {c: t.column(c).to_pylist() for c in self.columns}
+            _DATA_SLOT.__set__(self, d)
+            self._table = None
+        return d
+
+    @data.setter
+    def data(self, value: dict[str, list[object]]) -> None:
+        _DATA_SLOT.__set__(self, value)
+        self._table = None
+
+    def __len__(self) -> int:
+        t = self._table
+        return t.num_rows if t is not None else len(self.data[self.columns[0]])
 
 
 @dataclass(slots=True)

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from collector.signals import CLOCK_EVENT_REASONS
-from correlator.ingest.batch import IngestBatch, Rows
+from correlator.ingest.batch import REQUEST_COLUMNS, ArrowRows, IngestBatch, Rows
 from correlator.store import request_rollups, rollups
 from correlator.store.schema import DDL, DERIVED_LATENCIES, READ_AS, SCHEMA_VERSION, TIMED_TABLES
 
@@ -96,11 +96,43 @@ def _hex_words(data: np.ndarray, starts: np.ndarray, positions: np.ndarray) -> t
                                                                                        np.ndarray]:
     """The 16 or 32 hex digits at ``starts + positions`` of each string as 64-bit words (the second all 0
     for 16), and whether all are lower-case hex digits."""
+    n, width = len(starts), len(positions)
+    if n and positions[0] == 0 and positions[-1] == width - 1:  # the digits one after another
+        fast = _hex_words_evenly_spaced(data, starts, width)
+        if fast is not None:
+            return fast
     nib = _NIBBLE[data[starts[:, None] + positions]]
     ok = nib.max(axis=1) < 16
     # two digits a byte, eight bytes a big-endian word
     words = np.ascontiguousarray((nib[:, 0::2] << 4) | nib[:, 1::2]).view(">u8").astype(np.uint64)
     return ok, words[:, 0], (words[:, 1] if len(positions) == 32 else np.zeros(len(words), dtype=np.uint64))
+
+
+def _hex_words_evenly_spaced(data: np.ndarray, starts: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray,
+                                                                                        np.ndarray] | None:
+    """_hex_words of ``width`` digits from each start when the starts are evenly spaced (ids of one length, as
+    a decoder's batch has them) and every digit is a lower-case hex one: the bytes as one block, converted by
+    ``bytes.fromhex``. None otherwise (then the general way)."""
+    n = len(starts)
+    stride = int(starts[1] - starts[0]) if n > 1 else width
+    first = int(starts[0])
+    if stride < width or first + (n - 1) * stride + width > len(data):
+        return None
+    if n > 2 and not (np.diff(starts) == stride).all():
+        return None
+    if stride == width:
+        block = data[first:first + n * width]
+    else:
+        block = np.lib.stride_tricks.as_strided(data[first:], shape=(n, width), strides=(stride, 1),
+                                                writeable=False).ravel()  # a copy of just the digits
+    if _NIBBLE[block].max() >= 16:  # some other character: decided row by row
+        return None
+    words = np.frombuffer(bytes.fromhex(block.tobytes().decode("ascii")), dtype=">u8").astype(np.uint64)
+    ok = np.ones(n, dtype=bool)
+    if width == 32:
+        pairs = words.reshape(n, 2)
+        return ok, np.ascontiguousarray(pairs[:, 0]), np.ascontiguousarray(pairs[:, 1])
+    return ok, words, np.zeros(n, dtype=np.uint64)
 
 
 def _string_layout(a: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]:
@@ -190,6 +222,40 @@ def _split_request_id(a: pa.ChunkedArray | pa.Array) -> dict[str, pa.Array]:
     return {"request_hi": pa.array(hi, mask=~matched), "request_lo": pa.array(lo, mask=~matched),
             "request_form": pa.array(np.where(form == 2, 2, 1).astype(np.uint8), mask=~matched),
             "request_text": text, "request_suffix": suffix}
+
+
+_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F))
+
+
+def _key_hash(hi: np.ndarray, lo: np.ndarray, span: np.ndarray) -> np.ndarray:
+    """A 64-bit mix of a (trace, span) key: equal keys, equal hashes (not the converse: only a filter)."""
+    with np.errstate(over="ignore"):
+        return np.asarray(lo ^ (hi * _MIX[0]) ^ (span * _MIX[1]), dtype=np.uint64)
+
+
+# a batch whose starts span at most this long probes the stored keys in numpy (seconds to minutes of live
+# traffic: a few thousand keys); a longer one, in DuckDB
+_PROBE_IN_PYTHON_NS = 300 * 10**9
+
+
+def _stored_already(table: pa.Table, stored: dict[str, np.ndarray]) -> np.ndarray:
+    """Which rows of ``table`` (request_rows' columns, every id a number) have their (trace_hi, trace_lo,
+    span_bin) among ``stored``'s, exactly: the keys' hashes find the candidates, which are then compared
+    whole."""
+    words = [np.asarray(table[c].to_numpy(zero_copy_only=False), dtype=np.uint64)
+             for c in ("trace_hi", "trace_lo", "span_bin")]
+    have = [np.asarray(stored[c], dtype=np.uint64) for c in ("trace_hi", "trace_lo", "span_bin")]
+    mine, theirs = _key_hash(*words), _key_hash(*have)
+    order = np.sort(mine)
+    at = np.minimum(np.searchsorted(order, theirs), len(order) - 1)
+    hit = order[at] == theirs  # stored rows whose hash some row of the batch has
+    out = np.zeros(len(mine), dtype=bool)
+    if not hit.any():
+        return out
+    keys = set(zip(*(h[hit].tolist() for h in have), strict=True))
+    for i in np.flatnonzero(np.isin(mine, theirs[hit])).tolist():
+        out[i] = (int(words[0][i]), int(words[1][i]), int(words[2][i])) in keys
+    return out
 
 
 def request_rows(t: pa.Table) -> pa.Table:
@@ -355,8 +421,16 @@ class Store:
 
     def _commit(self, taken: list[tuple[IngestBatch, Future[None]]]) -> None:
         merged = IngestBatch()
+        request_tables: list[pa.Table] = []  # the compiled decoder's rows, as they came (ArrowRows)
         for b, _ in taken:
-            merged.extend(b)
+            for name, rows in b.tables().items():
+                t = rows.table if isinstance(rows, ArrowRows) else None
+                if t is not None:
+                    request_tables.append(t)
+                else:
+                    getattr(merged, name).extend(rows)
+            merged.ignored += b.ignored
+        n_rows = merged.row_count() + sum(t.num_rows for t in request_tables)
         ids_before = {k: dict(v) for k, v in self._ids.items()}
         mask_before, xid_before = dict(self._last_mask), dict(self._last_xid)
         info_before = dict(self._gpu_info)
@@ -365,7 +439,7 @@ class Store:
         cur = self._con.cursor()
         try:
             cur.execute("BEGIN TRANSACTION")
-            self._insert(cur, merged)
+            self._insert(cur, merged, request_tables)
             cur.execute("COMMIT")
         except Exception as e:
             with contextlib.suppress(duckdb.Error):
@@ -375,7 +449,7 @@ class Store:
             self._newest_ns = newest_before
             self._newest_request_ns = newest_request_before
             self.stats.failed_transactions += 1
-            log.error("store: transaction of %d rows failed: %s", merged.row_count(), e)
+            log.error("store: transaction of %d rows failed: %s", n_rows, e)
             for _, f in taken:
                 f.set_exception(StoreError(f"store write failed: {e}"))
             return
@@ -383,7 +457,7 @@ class Store:
             cur.close()
         self.stats.transactions += 1
         self.stats.batches += len(taken)
-        self.stats.rows += merged.row_count()
+        self.stats.rows += n_rows
         for _, f in taken:
             f.set_result(None)
 
@@ -606,7 +680,9 @@ class Store:
         return pc.take(ids, enc.indices)
 
     # -- the insert of one transaction ----------------------------------------------------------
-    def _insert(self, cur: duckdb.DuckDBPyConnection, b: IngestBatch) -> None:
+    def _insert(self, cur: duckdb.DuckDBPyConnection, b: IngestBatch,
+                request_tables: Sequence[pa.Table] = ()) -> None:
+        """One transaction's rows: ``b``'s, and requests given as Arrow tables (``ArrowRows.table``)."""
         g = b.gpu_samples
         if len(g):
             # a GPU known only by its index (a DCGM series without UUID) is named after node and index
@@ -624,6 +700,8 @@ class Store:
         for rows in b.tables().values():
             if "node" in rows.data:
                 nodes.update(str(x) for x in rows.data["node"])
+        for t in request_tables:
+            nodes.update(str(x) for x in pc.unique(t["node"]).to_pylist())
         node_ids = self._node_ids(cur, sorted(nodes))
         gpu_ids = self._gpu_ids(cur, list(keys.values()))
         sig_names = set(g.data["signal"]) | set(b.host_samples.data["signal"]) | set(b.engine_samples.data["signal"])
@@ -677,37 +755,67 @@ class Store:
             self._append(cur, "placements", placements)
             self._summarise_late(cur, "placements", placements)
         r = b.requests
-        if len(r):
-            t = _arrow(r)
-            cols = {c: t[c] for c in r.columns if c != "node"}
+        parts = ([_arrow(r)] if len(r) else []) + [t for t in request_tables if t.num_rows]
+        if parts:
+            t = pa.concat_tables(parts).combine_chunks() if len(parts) > 1 else parts[0]
+            cols = {c: t[c] for c in REQUEST_COLUMNS if c != "node"}
             cols["node_id"] = self._map(t["node"], node_ids, pa.int32())
             table = request_rows(pa.table(cols))
-            cur.register("_batch_requests", table)
-            try:
-                names = ", ".join(REQUEST_ROW_COLUMNS)
-                # a client that retries an export it did not see acknowledged sends the same spans again: a
-                # request whose (trace, span) is stored already is not stored twice (one without either id is)
-                in_range = ("r.start_ns BETWEEN (SELECT min(start_ns) FROM _batch_requests)"
-                            " AND (SELECT max(start_ns) FROM _batch_requests)")
-                if table["trace_hi"].null_count == 0 and table["span_bin"].null_count == 0:
-                    # every id a number (what the decoder makes): such an id is never also stored as text
+            # a client that retries an export it did not see acknowledged sends the same spans again: a request
+            # whose (trace, span) is stored already with a start in the batch's range is not stored twice (one
+            # without either id is)
+            span = pc.min_max(table["start_ns"])
+            lo, hi = int(span["min"].as_py()), int(span["max"].as_py())
+            numeric = table["trace_hi"].null_count == 0 and table["span_bin"].null_count == 0
+            if numeric and hi - lo > _PROBE_IN_PYTHON_NS:
+                # a batch over a long span of starts (a buffered export of old spans with new ones): the stored
+                # keys in that range are many, so the anti-join stays in DuckDB
+                cur.register("_batch_requests", table)
+                try:
+                    names = ", ".join(REQUEST_ROW_COLUMNS)
                     cur.execute(
                         f"INSERT INTO request_rows ({names}) SELECT {names} FROM _batch_requests b WHERE NOT EXISTS"
-                        f" (SELECT 1 FROM request_rows r WHERE {in_range} AND r.trace_lo = b.trace_lo"
-                        " AND r.trace_hi = b.trace_hi AND r.span_bin = b.span_bin)")
-                else:
+                        f" (SELECT 1 FROM request_rows r WHERE r.start_ns BETWEEN {lo} AND {hi}"
+                        " AND r.trace_lo = b.trace_lo AND r.trace_hi = b.trace_hi AND r.span_bin = b.span_bin)")
+                finally:
+                    cur.unregister("_batch_requests")
+            elif numeric:
+                # every id a number (what the decoder makes): such an id is never also stored as text; the
+                # stored keys of the batch's few seconds or minutes of starts are fetched and probed here
+                stored = cur.execute(
+                    "SELECT trace_hi, trace_lo, span_bin FROM request_rows WHERE start_ns BETWEEN"
+                    f" {lo} AND {hi} AND trace_hi IS NOT NULL AND trace_lo IS NOT NULL AND span_bin IS NOT NULL"
+                ).fetchnumpy()
+                if len(stored["trace_hi"]):
+                    keep = ~_stored_already(table, stored)
+                    if not keep.all():
+                        table = table.filter(pa.array(keep))
+                self._append_requests(cur, table)
+            else:
+                cur.register("_batch_requests", table)
+                try:
+                    names = ", ".join(REQUEST_ROW_COLUMNS)
                     cur.execute(
                         f"INSERT INTO request_rows ({names}) SELECT {names} FROM _batch_requests b"
                         " WHERE b.trace_hi IS NULL AND b.trace_text IS NULL"
                         " OR b.span_bin IS NULL AND b.span_text IS NULL OR NOT EXISTS (SELECT 1 FROM request_rows r"
-                        f" WHERE {in_range} AND r.trace_hi IS NOT DISTINCT FROM b.trace_hi"
+                        f" WHERE r.start_ns BETWEEN {lo} AND {hi} AND r.trace_hi IS NOT DISTINCT FROM b.trace_hi"
                         " AND r.trace_lo IS NOT DISTINCT FROM b.trace_lo"
                         " AND r.trace_text IS NOT DISTINCT FROM b.trace_text"
                         " AND r.span_bin IS NOT DISTINCT FROM b.span_bin"
                         " AND r.span_text IS NOT DISTINCT FROM b.span_text)")
-            finally:
-                cur.unregister("_batch_requests")
+                finally:
+                    cur.unregister("_batch_requests")
             self._summarise_late_requests(cur, table["start_ns"])
+
+    def _append_requests(self, cur: duckdb.DuckDBPyConnection, table: pa.Table) -> None:
+        """Rows of ``request_rows`` (REQUEST_ROW_COLUMNS) appended from an Arrow table: as a relation inserted
+        by position (cheaper per statement than registering it and inserting by name) when the stored table
+        has those columns in that order (the DDL's), else by name."""
+        if self._columns(cur, "request_rows") == list(REQUEST_ROW_COLUMNS):
+            cur.from_arrow(table).insert_into("request_rows")
+        else:  # pragma: no cover - a table of another column order
+            self._append(cur, "request_rows", table)
 
     def _summarise_late(self, cur: duckdb.DuckDBPyConnection, source: str, view: pa.Table) -> None:
         """Rows of ``source`` (its columns ``time_ns`` and the summaries' scope) of minutes already

@@ -1,0 +1,269 @@
+"""The span path into the store: the compiled decoder hands the store its rows as one Arrow table
+(``ArrowRows``), which the store writes as it is, alone or in a group commit with batches of lists; every
+value comes back exactly, a re-sent span is stored once (an exact (trace, span) comparison behind a hash
+filter), and a transaction that fails stores nothing of any batch in it."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+
+from correlator.ingest import fast_spans
+from correlator.ingest.batch import REQUEST_COLUMNS, ArrowRows, IngestBatch
+from correlator.ingest.otlp_spans import decode_spans
+from correlator.store import duckdb_store
+from correlator.store.duckdb_store import Store, StoreError
+
+T0 = 1_790_000_000_000_000_000
+needs_fast_path = pytest.mark.skipif(not fast_spans.available(), reason="the compiled span decoder is not built")
+
+
+def _kv(key: str, value: object) -> KeyValue:
+    if isinstance(value, str):
+        return KeyValue(key=key, value=AnyValue(string_value=value))
+    if isinstance(value, float):
+        return KeyValue(key=key, value=AnyValue(double_value=value))
+    assert isinstance(value, int)
+    return KeyValue(key=key, value=AnyValue(int_value=value))
+
+
+def _body(spans: list[tuple[int, int, int, int]], node: str = "node-1", output_tokens: int = 20) -> bytes:
+    """An export of request spans, each (trace hi, trace lo, span id, start offset in ms) as 64-bit words."""
+    out = []
+    for hi, lo, sid, ms in spans:
+        start = T0 + ms * 10**6
+        out.append(Span(
+            trace_id=struct.pack(">QQ", hi, lo), span_id=struct.pack(">Q", sid), name="llm_request",
+            start_time_unix_nano=start, end_time_unix_nano=start + 10**9 + ms,
+            attributes=[_kv("gen_ai.latency.time_to_first_token", 0.1 + ms / 1e4),
+                        _kv("gen_ai.latency.time_in_queue", ms / 1e5),
+                        _kv("gen_ai.usage.completion_tokens", output_tokens),
+                        _kv("gen_ai.usage.prompt_tokens", 100 + ms),
+                        _kv("gen_ai.request.id", f"cmpl-{hi:016x}{sid:016x}"),
+                        _kv("gen_ai.response.model", "m" if ms % 3 else "m2")]))
+    req = ExportTraceServiceRequest(resource_spans=[ResourceSpans(
+        resource=Resource(attributes=[_kv("host.name", node), _kv("service.name", "vllm")]),
+        scope_spans=[ScopeSpans(spans=out)])])
+    return req.SerializeToString()
+
+
+def _reference(body: bytes) -> IngestBatch:
+    return decode_spans(ExportTraceServiceRequest.FromString(body))
+
+
+def _fast(body: bytes) -> IngestBatch:
+    batch = fast_spans.decode(body)
+    assert batch is not None, "the compiled decoder declined a plain export"
+    return batch
+
+
+def _bits(v: object) -> object:
+    return struct.pack("<d", v) if isinstance(v, float) else v
+
+
+def _rows(batch: IngestBatch) -> list[tuple[object, ...]]:
+    r = batch.requests
+    return sorted((tuple(_bits(r.data[c][i]) for c in REQUEST_COLUMNS) for i in range(len(r))), key=repr)
+
+
+def _stored(store: Store) -> list[tuple[object, ...]]:
+    cols = ", ".join(f"r.{c}" if c != "node" else "n.name" for c in REQUEST_COLUMNS)
+    with store.reader() as cur:
+        rows = cur.execute(f"SELECT {cols} FROM requests r JOIN nodes n USING (node_id)").fetchall()
+    return sorted((tuple(_bits(v) for v in row) for row in rows), key=repr)
+
+
+def _commit_together(store: Store, batches: list[IngestBatch]) -> list[Future[None]]:
+    """The batches in one group commit, as the writer makes it when they arrive together."""
+    taken: list[tuple[IngestBatch, Future[None]]] = [(b, Future()) for b in batches]
+    with store._write_lock:
+        store._commit(taken)
+    return [f for _, f in taken]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "s.duckdb", linger_s=0.0)
+    yield s
+    s.close()
+
+
+SPANS = [(0xA000 + i, 0xB000 + 7 * i, 0xC000 + 3 * i, i) for i in range(40)]
+
+
+@needs_fast_path
+def test_the_decoder_gives_an_arrow_table_of_the_stores_types_and_the_same_lists_to_whoever_reads_them() -> None:
+    body = _body(SPANS)
+    fast, ref = _fast(body), _reference(body)
+    assert isinstance(fast.requests, ArrowRows)
+    table = fast.requests.table
+    assert table is not None and len(fast.requests) == 40 and fast.row_count() == 40
+    # what the store made of the lists before: the same schema and values, so the two can share a commit
+    assert table.equals(duckdb_store._arrow(ref.requests), check_metadata=True)
+    assert fast.requests.data == ref.requests.data
+    assert fast.requests.table is None  # read as lists: the lists are the rows from now on
+
+
+def test_arrow_rows_changed_through_their_lists_are_stored_as_changed(store: Store) -> None:
+    ref = _reference(_body(SPANS[:5]))
+    rows = ArrowRows(REQUEST_COLUMNS, duckdb_store._arrow(ref.requests))
+    rows.data["request_id"][0] = "changed"  # a caller edits the lists: the table must not be stored instead
+    rows.append(*(ref.requests.data[c][1] for c in REQUEST_COLUMNS[:6]), "f" * 32, "e" * 16,
+                *(ref.requests.data[c][1] for c in REQUEST_COLUMNS[8:]))
+    assert rows.table is None and len(rows) == 6
+    batch = IngestBatch()
+    batch.requests = rows
+    store.write(batch)
+    stored = _stored(store)
+    assert len(stored) == 6 and _rows(batch) == stored
+    assert any(r[REQUEST_COLUMNS.index("request_id")] == "changed" for r in stored)
+    with pytest.raises(ValueError, match="columns"):
+        ArrowRows(("start_ns",), duckdb_store._arrow(ref.requests))
+
+
+@needs_fast_path
+def test_a_group_commit_of_arrow_and_list_batches_stores_every_value_exactly(store: Store) -> None:
+    a = _fast(_body(SPANS[:20]))
+    b = _reference(_body(SPANS[20:30], node="node-2"))  # lists (the JSON path, importers)
+    c = _fast(_body(SPANS[30:], node="node-3", output_tokens=1))
+    futures = _commit_together(store, [a, b, c])
+    assert all(f.result(0) is None for f in futures)
+    want = sorted(_rows(_reference(_body(SPANS[:20]))) + _rows(b)
+                  + _rows(_reference(_body(SPANS[30:], node="node-3", output_tokens=1))), key=repr)
+    assert _stored(store) == want
+    assert store.stats.rows == 40 and store.stats.transactions == 1
+
+
+@needs_fast_path
+def test_a_re_sent_export_is_stored_once_and_only_its_new_spans_are_added(store: Store) -> None:
+    store.write(_fast(_body(SPANS[:10])))
+    store.write(_fast(_body(SPANS[:10])))  # retried whole
+    # retried with new spans, and near misses: the same trace with another span, the same span id in another
+    # trace, a trace differing only in its high word
+    near = [(SPANS[0][0], SPANS[0][1], 0xFFFF, 0), (0x1, SPANS[1][1], SPANS[1][2], 1),
+            (SPANS[2][0] + 1, SPANS[2][1], SPANS[2][2], 2)]
+    store.write(_fast(_body(SPANS[5:15] + near)))
+    stored = _stored(store)
+    assert len(stored) == 18
+    want = sorted(_rows(_reference(_body(SPANS[:15] + near))), key=repr)
+    assert stored == want
+
+
+def test_a_re_sent_export_spanning_a_long_range_of_starts_is_stored_once(store: Store) -> None:
+    """An agent's buffered export after an outage: old and new spans in one batch, 20 minutes apart (the
+    duplicate probe then runs in DuckDB, not over every stored key of the range in numpy)."""
+    late = [(s[0], s[1], s[2], s[3] + 20 * 60 * 1000) for s in SPANS[10:14]]
+    assert duckdb_store._PROBE_IN_PYTHON_NS < 20 * 60 * 10**9
+    store.write(_fast(_body(SPANS[:6] + late)))
+    store.write(_fast(_body(SPANS[:8] + late)))  # retried, with two new old spans
+    stored = _stored(store)
+    assert len(stored) == 12
+    assert stored == sorted(_rows(_reference(_body(SPANS[:8] + late))), key=repr)
+
+
+@needs_fast_path
+def test_a_span_whose_key_hash_equals_a_stored_ones_is_not_taken_for_it(store: Store) -> None:
+    hi, lo, sid = 0x1234, 0x5678, 0x9ABC
+    hi2, sid2 = 0x4321, 0xCBA9
+    m0, m1 = (int(x) for x in duckdb_store._MIX)
+    mask = 2**64 - 1
+    lo2 = (lo ^ (hi * m0 & mask) ^ (sid * m1 & mask)) ^ (hi2 * m0 & mask) ^ (sid2 * m1 & mask)
+    words = [np.array([x], dtype=np.uint64) for x in (hi, lo, sid)]
+    other = [np.array([x], dtype=np.uint64) for x in (hi2, lo2, sid2)]
+    assert duckdb_store._key_hash(*words)[0] == duckdb_store._key_hash(*other)[0]  # a collision indeed
+    table = pa.table({"trace_hi": pa.array(other[0]), "trace_lo": pa.array(other[1]), "span_bin": pa.array(other[2])})
+    stored = {"trace_hi": words[0], "trace_lo": words[1], "span_bin": words[2]}
+    assert not duckdb_store._stored_already(table, stored).any()
+    assert duckdb_store._stored_already(table, {k: table[k].to_numpy() for k in stored}).all()
+    store.write(_fast(_body([(hi, lo, sid, 0), (1, 2, 3, 5)])))
+    store.write(_fast(_body([(hi2, lo2, sid2, 1), (1, 2, 3, 5)])))  # the collision is new, (1, 2, 3) is not
+    assert len(_stored(store)) == 3
+
+
+@needs_fast_path
+def test_a_failed_group_commit_stores_nothing_of_its_arrow_batches(store: Store) -> None:
+    good = _fast(_body(SPANS[:10]))
+    bad = _reference(_body(SPANS[10:12]))
+    bad.requests.data["prompt_tokens"] = [2**40, 1]  # over the INTEGER column (an importer's): the commit fails
+    futures = _commit_together(store, [good, bad])
+    for f in futures:
+        with pytest.raises(StoreError):
+            f.result(0)
+    assert _stored(store) == [] and store.stats.failed_transactions == 1
+    assert isinstance(good.requests, ArrowRows) and good.requests.table is not None  # still whole: a retry
+    store.write(good)
+    assert _stored(store) == _rows(_reference(_body(SPANS[:10])))
+
+
+def _ids(rng: np.random.Generator, n: int, kind: str, odd_share: float) -> list[str | None]:
+    """Ids of one shape a batch, with ``odd_share`` of others: upper case, a wrong character, one shorter,
+    None."""
+    out: list[str | None] = []
+    for _ in range(n):
+        digits = "".join(rng.choice(list("0123456789abcdef"), 32))
+        x: str | None = {"trace": digits, "span": digits[:16], "request": f"cmpl-{digits}",
+             "uuid": f"chatcmpl-{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}",
+             "suffixed": f"cmpl-{digits}-0"}[kind]
+        odd = rng.random() / odd_share if odd_share else 1.0
+        if odd < 0.3:
+            assert x is not None
+            x = x.upper()
+        elif odd < 0.6:
+            assert x is not None
+            i = int(rng.integers(0, len(x)))
+            x = x[:i] + "g" + x[i + 1:]
+        elif odd < 0.8:
+            assert x is not None
+            x = x[:-1]
+        elif odd < 1.0:
+            x = None
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ids_read_as_one_block_are_the_words_read_digit_by_digit(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 300))
+    clean = seed % 2 == 0  # every id of the usual shape (the block path), or a few odd ones among them
+    kinds = ("request", "uuid", "suffixed")[seed % 3]
+
+    def column(kind: str) -> list[str | None]:
+        return _ids(rng, n, kind, 0.0 if clean else 0.1)
+
+    table = pa.table({
+        "start_ns": pa.array(np.arange(n, dtype=np.int64) + T0), "end_ns": pa.array(np.arange(n, dtype=np.int64) + T0),
+        "node_id": pa.array(np.ones(n, dtype=np.int32)), **{c: pa.nulls(n, pa.string())
+                                                             for c in ("service", "model", "engine")},
+        "trace_id": pa.array(column("trace"), pa.string()), "span_id": pa.array(column("span"), pa.string()),
+        "request_id": pa.array(column(kinds), pa.string()),
+        **{c: pa.nulls(n, pa.float64()) for c in ("ttft_s", "tpot_s", "e2e_s", "queue_s", "prefill_s", "decode_s",
+                                                  "inference_s")},
+        "prompt_tokens": pa.nulls(n, pa.int32()), "output_tokens": pa.nulls(n, pa.int32()),
+        "finish_reason": pa.nulls(n, pa.string()), "pid": pa.nulls(n, pa.int32()),
+        **{c: pa.nulls(n, pa.string()) for c in ("container_id", "pod_uid", "pod", "namespace", "gpu_uuids")}})
+    fast = duckdb_store.request_rows(table)
+    used: list[bool] = []
+    block = duckdb_store._hex_words_evenly_spaced
+
+    def spy(*a: object, **k: object) -> object:
+        r = block(*a, **k)  # type: ignore[arg-type]
+        used.append(r is not None)
+        return r
+
+    monkeypatch.setattr(duckdb_store, "_hex_words_evenly_spaced", spy)
+    duckdb_store.request_rows(table)
+    if clean:
+        assert used and all(used[:2])  # trace and span ids of one length: read as one block
+    monkeypatch.setattr(duckdb_store, "_hex_words_evenly_spaced", lambda *a, **k: None)
+    assert duckdb_store.request_rows(table).equals(fast)
