@@ -171,6 +171,15 @@ def test_a_re_sent_export_spanning_a_long_range_of_starts_is_stored_once(store: 
     assert stored == sorted(_rows(_reference(_body(SPANS[:8] + late))), key=repr)
 
 
+def test_an_export_and_its_retry_in_one_group_commit_are_stored_once(store: Store) -> None:
+    """A client retries an export the writer has not committed yet: both land in one transaction."""
+    first, retry = _fast(_body(SPANS[:6])), _fast(_body(SPANS[3:9]))
+    lists = _reference(_body(SPANS[:2]))  # and a batch of lists with two of the same spans
+    assert all(f.exception() is None for f in _commit_together(store, [first, retry, lists]))
+    stored = _stored(store)
+    assert stored == sorted(_rows(_reference(_body(SPANS[:9]))), key=repr)
+
+
 @needs_fast_path
 def test_a_span_whose_key_hash_equals_a_stored_ones_is_not_taken_for_it(store: Store) -> None:
     hi, lo, sid = 0x1234, 0x5678, 0x9ABC

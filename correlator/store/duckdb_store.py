@@ -238,6 +238,21 @@ def _key_hash(hi: np.ndarray, lo: np.ndarray, span: np.ndarray) -> np.ndarray:
 _PROBE_IN_PYTHON_NS = 300 * 10**9
 
 
+def _repeated_in_batch(table: pa.Table) -> np.ndarray | None:
+    """Rows of ``table`` (every id a number) whose (trace_hi, trace_lo, span_bin) an earlier row of it has (an
+    export and its retry in one group commit), or None when there are none."""
+    n = table.num_rows
+    keys = np.empty((n, 3), dtype=np.uint64)
+    for k, c in enumerate(("trace_hi", "trace_lo", "span_bin")):
+        keys[:, k] = np.asarray(table[c].to_numpy(zero_copy_only=False), dtype=np.uint64)
+    _, first = np.unique(keys, axis=0, return_index=True)  # the first row of each key
+    if len(first) == n:
+        return None
+    repeated = np.ones(n, dtype=bool)
+    repeated[first] = False
+    return repeated
+
+
 def _stored_already(table: pa.Table, stored: dict[str, np.ndarray]) -> np.ndarray:
     """Which rows of ``table`` (request_rows' columns, every id a number) have their (trace_hi, trace_lo,
     span_bin) among ``stored``'s, exactly: the keys' hashes find the candidates, which are then compared
@@ -767,6 +782,11 @@ class Store:
             span = pc.min_max(table["start_ns"])
             lo, hi = int(span["min"].as_py()), int(span["max"].as_py())
             numeric = table["trace_hi"].null_count == 0 and table["span_bin"].null_count == 0
+            if numeric:
+                # a retry in the same group commit as its original: its spans are stored once too
+                repeated = _repeated_in_batch(table)
+                if repeated is not None:
+                    table = table.filter(pa.array(~repeated))
             if numeric and hi - lo > _PROBE_IN_PYTHON_NS:
                 # a batch over a long span of starts (a buffered export of old spans with new ones): the stored
                 # keys in that range are many, so the anti-join stays in DuckDB
