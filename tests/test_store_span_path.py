@@ -192,8 +192,9 @@ def test_a_span_whose_key_hash_equals_a_stored_ones_is_not_taken_for_it(store: S
     assert duckdb_store._key_hash(*words)[0] == duckdb_store._key_hash(*other)[0]  # a collision indeed
     table = pa.table({"trace_hi": pa.array(other[0]), "trace_lo": pa.array(other[1]), "span_bin": pa.array(other[2])})
     stored = {"trace_hi": words[0], "trace_lo": words[1], "span_bin": words[2]}
-    assert not duckdb_store._stored_already(table, stored).any()
-    assert duckdb_store._stored_already(table, {k: table[k].to_numpy() for k in stored}).all()
+    assert not duckdb_store._stored_already(duckdb_store._key_words(table), stored).any()
+    assert duckdb_store._stored_already(duckdb_store._key_words(table),
+                                         {k: table[k].to_numpy() for k in stored}).all()
     store.write(_fast(_body([(hi, lo, sid, 0), (1, 2, 3, 5)])))
     store.write(_fast(_body([(hi2, lo2, sid2, 1), (1, 2, 3, 5)])))  # the collision is new, (1, 2, 3) is not
     assert len(_stored(store)) == 3

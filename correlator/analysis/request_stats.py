@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 
 from correlator.analysis.requests import KEY_COLUMNS, unit_map
-from correlator.store import request_rollups
+from correlator.store import request_rollups, rollups
 
 _ids = itertools.count()
 Series = tuple[np.ndarray, np.ndarray]  # bucket start times (ns), values
@@ -89,7 +89,9 @@ class RequestScope:
         self._where, self._params = " AND ".join(where), params
         # the params of the filters alone (the summaries' queries have no $start/$end; DuckDB refuses extras)
         self._filter_params = {k: v for k, v in params.items() if k not in ("start", "end")}
-        self._filters = filters
+        # the same conditions appended to a raw read of ``requests`` over part of a long window
+        self._filter_sql = "".join(f" AND {f}" for f in filters)
+        self._known_sql = " AND end_ns <= $known" if known_by_ns is not None else ""
         self._known = known_by_ns
         self._summarised: tuple[int | None] | None = None  # (summaries' end,) once read
         keys_sql = f"SELECT DISTINCT {', '.join(KEY_COLUMNS)} FROM requests WHERE {self._where}"
@@ -97,7 +99,7 @@ class RequestScope:
             # a long scope: its keys from the per-minute summaries where they stand for the requests
             cols = ", ".join(KEY_COLUMNS)
             src, sp = self._long_source(start_ns, end_ns + 1, f"SELECT {cols} FROM request_minutes", "minute_ns",
-                                        request_rollups.MINUTE_NS, lambda raw: f"SELECT {cols} FROM {raw}")
+                                        rollups.MINUTE_NS, lambda raw: f"SELECT {cols} FROM {raw}")
             keys_sql = f"SELECT DISTINCT * FROM ({src})"
             params = {**self._filter_params, **sp}
         keys = pl.from_arrow(cur.sql(
@@ -140,17 +142,16 @@ class RequestScope:
         """SQL of the scope's requests that started in [lo_ns, hi_ns): ``summary_select`` (``SELECT ... FROM``
         a summary table) over the whole steps the summaries hold, ``raw_select(source)`` over ``requests``
         elsewhere (``source``: the table and its condition), UNION ALL; with its bound params."""
-        rolled, raw = request_rollups.split(lo_ns, hi_ns, self._summarised_until(), step_ns)
+        rolled, raw = rollups.split_window(lo_ns, hi_ns, self._summarised_until(), step_ns)
         parts: list[str] = []
         params: dict[str, object] = {}
-        filters = "".join(f" AND {f}" for f in self._filters)
+        filters = self._filter_sql
         if rolled is not None:
             parts.append(f"{summary_select} WHERE {time_col} >= $s{tag}a AND {time_col} < $s{tag}b{filters}")
             params.update({f"s{tag}a": rolled[0], f"s{tag}b": rolled[1]})
-        known = " AND end_ns <= $known" if self._known is not None else ""
         for k, (a, b) in enumerate(raw):
             parts.append(raw_select(
-                f"requests WHERE start_ns >= $x{tag}{k}a AND start_ns < $x{tag}{k}b{filters}{known}"))
+                f"requests WHERE start_ns >= $x{tag}{k}a AND start_ns < $x{tag}{k}b{filters}{self._known_sql}"))
             params.update({f"x{tag}{k}a": a, f"x{tag}{k}b": b})
         if not parts:  # an empty range: no rows, the columns of the raw select
             parts.append(raw_select(f"requests WHERE false{filters}"))
@@ -170,10 +171,10 @@ class RequestScope:
         return f"JOIN {self._map_name} m ON {on}"
 
     @contextmanager
-    def _unit_map(self, always: bool = False) -> Iterator[None]:
+    def _unit_map(self) -> Iterator[None]:
         """The key→replica map registered for :attr:`_map_join` while a query runs (when :meth:`_from` joins
-        it, or ``always``)."""
-        if not (self._joined or always):
+        it)."""
+        if not self._joined:
             yield
             return
         self.cur.register(self._map_name, self._map)
@@ -291,7 +292,7 @@ class RequestScope:
         metric = np.asarray(b["metric"], dtype=np.int64)
         bins = np.asarray(b["bin"], dtype=np.int64)
         counts = np.asarray(b["n"], dtype=np.int64)
-        codes = np.unique(units, return_inverse=True)[1].astype(np.int64)
+        codes = group_codes(units)
         qmap: dict[tuple[str, int], dict[float, float | None]] = {}
         for m, wanted in ((0, qs), (1, qs), (2, [0.9]), (3, [0.5])):
             sel = metric == m
@@ -355,7 +356,7 @@ class RequestScope:
         keys = ", ".join(cols)
         src, sp = self._long_source(
             lo_ns, hi_ns, f"SELECT {keys}, n, n_ttft, sum_ttft, n_tpot, sum_tpot, output_tokens FROM request_minutes",
-            "minute_ns", rr.MINUTE_NS, lambda raw: f"SELECT {keys}, {rr.SUMS} FROM {raw} GROUP BY ALL", "m")
+            "minute_ns", rollups.MINUTE_NS, lambda raw: f"SELECT {keys}, {rr.SUMS} FROM {raw} GROUP BY ALL", "m")
         sums = ["n", "n_ttft", "n_tpot", "sum_ttft", "sum_tpot", "output_tokens"]
         df = self._long_frame(
             f"SELECT {keys}, sum(n)::BIGINT AS n, sum(n_ttft)::BIGINT AS n_ttft, sum(n_tpot)::BIGINT AS n_tpot, "
@@ -370,15 +371,15 @@ class RequestScope:
         ``request_rollups.METRICS``), ``bin``, ``n``; sorted by group, metric, bin (as
         ``quantiles_from_bins`` needs). Whole hours from ``request_bins`` where complete, the rest binned
         from the requests with the writer's SQL."""
-        rr = request_rollups
         cols = self._long_columns(unit, by)
         keys = ", ".join(cols)
         ms = ", ".join(str(int(m)) for m in metrics)
         src, bp = self._long_source(
             lo_ns, hi_ns, f"SELECT {keys}, metric, bin, n FROM request_bins",
-            "hour_ns", rr.HOUR_NS,
-            lambda raw: f"SELECT {keys}, metric, bin, count(*)::INTEGER AS n FROM ({_binned(raw, metrics, keys)}) "
-                        "GROUP BY ALL", "h")
+            "hour_ns", rollups.HOUR_NS,
+            # the raw edge binned as the writer bins, only the metrics asked for (binning costs per metric)
+            lambda raw: f"SELECT {keys}, metric, bin, count(*)::INTEGER AS n "
+                        f"FROM ({request_rollups.binned(raw, keys, metrics)}) GROUP BY ALL", "h")
         df = self._long_frame(f"SELECT {keys}, metric, bin, sum(n)::BIGINT AS n FROM ({src}) WHERE metric IN ({ms}) "
                               "GROUP BY ALL",
                               {**self._filter_params, **bp}, unit, by, cols, ["n"], ["metric", "bin"])
@@ -388,24 +389,21 @@ class RequestScope:
         """The exact first start (ns) of each group of the key columns ``by`` among the requests that started
         in [lo_ns, hi_ns): each group's first minute from the per-minute summaries, then only those minutes
         of the requests (usually one minute, not the window)."""
-        rr = request_rollups
         cols = ", ".join(by)
         self._long_columns(False, by)
         src, sp = self._long_source(
-            lo_ns, hi_ns, f"SELECT {cols}, minute_ns AS t FROM request_minutes", "minute_ns", rr.MINUTE_NS,
-            lambda raw: f"SELECT {cols}, min(start_ns) // {rr.MINUTE_NS} * {rr.MINUTE_NS} AS t FROM {raw} "
+            lo_ns, hi_ns, f"SELECT {cols}, minute_ns AS t FROM request_minutes", "minute_ns", rollups.MINUTE_NS,
+            lambda raw: f"SELECT {cols}, min(start_ns) // {rollups.MINUTE_NS} * {rollups.MINUTE_NS} AS t FROM {raw} "
                         "GROUP BY ALL", "f")
         minutes = sorted({int(r[0]) for r in self.cur.execute(
             f"SELECT min(t) FROM ({src}) GROUP BY ALL", {**self._filter_params, **sp}).fetchall()})
         if not minutes:
             return {}
-        filters = "".join(f" AND {f}" for f in self._filters)
-        known = " AND end_ns <= $known" if self._known is not None else ""
         parts, params = [], {}
         for k, m in enumerate(minutes):
             parts.append(f"SELECT {cols}, start_ns FROM requests WHERE start_ns >= $a{k} AND start_ns < $b{k}"
-                         f"{filters}{known}")
-            params.update({f"a{k}": max(m, lo_ns), f"b{k}": min(m + rr.MINUTE_NS, hi_ns)})
+                         f"{self._filter_sql}{self._known_sql}")
+            params.update({f"a{k}": max(m, lo_ns), f"b{k}": min(m + rollups.MINUTE_NS, hi_ns)})
         rows = self.cur.execute(
             f"SELECT {cols}, min(start_ns) FROM ({' UNION ALL '.join(parts)}) GROUP BY ALL",
             {**self._filter_params, **params}).fetchall()
@@ -434,26 +432,24 @@ class RequestScope:
 
         Over a long range in whole-minute buckets the edges start at the minute ``t0_ns`` falls in (the
         requests still from ``t0_ns`` on), and whole minutes are counted from the per-minute summaries."""
-        mn = request_rollups.MINUTE_NS
+        mn = rollups.MINUTE_NS
         long = t1_ns - t0_ns > request_rollups.LONG_WINDOW_NS and bucket_ns % mn == 0
-        first = request_rollups.floor_to(t0_ns, mn) if long else t0_ns
+        first = rollups.floor_to(t0_ns, mn) if long else t0_ns
         edges = np.arange(first, t1_ns + 1, bucket_ns, dtype=np.int64)
         if len(edges) < 2:
             return edges, {}
         nb = len(edges) - 1
         params = {"t0": first, "bucket": bucket_ns, "last": nb - 1}
         if long:
-            cols = ", ".join(KEY_COLUMNS)
+            cols = self._long_columns(True, ())
+            keys = ", ".join(cols)
             src, sp = self._long_source(
-                t0_ns, int(edges[-1]) + 1, f"SELECT {cols}, minute_ns, n FROM request_minutes", "minute_ns", mn,
-                lambda raw: f"SELECT {cols}, start_ns // {mn} * {mn} AS minute_ns, count(*) AS n FROM {raw} "
+                t0_ns, int(edges[-1]) + 1, f"SELECT {keys}, minute_ns, n FROM request_minutes", "minute_ns", mn,
+                lambda raw: f"SELECT {keys}, start_ns // {mn} * {mn} AS minute_ns, count(*) AS n FROM {raw} "
                             "GROUP BY ALL", "a")
-            with self._unit_map(always=True):
-                df = pl.from_arrow(self.cur.sql(
-                    f"SELECT m.unit, least((r.minute_ns - $t0) // $bucket, $last) AS k, sum(r.n) AS n "
-                    f"FROM ({src}) r {self._map_join} GROUP BY ALL",
-                    params={**self._filter_params, **sp, **params}).to_arrow_table())
-            assert isinstance(df, pl.DataFrame)
+            df = self._long_frame(
+                f"SELECT {keys}, least((minute_ns - $t0) // $bucket, $last) AS k, sum(n)::BIGINT AS n "
+                f"FROM ({src}) GROUP BY ALL", {**self._filter_params, **sp, **params}, True, (), cols, ["n"], ["k"])
         else:
             src, key = self._from("start_ns >= $t0 AND start_ns <= $tend")
             unit = " AS unit" if self._joined else ""
@@ -482,22 +478,6 @@ def _stat(v: tuple[Any, ...], qs: list[float]) -> WindowStat:
 
 def _qmap(values: list[float | None] | None, qs: list[float]) -> dict[float, float | None]:
     return dict(zip(qs, values, strict=True)) if values is not None else dict.fromkeys(qs)
-
-
-# the SQL of each binned metric, by its number in ``request_bins.metric``
-_METRIC_SQL = {num: request_rollups.PREFILL_PER_TOKEN if name == "prefill_per_token_s" else name
-               for name, num in request_rollups.METRICS.items()}
-
-
-def _binned(source: str, metrics: tuple[int, ...], key: str) -> str:
-    """:func:`request_rollups.binned` (the writer's SQL) of only the ``metrics`` (their numbers): binning the
-    raw edge of a long window costs per metric."""
-    if set(metrics) >= set(_METRIC_SQL):
-        return request_rollups.binned(source, key)
-    ms = sorted(set(metrics))
-    bins = ", ".join(request_rollups.bin_sql(_METRIC_SQL[m]) for m in ms)
-    return (f"SELECT * FROM (SELECT {key}, unnest([{', '.join(str(int(m)) for m in ms)}]) "
-            f"AS metric, unnest([{bins}]) AS bin FROM {source}) WHERE bin IS NOT NULL")
 
 
 def group_codes(*columns: np.ndarray) -> np.ndarray:

@@ -238,14 +238,20 @@ def _key_hash(hi: np.ndarray, lo: np.ndarray, span: np.ndarray) -> np.ndarray:
 _PROBE_IN_PYTHON_NS = 300 * 10**9
 
 
-def _repeated_in_batch(table: pa.Table) -> np.ndarray | None:
-    """Rows of ``table`` (every id a number) whose (trace_hi, trace_lo, span_bin) an earlier row of it has (an
-    export and its retry in one group commit), or None when there are none."""
-    n = table.num_rows
-    keys = np.empty((n, 3), dtype=np.uint64)
-    for k, c in enumerate(("trace_hi", "trace_lo", "span_bin")):
-        keys[:, k] = np.asarray(table[c].to_numpy(zero_copy_only=False), dtype=np.uint64)
-    _, first = np.unique(keys, axis=0, return_index=True)  # the first row of each key
+_KEY_COLUMNS = ("trace_hi", "trace_lo", "span_bin")  # a request's (trace, span) when every id is a number
+
+
+def _key_words(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (trace_hi, trace_lo, span_bin) words of ``table``'s rows (request_rows' columns, every id a number)."""
+    hi, lo, span = (np.asarray(table[c].to_numpy(zero_copy_only=False), dtype=np.uint64) for c in _KEY_COLUMNS)
+    return hi, lo, span
+
+
+def _repeated_in_batch(words: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray | None:
+    """Rows whose key (:func:`_key_words`) an earlier row has (an export and its retry in one group commit),
+    or None when there are none."""
+    n = len(words[0])
+    _, first = np.unique(np.stack(words, axis=1), axis=0, return_index=True)  # the first row of each key
     if len(first) == n:
         return None
     repeated = np.ones(n, dtype=bool)
@@ -253,13 +259,10 @@ def _repeated_in_batch(table: pa.Table) -> np.ndarray | None:
     return repeated
 
 
-def _stored_already(table: pa.Table, stored: dict[str, np.ndarray]) -> np.ndarray:
-    """Which rows of ``table`` (request_rows' columns, every id a number) have their (trace_hi, trace_lo,
-    span_bin) among ``stored``'s, exactly: the keys' hashes find the candidates, which are then compared
-    whole."""
-    words = [np.asarray(table[c].to_numpy(zero_copy_only=False), dtype=np.uint64)
-             for c in ("trace_hi", "trace_lo", "span_bin")]
-    have = [np.asarray(stored[c], dtype=np.uint64) for c in ("trace_hi", "trace_lo", "span_bin")]
+def _stored_already(words: tuple[np.ndarray, np.ndarray, np.ndarray], stored: dict[str, np.ndarray]) -> np.ndarray:
+    """Which rows (keys: :func:`_key_words`) have their key among ``stored``'s columns, exactly: the keys'
+    hashes find the candidates, which are then compared whole."""
+    have = [np.asarray(stored[c], dtype=np.uint64) for c in _KEY_COLUMNS]
     mine, theirs = _key_hash(*words), _key_hash(*have)
     order = np.sort(mine)
     at = np.minimum(np.searchsorted(order, theirs), len(order) - 1)
@@ -562,14 +565,14 @@ class Store:
         watermark. True when it wrote one."""
         if self.read_only or not self.roll_up_enabled or self._newest_request_ns is None:
             return False
-        hour = request_rollups.HOUR_NS
+        hour = rollups.HOUR_NS
         start = self._requests_rolled_until
         if start is None:
             row = self._con.execute("SELECT min(start_ns) FROM request_rows").fetchall()
             if not row or row[0][0] is None:
                 return False
-            start = self._requests_rolled_until = request_rollups.floor_to(int(row[0][0]), hour)
-        if request_rollups.floor_to(self._newest_request_ns - request_rollups.GRACE_NS, hour) <= start:
+            start = self._requests_rolled_until = rollups.floor_to(int(row[0][0]), hour)
+        if rollups.floor_to(self._newest_request_ns - request_rollups.GRACE_NS, hour) <= start:
             return False
         end = start + hour
         cur = self._con.cursor()
@@ -599,10 +602,10 @@ class Store:
         oldest = pc.min(start_ns).as_py()
         if until is None or oldest is None or oldest >= until:
             return
-        hour = request_rollups.HOUR_NS
+        hour = rollups.HOUR_NS
         late = pc.filter(start_ns, pc.less(start_ns, until))
-        lo = request_rollups.floor_to(int(pc.min(late).as_py()), hour)
-        hi = min(until, request_rollups.floor_to(int(pc.max(late).as_py()), hour) + hour)
+        lo = rollups.floor_to(int(pc.min(late).as_py()), hour)
+        hi = min(until, rollups.floor_to(int(pc.max(late).as_py()), hour) + hour)
         request_rollups.roll_up(cur, lo, hi)
         self.stats.late_request_rollups += 1
 
@@ -783,35 +786,27 @@ class Store:
             lo, hi = int(span["min"].as_py()), int(span["max"].as_py())
             numeric = table["trace_hi"].null_count == 0 and table["span_bin"].null_count == 0
             if numeric:
-                # a retry in the same group commit as its original: its spans are stored once too
-                repeated = _repeated_in_batch(table)
+                # every id a number (what the decoder makes; such an id is never also stored as text): a retry
+                # in the same group commit as its original is stored once too
+                words = _key_words(table)
+                repeated = _repeated_in_batch(words)
                 if repeated is not None:
                     table = table.filter(pa.array(~repeated))
-            if numeric and hi - lo > _PROBE_IN_PYTHON_NS:
-                # a batch over a long span of starts (a buffered export of old spans with new ones): the stored
-                # keys in that range are many, so the anti-join stays in DuckDB
-                cur.register("_batch_requests", table)
-                try:
-                    names = ", ".join(REQUEST_ROW_COLUMNS)
-                    cur.execute(
-                        f"INSERT INTO request_rows ({names}) SELECT {names} FROM _batch_requests b WHERE NOT EXISTS"
-                        f" (SELECT 1 FROM request_rows r WHERE r.start_ns BETWEEN {lo} AND {hi}"
-                        " AND r.trace_lo = b.trace_lo AND r.trace_hi = b.trace_hi AND r.span_bin = b.span_bin)")
-                finally:
-                    cur.unregister("_batch_requests")
-            elif numeric:
-                # every id a number (what the decoder makes): such an id is never also stored as text; the
-                # stored keys of the batch's few seconds or minutes of starts are fetched and probed here
+                    words = _key_words(table)
+            if numeric and hi - lo <= _PROBE_IN_PYTHON_NS:
+                # a few seconds or minutes of starts: the stored keys of that range are probed here
                 stored = cur.execute(
                     "SELECT trace_hi, trace_lo, span_bin FROM request_rows WHERE start_ns BETWEEN"
                     f" {lo} AND {hi} AND trace_hi IS NOT NULL AND trace_lo IS NOT NULL AND span_bin IS NOT NULL"
                 ).fetchnumpy()
                 if len(stored["trace_hi"]):
-                    keep = ~_stored_already(table, stored)
+                    keep = ~_stored_already(words, stored)
                     if not keep.all():
                         table = table.filter(pa.array(keep))
                 self._append_requests(cur, table)
             else:
+                # ids as text or missing, or a batch over a long span of starts (a buffered export of old spans
+                # with new ones: many stored keys in its range): the anti-join in DuckDB
                 cur.register("_batch_requests", table)
                 try:
                     names = ", ".join(REQUEST_ROW_COLUMNS)
@@ -940,9 +935,9 @@ class Store:
             # the hour the cut falls in lost its summaries with its first part: summarise what is left of it
             with self._write_lock:
                 until = self._requests_rolled_until
-                hour = request_rollups.floor_to(older_than_ns, request_rollups.HOUR_NS)
+                hour = rollups.floor_to(older_than_ns, rollups.HOUR_NS)
                 if not self.read_only and until is not None and older_than_ns < until:
-                    request_rollups.roll_up(cur, hour, min(hour + request_rollups.HOUR_NS, until))
+                    request_rollups.roll_up(cur, hour, min(hour + rollups.HOUR_NS, until))
         return out
 
     def export_parquet(self, directory: str | os.PathLike[str]) -> list[str]:

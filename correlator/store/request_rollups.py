@@ -26,8 +26,8 @@ from __future__ import annotations
 import duckdb
 import numpy as np
 
-MINUTE_NS = 60 * 10**9
-HOUR_NS = 60 * MINUTE_NS
+from correlator.store.rollups import HOUR_NS, MINUTE_NS
+
 GRACE_NS = 10 * MINUTE_NS
 LONG_WINDOW_NS = 3 * HOUR_NS  # a window longer than this has its percentiles read off the bins
 WATERMARK_KEY = "request_minutes_until_ns"
@@ -63,12 +63,14 @@ def bin_sql(x: str) -> str:
             f"{BINS_PER_E})))::SMALLINT WHEN {x} = 0 THEN ({ZERO_BIN})::SMALLINT END")
 
 
-def binned(source: str, key: str = _KEYS) -> str:
-    """SQL: (``key`` columns, metric, bin) of every latency of the rows of ``source`` (a FROM clause), one row
-    per value that has a bin."""
-    bins = ", ".join(bin_sql(m) for m in _METRIC_SQL)
-    return (f"SELECT * FROM (SELECT {key}, unnest([0, 1, 2, 3]) AS metric, unnest([{bins}]) AS bin FROM {source}) "
-            "WHERE bin IS NOT NULL")
+def binned(source: str, key: str = _KEYS, metrics: tuple[int, ...] = tuple(range(len(_METRIC_SQL)))) -> str:
+    """SQL: (``key`` columns, metric, bin) of the latencies ``metrics`` (their numbers: every one, as the
+    writer keeps them, or those a reader needs of a window's raw edge) of the rows of ``source`` (a FROM
+    clause), one row per value that has a bin."""
+    ms = sorted(set(metrics))
+    bins = ", ".join(bin_sql(_METRIC_SQL[m]) for m in ms)
+    return (f"SELECT * FROM (SELECT {key}, unnest([{', '.join(str(int(m)) for m in ms)}]) AS metric, "
+            f"unnest([{bins}]) AS bin FROM {source}) WHERE bin IS NOT NULL")
 
 
 def roll_up(cur: duckdb.DuckDBPyConnection, lo_ns: int, hi_ns: int) -> None:
@@ -90,14 +92,6 @@ def watermark(cur: duckdb.DuckDBPyConnection) -> int | None:
     return int(row[0][0]) if row else None
 
 
-def floor_to(t_ns: int, step_ns: int) -> int:
-    return t_ns // step_ns * step_ns
-
-
-def ceil_to(t_ns: int, step_ns: int) -> int:
-    return -(-t_ns // step_ns) * step_ns
-
-
 def summarised_until(cur: duckdb.DuckDBPyConnection, known_by_ns: int | None) -> int | None:
     """Up to where the summaries may stand for the requests: the watermark, and, for an answer as known at
     ``known_by_ns``, the first minute with a request that ended after it."""
@@ -108,17 +102,6 @@ def summarised_until(cur: duckdb.DuckDBPyConnection, known_by_ns: int | None) ->
                       {"k": known_by_ns, "u": until}).fetchall()
     first_unknown = row[0][0] if row else None
     return until if first_unknown is None else min(until, int(first_unknown))
-
-
-def split(lo_ns: int, hi_ns: int, until_ns: int | None, step_ns: int
-          ) -> tuple[tuple[int, int] | None, list[tuple[int, int]]]:
-    """[lo_ns, hi_ns) as whole steps to read from a summary (None: none) and the ranges to read raw."""
-    if until_ns is None:
-        return None, [(lo_ns, hi_ns)] if hi_ns > lo_ns else []
-    r0, r1 = ceil_to(lo_ns, step_ns), min(floor_to(hi_ns, step_ns), floor_to(until_ns, step_ns))
-    if r1 <= r0:
-        return None, [(lo_ns, hi_ns)] if hi_ns > lo_ns else []
-    return (r0, r1), [(a, b) for a, b in ((lo_ns, r0), (r1, hi_ns)) if b > a]
 
 
 def quantiles_from_bins(group: np.ndarray, bins: np.ndarray, counts: np.ndarray, qs: list[float]

@@ -54,7 +54,6 @@ GRACE_NS = MINUTE_NS
 QUANTILES = tuple((2 * j + 1) / 16 for j in range(8))
 HOUR_REPS = 16  # representatives of a whole hour (fewer, in proportion, for a part of one)
 LONG_WINDOW_NS = 3 * HOUR_NS  # a window this long takes its gauges' median and MAD from hour blocks
-WATERMARK_KEY = "gpu_minutes_until_ns"
 
 DDL = """
 CREATE TABLE IF NOT EXISTS gpu_minutes (
@@ -125,6 +124,7 @@ SUMMARIES: dict[str, Summary] = {s.table: s for s in (
 CHAINS: dict[str, tuple[str, ...]] = {
     "gpu_samples": ("gpu_minutes", "gpu_hours"), "host_samples": ("host_minutes", "host_hours"),
     "engine_samples": ("engine_minutes", "engine_hours"), "placements": ("placement_minutes",)}
+WATERMARK_KEY = SUMMARIES["gpu_minutes"].watermark_key  # the GPU minutes' (the first summary kept)
 HOURS_OF = {"gpu_minutes": "gpu_hours", "host_minutes": "host_hours", "engine_minutes": "engine_hours"}
 TABLES = tuple(SUMMARIES)
 
@@ -220,25 +220,28 @@ def watermark(cur: duckdb.DuckDBPyConnection, table: str = "gpu_minutes") -> int
     return int(rows[0][0]) if rows and rows[0][0] is not None else None
 
 
+def floor_to(t_ns: int, step_ns: int) -> int:
+    return t_ns // step_ns * step_ns
+
+
+def ceil_to(t_ns: int, step_ns: int) -> int:
+    return -(-t_ns // step_ns) * step_ns
+
+
 def floor_minute(t_ns: int) -> int:
-    return t_ns // MINUTE_NS * MINUTE_NS
-
-
-def ceil_minute(t_ns: int) -> int:
-    return -(-t_ns // MINUTE_NS) * MINUTE_NS
+    return floor_to(t_ns, MINUTE_NS)
 
 
 def split_window(lo_ns: int, hi_ns: int, until_ns: int | None, step_ns: int = MINUTE_NS
                  ) -> tuple[tuple[int, int] | None, list[tuple[int, int]]]:
-    """[lo_ns, hi_ns) as the whole steps to read from a summary (None: none) and the ranges to summarise
-    on the fly."""
+    """[lo_ns, hi_ns) as the whole steps to read from a summary complete before ``until_ns`` (None: none) and
+    the ranges to summarise on the fly (the GPU, host and engine summaries' and the requests')."""
     if until_ns is None:
         return None, [(lo_ns, hi_ns)] if hi_ns > lo_ns else []
-    r0, r1 = -(-lo_ns // step_ns) * step_ns, min(hi_ns // step_ns * step_ns, until_ns)
+    r0, r1 = ceil_to(lo_ns, step_ns), min(floor_to(hi_ns, step_ns), floor_to(until_ns, step_ns))
     if r1 <= r0:
         return None, [(lo_ns, hi_ns)] if hi_ns > lo_ns else []
-    raw = [(a, b) for a, b in ((lo_ns, r0), (r1, hi_ns)) if b > a]
-    return (r0, r1), raw
+    return (r0, r1), [(a, b) for a, b in ((lo_ns, r0), (r1, hi_ns)) if b > a]
 
 
 def range_summaries(cur: duckdb.DuckDBPyConnection, table: str, ranges: list[tuple[int, int, int]],
