@@ -161,7 +161,7 @@ def test_long_windows_take_medians_from_hour_blocks_the_same_at_any_progress(tmp
                 "SELECT value FROM gpu_samples JOIN signals USING (signal_id) WHERE name = 'power_w' AND sub IS NULL "
                 "AND gpu_id = ? AND time_ns >= ? AND time_ns < ?", [gpu["GPU-a"], b0, b1]).fetchall()]
             # the union of the minutes' representatives, as a shorter window takes it
-            sig = {str(n): int(i) for n, i in cur.execute("SELECT name, signal_id FROM signals").fetchall()}
+            sig = rollups.signal_ids(cur)
             src, params = rollups.window_summaries(cur, "gpu_minutes", [(b0, b1)], sig,
                                                    f"signal_id = {sig['power_w']} AND gpu_id = {gpu['GPU-a']}")
             union = np.array(cur.execute(f"SELECT flatten(list(q)) FROM ({src}) WHERE sub IS NULL", params

@@ -121,7 +121,7 @@ def collect(cur: duckdb.DuckDBPyConnection, b0: int, b1: int, i0: int, i1: int) 
     # every series comes from its per-minute summaries (``correlator.store.rollups``: whole minutes from the
     # summary tables, the rest from the samples, the same either way): the baseline is w = 0, the incident
     # w = 1
-    sig = {str(n): int(i) for n, i in cur.execute("SELECT name, signal_id FROM signals").fetchall()}
+    sig = rollups.signal_ids(cur)
     windows = [(b0, b1), (i0, i1 + 1)]
     reasons = ids(["clock_event_reasons"])
 

@@ -79,7 +79,7 @@ def energy_by_gpu(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int) ->
     power, as the mean of its eight quantile representatives, over the part of the window it covers): within
     a fraction of a percent on a steady load, but a gap in the samples counts as no power, where holding
     the last value would count it at that value."""
-    sig = {str(n): int(i) for i, n in cur.execute("SELECT signal_id, name FROM signals").fetchall()}
+    sig = rollups.signal_ids(cur)
     rows: list[tuple[Any, ...]] = []
     if "energy_j" in sig and _long(start_ns, end_ns):
         # [start, end] of the samples' BETWEEN is [start, end + 1) in the summaries' half-open ranges

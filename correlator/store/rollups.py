@@ -201,6 +201,11 @@ def _select(s: Summary, sig: Mapping[str, int], where: str, extra: str = "") -> 
             f"{columns(s.table, sig)} FROM {s.source} WHERE {where} {s.grouping or 'GROUP BY ALL'}")
 
 
+def signal_ids(cur: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """The store's signal ids by name: the ``sig`` every function here takes."""
+    return {str(n): int(i) for n, i in cur.execute("SELECT name, signal_id FROM signals").fetchall()}
+
+
 def roll_up(cur: duckdb.DuckDBPyConnection, table: str, lo_ns: int, hi_ns: int, sig: Mapping[str, int],
             scope_ids: list[int] | None = None) -> int:
     """(Re)writes the summaries in ``table`` of the steps in [lo_ns, hi_ns) (of the GPUs or nodes
