@@ -6,8 +6,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck unit prometheus bench clean
 
-# setup.py builds the span decoder's C fast path (correlator/ingest/_fastspans.c) into the tree
-$(STAMP): pyproject.toml setup.py correlator/ingest/_fastspans.c
+# setup.py builds the OTLP decoders' C fast paths (correlator/ingest/_fastspans.c, _fastmetrics.c) into the tree
+$(STAMP): pyproject.toml setup.py $(wildcard correlator/ingest/_fast*.c correlator/ingest/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'

@@ -321,20 +321,30 @@ def _empty_store_bytes(workdir: Path) -> int:
     return path.stat().st_size
 
 
-def decode_rates(bodies: Sequence[bytes], repeat: int = 3) -> dict[str, Any]:
-    """In-process decode of the span bodies, spans/s on one core: the compiled fast path (as the servers
-    call it: body → rows), the reference path (upb parse + decode_spans) and upb's parse alone."""
-    from correlator.ingest import fast_spans
+def decode_rates(signal: str, bodies: Sequence[bytes], repeat: int = 3) -> dict[str, Any]:
+    """In-process decode of span or metric bodies, rows (request spans, GPU samples) per second on one core:
+    the compiled fast path (as the servers call it: body → rows), the reference path (upb parse + the Python
+    decoder) and upb's parse alone."""
+    from correlator.ingest import fast_metrics, fast_spans
+    from correlator.ingest.otlp_metrics import decode_metrics
     from correlator.ingest.otlp_spans import decode_spans
     from correlator.ingest.payload import parse_message
 
-    n = sum(len(decode_spans(parse_message("traces", b, "protobuf")).requests) for b in bodies)
+    spans = signal == "traces"
+    fast_module: Any = fast_spans if spans else fast_metrics
+    decode_ref: Callable[[Any], Any] = decode_spans if spans else decode_metrics
+
+    def rows(b: bytes) -> int:
+        batch = decode_ref(parse_message(signal, b, "protobuf"))  # type: ignore[arg-type]
+        return len(batch.requests if spans else batch.gpu_samples)
+
+    n = sum(rows(b) for b in bodies)
     paths: dict[str, Callable[[bytes], Any]] = {
-        "pure": lambda b: decode_spans(parse_message("traces", b, "protobuf")),
-        "upb_parse_only": lambda b: parse_message("traces", b, "protobuf"),
+        "pure": lambda b: decode_ref(parse_message(signal, b, "protobuf")),  # type: ignore[arg-type]
+        "upb_parse_only": lambda b: parse_message(signal, b, "protobuf"),  # type: ignore[arg-type]
     }
-    if fast_spans.available():
-        paths["fast"] = fast_spans.decode
+    if fast_module.available():
+        paths["fast"] = fast_module.decode
     best = {k: math.inf for k in paths}
     for _ in range(repeat):  # alternating, the best of each
         for k, f in paths.items():
@@ -342,8 +352,9 @@ def decode_rates(bodies: Sequence[bytes], repeat: int = 3) -> dict[str, Any]:
             for b in bodies:
                 f(b)
             best[k] = min(best[k], time.process_time() - t)
-    out: dict[str, Any] = {f"{k}_spans_per_s": round(n / v) for k, v in best.items() if v > 0}
-    out["fast_path"] = fast_spans.available()
+    unit = "spans" if spans else "points"
+    out: dict[str, Any] = {f"{k}_{unit}_per_s": round(n / v) for k, v in best.items() if v > 0}
+    out["fast_path"] = fast_module.available()
     if "fast" in best and best["fast"] > 0:
         out["speedup"] = round(best["pure"] / best["fast"], 1)
     return out
@@ -356,49 +367,69 @@ def _span_count(body: bytes) -> int:
     return sum(len(ss.spans) for rs in msg.resource_spans for ss in rs.scope_spans)
 
 
-def compare(n_spans: int, concurrency: int, baseline: str, rounds: int, warmup_exports: int = 0) -> dict[str, Any]:
-    """The span phases of this tree and of a baseline (``pure``: this tree without the fast path; else a
-    path to another tree), alternating, on the same payloads; the first ``warmup_exports`` exports of each
-    phase sent before the measurement (left out of it)."""
-    spans = span_bodies(n_spans)
-    warm, spans = spans[:warmup_exports], spans[warmup_exports:]
-    warm_rows = sum(_span_count(b) for b in warm)  # each a request span, none twice: each stored once
-    # another tree runs as it is: its compiled decoder too where it has one built (copy or build it there)
+def compare(n_spans: int, n_cycles: int, concurrency: int, baseline: str, rounds: int, warmup_exports: int = 0,
+            signals: Sequence[str] = ("traces", "metrics")) -> dict[str, Any]:
+    """The span and/or metric phases of this tree and of a baseline (``pure``: this tree without the fast
+    paths; else a path to another tree), alternating, on the same payloads; the first ``warmup_exports``
+    exports of each phase sent before the measurement (left out of it)."""
+    from correlator.ingest.payload import decode
+
+    loads: dict[str, tuple[str, str, str, list[bytes], list[bytes], int]] = {}  # phase → path, method, table, ...
+    if "traces" in signals:
+        spans = span_bodies(n_spans)
+        warm = spans[:warmup_exports]
+        # each a request span, none twice: each stored once
+        loads["spans"] = ("/v1/traces", TRACES, "requests", warm, spans[warmup_exports:],
+                          sum(_span_count(b) for b in warm))
+    if "metrics" in signals:
+        metrics, _ = metric_bodies(n_cycles)
+        warm = metrics[:warmup_exports]
+        loads["metrics"] = ("/v1/metrics", METRICS, "gpu_samples", warm, metrics[warmup_exports:],
+                            sum(len(decode("metrics", b, "application/x-protobuf").gpu_samples) for b in warm))
+    # another tree runs as it is: its compiled decoders too where it has them built (copy or build them there)
     base_tree, base_env = (REPO, {"STACKLENS_PURE_PYTHON": "1"}) if baseline == "pure" else (
         Path(baseline).resolve(), {})
     runs: dict[str, list[dict[str, Any]]] = {}
+
+    def sender(path: str, method: str, bodies: list[bytes], grpc: bool) -> Callable[[int, int], None]:
+        if grpc:
+            return lambda port, c: send_grpc(port, method, bodies, c)
+        return lambda port, c: send_http(port, path, bodies, c)
+
     with tempfile.TemporaryDirectory(prefix="stacklens-ingest-cmp-") as tmp:
         work = Path(tmp)
         for r in range(rounds):
             order = [("this", REPO, {}), ("baseline", base_tree, base_env)]
             for who, tree, env in order if r % 2 == 0 else order[::-1]:
-                for name, send in (("spans_http", lambda port, c: send_http(port, "/v1/traces", spans, c)),
-                                   ("spans_grpc", lambda port, c: send_grpc(port, TRACES, spans, c))):
-                    warm_send = None
-                    if warm:
-                        warm_send = ((lambda port, c: send_grpc(port, TRACES, warm, c)) if "grpc" in name
-                                     else (lambda port, c: send_http(port, "/v1/traces", warm, c)))
-                    res = phase(f"{who}-{name}-{r}", work, "requests", send, concurrency, tree, env, sizes=False,
-                                warmup=warm_send, warm_rows=warm_rows)
-                    runs.setdefault(f"{who} {name}", []).append(res)
+                for load, (path, method, table, warm, bodies, warm_rows) in loads.items():
+                    for transport in ("http", "grpc"):
+                        grpc = transport == "grpc"
+                        res = phase(f"{who}-{load}_{transport}-{r}", work, table, sender(path, method, bodies, grpc),
+                                    concurrency, tree, env, sizes=False,
+                                    warmup=sender(path, method, warm, grpc) if warm else None, warm_rows=warm_rows)
+                        runs.setdefault(f"{who} {load}_{transport}", []).append(res)
     medians = {k: statistics.median(x["rows_per_cpu_s"] for x in v) for k, v in runs.items()}
-    return {"baseline": baseline, "rounds": rounds, "spans": n_spans - warm_rows, "warmup_exports": len(warm),
-            "runs": runs, "median_rows_per_cpu_s": medians,
-            "decode": decode_rates(spans[: max(1, 20_000 // 512)])}
+    decode_figures = {}
+    if "spans" in loads:
+        decode_figures["traces"] = decode_rates("traces", loads["spans"][4][: max(1, 20_000 // 512)])
+    if "metrics" in loads:
+        decode_figures["metrics"] = decode_rates("metrics", loads["metrics"][4][:10])
+    return {"baseline": baseline, "rounds": rounds, "loads": {k: sum(1 for _ in v[4]) for k, v in loads.items()},
+            "warmup_exports": warmup_exports, "runs": runs, "median_rows_per_cpu_s": medians,
+            "decode": decode_figures}
 
 
 def compare_report(doc: dict[str, Any]) -> str:
-    lines = [f"span phases, this tree vs baseline {doc['baseline']!r}, {doc['spans']} spans, {doc['rounds']} rounds"
-             " alternating; rows per CPU-second of the correlator process"
+    lines = [f"this tree vs baseline {doc['baseline']!r}, exports per phase {doc['loads']}, {doc['rounds']} rounds"
+             " alternating; rows (request spans, GPU samples) per CPU-second of the correlator process"
              + (f" (after {doc['warmup_exports']} warm-up exports, left out)" if doc.get("warmup_exports") else ""),
              ""]
     for k, v in doc["runs"].items():
-        lines.append(f"{k:<22}" + "".join(f"{x['rows_per_cpu_s']:>10,}" for x in v)
+        lines.append(f"{k:<24}" + "".join(f"{x['rows_per_cpu_s']:>10,}" for x in v)
                      + f"   median {doc['median_rows_per_cpu_s'][k]:>10,.0f}")
-    d = doc["decode"]
-    lines += ["", "in-process decode, spans/s on one core: " + ", ".join(f"{k} {v:,}" if isinstance(v, int)
-                                                                        and not isinstance(v, bool) else f"{k} {v}"
-                                                                        for k, v in d.items())]
+    for signal, d in doc["decode"].items():
+        lines += ["", f"in-process {signal} decode, rows/s on one core: " + ", ".join(
+            f"{k} {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k} {v}" for k, v in d.items())]
     return "\n".join(lines)
 
 
@@ -422,7 +453,8 @@ def run(n_spans: int, n_cycles: int, concurrency: int) -> dict[str, Any]:
                              lambda port, c: send_grpc(port, METRICS, metrics, c), concurrency))
     span_bytes = sum(map(len, spans)) / n_spans
     return {"machine": {**machine(), "duckdb": duckdb.__version__, "upb": upb_active()},
-            "decode": decode_rates(spans[: max(1, 20_000 // 512)]),
+            "decode": decode_rates("traces", spans[: max(1, 20_000 // 512)]),
+            "decode_metrics": decode_rates("metrics", metrics[:10]),
             "load": {"spans": n_spans, "span_exports": len(spans), "span_bytes_on_wire": round(span_bytes, 1),
                      "metric_cycles_8_gpus": n_cycles, "metric_exports": len(metrics), "points_approx": points,
                      "concurrency": concurrency, "prepare_s": round(prep_s, 1)},
@@ -434,7 +466,8 @@ def report(doc: dict[str, Any]) -> str:
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, DuckDB {m['duckdb']}, "
              f"protobuf upb backend {'active' if m['upb'] else 'NOT active (pure Python: ~20x slower)'}",
              f"load: {json.dumps(doc['load'])}",
-             f"in-process span decode (one core): {json.dumps(doc['decode'])}", "",
+             f"in-process span decode (one core): {json.dumps(doc['decode'])}",
+             f"in-process metric decode (one core): {json.dumps(doc['decode_metrics'])}", "",
              f"{'phase':<14}{'rows':>10}{'wall s':>8}{'CPU s':>8}{'rows/CPU-s':>12}{'rows/wall-s':>12}"
              f"{'cores':>7}{'peak RSS MB':>13}{'B/row duckdb':>14}{'compacted':>11}{'table':>8}{'parquet':>9}"]
     for p in doc["phases"]:
@@ -484,8 +517,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=4, help="exports in flight")
     ap.add_argument("--quick", action="store_true", help="a small run (20k spans, 100 cycles)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
-    ap.add_argument("--compare", metavar="pure|TREE", help="span phases only, against this tree without the fast "
-                    "path (pure) or another tree's stacklens serve, alternating")
+    ap.add_argument("--compare", metavar="pure|TREE", help="ingest phases against this tree without the fast "
+                    "paths (pure) or another tree's stacklens serve, alternating")
+    ap.add_argument("--signals", default="traces,metrics", help="--compare: the phases, traces and/or metrics")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of --compare")
     ap.add_argument("--warmup", type=int, default=0, metavar="EXPORTS",
                     help="--compare: send the first EXPORTS exports of each phase before measuring (the process' "
@@ -494,7 +528,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.spans, args.cycles = 20_000, 100
     if args.compare:
-        cmp = compare(args.spans, args.concurrency, args.compare, args.rounds, args.warmup)
+        cmp = compare(args.spans, args.cycles, args.concurrency, args.compare, args.rounds, args.warmup,
+                      tuple(args.signals.split(",")))
         print(compare_report(cmp))
         if args.json:
             print(json.dumps(cmp, indent=2))

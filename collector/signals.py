@@ -373,6 +373,12 @@ for _es in _ENGINE_CATALOG:
         _ENGINE_BY_SOURCE[_src.replace(":", "_")] = _es
 
 
+def source_names() -> frozenset[str]:
+    """Every metric name that :func:`resolve` (without attributes) or :func:`resolve_engine` maps; any other
+    name maps to nothing (the correlator's compiled decoder learns from this which names it may meet)."""
+    return frozenset((*_BY_OTLP, *(f"stacklens_{n}" for n in SIGNALS), *_BY_DCGM, *_BY_OTEL, *_ENGINE_BY_SOURCE))
+
+
 def resolve_engine(name: str) -> EngineSignal | None:
     """Map a serving-engine metric name (vLLM's, renamed ones included, or GenAI server metrics' _sum and
     _count) to its engine signal, or None."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ from correlator.ingest import fast_spans
 from correlator.ingest.batch import IngestBatch
 from correlator.ingest.otlp_spans import decode_spans
 from correlator.ingest.payload import PayloadError, decode, decode_protobuf, parse_message
+from tests.otlp_wire import assert_same_batch, dbl_any, f64, kv_bytes, ld, str_any, tag, varint
 from tests.test_decoder_fuzz import CORPUS, JSON_CORPUS, REQS, T0, Req, sdk_spans, trace_messages
 
 if not fast_spans.available():
@@ -39,26 +39,6 @@ if not fast_spans.available():
 FAST = settings(derandomize=True, deadline=None, database=None, max_examples=200,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 PB = "application/x-protobuf"
-
-
-# -- the comparison ------------------------------------------------------------------------------------
-def _same_value(a: object, b: object) -> bool:
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, float) and isinstance(b, float):
-        return struct.pack("<d", a) == struct.pack("<d", b)  # bit-exact (-0.0, and NaN never occurs)
-    return a == b
-
-
-def assert_same_batch(fast: IngestBatch, ref: IngestBatch) -> None:
-    assert fast.ignored == ref.ignored
-    for name, rows in ref.tables().items():
-        got = fast.tables()[name]
-        for col in rows.columns:
-            want, have = rows.data[col], got.data[col]
-            assert len(have) == len(want), (name, col)
-            for i, (x, y) in enumerate(zip(have, want, strict=True)):
-                assert _same_value(x, y), (name, col, i, x, y)
 
 
 def reference(raw: bytes) -> IngestBatch | PayloadError:
@@ -89,48 +69,11 @@ def check(raw: bytes) -> bool:
 
 
 # -- wire data by hand --------------------------------------------------------------------------------
-def varint(v: int) -> bytes:
-    out = bytearray()
-    v &= (1 << 64) - 1
-    while True:
-        b = v & 0x7F
-        v >>= 7
-        if v:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def tag(field: int, wt: int) -> bytes:
-    return varint(field << 3 | wt)
-
-
-def ld(field: int, payload: bytes) -> bytes:
-    return tag(field, 2) + varint(len(payload)) + payload
-
-
-def f64(field: int, v: int) -> bytes:
-    return tag(field, 1) + struct.pack("<Q", v)
-
-
 def wrap(spans: list[bytes], resource: bytes = b"", extra_rs: bytes = b"") -> bytes:
     """ExportTraceServiceRequest{resource_spans{resource, scope_spans{spans}}} from serialized spans."""
     ss = b"".join(ld(2, s) for s in spans)
     rs = (ld(1, resource) if resource else b"") + ld(2, ss) + extra_rs
     return ld(1, rs)
-
-
-def kv_bytes(key: str, value: bytes | None) -> bytes:
-    return ld(1, key.encode()) + (ld(2, value) if value is not None else b"")
-
-
-def str_any(s: bytes) -> bytes:
-    return ld(1, s)
-
-
-def dbl_any(x: float) -> bytes:
-    return tag(4, 1) + struct.pack("<d", x)
 
 
 def vllm_span(extra: bytes = b"", name: bytes = b"llm_request") -> bytes:

@@ -21,18 +21,11 @@
  *
  * Plain C99, no Python headers. Compiled with -ffp-contract=off so that no multiply-add is fused.
  */
-#include <math.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "_otlp_wire.h"
 
 #define FS_OK 0
 #define FS_UNHANDLED 1
 #define FS_NOMEM 2
-
-#define MAX_DEPTH 48
-#define INT32_MAXV 2147483647LL
 
 /* -- the output ------------------------------------------------------------------------------------ */
 enum { F_TTFT, F_TPOT, F_E2E, F_QUEUE, F_PREFILL, F_DECODE, F_INFERENCE, NF };
@@ -48,11 +41,6 @@ typedef struct {
     uint64_t hash;
     int32_t idx;
 } fs_slot;
-
-typedef struct {
-    char *buf;
-    size_t cap, len;
-} arena_t;
 
 typedef struct {
     int64_t status;      /* FS_OK, FS_UNHANDLED, FS_NOMEM */
@@ -77,227 +65,6 @@ typedef struct {
     arena_t span_arena;  /* ... and for the span at hand */
 } fs_out;
 
-/* -- reading the wire format ---------------------------------------------------------------------- */
-typedef struct {
-    const uint8_t *p, *end;
-} rd;
-
-enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_I32 = 5 };
-
-static inline int rd_varint(rd *r, uint64_t *out) {
-    if (r->p < r->end && *r->p < 0x80) { /* the common case: one byte */
-        *out = *r->p++;
-        return 1;
-    }
-    uint64_t v = 0;
-    for (int i = 0; i < 10; i++) {
-        if (r->p >= r->end) return 0;
-        uint8_t b = *r->p++;
-        if (i == 9) {
-            if (b > 1) return 0; /* bits past 64, or longer than 10 bytes: let upb decide */
-            v |= (uint64_t)b << 63;
-            *out = v;
-            return 1;
-        }
-        v |= (uint64_t)(b & 0x7F) << (7 * i);
-        if (!(b & 0x80)) {
-            *out = v;
-            return 1;
-        }
-    }
-    return 0;
-}
-
-static inline int rd_tag(rd *r, uint32_t *field, int *wt) {
-    uint64_t t;
-    if (!rd_varint(r, &t)) return 0;
-    if (t > 0xFFFFFFFFu) return 0;
-    *field = (uint32_t)(t >> 3);
-    *wt = (int)(t & 7);
-    return *field != 0;
-}
-
-static inline int rd_len(rd *r, rd *sub) {
-    uint64_t n;
-    if (!rd_varint(r, &n)) return 0;
-    if (n > (uint64_t)(r->end - r->p)) return 0;
-    sub->p = r->p;
-    sub->end = r->p + n;
-    r->p += n;
-    return 1;
-}
-
-static int rd_fixed64(rd *r, uint64_t *out) {
-    if (r->end - r->p < 8) return 0;
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--) v = (v << 8) | r->p[i];
-    r->p += 8;
-    *out = v;
-    return 1;
-}
-
-static int rd_skip_fixed(rd *r, size_t n) {
-    if ((size_t)(r->end - r->p) < n) return 0;
-    r->p += n;
-    return 1;
-}
-
-/* a field of wire type VARINT, I64 or I32 whose value is not needed */
-static int skip_scalar(rd *r, int wt) {
-    uint64_t v;
-    switch (wt) {
-    case WT_VARINT: return rd_varint(r, &v);
-    case WT_I64: return rd_skip_fixed(r, 8);
-    case WT_I32: return rd_skip_fixed(r, 4);
-    default: return 0;
-    }
-}
-
-/* a field number this schema does not know: a scalar (which no schema can refuse) is skipped */
-static int skip_unknown(rd *r, int wt) {
-    if (wt == WT_LEN) return 0;
-    return skip_scalar(r, wt);
-}
-
-static int utf8_ok(const uint8_t *s, size_t n) {
-    size_t i = 0;
-    while (i < n) {
-        if (n - i >= 8) { /* eight ASCII bytes at a time */
-            uint64_t w;
-            memcpy(&w, s + i, 8);
-            if (!(w & 0x8080808080808080ULL)) {
-                i += 8;
-                continue;
-            }
-        }
-        uint8_t c = s[i];
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        uint8_t lo = 0x80, hi = 0xBF;
-        size_t k;
-        if (c >= 0xC2 && c <= 0xDF) k = 1;
-        else if (c == 0xE0) { k = 2; lo = 0xA0; }
-        else if ((c >= 0xE1 && c <= 0xEC) || c == 0xEE || c == 0xEF) k = 2;
-        else if (c == 0xED) { k = 2; hi = 0x9F; }
-        else if (c == 0xF0) { k = 3; lo = 0x90; }
-        else if (c >= 0xF1 && c <= 0xF3) k = 3;
-        else if (c == 0xF4) { k = 3; hi = 0x8F; }
-        else return 0;
-        if (n - i <= k) return 0;
-        if (s[i + 1] < lo || s[i + 1] > hi) return 0;
-        for (size_t j = 2; j <= k; j++)
-            if ((s[i + j] & 0xC0) != 0x80) return 0;
-        i += k + 1;
-    }
-    return 1;
-}
-
-static inline int rd_string(rd *r, rd *sub) {
-    return rd_len(r, sub) && utf8_ok(sub->p, (size_t)(sub->end - sub->p));
-}
-
-/* -- attribute values ---------------------------------------------------------------------------------- */
-enum { V_ABSENT, V_NONE, V_STR, V_BOOL, V_INT, V_DBL, V_ARR, V_KVL, V_BYTES };
-
-typedef struct {
-    int type;
-    const uint8_t *p; /* STR, BYTES: the bytes; ARR: the ArrayValue message */
-    size_t n;
-    int64_t i;        /* INT, BOOL; ARR, KVL: the number of elements */
-    double d;
-} val_t;
-
-static int parse_any(rd m, int depth, val_t *v);
-
-static int parse_kv(rd m, int depth, rd *key, val_t *v) {
-    int seen_key = 0, seen_val = 0;
-    key->p = key->end = m.p;
-    v->type = V_NONE;
-    if (depth > MAX_DEPTH) return 0;
-    while (m.p < m.end) {
-        uint32_t f;
-        int wt;
-        if (!rd_tag(&m, &f, &wt)) return 0;
-        if (f == 1) {
-            if (wt != WT_LEN || seen_key++ || !rd_string(&m, key)) return 0;
-        } else if (f == 2) {
-            rd sub;
-            if (wt != WT_LEN || seen_val++ || !rd_len(&m, &sub) || !parse_any(sub, depth + 1, v)) return 0;
-        } else if (f == 3) { /* key_strindex (int32) in newer schemas */
-            if (wt != WT_VARINT || !skip_scalar(&m, wt)) return 0;
-        } else if (!skip_unknown(&m, wt)) {
-            return 0;
-        }
-    }
-    return 1;
-}
-
-static int parse_any(rd m, int depth, val_t *v) {
-    int seen = 0;
-    v->type = V_NONE;
-    if (depth > MAX_DEPTH) return 0;
-    while (m.p < m.end) {
-        uint32_t f;
-        int wt;
-        uint64_t x;
-        rd sub;
-        if (!rd_tag(&m, &f, &wt)) return 0;
-        if (f < 1 || f > 7 || seen++) return 0; /* one member of the oneof, and only those this file knows */
-        switch (f) {
-        case 1:
-            if (wt != WT_LEN || !rd_string(&m, &sub)) return 0;
-            v->type = V_STR, v->p = sub.p, v->n = (size_t)(sub.end - sub.p);
-            break;
-        case 2:
-            if (wt != WT_VARINT || !rd_varint(&m, &x)) return 0;
-            v->type = V_BOOL, v->i = x != 0;
-            break;
-        case 3:
-            if (wt != WT_VARINT || !rd_varint(&m, &x)) return 0;
-            v->type = V_INT, v->i = (int64_t)x;
-            break;
-        case 4: {
-            if (wt != WT_I64 || !rd_fixed64(&m, &x)) return 0;
-            double d;
-            memcpy(&d, &x, sizeof d);
-            v->type = V_DBL, v->d = d;
-            break;
-        }
-        case 5:
-        case 6: {
-            if (wt != WT_LEN || !rd_len(&m, &sub)) return 0;
-            v->type = f == 5 ? V_ARR : V_KVL, v->p = sub.p, v->n = (size_t)(sub.end - sub.p), v->i = 0;
-            rd it = sub;
-            while (it.p < it.end) {
-                uint32_t g;
-                int wt2;
-                if (!rd_tag(&it, &g, &wt2)) return 0;
-                if (g == 1) {
-                    rd el;
-                    val_t ev;
-                    rd k;
-                    if (wt2 != WT_LEN || !rd_len(&it, &el)) return 0;
-                    if (f == 5 ? !parse_any(el, depth + 1, &ev) : !parse_kv(el, depth + 1, &k, &ev)) return 0;
-                    v->i++;
-                } else if (!skip_unknown(&it, wt2)) {
-                    return 0;
-                }
-            }
-            break;
-        }
-        case 7:
-            if (wt != WT_LEN || !rd_len(&m, &sub)) return 0;
-            v->type = V_BYTES, v->p = sub.p, v->n = (size_t)(sub.end - sub.p);
-            break;
-        default:
-            return 0;
-        }
-    }
-    return 1;
-}
-
 /* -- the keys decode_spans reads -------------------------------------------------------------------- */
 enum {
     K_E2E, K_QUEUE, K_TTFT, K_PREFILL, K_DECODE, K_INFERENCE, K_SRV_TTFT,
@@ -319,7 +86,7 @@ static const char *const KEYS[K_COUNT] = {
     "container.id", "k8s.pod.uid", "k8s.pod.name", "k8s.namespace.name", "gpu.uuids",
     "k8s.node.name", "host.name", "Hostname", "hostname", "service.name", "model", "vllm.model",
 };
-static size_t KEYLEN[K_COUNT];
+static keyset_t SPAN_KEYS;
 static int keylen_ready;
 
 static const char LAT_PREFIX[] = "gen_ai.latency.";
@@ -329,28 +96,6 @@ typedef struct {
     int latency_prefix; /* some key starts with gen_ai.latency. */
 } attrs_t;
 
-/* the keys of each length (at most MAX_SAME_LEN of them), -1 after the last */
-#define MAX_KEYLEN 40
-#define MAX_SAME_LEN 8
-static signed char BYLEN[MAX_KEYLEN + 1][MAX_SAME_LEN + 1];
-
-static void keys_init(void) {
-    memset(BYLEN, -1, sizeof BYLEN);
-    for (int i = 0; i < K_COUNT; i++) {
-        KEYLEN[i] = strlen(KEYS[i]);
-        signed char *slot = BYLEN[KEYLEN[i]];
-        while (*slot >= 0) slot++;
-        *slot = (signed char)i;
-    }
-}
-
-static inline int key_index(const uint8_t *k, size_t n) {
-    if (n > MAX_KEYLEN) return -1;
-    for (const signed char *c = BYLEN[n]; *c >= 0; c++)
-        if (memcmp(KEYS[(int)*c], k, n) == 0) return *c;
-    return -1;
-}
-
 /* one KeyValue of an attribute list into attrs (a later one of the same key wins, as in a dict) */
 static int add_attr(rd kvmsg, int depth, attrs_t *a) {
     rd key;
@@ -358,7 +103,7 @@ static int add_attr(rd kvmsg, int depth, attrs_t *a) {
     if (!parse_kv(kvmsg, depth, &key, &v)) return 0;
     size_t n = (size_t)(key.end - key.p);
     if (n >= sizeof LAT_PREFIX - 1 && memcmp(key.p, LAT_PREFIX, sizeof LAT_PREFIX - 1) == 0) a->latency_prefix = 1;
-    int k = key_index(key.p, n);
+    int k = keyset_index(&SPAN_KEYS, key.p, n);
     if (k >= 0) a->v[k] = v;
     return 1;
 }
@@ -369,9 +114,6 @@ static void attrs_clear(attrs_t *a) {
 }
 
 /* -- decode_spans' value rules ---------------------------------------------------------------------- */
-#define R_NONE 0
-#define R_VAL 1
-#define R_BAD (-1) /* needs Python: unhandled */
 
 /* _f(attrs, k) for one key: R_VAL with *out, R_NONE to try the next key */
 static int f_one(const val_t *v, double *out) {
@@ -428,75 +170,6 @@ static int get_i(const attrs_t *a, int k1, int k2, int64_t *out) {
     if (r != R_NONE || k2 < 0) return r;
     r = i_one(&a->v[k2], out);
     return r == 2 ? R_NONE : r;
-}
-
-/* strings made here live in the arena, reserved beforehand for the message at hand */
-typedef struct {
-    const uint8_t *p; /* NULL: None */
-    size_t n;
-} sref;
-
-static int arena_put(arena_t *o, const void *s, size_t n, sref *out) {
-    if (o->cap - o->len < n) return 0;
-    char *dst = o->buf + o->len;
-    if (n) memcpy(dst, s, n);
-    o->len += n;
-    out->p = (const uint8_t *)dst;
-    out->n = n;
-    return 1;
-}
-
-static const char HEX[] = "0123456789abcdef";
-
-static void hex_into(char *dst, const uint8_t *p, size_t n) {
-    for (size_t i = 0; i < n; i++) {
-        dst[2 * i] = HEX[p[i] >> 4];
-        dst[2 * i + 1] = HEX[p[i] & 15];
-    }
-}
-
-static int arena_hex(arena_t *o, const uint8_t *p, size_t n, sref *out) {
-    if ((o->cap - o->len) / 2 < n) return 0;
-    char *dst = o->buf + o->len;
-    hex_into(dst, p, n);
-    o->len += 2 * n;
-    out->p = (const uint8_t *)dst;
-    out->n = 2 * n;
-    return 1;
-}
-
-static size_t fmt_int(int64_t v, char *buf) { /* str(int), buf of 21 */
-    char tmp[24];
-    size_t n = 0;
-    uint64_t u = v < 0 ? (uint64_t)0 - (uint64_t)v : (uint64_t)v;
-    do {
-        tmp[n++] = (char)('0' + u % 10);
-        u /= 10;
-    } while (u);
-    size_t m = 0;
-    if (v < 0) buf[m++] = '-';
-    while (n) buf[m++] = tmp[--n];
-    return m;
-}
-
-/* str(x) of a scalar (not float, list or dict): R_VAL, or R_BAD */
-static int str_of(arena_t *o, const val_t *v, sref *out) {
-    char buf[24];
-    switch (v->type) {
-    case V_STR:
-        out->p = v->p, out->n = v->n;
-        return R_VAL;
-    case V_INT:
-        return arena_put(o, buf, fmt_int(v->i, buf), out) ? R_VAL : R_BAD;
-    case V_BOOL:
-        return arena_put(o, v->i ? "True" : "False", v->i ? 4 : 5, out) ? R_VAL : R_BAD;
-    case V_BYTES:
-        return arena_hex(o, v->p, v->n, out) ? R_VAL : R_BAD;
-    case V_NONE:
-        return arena_put(o, "None", 4, out) ? R_VAL : R_BAD;
-    default:
-        return R_BAD;
-    }
 }
 
 /* ",".join(str(x) for x in the list) */
@@ -645,12 +318,6 @@ static int blob_put(fs_out *o, int c, const uint8_t *p, size_t n) {
     return 1;
 }
 
-static uint64_t hash_bytes(const uint8_t *p, size_t n) {
-    uint64_t h = 1469598103934665603ULL;
-    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 1099511628211ULL;
-    return h;
-}
-
 /* the index of s in deduplicated column c (added if new): >= 0; -1 for None; -2 no memory; -3 a NUL */
 static int64_t dedup(fs_out *o, int c, sref s) {
     if (!s.p) {
@@ -722,16 +389,6 @@ static int blob_hex(fs_out *o, int c, const uint8_t *p, size_t n) {
     return 1;
 }
 
-static int arena_reserve(arena_t *a, size_t n) {
-    a->len = 0;
-    if (a->cap >= n) return 1;
-    char *b = realloc(a->buf, n);
-    if (!b) return 0;
-    a->buf = b;
-    a->cap = n;
-    return 1;
-}
-
 /* -- the messages ------------------------------------------------------------------------------------ */
 static int fail(fs_out *o, int status) {
     if (o->status == FS_OK) o->status = status;
@@ -739,39 +396,6 @@ static int fail(fs_out *o, int status) {
 }
 #define BAD() return fail(o, FS_UNHANDLED)
 #define NOMEM() return fail(o, FS_NOMEM)
-
-static int valid_kv(rd *m, int wt, int depth) {
-    rd sub, key;
-    val_t v;
-    return wt == WT_LEN && rd_len(m, &sub) && parse_kv(sub, depth, &key, &v);
-}
-
-static int valid_string(rd *m, int wt) {
-    rd sub;
-    return wt == WT_LEN && rd_string(m, &sub);
-}
-
-static int valid_bytes(rd *m, int wt) {
-    rd sub;
-    return wt == WT_LEN && rd_len(m, &sub);
-}
-
-/* InstrumentationScope, Span.Event, Span.Link, Status: parsed by upb, so checked here, not kept */
-static int valid_scope(rd m, int depth) {
-    while (m.p < m.end) {
-        uint32_t f;
-        int wt, ok;
-        if (!rd_tag(&m, &f, &wt)) return 0;
-        switch (f) {
-        case 1: case 2: ok = valid_string(&m, wt); break;
-        case 3: ok = valid_kv(&m, wt, depth + 1); break;
-        case 4: ok = wt == WT_VARINT && skip_scalar(&m, wt); break;
-        default: ok = skip_unknown(&m, wt);
-        }
-        if (!ok) return 0;
-    }
-    return 1;
-}
 
 static int valid_event(rd m, int depth) {
     while (m.p < m.end) {
@@ -1070,10 +694,7 @@ int fs_abi(void) { return FS_ABI; }
 
 /* Once, before any fs_decode (which may then run in several threads at once: it keeps no state). */
 void fs_init(void) {
-    if (!keylen_ready) {
-        keys_init();
-        keylen_ready = 1;
-    }
+    if (!keylen_ready) keylen_ready = keyset_init(&SPAN_KEYS, KEYS, K_COUNT);
 }
 
 void fs_free(fs_out *o) {

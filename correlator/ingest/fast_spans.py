@@ -17,14 +17,13 @@ same bytes, which also gives the same error for a bad body.
 from __future__ import annotations
 
 import ctypes
-import importlib.machinery
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from correlator.ingest import compiled
 from correlator.ingest.batch import REQUEST_COLUMNS, ArrowRows, IngestBatch
 
 _ABI = 2  # _fastspans.c's FS_ABI: the struct's layout and the functions
@@ -49,23 +48,12 @@ class _Out(ctypes.Structure):
 
 def library_path() -> Path | None:
     """Where the compiled library is (next to this file, as setup.py builds it), or None."""
-    here = Path(__file__).parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        p = here / f"_fastspans{suffix}"
-        if p.exists():
-            return p
-    return None
+    return compiled.library_path("_fastspans")
 
 
 def _load(path: Path | None) -> Any:
     """The library, or None: not built, or not the one this file was written for (a stale build)."""
-    if path is None:
-        return None
-    try:
-        lib = ctypes.CDLL(str(path))
-        return _bind(lib)
-    except (OSError, AttributeError):  # not loadable, or a symbol missing
-        return None
+    return compiled.load(path, _bind)
 
 
 def _bind(lib: Any) -> Any:
@@ -83,7 +71,7 @@ def _bind(lib: Any) -> Any:
     return lib
 
 
-_LIB: Any = None if os.environ.get("STACKLENS_PURE_PYTHON") == "1" else _load(library_path())
+_LIB: Any = None if compiled.PURE_PYTHON else _load(library_path())
 
 
 def available() -> bool:
@@ -114,16 +102,11 @@ def decode(body: bytes) -> IngestBatch | None:
         lib.fs_free(p)
 
 
-def _array(addr: int | None, ctype: Any, dtype: Any, n: int) -> np.ndarray[Any, Any]:
-    """A view of a C buffer (valid until fs_free: copy what is kept)."""
-    return np.frombuffer((ctype * n).from_address(addr or 0), dtype=dtype)
+_array = compiled.array
 
 
 def _entries(o: _Out, c: int) -> list[str]:
-    size = o.slen[c]
-    if size <= 0:
-        return []
-    return ctypes.string_at(o.sblob[c], size - 1).decode("utf-8").split("\0")
+    return compiled.entries(o.sblob[c], o.slen[c])
 
 
 _INT32_MAX = 2**31 - 1

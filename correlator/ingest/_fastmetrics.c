@@ -1,0 +1,730 @@
+/* The compiled fast path of metric decoding (correlator/ingest/fast_metrics.py loads it with ctypes).
+ *
+ * Parses the protobuf wire format of an OTLP ExportMetricsServiceRequest directly from the body bytes and
+ * applies exactly the rules of correlator/ingest/otlp_metrics.py (decode_metrics, add_points, _value,
+ * _gpu_of, node_of, Origin.node_of, int32_or_none, str_or_none) for the agent's own metrics: gauges and
+ * sums named stacklens.<signal> or stacklens_<signal> that become GPU samples, host samples, placements
+ * or GPU identity rows; points of a name nobody knows are counted as ignored, as there.
+ *
+ * Exactness by construction, as in _fastspans.c: whatever this file does not reproduce exactly it declines
+ * (fm_decode reports FM_UNHANDLED) and the caller takes the reference path (upb + decode_metrics) with the
+ * same bytes. Declined: every malformed or unusual wire shape (see _otlp_wire.h), exemplars, histograms,
+ * exponential histograms and summaries, a metric with two data fields, and every name whose rows need
+ * more than this file knows: serving-engine names, DCGM names (their labels make identity rows and
+ * placements) and anything starting with "dcgm_" in any case, OpenTelemetry hw.* names (resolved by
+ * attributes); value conversions that need Python (str() of a float, a list or a dict; int() of a string
+ * that is not plain ASCII digits). The names and what becomes of their points are given by Python once
+ * (fm_add_name, from the same catalog and rules), so the catalog is never written down twice.
+ *
+ * Plain C99, no Python headers. fm_decode keeps no state between calls and may run in several threads at
+ * once, after fm_init and the fm_add_name calls.
+ */
+#include "_otlp_wire.h"
+
+#define FM_OK 0
+#define FM_UNHANDLED 1
+#define FM_NOMEM 2
+#define FM_ABI 1 /* fast_metrics.py's _ABI: the public head of fm_out, and the functions */
+
+/* -- what becomes of a metric's points (fm_add_name) ------------------------------------------------- */
+enum { A_UNKNOWN, A_GPU, A_HOST, A_PROCESS, A_INFO, A_SKIP, A_DECLINE };
+/* the attribute a GPU sample's sub is read from */
+enum { L_NONE, L_LINK, L_REASON, L_XID };
+
+typedef struct {
+    char *name;
+    size_t n;
+    uint64_t hash;
+    int action, label;
+    char *signal; /* the canonical signal name stored */
+    size_t signal_n;
+} name_t;
+
+#define NAME_CAP 4096 /* a power of two, over twice the names of the catalog */
+static name_t NAMES[NAME_CAP];
+static int n_names;
+
+static const name_t *name_lookup(const uint8_t *p, size_t n) {
+    uint64_t h = hash_bytes(p, n);
+    for (uint64_t j = h & (NAME_CAP - 1);; j = (j + 1) & (NAME_CAP - 1)) {
+        const name_t *e = &NAMES[j];
+        if (!e->name) return NULL;
+        if (e->hash == h && e->n == n && memcmp(e->name, p, n) == 0) return e;
+    }
+}
+
+/* -- the attribute keys read ------------------------------------------------------------------------ */
+enum {
+    K_HOSTNAME_UC, K_HOSTNAME, K_NODE, K_HOST, K_GPU_UUID, K_UUID_UC, K_UUID, K_HW_ID, K_GPU_INDEX, K_GPU,
+    K_LINK, K_REASON, K_XID, K_CGROUP_CONTAINER, K_CGROUP, K_PROCESS_PID, K_PID, K_CONTAINER_ID, K_POD_UID,
+    K_POD_NAME, K_POD, K_NS_NAME, K_NS, K_CONTAINER_NAME, K_CONTAINER, K_MODEL, K_PCI, K_DEVICE, K_COUNT
+};
+static const char *const KEYS[K_COUNT] = {
+    "Hostname", "hostname", "k8s.node.name", "host.name", "gpu.uuid", "UUID", "uuid", "hw.id", "gpu.index", "gpu",
+    "link", "reason", "xid", "container_id", "cgroup", "process.pid", "pid", "container.id", "k8s.pod.uid",
+    "k8s.pod.name", "pod", "k8s.namespace.name", "namespace", "k8s.container.name", "container", "gpu.model",
+    "gpu.pci_bus_id", "gpu.device",
+};
+static keyset_t POINT_KEYS;
+static int keys_ready;
+static const int LABEL_KEY[] = {-1, K_LINK, K_REASON, K_XID};
+
+/* the values of the keys read; v[k] holds one only where bit k of set is on (clearing 28 values per point
+ * would cost more than reading them) */
+typedef struct {
+    uint32_t set;
+    val_t v[K_COUNT];
+} attrs_t;
+
+typedef char keys_fit_the_set[K_COUNT <= 32 ? 1 : -1];
+static const val_t ABSENT = {V_ABSENT, NULL, 0, 0, 0.0};
+
+static inline const val_t *av(const attrs_t *a, int k) { return a->set >> k & 1 ? &a->v[k] : &ABSENT; }
+
+static void attrs_clear(attrs_t *a) { a->set = 0; }
+
+/* one KeyValue into attrs (a later one of the same key wins, as in attributes_of's dict) */
+static int add_attr(rd kvmsg, int depth, attrs_t *a) {
+    rd key;
+    val_t v;
+    if (!parse_kv(kvmsg, depth, &key, &v)) return 0;
+    int k = keyset_index(&POINT_KEYS, key.p, (size_t)(key.end - key.p));
+    if (k >= 0) {
+        a->v[k] = v;
+        a->set |= (uint32_t)1 << k;
+    }
+    return 1;
+}
+
+/* -- otlp_metrics' value rules ---------------------------------------------------------------------- */
+static int truthy(const val_t *v) {
+    switch (v->type) {
+    case V_ABSENT:
+    case V_NONE: return 0;
+    case V_STR:
+    case V_BYTES: return v->n > 0; /* bytes: their hex, empty when they are */
+    case V_INT:
+    case V_BOOL: return v->i != 0;
+    case V_DBL: return v->d != 0.0; /* NaN is true */
+    default: return v->i > 0;       /* a list or a dict: not empty */
+    }
+}
+
+/* a.get(k1) or a.get(k2) or ...: the first truthy value, else the last one's (which may be absent) */
+static const val_t *first_truthy(const attrs_t *a, const int *keys, int n) {
+    for (int i = 0; i < n - 1; i++)
+        if (truthy(av(a, keys[i]))) return av(a, keys[i]);
+    return av(a, keys[n - 1]);
+}
+
+/* str(v) of a value that is not None: R_VAL, or R_BAD (a float, a list or a dict: Python's repr) */
+static int str_not_none(arena_t *o, const val_t *v, sref *out) {
+    if (v->type == V_DBL || v->type == V_ARR || v->type == V_KVL) return R_BAD;
+    return str_of(o, v, out);
+}
+
+/* str(v) if v else None */
+static int str_if_truthy(arena_t *o, const val_t *v, sref *out) {
+    out->p = NULL, out->n = 0;
+    if (!truthy(v)) return R_NONE;
+    return str_not_none(o, v, out);
+}
+
+/* str_or_none(v): None and "" are None */
+static int str_or_none(arena_t *o, const val_t *v, sref *out) {
+    out->p = NULL, out->n = 0;
+    if (v->type == V_ABSENT || v->type == V_NONE) return R_NONE;
+    if ((v->type == V_STR || v->type == V_BYTES) && v->n == 0) return R_NONE;
+    return str_not_none(o, v, out);
+}
+
+/* int(s) of a string, as int32_or_none reads it. Only plain ASCII without blanks or underscores is read
+ * here (Python's int() also takes those, and non-ASCII digits): anything else is R_BAD. */
+static int int_of_string(const uint8_t *p, size_t n, int64_t *out) {
+    for (size_t i = 0; i < n; i++)
+        if (p[i] < 0x21 || p[i] > 0x7E || p[i] == '_') return R_BAD;
+    size_t i = 0;
+    int neg = 0;
+    if (i < n && (p[i] == '+' || p[i] == '-')) neg = p[i++] == '-';
+    if (i == n) return R_NONE; /* "", "+", "-": ValueError */
+    for (size_t j = i; j < n; j++)
+        if (p[j] < '0' || p[j] > '9') return R_NONE; /* ValueError */
+    while (i < n - 1 && p[i] == '0') i++;
+    if (n - i > 10) return R_NONE; /* past 32 bits */
+    int64_t v = 0;
+    for (; i < n; i++) v = v * 10 + (p[i] - '0');
+    if (neg) v = -v;
+    if (v < -INT32_MAXV - 1 || v > INT32_MAXV) return R_NONE;
+    *out = v;
+    return R_VAL;
+}
+
+/* int32_or_none(v) */
+static int int32_or_none(const val_t *v, int64_t *out) {
+    switch (v->type) {
+    case V_DBL:
+        if (!isfinite(v->d) || floor(v->d) != v->d) return R_NONE; /* not is_integer() */
+        if (v->d < -2147483648.0 || v->d > 2147483647.0) return R_NONE;
+        *out = (int64_t)v->d;
+        return R_VAL;
+    case V_INT:
+        if (v->i < -INT32_MAXV - 1 || v->i > INT32_MAXV) return R_NONE;
+        *out = v->i;
+        return R_VAL;
+    case V_STR:
+        return int_of_string(v->p, v->n, out);
+    case V_BYTES: { /* the hex of the bytes */
+        char buf[64];
+        if (v->n > sizeof buf / 2) return R_BAD; /* leading zeros could still make an int32 */
+        hex_into(buf, v->p, v->n);
+        return int_of_string((const uint8_t *)buf, 2 * v->n, out);
+    }
+    default:
+        return R_NONE; /* None, bool, list, dict */
+    }
+}
+
+static const int KS_GPU_UUID[] = {K_GPU_UUID, K_UUID_UC, K_UUID, K_HW_ID};
+static const int KS_POINT_NODE[] = {K_HOSTNAME_UC, K_HOSTNAME, K_NODE, K_HOST};
+static const int KS_RES_NODE[] = {K_NODE, K_HOST, K_HOSTNAME_UC, K_HOSTNAME};
+static const int KS_HOST_SUB[] = {K_CGROUP_CONTAINER, K_CGROUP};
+static const int KS_PID[] = {K_PROCESS_PID, K_PID};
+static const int KS_POD[] = {K_POD_NAME, K_POD};
+static const int KS_NS[] = {K_NS_NAME, K_NS};
+static const int KS_CONTAINER[] = {K_CONTAINER_NAME, K_CONTAINER};
+#define NKEYS(ks) ((int)(sizeof(ks) / sizeof(ks)[0]))
+
+/* _gpu_of(a): the uuid (None: p NULL) and the index (-1 in *has_idx: None) */
+static int gpu_of(arena_t *o, const attrs_t *a, sref *uuid, int64_t *idx, int *has_idx) {
+    int r = str_if_truthy(o, first_truthy(a, KS_GPU_UUID, NKEYS(KS_GPU_UUID)), uuid);
+    if (r == R_BAD) return R_BAD;
+    /* attrs.get("gpu.index", attrs.get("gpu")): the key present, whatever its value */
+    const val_t *iv = av(a, K_GPU_INDEX)->type != V_ABSENT ? av(a, K_GPU_INDEX) : av(a, K_GPU);
+    r = int32_or_none(iv, idx);
+    if (r == R_BAD) return R_BAD;
+    *has_idx = r == R_VAL;
+    return R_VAL;
+}
+
+/* -- the output ------------------------------------------------------------------------------------- */
+/* tables and their columns, in the order of batch.py's GPU_COLUMNS, HOST_COLUMNS, PLACEMENT_COLUMNS and
+ * GPU_INFO_COLUMNS */
+enum { T_GPU, T_HOST, T_PROCESS, T_INFO, NT };
+#define NC 10
+enum { C_NONE, C_I64, C_F64, C_STR };
+static const int KINDS[NT][NC] = {
+    /* time, node, gpu_uuid, gpu_index, signal, sub, value */
+    {C_I64, C_STR, C_STR, C_I64, C_STR, C_STR, C_F64},
+    /* time, node, signal, sub, value */
+    {C_I64, C_STR, C_STR, C_STR, C_F64},
+    /* time, node, gpu_uuid, pid, container_id, pod_uid, pod, namespace, container, used_memory_bytes */
+    {C_I64, C_STR, C_STR, C_I64, C_STR, C_STR, C_STR, C_STR, C_STR, C_F64},
+    /* time, node, gpu_uuid, gpu_index, model, pci_bus_id, device */
+    {C_I64, C_STR, C_STR, C_I64, C_STR, C_STR, C_STR},
+};
+#define I64_NONE INT64_MIN /* no integer column holds it: times are >= 0, the others 32-bit */
+
+typedef struct {
+    size_t off; /* offset + 1 of the entry in the column's blob; 0: an empty slot */
+    size_t len;
+    uint64_t hash;
+    int32_t idx;
+} slot_t;
+
+typedef struct {
+    slot_t *tab;
+    int64_t cap;
+    const uint8_t *last_p; /* the last string looked up, when it lives in the body */
+    size_t last_n;
+    int32_t last_i;
+} strtab_t;
+
+typedef struct {
+    int64_t status;  /* FM_OK, FM_UNHANDLED, FM_NOMEM */
+    int64_t ignored; /* points decode_metrics counts as ignored */
+    int64_t n[NT];
+    int64_t cap[NT];
+    void *col[NT][NC];    /* int64 (I64_NONE: None), double (NaN: None) or int32 (index into the column's
+                             distinct strings, -1: None) per row */
+    char *sblob[NT][NC];  /* a string column's distinct entries, each followed by a NUL (none holds one) */
+    int64_t slen[NT][NC];
+    int64_t scount[NT][NC];
+    /* private */
+    int64_t scap[NT][NC];
+    strtab_t tabs[NT][NC];
+    arena_t res_arena;   /* strings made (decimal, hex) for the resource at hand */
+    arena_t point_arena; /* ... and for the point at hand */
+} fm_out;
+
+static int fail(fm_out *o, int status) {
+    if (o->status == FM_OK) o->status = status;
+    return 0;
+}
+#define BAD() return fail(o, FM_UNHANDLED)
+#define NOMEM() return fail(o, FM_NOMEM)
+
+static int grow_rows(fm_out *o, int t) {
+    int64_t cap = o->cap[t] ? 2 * o->cap[t] : 1024;
+    for (int c = 0; c < NC && KINDS[t][c] != C_NONE; c++) {
+        size_t size = KINDS[t][c] == C_STR ? sizeof(int32_t) : 8;
+        void *p = realloc(o->col[t][c], (size_t)cap * size);
+        if (!p) return 0;
+        o->col[t][c] = p;
+    }
+    o->cap[t] = cap;
+    return 1;
+}
+
+/* a hash of a string eight bytes at a time (uuids and names are 10-40 bytes: byte-wise FNV costs more) */
+static uint64_t hash_words(const uint8_t *p, size_t n) {
+    uint64_t h = 0x9E3779B97F4A7C15ULL ^ n;
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        h = (h ^ w) * 0xFF51AFD7ED558CCDULL;
+        h ^= h >> 32;
+        p += 8, n -= 8;
+    }
+    uint64_t w = 0;
+    memcpy(&w, p, n);
+    h = (h ^ w) * 0xC4CEB9FE1A85EC53ULL;
+    return h ^ (h >> 29);
+}
+
+/* the index of s among column (t, c)'s distinct strings, added if new: >= 0; -1 None; -2 no memory;
+ * -3 a NUL in the string */
+static int64_t dedup(fm_out *o, int t, int c, sref s) {
+    if (!s.p) return -1;
+    strtab_t *st = &o->tabs[t][c];
+    if (s.p == st->last_p && s.n == st->last_n) return st->last_i;
+    if (o->scount[t][c] >= INT32_MAX / 2) return -2;
+    if (o->scount[t][c] * 2 >= st->cap) { /* grow and rehash */
+        int64_t cap = st->cap ? 2 * st->cap : 64;
+        slot_t *tab = calloc((size_t)cap, sizeof *tab);
+        if (!tab) return -2;
+        for (int64_t i = 0; i < st->cap; i++) {
+            slot_t *e = &st->tab[i];
+            if (!e->off) continue;
+            int64_t j = (int64_t)(e->hash & (uint64_t)(cap - 1));
+            while (tab[j].off) j = (j + 1) & (cap - 1);
+            tab[j] = *e;
+        }
+        free(st->tab);
+        st->tab = tab;
+        st->cap = cap;
+    }
+    uint64_t h = hash_words(s.p, s.n);
+    int64_t mask = st->cap - 1, j = (int64_t)(h & (uint64_t)mask);
+    int32_t idx = -1;
+    while (st->tab[j].off) {
+        slot_t *e = &st->tab[j];
+        if (e->hash == h && e->len == s.n && memcmp(o->sblob[t][c] + e->off - 1, s.p, s.n) == 0) {
+            idx = e->idx;
+            break;
+        }
+        j = (j + 1) & mask;
+    }
+    if (idx < 0) {
+        if (s.n && memchr(s.p, 0, s.n)) return -3;
+        size_t need = s.n + 1, len = (size_t)o->slen[t][c];
+        if ((size_t)o->scap[t][c] - len < need) {
+            size_t cap = o->scap[t][c] ? (size_t)o->scap[t][c] : 1024;
+            while (cap - len < need) cap *= 2;
+            char *b = realloc(o->sblob[t][c], cap);
+            if (!b) return -2;
+            o->sblob[t][c] = b;
+            o->scap[t][c] = (int64_t)cap;
+        }
+        if (s.n) memcpy(o->sblob[t][c] + len, s.p, s.n);
+        o->sblob[t][c][len + s.n] = 0;
+        o->slen[t][c] += (int64_t)need;
+        idx = (int32_t)o->scount[t][c]++;
+        slot_t *e = &st->tab[j];
+        e->off = len + 1, e->len = s.n, e->hash = h, e->idx = idx;
+    }
+    /* a string made for the point at hand is overwritten by the next point's: remember only others */
+    uintptr_t at = (uintptr_t)s.p, lo = (uintptr_t)o->point_arena.buf;
+    if (at >= lo && at - lo < o->point_arena.cap) {
+        st->last_p = NULL;
+    } else {
+        st->last_p = s.p, st->last_n = s.n, st->last_i = idx;
+    }
+    return idx;
+}
+
+/* one row's cells, in column order: ints, doubles and strings taken from these in turn */
+typedef struct {
+    int64_t i[NC];
+    double f[NC];
+    sref s[NC];
+} row_t;
+
+static int put_row(fm_out *o, int t, const row_t *row) {
+    if (o->n[t] == o->cap[t] && !grow_rows(o, t)) NOMEM();
+    int64_t r = o->n[t];
+    for (int c = 0; c < NC && KINDS[t][c] != C_NONE; c++) {
+        switch (KINDS[t][c]) {
+        case C_I64: ((int64_t *)o->col[t][c])[r] = row->i[c]; break;
+        case C_F64: ((double *)o->col[t][c])[r] = row->f[c]; break;
+        default: {
+            int64_t idx = dedup(o, t, c, row->s[c]);
+            if (idx == -2) NOMEM();
+            if (idx == -3) BAD();
+            ((int32_t *)o->col[t][c])[r] = (int32_t)idx;
+        }
+        }
+    }
+    o->n[t]++;
+    return 1;
+}
+
+/* -- the messages ------------------------------------------------------------------------------------- */
+typedef struct {
+    int node_rule; /* R_VAL: node holds node_of(resource); R_BAD: it needs Python (used only when needed) */
+    sref node;
+} res_t;
+
+/* Origin.node_of(point): the point's own node label, else the resource's */
+static int node_of(fm_out *o, const attrs_t *a, const res_t *res, sref *out) {
+    int r = str_if_truthy(&o->point_arena, first_truthy(a, KS_POINT_NODE, NKEYS(KS_POINT_NODE)), out);
+    if (r != R_NONE) return r;
+    *out = res->node;
+    return res->node_rule;
+}
+
+/* one NumberDataPoint of a metric whose points become rows by `name` (NULL: a name nobody knows) */
+static int do_point(fm_out *o, rd m, const name_t *name, const res_t *res, int depth) {
+    attrs_t a;
+    attrs_clear(&a);
+    uint64_t t = 0, bits = 0;
+    uint32_t flags = 0;
+    int which = 0; /* the value's oneof: 0 none, 4 as_double, 6 as_int (the last one on the wire) */
+    rd sub;
+    if (!arena_reserve(&o->point_arena, 3 * (size_t)(m.end - m.p) + 64)) NOMEM();
+    while (m.p < m.end) {
+        uint32_t f;
+        int wt, ok;
+        uint64_t x;
+        if (!rd_tag(&m, &f, &wt)) BAD();
+        switch (f) {
+        case 7: ok = wt == WT_LEN && rd_len(&m, &sub) && add_attr(sub, depth + 1, &a); break;
+        case 2: ok = wt == WT_I64 && skip_scalar(&m, wt); break;
+        case 3: ok = wt == WT_I64 && rd_fixed64(&m, &t); break;
+        case 4:
+        case 6:
+            ok = wt == WT_I64 && rd_fixed64(&m, &bits);
+            which = (int)f;
+            break;
+        case 8:
+            ok = wt == WT_VARINT && rd_varint(&m, &x);
+            flags = (uint32_t)x; /* a uint32: upb keeps the low 32 bits */
+            break;
+        default: ok = skip_unknown(&m, wt); /* exemplars (5) included: a message */
+        }
+        if (!ok) BAD();
+    }
+    if (!name) return 1; /* out.ignored += len(points), counted by the caller */
+    if (name->action == A_SKIP || t > (uint64_t)INT64_MAX) {
+        o->ignored++;
+        return 1;
+    }
+    double v = NAN; /* _value: NaN is None */
+    if (!(flags & 1)) {
+        if (which == 4) {
+            memcpy(&v, &bits, sizeof v); /* a NaN stays NaN: None */
+        } else if (which == 6) {
+            v = (double)(int64_t)bits;
+        }
+    }
+    row_t row;
+    arena_t *pa = &o->point_arena;
+    sref node;
+    row.i[0] = (int64_t)t;
+    switch (name->action) {
+    case A_HOST:
+        if (node_of(o, &a, res, &node) == R_BAD) BAD();
+        row.s[1] = node;
+        row.s[2].p = (const uint8_t *)name->signal, row.s[2].n = name->signal_n;
+        /* str(a.get("container_id") or a.get("cgroup") or "") or None */
+        if (str_if_truthy(pa, first_truthy(&a, KS_HOST_SUB, NKEYS(KS_HOST_SUB)), &row.s[3]) == R_BAD) BAD();
+        row.f[4] = v;
+        return put_row(o, T_HOST, &row);
+    case A_PROCESS: {
+        sref uuid;
+        int64_t idx, pid;
+        int has_idx, r;
+        if (gpu_of(pa, &a, &uuid, &idx, &has_idx) == R_BAD) BAD();
+        if ((r = int32_or_none(first_truthy(&a, KS_PID, NKEYS(KS_PID)), &pid)) == R_BAD) BAD();
+        if (!uuid.p || r != R_VAL) {
+            o->ignored++;
+            return 1;
+        }
+        if (node_of(o, &a, res, &node) == R_BAD) BAD();
+        row.s[1] = node, row.s[2] = uuid, row.i[3] = pid;
+        if (str_or_none(pa, av(&a, K_CONTAINER_ID), &row.s[4]) == R_BAD) BAD();
+        if (str_or_none(pa, av(&a, K_POD_UID), &row.s[5]) == R_BAD) BAD();
+        if (str_or_none(pa, first_truthy(&a, KS_POD, NKEYS(KS_POD)), &row.s[6]) == R_BAD) BAD();
+        if (str_or_none(pa, first_truthy(&a, KS_NS, NKEYS(KS_NS)), &row.s[7]) == R_BAD) BAD();
+        if (str_or_none(pa, first_truthy(&a, KS_CONTAINER, NKEYS(KS_CONTAINER)), &row.s[8]) == R_BAD) BAD();
+        row.f[9] = v;
+        return put_row(o, T_PROCESS, &row);
+    }
+    case A_INFO: {
+        sref uuid;
+        int64_t idx;
+        int has_idx;
+        if (gpu_of(pa, &a, &uuid, &idx, &has_idx) == R_BAD) BAD();
+        if (!uuid.p) {
+            o->ignored++;
+            return 1;
+        }
+        if (node_of(o, &a, res, &node) == R_BAD) BAD();
+        row.s[1] = node, row.s[2] = uuid, row.i[3] = has_idx ? idx : I64_NONE;
+        if (str_or_none(pa, av(&a, K_MODEL), &row.s[4]) == R_BAD) BAD();
+        if (str_or_none(pa, av(&a, K_PCI), &row.s[5]) == R_BAD) BAD();
+        if (str_or_none(pa, av(&a, K_DEVICE), &row.s[6]) == R_BAD) BAD();
+        return put_row(o, T_INFO, &row);
+    }
+    default: { /* A_GPU */
+        sref uuid;
+        int64_t idx;
+        int has_idx;
+        if (gpu_of(pa, &a, &uuid, &idx, &has_idx) == R_BAD) BAD();
+        if (!uuid.p && !has_idx) {
+            o->ignored++;
+            return 1;
+        }
+        if (node_of(o, &a, res, &node) == R_BAD) BAD();
+        row.s[1] = node, row.s[2] = uuid, row.i[3] = has_idx ? idx : I64_NONE;
+        row.s[4].p = (const uint8_t *)name->signal, row.s[4].n = name->signal_n;
+        row.s[5].p = NULL, row.s[5].n = 0;
+        if (name->label != L_NONE) { /* str(a.get(label)) if a.get(label) is not None else None */
+            const val_t *lv = av(&a, LABEL_KEY[name->label]);
+            if (lv->type != V_ABSENT && lv->type != V_NONE && str_not_none(pa, lv, &row.s[5]) == R_BAD) BAD();
+        }
+        row.f[6] = v;
+        return put_row(o, T_GPU, &row);
+    }
+    }
+}
+
+/* Gauge (field 1: data_points) or Sum (1: data_points, 2: temporality, 3: monotonic) */
+static int do_points(fm_out *o, rd m, int is_sum, const name_t *name, const res_t *res, int depth) {
+    while (m.p < m.end) {
+        uint32_t f;
+        int wt, ok;
+        rd sub;
+        if (!rd_tag(&m, &f, &wt)) BAD();
+        if (f == 1) {
+            if (wt != WT_LEN || !rd_len(&m, &sub)) BAD();
+            if (!do_point(o, sub, name, res, depth + 1)) return 0;
+            if (!name) o->ignored++;
+            continue;
+        }
+        if (is_sum && (f == 2 || f == 3)) ok = wt == WT_VARINT && skip_scalar(&m, wt);
+        else ok = skip_unknown(&m, wt);
+        if (!ok) BAD();
+    }
+    return 1;
+}
+
+static int starts_dcgm(const uint8_t *p, size_t n) {
+    static const char pre[] = "dcgm_";
+    if (n < 5) return 0;
+    for (int i = 0; i < 5; i++) {
+        uint8_t c = p[i] >= 'A' && p[i] <= 'Z' ? (uint8_t)(p[i] + 32) : p[i];
+        if (c != (uint8_t)pre[i]) return 0;
+    }
+    return 1;
+}
+
+static int do_metric(fm_out *o, rd m, const res_t *res, int depth) {
+    rd it = m, name = {m.p, m.p}, data = {m.p, m.p};
+    uint32_t data_field = 0;
+    int n_data = 0;
+    /* the name first, wherever it is in the message (a later one wins) */
+    while (it.p < it.end) {
+        uint32_t f;
+        int wt, ok;
+        if (!rd_tag(&it, &f, &wt)) BAD();
+        switch (f) {
+        case 1: ok = wt == WT_LEN && rd_string(&it, &name); break;
+        case 2: case 3: ok = valid_string(&it, wt); break;
+        case 5: case 7: case 9: case 10: case 11:
+            ok = wt == WT_LEN && !n_data++ && rd_len(&it, &data); /* two: upb's oneof rules */
+            data_field = f;
+            break;
+        case 12: ok = valid_kv(&it, wt, depth + 1); break;
+        default: ok = skip_unknown(&it, wt);
+        }
+        if (!ok) BAD();
+    }
+    if (!n_data) {
+        o->ignored++;
+        return 1;
+    }
+    if (data_field != 5 && data_field != 7) BAD(); /* histograms and summaries: the reference path */
+    size_t n = (size_t)(name.end - name.p);
+    const name_t *e = name_lookup(name.p, n);
+    if (e ? e->action == A_DECLINE : starts_dcgm(name.p, n)) BAD();
+    return do_points(o, data, data_field == 7, e, res, depth + 1);
+}
+
+static int do_scope_metrics(fm_out *o, rd m, const res_t *res, int depth) {
+    while (m.p < m.end) {
+        uint32_t f;
+        int wt, ok;
+        rd sub;
+        if (!rd_tag(&m, &f, &wt)) BAD();
+        switch (f) {
+        case 1: ok = wt == WT_LEN && rd_len(&m, &sub) && valid_scope(sub, depth + 1); break;
+        case 2:
+            if (wt != WT_LEN || !rd_len(&m, &sub)) BAD();
+            if (!do_metric(o, sub, res, depth + 1)) return 0;
+            ok = 1;
+            break;
+        case 3: ok = valid_string(&m, wt); break;
+        default: ok = skip_unknown(&m, wt);
+        }
+        if (!ok) BAD();
+    }
+    return 1;
+}
+
+static int do_resource_metrics(fm_out *o, rd m, int depth) {
+    attrs_t a;
+    attrs_clear(&a);
+    rd it = m, resource = {m.p, m.p};
+    int n_resource = 0;
+    /* the resource first, wherever it is in the message */
+    while (it.p < it.end) {
+        uint32_t f;
+        int wt, ok;
+        if (!rd_tag(&it, &f, &wt)) BAD();
+        switch (f) {
+        case 1: ok = wt == WT_LEN && !n_resource++ && rd_len(&it, &resource); break; /* twice: merged */
+        case 2: ok = valid_bytes(&it, wt); break;
+        case 3: ok = valid_string(&it, wt); break;
+        default: ok = skip_unknown(&it, wt);
+        }
+        if (!ok) BAD();
+    }
+    if (!arena_reserve(&o->res_arena, 3 * (size_t)(resource.end - resource.p) + 64)) NOMEM();
+    while (resource.p < resource.end) {
+        uint32_t f;
+        int wt, ok;
+        rd sub;
+        if (!rd_tag(&resource, &f, &wt)) BAD();
+        switch (f) {
+        case 1: ok = wt == WT_LEN && rd_len(&resource, &sub) && add_attr(sub, depth + 2, &a); break;
+        case 2: ok = wt == WT_VARINT && skip_scalar(&resource, wt); break;
+        default: ok = skip_unknown(&resource, wt); /* entity_refs (3) included: a message */
+        }
+        if (!ok) BAD();
+    }
+    res_t res;
+    res.node_rule = str_if_truthy(&o->res_arena, first_truthy(&a, KS_RES_NODE, NKEYS(KS_RES_NODE)), &res.node);
+    if (res.node_rule == R_NONE) {
+        res.node.p = (const uint8_t *)"unknown", res.node.n = 7;
+        res.node_rule = R_VAL;
+    }
+    /* the remembered strings of the previous resource may be overwritten now */
+    for (int t = 0; t < NT; t++)
+        for (int c = 0; c < NC; c++) o->tabs[t][c].last_p = NULL;
+    it = m;
+    while (it.p < it.end) {
+        uint32_t f;
+        int wt;
+        rd sub;
+        if (!rd_tag(&it, &f, &wt)) BAD();
+        if (f == 2) {
+            if (!rd_len(&it, &sub)) BAD();
+            if (!do_scope_metrics(o, sub, &res, depth + 1)) return 0;
+        } else if (wt == WT_LEN) {
+            if (!rd_len(&it, &sub)) BAD();
+        } else if (!skip_scalar(&it, wt)) {
+            BAD();
+        }
+    }
+    return 1;
+}
+
+/* -- the interface ---------------------------------------------------------------------------------- */
+int fm_abi(void) { return FM_ABI; }
+
+/* Once, before any fm_add_name and fm_decode. 1 when ready. */
+int fm_init(void) {
+    if (!keys_ready) keys_ready = keyset_init(&POINT_KEYS, KEYS, K_COUNT);
+    return keys_ready;
+}
+
+/* What becomes of the points of metric `name` (Python's rules, given once before any fm_decode): action
+ * A_*, the attribute of a GPU sample's sub (L_*), and the canonical signal name stored. 1: added. */
+int fm_add_name(const char *name, size_t n, int action, int label, const char *signal, size_t signal_n) {
+    if (n_names >= NAME_CAP / 2 || action <= A_UNKNOWN || action > A_DECLINE || label < L_NONE || label > L_XID)
+        return 0;
+    if (name_lookup((const uint8_t *)name, n)) return 0;
+    uint64_t h = hash_bytes((const uint8_t *)name, n);
+    uint64_t j = h & (NAME_CAP - 1);
+    while (NAMES[j].name) j = (j + 1) & (NAME_CAP - 1);
+    char *copy = malloc(n + 1), *sig = malloc(signal_n + 1);
+    if (!copy || !sig) {
+        free(copy);
+        free(sig);
+        return 0;
+    }
+    memcpy(copy, name, n);
+    copy[n] = 0;
+    memcpy(sig, signal, signal_n);
+    sig[signal_n] = 0;
+    name_t *e = &NAMES[j];
+    e->n = n, e->hash = h, e->action = action, e->label = label, e->signal = sig, e->signal_n = signal_n;
+    e->name = copy; /* last: a lookup sees a whole entry or none */
+    n_names++;
+    return 1;
+}
+
+void fm_free(fm_out *o) {
+    if (!o) return;
+    for (int t = 0; t < NT; t++)
+        for (int c = 0; c < NC; c++) {
+            free(o->col[t][c]);
+            free(o->sblob[t][c]);
+            free(o->tabs[t][c].tab);
+        }
+    free(o->res_arena.buf);
+    free(o->point_arena.buf);
+    free(o);
+}
+
+/* Decode the serialized ExportMetricsServiceRequest buf[0:len]. Returns NULL without memory; else a result
+ * whose status says whether it holds the rows (FM_OK) or the caller must take the reference path. */
+fm_out *fm_decode(const uint8_t *buf, size_t len) {
+    fm_out *o = calloc(1, sizeof *o);
+    if (!o) return NULL;
+    if (!keys_ready || !n_names) {
+        fail(o, FM_UNHANDLED); /* fm_init or fm_add_name was not called */
+        return o;
+    }
+    rd m = {buf, buf + len};
+    while (m.p < m.end) {
+        uint32_t f;
+        int wt;
+        rd sub;
+        if (!rd_tag(&m, &f, &wt)) {
+            fail(o, FM_UNHANDLED);
+            break;
+        }
+        if (f == 1) {
+            if (wt != WT_LEN || !rd_len(&m, &sub)) {
+                fail(o, FM_UNHANDLED);
+                break;
+            }
+            if (!do_resource_metrics(o, sub, 1)) break;
+        } else if (!skip_unknown(&m, wt)) {
+            fail(o, FM_UNHANDLED);
+            break;
+        }
+    }
+    return o;
+}

@@ -1,0 +1,310 @@
+"""The compiled metric decoder (correlator/ingest/fast_metrics.py + _fastmetrics.c) against the reference,
+``decode_metrics`` over the upb-parsed message: for every body either the fast path declines it (and the
+reference path decides: rows or the same PayloadError), or it gives exactly the reference's rows, every
+table and column, value types and float bits included. The agent's own payloads of a simulated fleet
+(GPU, NVLink, clock reasons, XIDs, host and cgroup readings, placements, identity), the decoder fuzz tests'
+wrong-typed messages, messages of every attribute shape the rules read, hand-made wire data, and truncated
+or corrupted bodies. Hypothesis, derandomized; a few seconds."""
+
+from __future__ import annotations
+
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
+
+from collector.export.otlp_encode import OtlpMetricsEncoder, ResourceInfo
+from collector.signals import SIGNALS
+from collector.simfleet import Fleet, fault_scenario
+from correlator.ingest import fast_metrics
+from correlator.ingest.batch import ArrowRows, IngestBatch
+from correlator.ingest.otlp_metrics import decode_metrics
+from correlator.ingest.payload import PayloadError, decode_protobuf, parse_message
+from tests.otlp_wire import assert_same_batch, dbl_any, f64, kv_bytes, ld, str_any, tag, varint
+from tests.test_decoder_fuzz import CORPUS, METRIC_NAMES, POINT_KEYS, T0, metric_messages
+
+if not fast_metrics.available():
+    if os.environ.get("STACKLENS_REQUIRE_FASTSPANS") == "1":
+        raise RuntimeError(f"the compiled metric decoder is not built (library: {fast_metrics.library_path()})")
+    pytest.skip("the compiled metric decoder is not built or STACKLENS_PURE_PYTHON=1", allow_module_level=True)
+
+FAST = settings(derandomize=True, deadline=None, database=None, max_examples=200,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def reference(raw: bytes) -> IngestBatch | PayloadError:
+    try:
+        return decode_metrics(parse_message("metrics", raw, "protobuf"))
+    except PayloadError as e:
+        return e
+
+
+def check(raw: bytes) -> bool:
+    """The fast path and the reference agree on ``raw``; True when the fast path took it."""
+    ref = reference(raw)
+    fast = fast_metrics.decode(raw)
+    if fast is not None:
+        assert isinstance(ref, IngestBatch), f"fast path accepted a body the reference refuses: {ref}"
+        assert_same_batch(fast, ref)
+    try:
+        hooked: IngestBatch | PayloadError = decode_protobuf("metrics", raw)
+    except PayloadError as e:
+        hooked = e
+    if isinstance(ref, PayloadError):
+        assert isinstance(hooked, PayloadError) and (hooked.status, hooked.message) == (ref.status, ref.message)
+    else:
+        assert isinstance(hooked, IngestBatch)
+        assert_same_batch(hooked, ref)
+    return fast is not None
+
+
+def fleet_bodies(kind: str = "xid_failure", seconds: int = 40) -> list[bytes]:
+    """The agent's encoder over a simulated fleet with a fault: every kind of reading the agent sends."""
+    fleet = Fleet(fault_scenario(kind, onset_s=5.0, duration_s=float(seconds)))
+    encoders: dict[str, OtlpMetricsEncoder] = {}
+    bodies = []
+    for tick in fleet.run():
+        for snap in tick.snapshots:
+            enc = encoders.setdefault(snap.node, OtlpMetricsEncoder(ResourceInfo(snap.node, f"k8s-{snap.node}")))
+            bodies.append(enc.encode(snap))
+    return bodies
+
+
+# -- the agent's payloads -----------------------------------------------------------------------------
+def test_agent_payloads_take_the_fast_path_with_the_same_rows() -> None:
+    bodies = fleet_bodies()
+    tables: dict[str, int] = {}
+    for body in bodies:
+        assert check(body)
+        batch = fast_metrics.decode(body)
+        assert batch is not None
+        for name, rows in batch.tables().items():
+            tables[name] = tables.get(name, 0) + len(rows)
+    # every table the agent fills was compared, events (XIDs) and placements included
+    assert tables["gpu_samples"] > 10_000 and tables["host_samples"] > 100
+    assert tables["placements"] > 0 and tables["gpu_info"] > 0
+    assert tables["requests"] == 0 and tables["engine_samples"] == 0
+    subs = {s for body in bodies for s in (fast_metrics.decode(body) or IngestBatch()).gpu_samples.data["sub"]}
+    assert {"48", "94"} & subs, "no XID counter in the fleet's payloads"
+
+
+def test_rows_are_arrow_with_dictionary_strings() -> None:
+    batch = fast_metrics.decode(fleet_bodies(seconds=2)[0])
+    assert batch is not None
+    g = batch.gpu_samples
+    assert isinstance(g, ArrowRows) and g.table is not None
+    assert str(g.table.schema.field("node").type) == "dictionary<values=string, indices=int32, ordered=0>"
+    assert str(g.table.schema.field("gpu_index").type) == "int32"
+    assert g.table.column("signal").chunk(0).dictionary.to_pylist() == sorted(
+        set(g.table.column("signal").to_pylist()), key=g.table.column("signal").to_pylist().index)
+
+
+def test_every_catalog_name_is_known_to_the_c() -> None:
+    actions = fast_metrics.name_actions()
+    for sig in SIGNALS.values():
+        assert sig.otlp_name in actions and f"stacklens_{sig.name}" in actions
+    assert actions["stacklens.gpu_info"][0] == fast_metrics.A_INFO
+    assert actions["stacklens.nvlink_tx_bytes_per_s"][1] == 1  # link
+    assert actions["stacklens.xid_events_total"][1] == 3  # xid
+    assert actions["stacklens.clock_event_reason_active"][0] == fast_metrics.A_SKIP
+    assert actions["stacklens.host_run_queue"][0] == fast_metrics.A_HOST
+    assert actions["stacklens.gpu_process_memory_bytes"][0] == fast_metrics.A_PROCESS
+    assert actions["vllm:num_requests_running"][0] == fast_metrics.A_DECLINE
+    assert actions["DCGM_FI_DEV_POWER_USAGE"][0] == fast_metrics.A_DECLINE
+
+
+# -- every attribute shape the rules read ---------------------------------------------------------------
+def _any(kind: str, v: object) -> AnyValue:
+    return AnyValue(**{kind: v})  # type: ignore[arg-type]
+
+
+VALUES = (st.sampled_from(["GPU-1", "", "0", "007", "+5", "-3", " 5", "5 ", "1_0", "٣", "2147483648", "-2147483648",
+                           "00000000000000000001", "x", "1.0", "node-a"]).map(lambda v: _any("string_value", v))
+          | st.text(max_size=6).map(lambda v: _any("string_value", v))
+          | st.sampled_from([0, 1, -1, 7, 2**31 - 1, 2**31, -(2**31), 2**63 - 1]).map(lambda v: _any("int_value", v))
+          | st.sampled_from([0.0, -0.0, 1.0, 2.5, 3.0, float("nan"), float("inf"), 2.0**31, -(2.0**31)]).map(
+              lambda v: _any("double_value", v))
+          | st.booleans().map(lambda v: _any("bool_value", v))
+          | st.sampled_from([b"", b"\x01", b"\x00\x12", b"\xab"]).map(lambda v: _any("bytes_value", v))
+          | st.sampled_from([[], ["a"]]).map(lambda v: AnyValue(array_value=ArrayValue(
+              values=[_any("string_value", x) for x in v])))
+          | st.just(AnyValue(kvlist_value=KeyValueList())) | st.just(AnyValue()))
+# the agent's names mostly, with each kind of row
+AGENT_NAMES = ["stacklens.power_w", "stacklens.nvlink_rx_bytes_per_s", "stacklens.clock_event_reason_active",
+               "stacklens.clock_event_reasons", "stacklens.xid_events_total", "stacklens.host_run_queue",
+               "stacklens.cgroup_cpu_throttled_s", "stacklens.gpu_process_memory_bytes", "stacklens.gpu_info",
+               "stacklens_sm_clock_hz", "stacklens.POWER_W", "no.such.metric", "dCgM_fi_dev_power_usage"]
+
+
+def point_attrs(draw: st.DrawFn) -> list[KeyValue]:
+    keys = st.sampled_from([*POINT_KEYS, "k8s.pod.uid", "k8s.namespace.name", "k8s.container.name"])
+    return [KeyValue(key=k, value=v) for k, v in draw(st.lists(st.tuples(keys, VALUES), max_size=6))]
+
+
+@st.composite
+def agent_like_messages(draw: st.DrawFn) -> ExportMetricsServiceRequest:
+    msg = ExportMetricsServiceRequest()
+    for _ in range(draw(st.integers(1, 2))):
+        rm = msg.resource_metrics.add()
+        rm.resource.attributes.extend(point_attrs(draw))
+        sm = rm.scope_metrics.add()
+        for _ in range(draw(st.integers(1, 3))):
+            m = sm.metrics.add(name=draw(st.sampled_from(AGENT_NAMES)))
+            points = (m.sum if draw(st.booleans()) else m.gauge).data_points
+            for _ in range(draw(st.integers(0, 3))):
+                p = points.add(time_unix_nano=draw(st.sampled_from([T0, 0, 2**63 - 1, 2**63])),
+                               flags=draw(st.sampled_from([0, 0, 1])))
+                p.attributes.extend(point_attrs(draw))
+                which = draw(st.sampled_from(["double", "int", "none"]))
+                if which == "double":
+                    p.as_double = draw(st.sampled_from([0.0, -0.0, 1.5, float("nan"), float("inf"), 1e300]))
+                elif which == "int":
+                    p.as_int = draw(st.sampled_from([0, -1, 2**53 + 1, 2**63 - 1, -(2**63)]))
+    return msg
+
+
+@settings(FAST, max_examples=400)
+@given(msg=agent_like_messages())
+def test_messages_of_every_attribute_shape(msg: ExportMetricsServiceRequest) -> None:
+    check(msg.SerializeToString())
+
+
+def test_common_attribute_shapes_take_the_fast_path() -> None:
+    taken = 0
+    for value in ("007", "+5", "-3", "", "x", "2147483648"):
+        for key in ("gpu.index", "gpu", "process.pid", "pid"):
+            msg = ExportMetricsServiceRequest()
+            rm = msg.resource_metrics.add()
+            rm.resource.attributes.add(key="host.name", value=_any("string_value", "n1"))
+            for name in ("stacklens.power_w", "stacklens.gpu_process_memory_bytes", "stacklens.gpu_info"):
+                p = rm.scope_metrics.add().metrics.add(name=name).gauge.data_points.add(time_unix_nano=T0, as_int=3)
+                p.attributes.add(key="gpu.uuid", value=_any("string_value", "GPU-1"))
+                p.attributes.add(key=key, value=_any("string_value", value))
+            taken += check(msg.SerializeToString())
+    assert taken == 24  # plain ASCII integers and non-integers alike, on every path
+
+
+@settings(FAST, max_examples=300)
+@given(msg=metric_messages())
+def test_fuzz_messages_with_wrong_types(msg: ExportMetricsServiceRequest) -> None:
+    check(msg.SerializeToString())
+
+
+# -- wire data by hand --------------------------------------------------------------------------------
+def _point(attrs: bytes = b"", value: bytes = tag(4, 1) + struct.pack("<d", 2.5), time_ns: int = T0) -> bytes:
+    return attrs + f64(3, time_ns) + value
+
+
+GPU = ld(7, kv_bytes("gpu.uuid", str_any(b"GPU-1")))
+
+
+def wrap(metrics: list[bytes], resource: bytes = ld(1, kv_bytes("host.name", str_any(b"n1")))) -> bytes:
+    sm = b"".join(ld(2, m) for m in metrics)
+    return ld(1, (ld(1, resource) if resource is not None else b"") + ld(2, sm))
+
+
+def gauge(name: bytes, *points: bytes) -> bytes:
+    return ld(1, name) + ld(5, b"".join(ld(1, p) for p in points))
+
+
+WIRE_CASES: dict[str, tuple[bytes, bool]] = {  # body, whether the fast path takes it
+    "baseline": (wrap([gauge(b"stacklens.power_w", _point(GPU))]), True),
+    "name after the data": (wrap([ld(5, ld(1, _point(GPU))) + ld(1, b"stacklens.power_w")]), True),
+    "two names: the last wins": (wrap([ld(1, b"x") + ld(5, ld(1, _point(GPU))) + ld(1, b"stacklens.power_w")]), True),
+    "two data fields": (wrap([gauge(b"stacklens.power_w", _point(GPU)) + ld(7, ld(1, _point(GPU)))]), False),
+    "a sum with its temporality": (wrap([ld(1, b"stacklens.energy_mj") + ld(7, ld(1, _point(GPU))
+                                                                            + tag(2, 0) + varint(2)
+                                                                            + tag(3, 0) + varint(1))]), True),
+    "a histogram": (wrap([ld(1, b"no.such") + ld(9, b"")]), False),
+    "no data": (wrap([ld(1, b"stacklens.power_w")]), True),
+    "an empty gauge": (wrap([ld(1, b"stacklens.power_w") + ld(5, b"")]), True),
+    "as_double then as_int": (wrap([gauge(b"stacklens.power_w", _point(GPU, tag(4, 1) + struct.pack("<d", 1.5)
+                                                                     + tag(6, 1) + struct.pack("<q", -7)))]), True),
+    "flags past 32 bits": (wrap([gauge(b"stacklens.power_w", _point(GPU) + tag(8, 0) + varint(2**32 + 1))]), True),
+    "flags with bit 0 but no value": (wrap([gauge(b"stacklens.power_w", GPU + f64(3, T0) + tag(8, 0) + varint(1))]),
+                                      True),
+    "exemplars": (wrap([gauge(b"stacklens.power_w", _point(GPU) + ld(5, b""))]), False),
+    "an unknown scalar field": (wrap([gauge(b"stacklens.power_w", _point(GPU) + tag(99, 0) + varint(5))]), True),
+    "an unknown message field": (wrap([gauge(b"stacklens.power_w", _point(GPU) + ld(99, b"x"))]), False),
+    "time past int64": (wrap([gauge(b"stacklens.power_w", _point(GPU, time_ns=2**63))]), True),
+    "the time twice": (wrap([gauge(b"stacklens.power_w", _point(GPU) + f64(3, T0 + 5))]), True),
+    "a time of the wrong wire type": (wrap([gauge(b"stacklens.power_w", GPU + tag(3, 0) + varint(5))]), False),
+    "a resource twice": (ld(1, ld(1, b"") + ld(1, b"") + ld(2, ld(2, gauge(b"stacklens.power_w", _point(GPU))))),
+                         False),
+    "the resource after the scopes": (ld(1, ld(2, ld(2, gauge(b"stacklens.power_w", _point(GPU))))
+                                      + ld(1, ld(1, kv_bytes("host.name", str_any(b"late"))))), True),
+    "no resource": (ld(1, ld(2, ld(2, gauge(b"stacklens.power_w", _point(GPU))))), True),
+    "a float node on the resource, used": (wrap([gauge(b"stacklens.power_w", _point(GPU))],
+                                               ld(1, kv_bytes("host.name", dbl_any(1.5)))), False),
+    "a float node on the resource, not used": (wrap([gauge(b"stacklens.power_w", _point(
+        GPU + ld(7, kv_bytes("Hostname", str_any(b"own")))))], ld(1, kv_bytes("host.name", dbl_any(1.5)))), True),
+    "a bytes uuid": (wrap([gauge(b"stacklens.power_w", _point(ld(7, kv_bytes("gpu.uuid", ld(7, b"\x01\xff")))))]),
+                     True),
+    "a float uuid": (wrap([gauge(b"stacklens.power_w", _point(ld(7, kv_bytes("gpu.uuid", dbl_any(1.0)))))]), False),
+    "an index only": (wrap([gauge(b"stacklens.power_w", _point(ld(7, kv_bytes("gpu.index", tag(3, 0) + varint(3)))))]),
+                      True),
+    "an index of long bytes": (wrap([gauge(b"stacklens.power_w", _point(
+        ld(7, kv_bytes("gpu.index", ld(7, bytes(40) + b"\x12")))))]), False),
+    "neither uuid nor index": (wrap([gauge(b"stacklens.power_w", _point())]), True),
+    "a NUL in the uuid": (wrap([gauge(b"stacklens.power_w", _point(ld(7, kv_bytes("gpu.uuid", str_any(b"a\0b")))))]),
+                          False),
+    "bad UTF-8 in a name": (wrap([gauge(b"stacklens.\xff", _point(GPU))]), False),
+    "an unknown name": (wrap([gauge(b"stacklens.nope", _point(GPU), _point(GPU))]), True),
+    "a DCGM name in lower case": (wrap([gauge(b"dcgm_fi_dev_nope", _point(GPU))]), False),
+    "an engine name": (wrap([gauge(b"vllm:num_requests_running", _point(GPU))]), False),
+    "an hw name": (wrap([gauge(b"hw.gpu.utilization", _point(GPU))]), False),
+    "a link label of an int": (wrap([gauge(b"stacklens.nvlink_tx_bytes_per_s", _point(
+        GPU + ld(7, kv_bytes("link", tag(3, 0) + varint(4)))))]), True),
+    "a link label of an empty string": (wrap([gauge(b"stacklens.nvlink_tx_bytes_per_s", _point(
+        GPU + ld(7, kv_bytes("link", str_any(b"")))))]), True),
+    "a later attribute of the same key": (wrap([gauge(b"stacklens.power_w", _point(
+        GPU + ld(7, kv_bytes("gpu.uuid", str_any(b"GPU-2")))))]), True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WIRE_CASES))
+def test_hand_made_wire_data(case: str) -> None:
+    body, taken = WIRE_CASES[case]
+    assert check(body) == taken
+
+
+BASE = [body for body in fleet_bodies(seconds=2)[:2]] + [WIRE_CASES["baseline"][0]]
+
+
+@settings(FAST, max_examples=1000)
+@given(data=st.data(), which=st.integers(0, len(BASE) - 1))
+def test_truncated_or_corrupted_bodies(data: st.DataObject, which: int) -> None:
+    body = BASE[which]
+    b = bytearray(body[:data.draw(st.integers(0, len(body)), label="cut")])
+    for _ in range(data.draw(st.integers(0, 4), label="edits")):
+        if b:
+            b[data.draw(st.integers(0, len(b) - 1))] = data.draw(st.integers(0, 255))
+    check(bytes(b))
+
+
+@settings(FAST, max_examples=500)
+@given(body=st.binary(max_size=300))
+def test_random_bytes(body: bytes) -> None:
+    check(body)
+
+
+def test_corpus_bodies() -> None:
+    for _signal, body in CORPUS:  # metrics and traces alike: a trace body is a bad metrics body
+        check(body)
+    assert METRIC_NAMES  # the fuzz tests' names are the catalog's
+
+
+def test_threads_decode_at_once() -> None:
+    """The C keeps no state between calls and runs without the GIL: the receivers decode in parallel."""
+    bodies = fleet_bodies(seconds=3)[:8]
+    want = [reference(b) for b in bodies]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(fast_metrics.decode, bodies * 6))
+    for g, w in zip(got, want * 6, strict=True):
+        assert g is not None and isinstance(w, IngestBatch)
+        assert_same_batch(g, w)
