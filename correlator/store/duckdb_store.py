@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +42,8 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
     **{c: pa.float64() for c in ("ttft_s", "tpot_s", "e2e_s", "queue_s", "prefill_s", "decode_s", "inference_s")},
 }
 _REASON_IDLE = 0x1
+_TABLE_COLUMNS: dict[str, tuple[str, ...]] = {name: rows.columns for name, rows in IngestBatch().tables().items()}
+_SIGNAL_TABLES = ("gpu_samples", "host_samples", "engine_samples")  # whose rows name a signal
 
 REQUEST_ROW_COLUMNS = (
     "start_ns", "end_ns", "node_id", "service", "model", "engine", "trace_hi", "trace_lo", "span_bin",
@@ -313,6 +315,191 @@ def _arrow(rows: Rows) -> pa.Table:
     return pa.table(cols)
 
 
+# Arrow parts of a group commit (ArrowRows from a compiled decoder, or lists converted by _arrow): their names
+# become ids from the distinct values only, so that the cost per row is Arrow's and numpy's, never Python's.
+# A string column is either dictionary-encoded (a decoder's) or plain; a decoder's dictionary may hold values
+# no row has, and nulls may be in its indices or its values.
+
+def _one_array(a: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """A column as one array (a chunked dictionary column's dictionaries unified)."""
+    if isinstance(a, pa.ChunkedArray):
+        return a.chunk(0) if a.num_chunks == 1 else a.combine_chunks()
+    return a
+
+
+def _encoded(a: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """A string column as a dictionary array: a decoder's dictionary column as it is."""
+    arr = _one_array(a)
+    return arr if pa.types.is_dictionary(arr.type) else pc.dictionary_encode(arr)
+
+
+def _codes(enc: pa.Array) -> np.ndarray:
+    """A dictionary array's indices as numpy, -1 for a null index."""
+    idx = enc.indices
+    if idx.null_count:
+        idx = pc.fill_null(idx, -1)
+    return np.asarray(idx.to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _used(enc: pa.Array) -> list[object]:
+    """The distinct values the rows of a dictionary array have (None for a null), in no particular order."""
+    c = _codes(enc)
+    valid = c[c >= 0] if enc.indices.null_count else c
+    present = np.flatnonzero(np.bincount(valid, minlength=len(enc.dictionary)))
+    values: list[object] = enc.dictionary.take(pa.array(present, pa.int64())).to_pylist()
+    return [*values, None] if len(valid) < len(c) else values
+
+
+def _new_names(enc: pa.Array, known: dict[str, int]) -> list[object]:
+    """The distinct values of a dictionary array's rows that ``known`` lacks (None for a null, which str()
+    names "None"): none, without a look at the rows, when its dictionary holds only known names."""
+    if all(str(v) in known for v in enc.dictionary.to_pylist()) and (not enc.indices.null_count or "None" in known):
+        return []
+    return [v for v in _used(enc) if str(v) not in known]
+
+
+def _first_rows(codes: np.ndarray) -> np.ndarray:
+    """The row where each distinct code (>= 0; -1, a null, is skipped) first occurs, in row order."""
+    n = len(codes)
+    if not n:
+        return np.zeros(0, dtype=np.int64)
+    run = np.maximum.accumulate(codes)
+    new = np.empty(n, dtype=bool)
+    new[0] = codes[0] >= 0
+    new[1:] = codes[1:] > run[:-1]
+    first = np.flatnonzero(new)
+    # codes numbered in order of first occurrence (dictionary_encode's, and a decoder's that appends as it
+    # meets values): the rows where the running maximum grows are exactly the first ones
+    if run[-1] == len(first) - 1 and np.array_equal(codes[first], np.arange(len(first))):
+        return first
+    valid = np.flatnonzero(codes >= 0)
+    _, at = np.unique(codes[valid], return_index=True)
+    return np.sort(valid[at])
+
+
+def _pylist(a: pa.ChunkedArray | pa.Array, rows: np.ndarray) -> list[object]:
+    """The values of a few rows as Python objects (a dictionary column's through its dictionary: Arrow's
+    to_pylist of one is slow)."""
+    arr = _one_array(a)
+    if pa.types.is_dictionary(arr.type):
+        values: list[object] = arr.dictionary.to_pylist()
+        return [values[i] if i >= 0 else None for i in _codes(arr)[rows].tolist()]
+    if pa.types.is_integer(arr.type):  # numpy's int → Python int, as Arrow's; a null as None
+        filled = arr.fill_null(0) if arr.null_count else arr
+        out: list[object] = np.asarray(filled.to_numpy(zero_copy_only=False))[rows].tolist()
+        if arr.null_count:
+            for k, ok in enumerate(_valid(arr)[rows].tolist()):
+                if not ok:
+                    out[k] = None
+        return out
+    out = arr.take(pa.array(rows, pa.int64())).to_pylist()
+    return out
+
+
+def _to_ids(enc: pa.Array, mapping: dict[str, int], type_: pa.DataType) -> pa.Array:
+    """Names → ids of a dictionary array: the dictionary's values looked up (a value no row has, and a null,
+    as NULL), then taken by the indices in numpy."""
+    lut = np.array([-1 if v is None else mapping.get(str(v), -1) for v in enc.dictionary.to_pylist()] + [-1],
+                   dtype=np.int64)
+    ids = lut[_codes(enc)]  # a null index, -1, takes the last entry: -1
+    missing = ids < 0
+    values = ids.astype(type_.to_pandas_dtype())
+    return pa.array(values, type_, mask=missing) if missing.any() else pa.array(values, type_)
+
+
+def _numpy(a: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return np.asarray(a.to_numpy() if isinstance(a, pa.ChunkedArray) else a.to_numpy(zero_copy_only=False))
+
+
+def _view(parts: list[dict[str, pa.ChunkedArray | pa.Array]]) -> pa.Table:
+    """One table of the parts' columns, numbers of the store's types (``_ARROW_TYPES``); a string column the
+    parts all have of one type as it is (a decoder's dictionary strings too: DuckDB reads them as text), else
+    as plain strings, so that the parts concatenate."""
+    for c in parts[0]:
+        type_ = _ARROW_TYPES.get(c)
+        if type_ is None:
+            if len({p[c].type for p in parts}) == 1:
+                continue
+            type_ = pa.string()
+        for p in parts:
+            if p[c].type != type_:
+                p[c] = p[c].cast(type_)
+    return pa.table(parts[0]) if len(parts) == 1 else pa.concat_tables([pa.table(p) for p in parts])
+
+
+def _xid_code(label: object) -> int | None:
+    """The XID a per-XID counter's label names (the agent's ``xid``), None when it names no 32-bit number."""
+    text = str(label or 0).strip()
+    if not text.lstrip("-").isdecimal() or not text.isascii():
+        return None
+    code = int(text)
+    return code if -(2**31) <= code < 2**31 else None
+
+
+class _Part:
+    """One table's rows of one batch (or of consecutive batches of lists) as Arrow, its name columns
+    dictionary-encoded once for both the distinct names and the names → ids mapping. ``rows``: the lists
+    they came as (then names and GPUs are found as they always were, value by value), or None."""
+
+    __slots__ = ("_enc", "rows", "table")
+
+    def __init__(self, table: pa.Table, rows: Rows | None) -> None:
+        self.table = table
+        self.rows = rows
+        self._enc: dict[str, pa.Array] = {}
+
+    def encoded(self, column: str) -> pa.Array:
+        enc = self._enc.get(column)
+        if enc is None:
+            enc = self._enc[column] = _encoded(self.table.column(column))
+        return enc
+
+    def name_unnamed_gpus(self) -> None:
+        """gpu_samples: a GPU known only by its index (a DCGM series without UUID) is named f"{node}/gpu{index}"
+        as the lists' rows name it: vectorised, and only when some row lacks its uuid (null or empty)."""
+        enc = self.encoded("gpu_uuid")
+        if not enc.indices.null_count and all(v for v in enc.dictionary.to_pylist()):
+            return
+        used = _used(enc)
+        if None not in used and "" not in used:
+            return
+        t = self.table
+        uuid = _one_array(t.column("gpu_uuid")).cast(pa.string())
+        missing = pc.fill_null(pc.equal(uuid, ""), True)
+        node = pc.fill_null(_one_array(t.column("node")).cast(pa.string()), "None")
+        index = pc.fill_null(_one_array(t.column("gpu_index")).cast(pa.string()), "None")
+        self._enc["gpu_uuid"] = pc.dictionary_encode(
+            pc.if_else(missing, pc.binary_join_element_wise(node, index, "/gpu"), uuid))
+
+    def first_gpus(self) -> list[tuple[object, object, object]]:
+        """(uuid, node, index) of the first row of each GPU, in row order; every row when a uuid is null (a
+        null is no GPU of its own, so the caller's loop decides as for lists)."""
+        t = self.table
+        enc = self.encoded("gpu_uuid")
+        if enc.indices.null_count or enc.dictionary.null_count:
+            rows = np.arange(t.num_rows)
+        else:
+            rows = _first_rows(_codes(enc))
+        uuids = _pylist(enc, rows)
+        nodes = _pylist(t.column("node"), rows)
+        indices = _pylist(t.column("gpu_index"), rows) if "gpu_index" in t.column_names else [None] * len(rows)
+        return list(zip(uuids, nodes, indices, strict=True))
+
+    def latest_info_rows(self) -> list[tuple[object, ...]]:
+        """gpu_info: the rows (GPU_INFO_COLUMNS, the time left out: None) that :meth:`Store._insert` keeps per
+        GPU, the last of each (in no particular order); every row when a uuid is null."""
+        t = self.table
+        enc = self.encoded("gpu_uuid")
+        if enc.indices.null_count or enc.dictionary.null_count:
+            rows = np.arange(t.num_rows)
+        else:
+            codes = _codes(enc)
+            _, at = np.unique(codes[::-1], return_index=True)  # the first of each in reverse: the last
+            rows = len(codes) - 1 - at
+        return list(zip(*([None] * len(rows) if c == "time_ns" else _pylist(t.column(c), rows)
+                          for c in t.column_names), strict=True))
+
+
 class Store:
     """One DuckDB file. ``submit`` hands a batch to the writer; its future resolves once committed."""
 
@@ -438,17 +625,31 @@ class Store:
                 self._roll_up_requests_step()
 
     def _commit(self, taken: list[tuple[IngestBatch, Future[None]]]) -> None:
-        merged = IngestBatch()
-        request_tables: list[pa.Table] = []  # the compiled decoder's rows, as they came (ArrowRows)
+        # each table's rows in batch order: an Arrow table as it came (ArrowRows: a compiled decoder's), lists
+        # of consecutive batches merged into one Rows; requests' lists all first, as one
+        parts: dict[str, list[Rows | pa.Table]] = {}
+        requests = Rows(REQUEST_COLUMNS)
+        request_tables: list[pa.Table] = []
         for b, _ in taken:
             for name, rows in b.tables().items():
                 t = rows.table if isinstance(rows, ArrowRows) else None
+                if name == "requests":
+                    if t is not None:
+                        request_tables.append(t)
+                    else:
+                        requests.extend(rows)
+                    continue
+                if not len(rows):
+                    continue
+                mine = parts.setdefault(name, [])
                 if t is not None:
-                    request_tables.append(t)
-                else:
-                    getattr(merged, name).extend(rows)
-            merged.ignored += b.ignored
-        n_rows = merged.row_count() + sum(t.num_rows for t in request_tables)
+                    mine.append(t)
+                    continue
+                if not mine or not isinstance(mine[-1], Rows):
+                    mine.append(Rows(_TABLE_COLUMNS[name]))
+                mine[-1].extend(rows)
+        parts["requests"] = ([requests] if len(requests) else []) + request_tables
+        n_rows = sum(len(x) for xs in parts.values() for x in xs)
         ids_before = {k: dict(v) for k, v in self._ids.items()}
         mask_before, xid_before = dict(self._last_mask), dict(self._last_xid)
         info_before = dict(self._gpu_info)
@@ -457,7 +658,7 @@ class Store:
         cur = self._con.cursor()
         try:
             cur.execute("BEGIN TRANSACTION")
-            self._insert(cur, merged, request_tables)
+            self._insert(cur, parts)
             cur.execute("COMMIT")
         except Exception as e:
             with contextlib.suppress(duckdb.Error):
@@ -689,47 +890,76 @@ class Store:
                             [known[uuid], uuid, nid, index])
         return known
 
-    @staticmethod
-    def _map(column: pa.Array, mapping: dict[str, int], type_: pa.DataType) -> pa.Array:
-        """Names → ids, vectorised: dictionary-encode and map only the distinct names."""
-        enc = pc.dictionary_encode(column).combine_chunks() if isinstance(column, pa.ChunkedArray) \
-            else pc.dictionary_encode(column)
-        ids = pa.array([mapping[str(v)] for v in enc.dictionary.to_pylist()], type=type_)
-        return pc.take(ids, enc.indices)
-
     # -- the insert of one transaction ----------------------------------------------------------
-    def _insert(self, cur: duckdb.DuckDBPyConnection, b: IngestBatch,
-                request_tables: Sequence[pa.Table] = ()) -> None:
-        """One transaction's rows: ``b``'s, and requests given as Arrow tables (``ArrowRows.table``)."""
-        g = b.gpu_samples
-        if len(g):
-            # a GPU known only by its index (a DCGM series without UUID) is named after node and index
-            uuids = [u if u else f"{n}/gpu{i}" for u, n, i in
-                     zip(g.data["gpu_uuid"], g.data["node"], g.data["gpu_index"], strict=True)]
-            g.data["gpu_uuid"] = list(uuids)
-        gi = b.gpu_info
+    def _insert(self, cur: duckdb.DuckDBPyConnection, parts: dict[str, list[Rows | pa.Table]]) -> None:
+        """One transaction's rows: per table, parts in batch order (:meth:`_commit`), each as lists (Rows) or
+        as an Arrow table (``ArrowRows.table``). Names become ids as they always did: nodes and signals in
+        sorted order of their names, GPUs in order of the first row that names them (gpu_samples, gpu_info,
+        placements); one insert per table."""
+        ps: dict[str, list[_Part]] = {}
+        for name, xs in parts.items():
+            if name == "requests":
+                continue
+            ps[name] = []
+            for x in xs:
+                if isinstance(x, Rows):
+                    if name == "gpu_samples":
+                        # a GPU known only by its index (a DCGM series without UUID) is named after node and index
+                        d = x.data
+                        d["gpu_uuid"] = [u if u else f"{n}/gpu{i}" for u, n, i in
+                                         zip(d["gpu_uuid"], d["node"], d["gpu_index"], strict=True)]
+                    ps[name].append(_Part(_arrow(x), x))
+                else:
+                    ps[name].append(_Part(x, None))
+        for part in ps.get("gpu_samples", []):
+            if part.rows is None:
+                part.name_unnamed_gpus()
         keys: dict[str, tuple[str, str, int | None]] = {}
-        for rows in (g, gi, b.placements):
-            for u, n, i in zip(rows.data["gpu_uuid"], rows.data["node"],
-                               rows.data.get("gpu_index", [None] * len(rows)), strict=True):
-                if u not in keys:
-                    keys[str(u)] = (str(u), str(n), i if isinstance(i, int) else None)
+        for name in ("gpu_samples", "gpu_info", "placements"):
+            for part in ps.get(name, []):
+                if part.rows is not None:
+                    d = part.rows.data
+                    firsts: Iterable[tuple[object, object, object]] = zip(
+                        d["gpu_uuid"], d["node"], d.get("gpu_index", [None] * len(part.rows)), strict=True)
+                elif _new_names(part.encoded("gpu_uuid"), self._ids["gpus"]):
+                    firsts = part.first_gpus()  # the first row of each GPU only
+                else:
+                    continue  # every GPU known: no key of this part would be used
+                for u, n, i in firsts:
+                    if u not in keys:
+                        keys[str(u)] = (str(u), str(n), i if isinstance(i, int) else None)
+        # the names of every row as a set: an Arrow part's from its dictionaries, none if they hold only known
+        # names (only new ones get ids)
         nodes: set[str] = set()
-        for rows in b.tables().values():
-            if "node" in rows.data:
-                nodes.update(str(x) for x in rows.data["node"])
-        for t in request_tables:
-            nodes.update(str(x) for x in pc.unique(t["node"]).to_pylist())
+        sig_names: set[object] = set()
+        for name, plist in ps.items():
+            for part in plist:
+                if part.rows is not None:
+                    nodes.update(str(x) for x in part.rows.data["node"])
+                    if name in _SIGNAL_TABLES:
+                        sig_names.update(part.rows.data["signal"])
+                else:
+                    nodes.update(str(x) for x in _new_names(part.encoded("node"), self._ids["nodes"]))
+                    if name in _SIGNAL_TABLES:
+                        sig_names.update(_new_names(part.encoded("signal"), self._ids["signals"]))
+        for x in parts.get("requests", []):
+            if isinstance(x, Rows):
+                nodes.update(str(n) for n in x.data["node"])
+            else:
+                nodes.update(str(n) for n in pc.unique(x["node"]).to_pylist())
         node_ids = self._node_ids(cur, sorted(nodes))
         gpu_ids = self._gpu_ids(cur, list(keys.values()))
-        sig_names = set(g.data["signal"]) | set(b.host_samples.data["signal"]) | set(b.engine_samples.data["signal"])
         sig_ids = self._signal_ids(cur, sorted(str(s) for s in sig_names))
 
-        if len(gi):
+        if ps.get("gpu_info"):
             # identity changes rarely: keep the latest per GPU and write only what differs from the cache
             latest: dict[str, tuple[object, ...]] = {}
-            for _t, n, u, idx, model, bus, dev in zip(*(gi.data[c] for c in gi.columns), strict=True):
-                latest[str(u)] = (node_ids[str(n)], idx, model, bus, dev)
+            for part in ps["gpu_info"]:
+                info_rows: Iterable[tuple[object, ...]] = (
+                    zip(*(part.rows.data[c] for c in part.rows.columns), strict=True) if part.rows is not None
+                    else part.latest_info_rows())
+                for _t, n, u, idx, model, bus, dev in info_rows:
+                    latest[str(u)] = (node_ids[str(n)], idx, model, bus, dev)
             for u, info in latest.items():
                 if self._gpu_info.get(u) == info:
                     continue
@@ -737,47 +967,50 @@ class Store:
                             "model = COALESCE(?, model), pci_bus_id = COALESCE(?, pci_bus_id), "
                             "device = COALESCE(?, device) WHERE uuid = ?", [*info, u])
                 self._gpu_info[u] = info
-        if len(g):
-            t = _arrow(g)
-            view = pa.table({
-                "time_ns": t["time_ns"], "gpu_id": self._map(t["gpu_uuid"], gpu_ids, pa.int32()),
-                "signal_id": self._map(t["signal"], sig_ids, pa.int16()), "sub": t["sub"], "value": t["value"]})
+
+        def ids(part: _Part, column: str, mapping: dict[str, int], type_: pa.DataType) -> pa.Array:
+            return _to_ids(part.encoded(column), mapping, type_)
+
+        def same(part: _Part, *columns: str) -> dict[str, pa.ChunkedArray | pa.Array]:
+            return {c: part.table.column(c) for c in columns}
+
+        if ps.get("gpu_samples"):
+            view = _view([{
+                **same(p, "time_ns"), "gpu_id": ids(p, "gpu_uuid", gpu_ids, pa.int32()),
+                "signal_id": ids(p, "signal", sig_ids, pa.int16()), **same(p, "sub", "value")}
+                for p in ps["gpu_samples"]])
             self._append(cur, "gpu_samples", view)
             self._derive_events(cur, view, sig_ids)
             self._summarise_late(cur, "gpu_samples", view)
-        h = b.host_samples
-        if len(h):
-            t = _arrow(h)
-            host = pa.table({
-                "time_ns": t["time_ns"], "node_id": self._map(t["node"], node_ids, pa.int32()),
-                "signal_id": self._map(t["signal"], sig_ids, pa.int16()), "sub": t["sub"], "value": t["value"]})
+        if ps.get("host_samples"):
+            host = _view([{
+                **same(p, "time_ns"), "node_id": ids(p, "node", node_ids, pa.int32()),
+                "signal_id": ids(p, "signal", sig_ids, pa.int16()), **same(p, "sub", "value")}
+                for p in ps["host_samples"]])
             self._append(cur, "host_samples", host)
             self._summarise_late(cur, "host_samples", host)
-        e = b.engine_samples
-        if len(e):
-            t = _arrow(e)
-            engine = pa.table({
-                "time_ns": t["time_ns"], "node_id": self._map(t["node"], node_ids, pa.int32()),
-                "service": t["service"], "model": t["model"], "pid": t["pid"],
-                "signal_id": self._map(t["signal"], sig_ids, pa.int16()), "value": t["value"]})
+        if ps.get("engine_samples"):
+            engine = _view([{
+                **same(p, "time_ns"), "node_id": ids(p, "node", node_ids, pa.int32()),
+                **same(p, "service", "model", "pid"), "signal_id": ids(p, "signal", sig_ids, pa.int16()),
+                **same(p, "value")}
+                for p in ps["engine_samples"]])
             self._append(cur, "engine_samples", engine)
             self._summarise_late(cur, "engine_samples", engine)
-        p = b.placements
-        if len(p):
-            t = _arrow(p)
-            cols: dict[str, Any] = {"time_ns": t["time_ns"], "node_id": self._map(t["node"], node_ids, pa.int32()),
-                                    "gpu_id": self._map(t["gpu_uuid"], gpu_ids, pa.int32())}
-            for c in ("pid", "container_id", "pod_uid", "pod", "namespace", "container", "used_memory_bytes"):
-                cols[c] = t[c]
-            placements = pa.table(cols)
+        if ps.get("placements"):
+            placements = _view([{
+                **same(p, "time_ns"), "node_id": ids(p, "node", node_ids, pa.int32()),
+                "gpu_id": ids(p, "gpu_uuid", gpu_ids, pa.int32()),
+                **same(p, "pid", "container_id", "pod_uid", "pod", "namespace", "container", "used_memory_bytes")}
+                for p in ps["placements"]])
             self._append(cur, "placements", placements)
             self._summarise_late(cur, "placements", placements)
-        r = b.requests
-        parts = ([_arrow(r)] if len(r) else []) + [t for t in request_tables if t.num_rows]
-        if parts:
-            t = pa.concat_tables(parts).combine_chunks() if len(parts) > 1 else parts[0]
-            cols = {c: t[c] for c in REQUEST_COLUMNS if c != "node"}
-            cols["node_id"] = self._map(t["node"], node_ids, pa.int32())
+        req = [_arrow(x) if isinstance(x, Rows) else x for x in parts.get("requests", [])]
+        req = [t for t in req if t.num_rows]
+        if req:
+            t = pa.concat_tables(req).combine_chunks() if len(req) > 1 else req[0]
+            cols: dict[str, Any] = {c: t[c] for c in REQUEST_COLUMNS if c != "node"}
+            cols["node_id"] = _to_ids(_encoded(t["node"]), node_ids, pa.int32())
             table = request_rows(pa.table(cols))
             # a client that retries an export it did not see acknowledged sends the same spans again: a request
             # whose (trace, span) is stored already with a start in the batch's range is not stored twice (one
@@ -879,18 +1112,54 @@ class Store:
         wanted = {sig_ids[n] for n in ("clock_event_reasons", "xid_events_total", "xid_last") if n in sig_ids}
         if not wanted:
             return
-        mask = pc.is_in(view["signal_id"], value_set=pa.array(sorted(wanted), type=pa.int16()))
-        rows = view.filter(mask).sort_by([("time_ns", "ascending")]).to_pylist()
-        if not rows:
+        # the rows of those signals with a value, by time (a stable sort, as Arrow's sort_by), in numpy
+        sid = _numpy(view["signal_id"])
+        hit = np.zeros(len(sid), dtype=bool)
+        for w in wanted:  # three at most: cheaper than np.isin
+            hit |= sid == w
+        rows = np.flatnonzero(hit)
+        if not len(rows):
             return
+        times = _numpy(view["time_ns"])
+        rows = rows[np.argsort(times[rows], kind="stable")]
+        # a missing value says nothing, and neither does a NaN or an infinity (no mask, no count): skipped, so that
+        # one odd reading never fails the transaction of everything committed with it, nor hides the next XID
+        values = _numpy(view["value"])
+        ok = _valid(view["value"])[rows] & np.isfinite(values[rows])
+        clock, last = sig_ids.get("clock_event_reasons"), sig_ids.get("xid_last")
+        # a mask or an XID is stored as an INTEGER event code: one past 32 bits is no mask or XID either
+        ok &= ~(((sid[rows] == clock) | (sid[rows] == last)) & ~(np.abs(values[rows]) < 2.0**31))
+        rows = rows[ok]
+        values, gids, sids = values[rows], _numpy(view["gpu_id"])[rows], sid[rows]
+        c = np.flatnonzero(sids == clock) if clock is not None else np.zeros(0, dtype=np.int64)
+        if len(c):
+            # a GPU's mask equal to its previous one is no transition and leaves the state as it is: only the
+            # others go through the loop below
+            masks = values[c].astype(np.int64) & ~_REASON_IDLE
+            order = np.argsort(gids[c], kind="stable")  # each GPU's masks, in time order
+            g, m = gids[c][order], masks[order]
+            first = np.ones(len(g), dtype=bool)
+            first[1:] = g[1:] != g[:-1]
+            same = np.zeros(len(g), dtype=bool)
+            same[1:] = ~first[1:] & (m[1:] == m[:-1])
+            for i in np.flatnonzero(first).tolist():
+                same[i] = self._last_mask.get(int(g[i])) == int(m[i])
+            keep = np.ones(len(rows), dtype=bool)
+            keep[c[order[same]]] = False
+            rows, values, gids, sids = rows[keep], values[keep], gids[keep], sids[keep]
+        if not len(rows):
+            return
+        xid_total = sig_ids.get("xid_events_total")
+        subs: list[Any] = [None] * len(rows)
+        if xid_total is not None and (at := np.flatnonzero(sids == xid_total)).size:
+            for k, sub in zip(at.tolist(), _pylist(view["sub"], rows[at]), strict=True):
+                subs[k] = sub
         by_id = {v: k for k, v in sig_ids.items()}
         gpu_nodes = dict(cur.execute("SELECT gpu_id, node_id FROM gpus").fetchall())
         events: list[tuple[int, int, int, str, int | None, str | None]] = []
-        for row in rows:
-            v = row["value"]
-            if v is None:
-                continue
-            gid, t, name = row["gpu_id"], row["time_ns"], by_id[row["signal_id"]]
+        for t, gid, s, v, sub in zip(times[rows].tolist(), gids.tolist(), sids.tolist(), values.tolist(), subs,
+                                     strict=True):
+            name = by_id[s]
             node = gpu_nodes.get(gid, 0)
             if name == "clock_event_reasons":
                 m = int(v) & ~_REASON_IDLE
@@ -900,11 +1169,11 @@ class Store:
                     events.append((t, node, gid, "throttle", m, ",".join(added) if added else "cleared"))
                 self._last_mask[gid] = m
             else:
-                key = (gid, str(row["sub"]) if name == "xid_events_total" else "last")
+                key = (gid, str(sub) if name == "xid_events_total" else "last")
                 prev_v = self._last_xid.get(key)
                 self._last_xid[key] = v
                 if name == "xid_events_total" and (prev_v is None or v > prev_v):
-                    events.append((t, node, gid, "xid", int(row["sub"] or 0), None))
+                    events.append((t, node, gid, "xid", _xid_code(sub), None))
                 elif name == "xid_last" and v not in (0, prev_v):
                     events.append((t, node, gid, "xid", int(v), None))
         if events:
