@@ -63,7 +63,7 @@ def read_parquet(path: Path) -> IngestBatch:
     con = duckdb.connect()
     try:
         rel = con.read_parquet(str(path), hive_partitioning=True)
-        data = rel.fetch_arrow_table().to_pydict()
+        data = rel.to_arrow_table().to_pydict()
     except duckdb.Error as e:
         raise ImportFileError(f"{path}: not readable as Parquet: {e}") from e
     finally:

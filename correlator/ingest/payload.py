@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from correlator.ingest import fast_spans
+from correlator.ingest import fast_metrics, fast_spans
 from correlator.ingest.batch import IngestBatch
 from correlator.ingest.otlp_metrics import decode_metrics
 from correlator.ingest.otlp_spans import decode_spans
@@ -147,13 +147,12 @@ def decode(signal: Signal, body: bytes, content_type: str, content_encoding: str
 
 
 def decode_protobuf(signal: Signal, raw: bytes) -> IngestBatch:
-    """One serialized (inflated) OTLP protobuf message → normalised rows, or a PayloadError. Spans take the
-    compiled fast path (fast_spans) where it applies: the same rows as the reference path, which takes
-    every message it declines (and so gives the same error for a bad one)."""
-    if signal == "traces":
-        batch = fast_spans.decode(raw)
-        if batch is not None:
-            return batch
+    """One serialized (inflated) OTLP protobuf message → normalised rows, or a PayloadError. Spans and metrics
+    take the compiled fast paths (fast_spans, fast_metrics) where they apply: the same rows as the reference
+    path, which takes every message they decline (and so gives the same error for a bad one)."""
+    batch = fast_spans.decode(raw) if signal == "traces" else fast_metrics.decode(raw)
+    if batch is not None:
+        return batch
     return decode_message(signal, parse_message(signal, raw, "protobuf"))
 
 
