@@ -169,6 +169,37 @@ def test_writer_rolls_up_as_data_arrives_and_retention_prunes_summaries(tmp_path
         again.close()
 
 
+def test_under_load_the_writer_summarises_whole_chunks_of_minutes(tmp_path: Path) -> None:
+    """With batches waiting, a summary step (~10 ms whatever its length) waits for a whole chunk of complete
+    minutes; idle, every complete minute is summarised."""
+    store = Store(tmp_path / "s.duckdb")
+    chunk = Store._ROLL_UP_CHUNK_MINUTES
+
+    def step(whole_chunks: bool) -> bool:
+        with store._write_lock:  # as the writer thread steps (it does not: roll-ups are off meanwhile)
+            store.roll_up_enabled = True
+            try:
+                return store._roll_up_step(whole_chunks=whole_chunks)
+            finally:
+                store.roll_up_enabled = False
+
+    try:
+        store.roll_up_enabled = False
+        store.write(_samples(0, 3 * 60))  # minutes 0-2 complete (past the grace), fewer than a chunk
+        assert not step(whole_chunks=True)
+        assert store._rolled_until.get("gpu_minutes") == rollups.floor_minute(T0)  # where it starts: nothing written
+        store.write(_samples(3 * 60, (chunk + 1) * 60))
+        assert step(whole_chunks=True)  # a whole chunk: summarised in one step
+        until = store._rolled_until["gpu_minutes"]
+        assert until is not None and until - rollups.floor_minute(T0) == chunk * rollups.MINUTE_NS
+        assert not step(whole_chunks=True)  # what is left is less than a chunk
+        assert step(whole_chunks=False)  # idle: the rest of what is complete
+        assert store._rolled_until["gpu_minutes"] == rollups.floor_minute(
+            T0 + ((chunk + 4) * 60 - 1) * S - rollups.GRACE_NS)
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize(("lo", "hi", "until", "rolled", "raw"), [
     (90, 400, None, None, [(90, 400)]),
     (90, 400, 300, (120, 300), [(90, 120), (300, 400)]),

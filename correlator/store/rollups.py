@@ -219,6 +219,14 @@ def roll_up(cur: duckdb.DuckDBPyConnection, table: str, lo_ns: int, hi_ns: int, 
     return int(row[0][0]) if row else 0
 
 
+def set_meta(cur: duckdb.DuckDBPyConnection, key: str, value: str) -> None:
+    """``meta[key] = value`` (a watermark): an UPDATE, ~4x cheaper than INSERT OR REPLACE on the key's index,
+    and an INSERT the first time."""
+    row = cur.execute("UPDATE meta SET value = ? WHERE key = ?", [value, key]).fetchone()
+    if not row or not row[0]:
+        cur.execute("INSERT INTO meta VALUES (?, ?)", [key, value])
+
+
 def watermark(cur: duckdb.DuckDBPyConnection, table: str = "gpu_minutes") -> int | None:
     """Steps before this time are summarised in ``table`` (None: nothing is)."""
     rows = cur.execute("SELECT value FROM meta WHERE key = ?", [SUMMARIES[table].watermark_key]).fetchall()
