@@ -261,23 +261,29 @@ def phase(name: str, workdir: Path, table: str, send: Callable[[int, int], None]
     db = workdir / f"{name}.duckdb"
     server = Server(db, tree, env_extra)
     try:
+        cold0 = server.cpu_s()
         if warmup is not None:
             warmup(server.grpc_port if "grpc" in name else server.http_port, concurrency)
         cpu0, t0 = server.cpu_s(), time.perf_counter()
         send(server.grpc_port if "grpc" in name else server.http_port, concurrency)
         wall = time.perf_counter() - t0
         cpu = server.cpu_s() - cpu0
+        cold_cpu = server.cpu_s() - cold0
         peak = server.peak_rss_mb()
     finally:
         server.stop()
     con = duckdb.connect(str(db))
-    rows = int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]) - warm_rows  # type: ignore[index]
+    stored = int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # type: ignore[index]
+    rows = stored - warm_rows
+    rates = {"rows_per_cpu_s": round(rows / cpu) if cpu else None,
+             # the same from the first export: the process' one-time costs (imports, first calls) included
+             "cold_rows_per_cpu_s": round(stored / cold_cpu) if cold_cpu else None}
     if not sizes:
         con.close()
         db.unlink()
-        return {"phase": name, "rows": rows, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
-                "rows_per_cpu_s": round(rows / cpu) if cpu else None, "rows_per_wall_s": round(rows / wall),
-                "cpu_cores_used": round(cpu / wall, 2), "peak_rss_mb": round(peak, 1)}
+        return {"phase": name, "rows": rows, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), **rates,
+                "rows_per_wall_s": round(rows / wall), "cpu_cores_used": round(cpu / wall, 2),
+                "peak_rss_mb": round(peak, 1)}
     con.execute("CHECKPOINT")
     # the same data written afresh in one go (what a compaction would leave)
     compact = workdir / f"{name}-compact.duckdb"
@@ -288,8 +294,8 @@ def phase(name: str, workdir: Path, table: str, send: Callable[[int, int], None]
     size, compact_size, base = db.stat().st_size, compact.stat().st_size, _empty_store_bytes(workdir)
     from correlator.store.schema import READ_AS
 
-    stored = {v: k for k, v in READ_AS.items()}.get(table, table)  # requests: the view over request_rows
-    own = _own_bytes(db, workdir, stored)
+    stored_as = {v: k for k, v in READ_AS.items()}.get(table, table)  # requests: the view over request_rows
+    own = _own_bytes(db, workdir, stored_as)
     from correlator.store.duckdb_store import Store
 
     store = Store(db)
@@ -298,10 +304,10 @@ def phase(name: str, workdir: Path, table: str, send: Callable[[int, int], None]
     store.close()
 
     def per_row(n_bytes: float) -> float | None:
-        return round(n_bytes / rows, 2) if rows else None
+        return round(n_bytes / stored, 2) if stored else None
 
-    return {"phase": name, "rows": rows, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
-            "rows_per_cpu_s": round(rows / cpu) if cpu else None, "rows_per_wall_s": round(rows / wall),
+    return {"phase": name, "rows": rows, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), **rates,
+            "rows_per_wall_s": round(rows / wall),
             "cpu_cores_used": round(cpu / wall, 2), "peak_rss_mb": round(peak, 1),
             "duckdb_file_bytes": size, "duckdb_bytes_per_row": per_row(size - base),
             "duckdb_compacted_bytes_per_row": per_row(compact_size - base), "table_bytes_per_row": per_row(own),
@@ -464,24 +470,37 @@ def compare_report(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# exports sent first in each phase of the main run, left out of the sustained rate (a fresh ``serve`` spends
+# ~0.3-0.5 s of CPU on its first exports: imports, first calls, the first plans of each statement)
+WARMUP_SPAN_EXPORTS, WARMUP_METRIC_EXPORTS = 20, 5
+
+
 def run(n_spans: int, n_cycles: int, concurrency: int) -> dict[str, Any]:
-    from correlator.ingest.payload import upb_active
+    from correlator.ingest.payload import decode, upb_active
 
     t = time.perf_counter()
     spans = span_bodies(n_spans)
     metrics, points = metric_bodies(n_cycles)
     prep_s = time.perf_counter() - t
+    warm_spans, warm_metrics = spans[:WARMUP_SPAN_EXPORTS], metrics[:WARMUP_METRIC_EXPORTS]
+    span_rows = sum(_span_count(b) for b in warm_spans)
+    point_rows = sum(len(decode("metrics", b, "application/x-protobuf").gpu_samples) for b in warm_metrics)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="stacklens-ingest-bench-") as tmp:
         work = Path(tmp)
-        results.append(phase("spans_http", work, "requests",
-                             lambda port, c: send_http(port, "/v1/traces", spans, c), concurrency))
-        results.append(phase("spans_grpc", work, "requests",
-                             lambda port, c: send_grpc(port, TRACES, spans, c), concurrency))
-        results.append(phase("metrics_http", work, "gpu_samples",
-                             lambda port, c: send_http(port, "/v1/metrics", metrics, c), concurrency))
-        results.append(phase("metrics_grpc", work, "gpu_samples",
-                             lambda port, c: send_grpc(port, METRICS, metrics, c), concurrency))
+        for name, path, method, table, warm, rest, warm_rows in (
+                ("spans", "/v1/traces", TRACES, "requests", warm_spans, spans[WARMUP_SPAN_EXPORTS:], span_rows),
+                ("metrics", "/v1/metrics", METRICS, "gpu_samples", warm_metrics, metrics[WARMUP_METRIC_EXPORTS:],
+                 point_rows)):
+            for transport in ("http", "grpc"):
+                def send(bodies: list[bytes], grpc: bool = transport == "grpc", path: str = path,
+                         method: str = method) -> Callable[[int, int], None]:
+                    if grpc:
+                        return lambda port, c: send_grpc(port, method, bodies, c)
+                    return lambda port, c: send_http(port, path, bodies, c)
+
+                results.append(phase(f"{name}_{transport}", work, table, send(rest), concurrency,
+                                     warmup=send(warm), warm_rows=warm_rows))
         grown = grown_bytes_per_sample(work)
     span_bytes = sum(map(len, spans)) / n_spans
     return {"machine": {**machine(), "duckdb": duckdb.__version__, "upb": upb_active()},
@@ -489,6 +508,7 @@ def run(n_spans: int, n_cycles: int, concurrency: int) -> dict[str, Any]:
             "decode_metrics": decode_rates("metrics", metrics[:10]),
             "load": {"spans": n_spans, "span_exports": len(spans), "span_bytes_on_wire": round(span_bytes, 1),
                      "metric_cycles_8_gpus": n_cycles, "metric_exports": len(metrics), "points_approx": points,
+                     "warmup_exports": {"spans": len(warm_spans), "metrics": len(warm_metrics)},
                      "concurrency": concurrency, "prepare_s": round(prep_s, 1)},
             "phases": results, "grown": grown}
 
@@ -513,8 +533,9 @@ def report(doc: dict[str, Any]) -> str:
         vals = [by[n][key] for n in names if by[n][key] is not None]
         return float(min(vals) if low else max(vals))
 
-    spans = best("spans_http", "spans_grpc", key="rows_per_cpu_s")
-    points = best("metrics_http", "metrics_grpc", key="rows_per_cpu_s")
+    # both transports must reach the target
+    spans = best("spans_http", "spans_grpc", key="rows_per_cpu_s", low=True)
+    points = best("metrics_http", "metrics_grpc", key="rows_per_cpu_s", low=True)
     b_req = best("spans_http", "spans_grpc", key="duckdb_bytes_per_row", low=True)
     b_req_c = best("spans_http", "spans_grpc", key="duckdb_compacted_bytes_per_row", low=True)
     b_req_pq = best("spans_http", "spans_grpc", key="parquet_bytes_per_row", low=True)
@@ -525,12 +546,16 @@ def report(doc: dict[str, Any]) -> str:
     b_gpu_t = best("metrics_http", "metrics_grpc", key="table_bytes_per_row", low=True)
     rss = max(p["peak_rss_mb"] for p in doc["phases"])
     rows = [
-        ("spans/s per core (HTTP | gRPC)", f"≥ {TARGETS['spans_per_core_s']:,.0f}",
+        ("spans/s per core, sustained (HTTP | gRPC)", f"≥ {TARGETS['spans_per_core_s']:,.0f}",
          f"{by['spans_http']['rows_per_cpu_s']:,} | {by['spans_grpc']['rows_per_cpu_s']:,}",
          spans >= TARGETS["spans_per_core_s"]),
-        ("GPU points/s per core (HTTP | gRPC)", f"≥ {TARGETS['points_per_core_s']:,.0f}",
+        ("  the same from a fresh process' first export", "",
+         f"{by['spans_http']['cold_rows_per_cpu_s']:,} | {by['spans_grpc']['cold_rows_per_cpu_s']:,}", None),
+        ("GPU points/s per core, sustained (HTTP | gRPC)", f"≥ {TARGETS['points_per_core_s']:,.0f}",
          f"{by['metrics_http']['rows_per_cpu_s']:,} | {by['metrics_grpc']['rows_per_cpu_s']:,}",
          points >= TARGETS["points_per_core_s"]),
+        ("  the same from a fresh process' first export", "",
+         f"{by['metrics_http']['cold_rows_per_cpu_s']:,} | {by['metrics_grpc']['cold_rows_per_cpu_s']:,}", None),
         ("bytes per GPU sample (DuckDB | compacted | table | Parquet)", f"≤ {TARGETS['bytes_per_gpu_sample']:.0f}",
          f"{b_gpu} | {b_gpu_c} | {b_gpu_t} | {b_gpu_pq}", b_gpu <= TARGETS["bytes_per_gpu_sample"]),
         (f"bytes per GPU sample as the store grows ({doc['grown']['samples_added']:,} added)",
@@ -541,14 +566,15 @@ def report(doc: dict[str, Any]) -> str:
         ("peak RSS during ingest, MB", f"≤ {TARGETS['peak_rss_mb']:.0f}", f"{rss}", rss <= TARGETS["peak_rss_mb"]),
     ]
     lines += ["", f"{'figure':<60}{'target':>12}  {'measured':<36}met"]
-    lines += [f"{f:<60}{t:>12}  {v:<36}{'yes' if ok else 'NO'}" for f, t, v, ok in rows]
+    lines += [f"{f:<60}{t:>12}  {v:<36}{'' if ok is None else 'yes' if ok else 'NO'}" for f, t, v, ok in rows]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--spans", type=int, default=150_000, help="request spans per span phase")
-    ap.add_argument("--cycles", type=int, default=400, help="agent cycles of an 8-GPU node per metrics phase")
+    ap.add_argument("--cycles", type=int, default=2000, help="agent cycles of an 8-GPU node per metrics phase "
+                    "(2000: ~950k points, ~2 s of the correlator's CPU, enough for its 10 ms CPU clock)")
     ap.add_argument("--concurrency", type=int, default=4, help="exports in flight")
     ap.add_argument("--quick", action="store_true", help="a small run (20k spans, 100 cycles)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
