@@ -195,6 +195,12 @@ def test_a_span_whose_key_hash_equals_a_stored_ones_is_not_taken_for_it(store: S
     assert not duckdb_store._stored_already(duckdb_store._key_words(table), stored).any()
     assert duckdb_store._stored_already(duckdb_store._key_words(table),
                                          {k: table[k].to_numpy() for k in stored}).all()
+    # within one batch: the colliding keys are both kept, a true repeat is not (the first of it is)
+    batch = [np.array([hi, hi2, hi, 7], dtype=np.uint64), np.array([lo, lo2, lo, 8], dtype=np.uint64),
+             np.array([sid, sid2, sid, 9], dtype=np.uint64)]
+    repeated = duckdb_store._repeated_in_batch((batch[0], batch[1], batch[2]))
+    assert repeated is not None and repeated.tolist() == [False, False, True, False]
+    assert duckdb_store._repeated_in_batch((batch[0][:2], batch[1][:2], batch[2][:2])) is None
     store.write(_fast(_body([(hi, lo, sid, 0), (1, 2, 3, 5)])))
     store.write(_fast(_body([(hi2, lo2, sid2, 1), (1, 2, 3, 5)])))  # the collision is new, (1, 2, 3) is not
     assert len(_stored(store)) == 3

@@ -253,14 +253,25 @@ def _key_words(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _repeated_in_batch(words: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray | None:
     """Rows whose key (:func:`_key_words`) an earlier row has (an export and its retry in one group commit),
-    or None when there are none."""
+    or None when there are none. The keys' hashes find the candidates (rows whose hash another row has:
+    usually none), which are then compared whole, in row order."""
     n = len(words[0])
-    _, first = np.unique(np.stack(words, axis=1), axis=0, return_index=True)  # the first row of each key
-    if len(first) == n:
+    h = _key_hash(*words)
+    order = np.argsort(h, kind="stable")
+    same = np.flatnonzero(h[order[1:]] == h[order[:-1]])
+    if not len(same):
         return None
-    repeated = np.ones(n, dtype=bool)
-    repeated[first] = False
-    return repeated
+    candidate = np.zeros(n, dtype=bool)
+    candidate[order[same]] = candidate[order[same + 1]] = True
+    repeated = np.zeros(n, dtype=bool)
+    seen: set[tuple[int, int, int]] = set()
+    for i in np.flatnonzero(candidate).tolist():
+        key = (int(words[0][i]), int(words[1][i]), int(words[2][i]))
+        if key in seen:
+            repeated[i] = True
+        else:
+            seen.add(key)
+    return repeated if repeated.any() else None
 
 
 def _stored_already(words: tuple[np.ndarray, np.ndarray, np.ndarray], stored: dict[str, np.ndarray]) -> np.ndarray:
