@@ -1,11 +1,17 @@
-"""Helpers of the compiled decoders' tests: the bit-exact comparison of two batches, and protobuf wire data
-written by hand (for shapes no SDK writes)."""
+"""Helpers of the compiled decoders' tests: the bit-exact comparison of a fast path with the reference,
+protobuf wire data written by hand (for shapes no SDK writes), and the agent's payloads of a simulated fleet."""
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
+from collector.export.otlp_encode import OtlpMetricsEncoder, ResourceInfo
+from collector.simfleet import Fleet, fault_scenario
 from correlator.ingest.batch import IngestBatch
+from correlator.ingest.otlp_metrics import decode_metrics
+from correlator.ingest.otlp_spans import decode_spans
+from correlator.ingest.payload import PayloadError, Signal, decode_protobuf, parse_message
 
 
 # -- the comparison ------------------------------------------------------------------------------------
@@ -64,3 +70,45 @@ def str_any(s: bytes) -> bytes:
 
 def dbl_any(x: float) -> bytes:
     return tag(4, 1) + struct.pack("<d", x)
+
+
+def reference(signal: Signal, raw: bytes) -> IngestBatch | PayloadError:
+    """The reference path's rows of a body (upb's parse and the Python decoder), or its error."""
+    try:
+        msg = parse_message(signal, raw, "protobuf")
+        return decode_spans(msg) if signal == "traces" else decode_metrics(msg)
+    except PayloadError as e:
+        return e
+
+
+def check(signal: Signal, fast: Callable[[bytes], IngestBatch | None], raw: bytes) -> bool:
+    """The fast path and the reference agree on ``raw``, and so does the hook that picks between them
+    (``decode_protobuf``: the same rows, or the same error); True when the fast path took it."""
+    ref = reference(signal, raw)
+    got = fast(raw)
+    if got is not None:
+        assert isinstance(ref, IngestBatch), f"fast path accepted a body the reference refuses: {ref}"
+        assert_same_batch(got, ref)
+    try:
+        hooked: IngestBatch | PayloadError = decode_protobuf(signal, raw)
+    except PayloadError as e:
+        hooked = e
+    if isinstance(ref, PayloadError):
+        assert isinstance(hooked, PayloadError) and (hooked.status, hooked.message) == (ref.status, ref.message)
+    else:
+        assert isinstance(hooked, IngestBatch)
+        assert_same_batch(hooked, ref)
+    return got is not None
+
+
+def fleet_bodies(kind: str = "xid_failure", seconds: int = 40) -> list[bytes]:
+    """The agent's encoder over a simulated fleet with a fault from its 5th second: every kind of reading the
+    agent sends (XIDs and throttling too: events to derive)."""
+    fleet = Fleet(fault_scenario(kind, onset_s=5.0, duration_s=float(seconds)))
+    encoders: dict[str, OtlpMetricsEncoder] = {}
+    bodies = []
+    for tick in fleet.run():
+        for snap in tick.snapshots:
+            enc = encoders.setdefault(snap.node, OtlpMetricsEncoder(ResourceInfo(snap.node, f"k8s-{snap.node}")))
+            bodies.append(enc.encode(snap))
+    return bodies

@@ -18,14 +18,12 @@ from hypothesis import strategies as st
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
 
-from collector.export.otlp_encode import OtlpMetricsEncoder, ResourceInfo
 from collector.signals import SIGNALS
-from collector.simfleet import Fleet, fault_scenario
 from correlator.ingest import fast_metrics
 from correlator.ingest.batch import ArrowRows, IngestBatch
-from correlator.ingest.otlp_metrics import decode_metrics
-from correlator.ingest.payload import PayloadError, decode_protobuf, parse_message
-from tests.otlp_wire import assert_same_batch, dbl_any, f64, kv_bytes, ld, str_any, tag, varint
+from correlator.ingest.payload import PayloadError
+from tests import otlp_wire
+from tests.otlp_wire import assert_same_batch, dbl_any, f64, fleet_bodies, kv_bytes, ld, str_any, tag, varint
 from tests.test_decoder_fuzz import CORPUS, METRIC_NAMES, POINT_KEYS, T0, metric_messages
 
 if not fast_metrics.available():
@@ -38,41 +36,12 @@ FAST = settings(derandomize=True, deadline=None, database=None, max_examples=200
 
 
 def reference(raw: bytes) -> IngestBatch | PayloadError:
-    try:
-        return decode_metrics(parse_message("metrics", raw, "protobuf"))
-    except PayloadError as e:
-        return e
+    return otlp_wire.reference("metrics", raw)
 
 
 def check(raw: bytes) -> bool:
     """The fast path and the reference agree on ``raw``; True when the fast path took it."""
-    ref = reference(raw)
-    fast = fast_metrics.decode(raw)
-    if fast is not None:
-        assert isinstance(ref, IngestBatch), f"fast path accepted a body the reference refuses: {ref}"
-        assert_same_batch(fast, ref)
-    try:
-        hooked: IngestBatch | PayloadError = decode_protobuf("metrics", raw)
-    except PayloadError as e:
-        hooked = e
-    if isinstance(ref, PayloadError):
-        assert isinstance(hooked, PayloadError) and (hooked.status, hooked.message) == (ref.status, ref.message)
-    else:
-        assert isinstance(hooked, IngestBatch)
-        assert_same_batch(hooked, ref)
-    return fast is not None
-
-
-def fleet_bodies(kind: str = "xid_failure", seconds: int = 40) -> list[bytes]:
-    """The agent's encoder over a simulated fleet with a fault: every kind of reading the agent sends."""
-    fleet = Fleet(fault_scenario(kind, onset_s=5.0, duration_s=float(seconds)))
-    encoders: dict[str, OtlpMetricsEncoder] = {}
-    bodies = []
-    for tick in fleet.run():
-        for snap in tick.snapshots:
-            enc = encoders.setdefault(snap.node, OtlpMetricsEncoder(ResourceInfo(snap.node, f"k8s-{snap.node}")))
-            bodies.append(enc.encode(snap))
-    return bodies
+    return otlp_wire.check("metrics", fast_metrics.decode, raw)
 
 
 # -- the agent's payloads -----------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from correlator.ingest import fast_spans
 from correlator.ingest.batch import IngestBatch
-from correlator.ingest.otlp_spans import decode_spans
-from correlator.ingest.payload import PayloadError, decode, decode_protobuf, parse_message
+from correlator.ingest.payload import PayloadError, decode, parse_message
+from tests import otlp_wire
 from tests.otlp_wire import assert_same_batch, dbl_any, f64, kv_bytes, ld, str_any, tag, varint
 from tests.test_decoder_fuzz import CORPUS, JSON_CORPUS, REQS, T0, Req, sdk_spans, trace_messages
 
@@ -42,30 +42,12 @@ PB = "application/x-protobuf"
 
 
 def reference(raw: bytes) -> IngestBatch | PayloadError:
-    try:
-        return decode_spans(parse_message("traces", raw, "protobuf"))
-    except PayloadError as e:
-        return e
+    return otlp_wire.reference("traces", raw)
 
 
 def check(raw: bytes) -> bool:
     """The fast path and the reference agree on ``raw``; True when the fast path took it."""
-    ref = reference(raw)
-    fast = fast_spans.decode(raw)
-    if fast is not None:
-        assert isinstance(ref, IngestBatch), f"fast path accepted a body the reference refuses: {ref}"
-        assert_same_batch(fast, ref)
-    # and through the hook, errors included
-    try:
-        hooked: IngestBatch | PayloadError = decode_protobuf("traces", raw)
-    except PayloadError as e:
-        hooked = e
-    if isinstance(ref, PayloadError):
-        assert isinstance(hooked, PayloadError) and (hooked.status, hooked.message) == (ref.status, ref.message)
-    else:
-        assert isinstance(hooked, IngestBatch)
-        assert_same_batch(hooked, ref)
-    return fast is not None
+    return otlp_wire.check("traces", fast_spans.decode, raw)
 
 
 # -- wire data by hand --------------------------------------------------------------------------------

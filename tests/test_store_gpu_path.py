@@ -19,15 +19,14 @@ import pyarrow as pa
 import pytest
 
 from benchmarks.ingest_throughput import T0, metric_bodies
-from collector.export.otlp_encode import OtlpMetricsEncoder, ResourceInfo
 from collector.signals import CLOCK_EVENT_REASONS
-from collector.simfleet import Fleet, fault_scenario
 from correlator.ingest import fast_metrics
 from correlator.ingest.batch import ArrowRows, IngestBatch, Rows
 from correlator.ingest.otlp_metrics import decode_metrics
 from correlator.ingest.payload import decode_protobuf, parse_message
 from correlator.store import duckdb_store
 from correlator.store.duckdb_store import Store
+from tests.otlp_wire import fleet_bodies
 
 S = 10**9
 Dump = dict[str, list[tuple[object, ...]]]  # every compared table's rows
@@ -205,21 +204,9 @@ def test_a_group_commit_of_lists_dictionary_and_plain_arrow_is_stored_as_the_lis
     assert _dump(store) == reference
 
 
-def _fleet_bodies(kind: str, seconds: int) -> list[bytes]:
-    """The agent's encoder over a simulated fleet with a fault (XIDs, throttling: events to derive)."""
-    fleet = Fleet(fault_scenario(kind, onset_s=5.0, duration_s=float(seconds)))
-    encoders: dict[str, OtlpMetricsEncoder] = {}
-    bodies = []
-    for tick in fleet.run():
-        for snap in tick.snapshots:
-            enc = encoders.setdefault(snap.node, OtlpMetricsEncoder(ResourceInfo(snap.node, f"k8s-{snap.node}")))
-            bodies.append(enc.encode(snap))
-    return bodies
-
-
 @pytest.mark.skipif(not fast_metrics.available(), reason="the compiled metrics decoder is not built")
 def test_the_compiled_decoders_tables_are_stored_as_the_reference_decoders_lists(tmp_path: Path) -> None:
-    bodies = _fleet_bodies("xid_failure", 20) + _fleet_bodies("power_cap", 20)
+    bodies = fleet_bodies("xid_failure", 20) + fleet_bodies("power_cap", 20)
     dumps = []
     for k, arrow in enumerate((False, True)):
         s = Store(tmp_path / f"{k}.duckdb", linger_s=0.0)

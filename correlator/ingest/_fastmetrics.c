@@ -24,7 +24,7 @@
 #define FM_OK 0
 #define FM_UNHANDLED 1
 #define FM_NOMEM 2
-#define FM_ABI 1 /* fast_metrics.py's _ABI: the public head of fm_out, and the functions */
+#define FM_ABI 2 /* fast_metrics.py's _ABI: the public head of fm_out, and the functions */
 
 /* -- what becomes of a metric's points (fm_add_name) ------------------------------------------------- */
 enum { A_UNKNOWN, A_GPU, A_HOST, A_PROCESS, A_INFO, A_SKIP, A_DECLINE };
@@ -45,7 +45,7 @@ static name_t NAMES[NAME_CAP];
 static int n_names;
 
 static const name_t *name_lookup(const uint8_t *p, size_t n) {
-    uint64_t h = hash_bytes(p, n);
+    uint64_t h = hash_words(p, n);
     for (uint64_t j = h & (NAME_CAP - 1);; j = (j + 1) & (NAME_CAP - 1)) {
         const name_t *e = &NAMES[j];
         if (!e->name) return NULL;
@@ -84,7 +84,8 @@ static inline const val_t *av(const attrs_t *a, int k) { return a->set >> k & 1 
 static void attrs_clear(attrs_t *a) { a->set = 0; }
 
 /* one KeyValue into attrs (a later one of the same key wins, as in attributes_of's dict) */
-static int add_attr(rd kvmsg, int depth, attrs_t *a) {
+static int add_attr(rd kvmsg, int depth, void *attrs) {
+    attrs_t *a = attrs;
     rd key;
     val_t v;
     if (!parse_kv(kvmsg, depth, &key, &v)) return 0;
@@ -225,32 +226,14 @@ static const int KINDS[NT][NC] = {
 #define I64_NONE INT64_MIN /* no integer column holds it: times are >= 0, the others 32-bit */
 
 typedef struct {
-    size_t off; /* offset + 1 of the entry in the column's blob; 0: an empty slot */
-    size_t len;
-    uint64_t hash;
-    int32_t idx;
-} slot_t;
-
-typedef struct {
-    slot_t *tab;
-    int64_t cap;
-    const uint8_t *last_p; /* the last string looked up, when it lives in the body */
-    size_t last_n;
-    int32_t last_i;
-} strtab_t;
-
-typedef struct {
     int64_t status;  /* FM_OK, FM_UNHANDLED, FM_NOMEM */
     int64_t ignored; /* points decode_metrics counts as ignored */
     int64_t n[NT];
     int64_t cap[NT];
     void *col[NT][NC];    /* int64 (I64_NONE: None), double (NaN: None) or int32 (index into the column's
                              distinct strings, -1: None) per row */
-    char *sblob[NT][NC];  /* a string column's distinct entries, each followed by a NUL (none holds one) */
-    int64_t slen[NT][NC];
-    int64_t scount[NT][NC];
+    blob_t blob[NT][NC];  /* a string column's distinct entries */
     /* private */
-    int64_t scap[NT][NC];
     strtab_t tabs[NT][NC];
     arena_t res_arena;   /* strings made (decimal, hex) for the resource at hand */
     arena_t point_arena; /* ... and for the point at hand */
@@ -275,81 +258,11 @@ static int grow_rows(fm_out *o, int t) {
     return 1;
 }
 
-/* a hash of a string eight bytes at a time (uuids and names are 10-40 bytes: byte-wise FNV costs more) */
-static uint64_t hash_words(const uint8_t *p, size_t n) {
-    uint64_t h = 0x9E3779B97F4A7C15ULL ^ n;
-    while (n >= 8) {
-        uint64_t w;
-        memcpy(&w, p, 8);
-        h = (h ^ w) * 0xFF51AFD7ED558CCDULL;
-        h ^= h >> 32;
-        p += 8, n -= 8;
-    }
-    uint64_t w = 0;
-    memcpy(&w, p, n);
-    h = (h ^ w) * 0xC4CEB9FE1A85EC53ULL;
-    return h ^ (h >> 29);
-}
-
 /* the index of s among column (t, c)'s distinct strings, added if new: >= 0; -1 None; -2 no memory;
  * -3 a NUL in the string */
 static int64_t dedup(fm_out *o, int t, int c, sref s) {
-    if (!s.p) return -1;
-    strtab_t *st = &o->tabs[t][c];
-    if (s.p == st->last_p && s.n == st->last_n) return st->last_i;
-    if (o->scount[t][c] >= INT32_MAX / 2) return -2;
-    if (o->scount[t][c] * 2 >= st->cap) { /* grow and rehash */
-        int64_t cap = st->cap ? 2 * st->cap : 64;
-        slot_t *tab = calloc((size_t)cap, sizeof *tab);
-        if (!tab) return -2;
-        for (int64_t i = 0; i < st->cap; i++) {
-            slot_t *e = &st->tab[i];
-            if (!e->off) continue;
-            int64_t j = (int64_t)(e->hash & (uint64_t)(cap - 1));
-            while (tab[j].off) j = (j + 1) & (cap - 1);
-            tab[j] = *e;
-        }
-        free(st->tab);
-        st->tab = tab;
-        st->cap = cap;
-    }
-    uint64_t h = hash_words(s.p, s.n);
-    int64_t mask = st->cap - 1, j = (int64_t)(h & (uint64_t)mask);
-    int32_t idx = -1;
-    while (st->tab[j].off) {
-        slot_t *e = &st->tab[j];
-        if (e->hash == h && e->len == s.n && memcmp(o->sblob[t][c] + e->off - 1, s.p, s.n) == 0) {
-            idx = e->idx;
-            break;
-        }
-        j = (j + 1) & mask;
-    }
-    if (idx < 0) {
-        if (s.n && memchr(s.p, 0, s.n)) return -3;
-        size_t need = s.n + 1, len = (size_t)o->slen[t][c];
-        if ((size_t)o->scap[t][c] - len < need) {
-            size_t cap = o->scap[t][c] ? (size_t)o->scap[t][c] : 1024;
-            while (cap - len < need) cap *= 2;
-            char *b = realloc(o->sblob[t][c], cap);
-            if (!b) return -2;
-            o->sblob[t][c] = b;
-            o->scap[t][c] = (int64_t)cap;
-        }
-        if (s.n) memcpy(o->sblob[t][c] + len, s.p, s.n);
-        o->sblob[t][c][len + s.n] = 0;
-        o->slen[t][c] += (int64_t)need;
-        idx = (int32_t)o->scount[t][c]++;
-        slot_t *e = &st->tab[j];
-        e->off = len + 1, e->len = s.n, e->hash = h, e->idx = idx;
-    }
-    /* a string made for the point at hand is overwritten by the next point's: remember only others */
-    uintptr_t at = (uintptr_t)s.p, lo = (uintptr_t)o->point_arena.buf;
-    if (at >= lo && at - lo < o->point_arena.cap) {
-        st->last_p = NULL;
-    } else {
-        st->last_p = s.p, st->last_n = s.n, st->last_i = idx;
-    }
-    return idx;
+    /* a string made for the point at hand is overwritten by the next point's */
+    return strtab_index(&o->tabs[t][c], &o->blob[t][c], s, &o->point_arena);
 }
 
 /* one row's cells, in column order: ints, doubles and strings taken from these in turn */
@@ -570,58 +483,24 @@ static int do_metric(fm_out *o, rd m, const res_t *res, int depth) {
     return do_points(o, data, data_field == 7, e, res, depth + 1);
 }
 
-static int do_scope_metrics(fm_out *o, rd m, const res_t *res, int depth) {
-    while (m.p < m.end) {
-        uint32_t f;
-        int wt, ok;
-        rd sub;
-        if (!rd_tag(&m, &f, &wt)) BAD();
-        switch (f) {
-        case 1: ok = wt == WT_LEN && rd_len(&m, &sub) && valid_scope(sub, depth + 1); break;
-        case 2:
-            if (wt != WT_LEN || !rd_len(&m, &sub)) BAD();
-            if (!do_metric(o, sub, res, depth + 1)) return 0;
-            ok = 1;
-            break;
-        case 3: ok = valid_string(&m, wt); break;
-        default: ok = skip_unknown(&m, wt);
-        }
-        if (!ok) BAD();
-    }
-    return 1;
+typedef struct {
+    fm_out *o;
+    const res_t *res;
+} metric_ctx;
+
+static int metric_item(void *ctx, rd metric, int depth) {
+    metric_ctx *c = ctx;
+    return do_metric(c->o, metric, c->res, depth);
 }
 
-static int do_resource_metrics(fm_out *o, rd m, int depth) {
+static int do_resource_metrics(void *ctx, rd m) {
+    fm_out *o = ctx;
+    const int depth = 1;
     attrs_t a;
     attrs_clear(&a);
-    rd it = m, resource = {m.p, m.p};
-    int n_resource = 0;
-    /* the resource first, wherever it is in the message */
-    while (it.p < it.end) {
-        uint32_t f;
-        int wt, ok;
-        if (!rd_tag(&it, &f, &wt)) BAD();
-        switch (f) {
-        case 1: ok = wt == WT_LEN && !n_resource++ && rd_len(&it, &resource); break; /* twice: merged */
-        case 2: ok = valid_bytes(&it, wt); break;
-        case 3: ok = valid_string(&it, wt); break;
-        default: ok = skip_unknown(&it, wt);
-        }
-        if (!ok) BAD();
-    }
-    if (!arena_reserve(&o->res_arena, 3 * (size_t)(resource.end - resource.p) + 64)) NOMEM();
-    while (resource.p < resource.end) {
-        uint32_t f;
-        int wt, ok;
-        rd sub;
-        if (!rd_tag(&resource, &f, &wt)) BAD();
-        switch (f) {
-        case 1: ok = wt == WT_LEN && rd_len(&resource, &sub) && add_attr(sub, depth + 2, &a); break;
-        case 2: ok = wt == WT_VARINT && skip_scalar(&resource, wt); break;
-        default: ok = skip_unknown(&resource, wt); /* entity_refs (3) included: a message */
-        }
-        if (!ok) BAD();
-    }
+    int r = read_resource(m, depth, &o->res_arena, add_attr, &a);
+    if (r < 0) NOMEM();
+    if (!r) BAD();
     res_t res;
     res.node_rule = str_if_truthy(&o->res_arena, first_truthy(&a, KS_RES_NODE, NKEYS(KS_RES_NODE)), &res.node);
     if (res.node_rule == R_NONE) {
@@ -631,22 +510,8 @@ static int do_resource_metrics(fm_out *o, rd m, int depth) {
     /* the remembered strings of the previous resource may be overwritten now */
     for (int t = 0; t < NT; t++)
         for (int c = 0; c < NC; c++) o->tabs[t][c].last_p = NULL;
-    it = m;
-    while (it.p < it.end) {
-        uint32_t f;
-        int wt;
-        rd sub;
-        if (!rd_tag(&it, &f, &wt)) BAD();
-        if (f == 2) {
-            if (!rd_len(&it, &sub)) BAD();
-            if (!do_scope_metrics(o, sub, &res, depth + 1)) return 0;
-        } else if (wt == WT_LEN) {
-            if (!rd_len(&it, &sub)) BAD();
-        } else if (!skip_scalar(&it, wt)) {
-            BAD();
-        }
-    }
-    return 1;
+    metric_ctx c = {o, &res};
+    return each_item(m, depth, metric_item, &c) || fail(o, FM_UNHANDLED);
 }
 
 /* -- the interface ---------------------------------------------------------------------------------- */
@@ -664,7 +529,7 @@ int fm_add_name(const char *name, size_t n, int action, int label, const char *s
     if (n_names >= NAME_CAP / 2 || action <= A_UNKNOWN || action > A_DECLINE || label < L_NONE || label > L_XID)
         return 0;
     if (name_lookup((const uint8_t *)name, n)) return 0;
-    uint64_t h = hash_bytes((const uint8_t *)name, n);
+    uint64_t h = hash_words((const uint8_t *)name, n);
     uint64_t j = h & (NAME_CAP - 1);
     while (NAMES[j].name) j = (j + 1) & (NAME_CAP - 1);
     char *copy = malloc(n + 1), *sig = malloc(signal_n + 1);
@@ -689,7 +554,7 @@ void fm_free(fm_out *o) {
     for (int t = 0; t < NT; t++)
         for (int c = 0; c < NC; c++) {
             free(o->col[t][c]);
-            free(o->sblob[t][c]);
+            free(o->blob[t][c].buf);
             free(o->tabs[t][c].tab);
         }
     free(o->res_arena.buf);
@@ -707,24 +572,6 @@ fm_out *fm_decode(const uint8_t *buf, size_t len) {
         return o;
     }
     rd m = {buf, buf + len};
-    while (m.p < m.end) {
-        uint32_t f;
-        int wt;
-        rd sub;
-        if (!rd_tag(&m, &f, &wt)) {
-            fail(o, FM_UNHANDLED);
-            break;
-        }
-        if (f == 1) {
-            if (wt != WT_LEN || !rd_len(&m, &sub)) {
-                fail(o, FM_UNHANDLED);
-                break;
-            }
-            if (!do_resource_metrics(o, sub, 1)) break;
-        } else if (!skip_unknown(&m, wt)) {
-            fail(o, FM_UNHANDLED);
-            break;
-        }
-    }
+    if (!each_resource(m, do_resource_metrics, o)) fail(o, FM_UNHANDLED); /* a callback's own reason stays */
     return o;
 }

@@ -36,13 +36,6 @@ enum { S_NODE, S_SERVICE, S_MODEL, S_ENGINE, S_FINISH, S_CONTAINER, S_POD_UID, S
        S_TRACE = ND, S_SPAN, S_REQ, NS };
 
 typedef struct {
-    size_t off; /* offset + 1 of the entry in the column's blob; 0: an empty slot */
-    size_t len;
-    uint64_t hash;
-    int32_t idx;
-} fs_slot;
-
-typedef struct {
     int64_t status;      /* FS_OK, FS_UNHANDLED, FS_NOMEM */
     int64_t n;           /* request rows */
     int64_t ignored;     /* spans decode_spans counts as ignored */
@@ -50,17 +43,10 @@ typedef struct {
     double *f[NF];       /* NaN: None (no value of these columns is ever NaN) */
     int64_t *iv[NI];     /* -1: None (prompt, output, pid; start and end are never None) */
     int32_t *sidx[NS];   /* deduplicated columns: index into the distinct values, -1: None; else NULL */
-    char *sblob[NS];     /* the entries, each followed by a NUL byte (no entry contains one) */
-    int64_t slen[NS];
-    int64_t scount[NS];  /* entries in sblob */
+    blob_t blob[NS];     /* a deduplicated column's distinct entries; another's, an entry per row */
     int64_t snone[NS];   /* rows that are None (per-row columns: an empty entry) */
     /* private */
-    int64_t scap[NS];
-    fs_slot *tab[ND];
-    int64_t tabcap[ND];
-    const uint8_t *last_p[ND];
-    size_t last_n[ND];
-    int32_t last_i[ND];
+    strtab_t tabs[ND];
     arena_t res_arena;   /* strings this file makes (hex, decimal, joins) for the resource at hand */
     arena_t span_arena;  /* ... and for the span at hand */
 } fs_out;
@@ -97,7 +83,8 @@ typedef struct {
 } attrs_t;
 
 /* one KeyValue of an attribute list into attrs (a later one of the same key wins, as in a dict) */
-static int add_attr(rd kvmsg, int depth, attrs_t *a) {
+static int add_attr(rd kvmsg, int depth, void *attrs) {
+    attrs_t *a = attrs;
     rd key;
     val_t v;
     if (!parse_kv(kvmsg, depth, &key, &v)) return 0;
@@ -300,93 +287,21 @@ static int grow_rows(fs_out *o) {
     return 1;
 }
 
-/* append an entry and its NUL to column c's blob; 0 on no memory, -1 on a NUL in the string */
-static int blob_put(fs_out *o, int c, const uint8_t *p, size_t n) {
-    if (n && memchr(p, 0, n)) return -1;
-    if ((size_t)(o->scap[c] - o->slen[c]) < n + 1) {
-        size_t cap = o->scap[c] ? (size_t)o->scap[c] : 4096;
-        while (cap - (size_t)o->slen[c] < n + 1) cap *= 2;
-        char *b = realloc(o->sblob[c], cap);
-        if (!b) return 0;
-        o->sblob[c] = b;
-        o->scap[c] = (int64_t)cap;
-    }
-    if (n) memcpy(o->sblob[c] + o->slen[c], p, n);
-    o->slen[c] += (int64_t)n;
-    o->sblob[c][o->slen[c]++] = 0;
-    o->scount[c]++;
+/* append the hex of n bytes as an entry; 0 without memory */
+static int blob_hex(blob_t *b, const uint8_t *p, size_t n) {
+    if (!blob_reserve(b, 2 * n + 1)) return 0;
+    hex_into(b->buf + b->len, p, n);
+    b->len += (int64_t)(2 * n);
+    b->buf[b->len++] = 0;
+    b->count++;
     return 1;
 }
 
 /* the index of s in deduplicated column c (added if new): >= 0; -1 for None; -2 no memory; -3 a NUL */
 static int64_t dedup(fs_out *o, int c, sref s) {
-    if (!s.p) {
-        o->snone[c]++;
-        return -1;
-    }
-    if (s.p == o->last_p[c] && s.n == o->last_n[c]) return o->last_i[c];
-    if (o->scount[c] >= INT32_MAX / 2) return -2;
-    if (o->scount[c] * 2 >= o->tabcap[c]) { /* grow and rehash */
-        int64_t cap = o->tabcap[c] ? 2 * o->tabcap[c] : 64;
-        fs_slot *t = calloc((size_t)cap, sizeof *t);
-        if (!t) return -2;
-        for (int64_t i = 0; i < o->tabcap[c]; i++) {
-            fs_slot *e = &o->tab[c][i];
-            if (!e->off) continue;
-            int64_t j = (int64_t)(e->hash & (uint64_t)(cap - 1));
-            while (t[j].off) j = (j + 1) & (cap - 1);
-            t[j] = *e;
-        }
-        free(o->tab[c]);
-        o->tab[c] = t;
-        o->tabcap[c] = cap;
-    }
-    uint64_t h = hash_bytes(s.p, s.n);
-    int64_t mask = o->tabcap[c] - 1;
-    int64_t j = (int64_t)(h & (uint64_t)mask);
-    int32_t idx = -1;
-    while (o->tab[c][j].off) {
-        fs_slot *e = &o->tab[c][j];
-        if (e->hash == h && e->len == s.n && memcmp(o->sblob[c] + e->off - 1, s.p, s.n) == 0) {
-            idx = e->idx;
-            break;
-        }
-        j = (j + 1) & mask;
-    }
-    if (idx < 0) {
-        size_t off = (size_t)o->slen[c];
-        int r = blob_put(o, c, s.p, s.n);
-        if (r <= 0) return r == 0 ? -2 : -3;
-        idx = (int32_t)(o->scount[c] - 1);
-        fs_slot *e = &o->tab[c][j];
-        e->off = off + 1, e->len = s.n, e->hash = h, e->idx = idx;
-    }
-    /* a pointer into the span arena is reused by the next span: remember only the body's and the
-     * resource's */
-    uintptr_t at = (uintptr_t)s.p, lo = (uintptr_t)o->span_arena.buf;
-    if (at >= lo && at - lo < o->span_arena.cap) {
-        o->last_p[c] = NULL;
-    } else {
-        o->last_p[c] = s.p, o->last_n[c] = s.n, o->last_i[c] = idx;
-    }
-    return idx;
-}
-
-static int blob_hex(fs_out *o, int c, const uint8_t *p, size_t n) {
-    size_t need = 2 * n + 1;
-    if ((size_t)(o->scap[c] - o->slen[c]) < need) {
-        size_t cap = o->scap[c] ? (size_t)o->scap[c] : 4096;
-        while (cap - (size_t)o->slen[c] < need) cap *= 2;
-        char *b = realloc(o->sblob[c], cap);
-        if (!b) return 0;
-        o->sblob[c] = b;
-        o->scap[c] = (int64_t)cap;
-    }
-    hex_into(o->sblob[c] + o->slen[c], p, n);
-    o->slen[c] += (int64_t)(2 * n);
-    o->sblob[c][o->slen[c]++] = 0;
-    o->scount[c]++;
-    return 1;
+    if (!s.p) o->snone[c]++;
+    /* a string in the span arena is overwritten by the next span's */
+    return strtab_index(&o->tabs[c], &o->blob[c], s, &o->span_arena);
 }
 
 /* -- the messages ------------------------------------------------------------------------------------ */
@@ -592,9 +507,9 @@ static int do_span(fs_out *o, rd m, const res_t *res, int depth) {
         if (idx == -3) BAD();
         o->sidx[c][r] = (int32_t)idx;
     }
-    if (!blob_hex(o, S_TRACE, trace.p, (size_t)(trace.end - trace.p))) NOMEM();
-    if (!blob_hex(o, S_SPAN, span_id.p, (size_t)(span_id.end - span_id.p))) NOMEM();
-    int b = blob_put(o, S_REQ, req.p ? req.p : (const uint8_t *)"", req.p ? req.n : 0);
+    if (!blob_hex(&o->blob[S_TRACE], trace.p, (size_t)(trace.end - trace.p))) NOMEM();
+    if (!blob_hex(&o->blob[S_SPAN], span_id.p, (size_t)(span_id.end - span_id.p))) NOMEM();
+    int b = blob_put(&o->blob[S_REQ], req.p ? req.p : (const uint8_t *)"", req.p ? req.n : 0);
     if (b == 0) NOMEM();
     if (b < 0) BAD();
     if (!req.p) o->snone[S_REQ]++;
@@ -602,58 +517,24 @@ static int do_span(fs_out *o, rd m, const res_t *res, int depth) {
     return 1;
 }
 
-static int do_scope_spans(fs_out *o, rd m, const res_t *res, int depth) {
-    while (m.p < m.end) {
-        uint32_t f;
-        int wt, ok;
-        rd sub;
-        if (!rd_tag(&m, &f, &wt)) BAD();
-        switch (f) {
-        case 1: ok = wt == WT_LEN && rd_len(&m, &sub) && valid_scope(sub, depth + 1); break;
-        case 2:
-            if (wt != WT_LEN || !rd_len(&m, &sub)) BAD();
-            if (!do_span(o, sub, res, depth + 1)) return 0;
-            ok = 1;
-            break;
-        case 3: ok = valid_string(&m, wt); break;
-        default: ok = skip_unknown(&m, wt);
-        }
-        if (!ok) BAD();
-    }
-    return 1;
+typedef struct {
+    fs_out *o;
+    const res_t *res;
+} span_ctx;
+
+static int span_item(void *ctx, rd span, int depth) {
+    span_ctx *c = ctx;
+    return do_span(c->o, span, c->res, depth);
 }
 
-static int do_resource_spans(fs_out *o, rd m, int depth) {
+static int do_resource_spans(void *ctx, rd m) {
+    fs_out *o = ctx;
+    const int depth = 1;
     attrs_t a;
     attrs_clear(&a);
-    rd it = m, resource = {m.p, m.p};
-    int n_resource = 0;
-    /* the resource first, wherever it is in the message */
-    while (it.p < it.end) {
-        uint32_t f;
-        int wt, ok;
-        if (!rd_tag(&it, &f, &wt)) BAD();
-        switch (f) {
-        case 1: ok = wt == WT_LEN && !n_resource++ && rd_len(&it, &resource); break; /* twice: merged */
-        case 2: ok = valid_bytes(&it, wt); break;
-        case 3: ok = valid_string(&it, wt); break;
-        default: ok = skip_unknown(&it, wt);
-        }
-        if (!ok) BAD();
-    }
-    if (!arena_reserve(&o->res_arena, 3 * (size_t)(resource.end - resource.p) + 64)) NOMEM();
-    while (resource.p < resource.end) {
-        uint32_t f;
-        int wt, ok;
-        rd sub;
-        if (!rd_tag(&resource, &f, &wt)) BAD();
-        switch (f) {
-        case 1: ok = wt == WT_LEN && rd_len(&resource, &sub) && add_attr(sub, depth + 2, &a); break;
-        case 2: ok = wt == WT_VARINT && skip_scalar(&resource, wt); break;
-        default: ok = skip_unknown(&resource, wt); /* entity_refs (3) included: a message */
-        }
-        if (!ok) BAD();
-    }
+    int r = read_resource(m, depth, &o->res_arena, add_attr, &a);
+    if (r < 0) NOMEM();
+    if (!r) BAD();
     res_t res;
     arena_t *ra = &o->res_arena;
     if (node_of(ra, &a, &res.node) == R_BAD) BAD();
@@ -668,27 +549,13 @@ static int do_resource_spans(fs_out *o, rd m, int depth) {
     if (S(ra, &a, KS_NS, &res.ns)) BAD();
     if (S(ra, &a, KS_GPUS, &res.gpus)) BAD();
     /* the remembered strings of the previous resource may be overwritten now */
-    for (int c = 0; c < ND; c++) o->last_p[c] = NULL;
-    it = m;
-    while (it.p < it.end) {
-        uint32_t f;
-        int wt;
-        rd sub;
-        if (!rd_tag(&it, &f, &wt)) BAD();
-        if (f == 2) {
-            if (!rd_len(&it, &sub)) BAD();
-            if (!do_scope_spans(o, sub, &res, depth + 1)) return 0;
-        } else if (wt == WT_LEN) {
-            if (!rd_len(&it, &sub)) BAD();
-        } else if (!skip_scalar(&it, wt)) {
-            BAD();
-        }
-    }
-    return 1;
+    for (int c = 0; c < ND; c++) o->tabs[c].last_p = NULL;
+    span_ctx c = {o, &res};
+    return each_item(m, depth, span_item, &c) || fail(o, FS_UNHANDLED);
 }
 
 /* -- the interface ---------------------------------------------------------------------------------- */
-#define FS_ABI 2 /* fast_spans.py's _ABI: the public head of fs_out, and the functions */
+#define FS_ABI 3 /* fast_spans.py's _ABI: the public head of fs_out, and the functions */
 
 int fs_abi(void) { return FS_ABI; }
 
@@ -703,9 +570,9 @@ void fs_free(fs_out *o) {
     for (int c = 0; c < NI; c++) free(o->iv[c]);
     for (int c = 0; c < NS; c++) {
         free(o->sidx[c]);
-        free(o->sblob[c]);
+        free(o->blob[c].buf);
     }
-    for (int c = 0; c < ND; c++) free(o->tab[c]);
+    for (int c = 0; c < ND; c++) free(o->tabs[c].tab);
     free(o->res_arena.buf);
     free(o->span_arena.buf);
     free(o);
@@ -721,24 +588,6 @@ fs_out *fs_decode(const uint8_t *buf, size_t len) {
         return o;
     }
     rd m = {buf, buf + len};
-    while (m.p < m.end) {
-        uint32_t f;
-        int wt;
-        rd sub;
-        if (!rd_tag(&m, &f, &wt)) {
-            fail(o, FS_UNHANDLED);
-            break;
-        }
-        if (f == 1) {
-            if (wt != WT_LEN || !rd_len(&m, &sub)) {
-                fail(o, FS_UNHANDLED);
-                break;
-            }
-            if (!do_resource_spans(o, sub, 1)) break;
-        } else if (!skip_unknown(&m, wt)) {
-            fail(o, FS_UNHANDLED);
-            break;
-        }
-    }
+    if (!each_resource(m, do_resource_spans, o)) fail(o, FS_UNHANDLED); /* a callback's own reason stays */
     return o;
 }

@@ -322,13 +322,6 @@ static int str_of(arena_t *o, const val_t *v, sref *out) {
 }
 
 
-static uint64_t hash_bytes(const uint8_t *p, size_t n) {
-    uint64_t h = 1469598103934665603ULL;
-    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 1099511628211ULL;
-    return h;
-}
-
-
 static int arena_reserve(arena_t *a, size_t n) {
     a->len = 0;
     if (a->cap >= n) return 1;
@@ -410,6 +403,224 @@ static inline int keyset_index(const keyset_t *ks, const uint8_t *k, size_t n) {
     for (const signed char *c = ks->bylen[n]; *c >= 0; c++)
         if (memcmp(ks->keys[(int)*c], k, n) == 0) return *c;
     return -1;
+}
+
+/* -- string columns ----------------------------------------------------------------------------------- */
+/* A column of strings is a blob of NUL-terminated entries one after another (Python splits it at the NULs;
+ * no entry holds one); a deduplicated column holds each distinct string once, rows give its index. */
+typedef struct {
+    char *buf;
+    int64_t len, cap, count;
+} blob_t;
+
+/* room for n more bytes; 0 without memory */
+static int blob_reserve(blob_t *b, size_t n) {
+    if ((size_t)(b->cap - b->len) >= n) return 1;
+    size_t cap = b->cap ? (size_t)b->cap : 4096;
+    while (cap - (size_t)b->len < n) cap *= 2;
+    char *p = realloc(b->buf, cap);
+    if (!p) return 0;
+    b->buf = p;
+    b->cap = (int64_t)cap;
+    return 1;
+}
+
+/* append an entry; 0 without memory, -1 for a NUL in the string */
+static int blob_put(blob_t *b, const uint8_t *p, size_t n) {
+    if (n && memchr(p, 0, n)) return -1;
+    if (!blob_reserve(b, n + 1)) return 0;
+    if (n) memcpy(b->buf + b->len, p, n);
+    b->len += (int64_t)n;
+    b->buf[b->len++] = 0;
+    b->count++;
+    return 1;
+}
+
+/* a hash of a string eight bytes at a time (ids and names are 10-40 bytes: byte-wise FNV costs more) */
+static uint64_t hash_words(const uint8_t *p, size_t n) {
+    uint64_t h = 0x9E3779B97F4A7C15ULL ^ n;
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        h = (h ^ w) * 0xFF51AFD7ED558CCDULL;
+        h ^= h >> 32;
+        p += 8, n -= 8;
+    }
+    uint64_t w = 0;
+    if (n) memcpy(&w, p, n);
+    h = (h ^ w) * 0xC4CEB9FE1A85EC53ULL;
+    return h ^ (h >> 29);
+}
+
+typedef struct {
+    size_t off; /* offset + 1 of the entry in the blob; 0: an empty slot */
+    size_t len;
+    uint64_t hash;
+    int32_t idx;
+} slot_t;
+
+/* the distinct strings of a deduplicated column: an open-addressing table over its blob */
+typedef struct {
+    slot_t *tab;
+    int64_t cap;
+    const uint8_t *last_p; /* the last string looked up and its index, when it outlives the row at hand */
+    size_t last_n;
+    int32_t last_i;
+} strtab_t;
+
+/* The index of s among the distinct strings of blob b (added if new): >= 0; -1 for None (s.p NULL); -2
+ * without memory; -3 for a NUL in the string. A string inside `scratch` (made for the row at hand, and
+ * overwritten by the next row's) is not remembered as the last one. */
+static int64_t strtab_index(strtab_t *st, blob_t *b, sref s, const arena_t *scratch) {
+    if (!s.p) return -1;
+    if (s.p == st->last_p && s.n == st->last_n) return st->last_i;
+    if (b->count >= INT32_MAX / 2) return -2;
+    if (b->count * 2 >= st->cap) { /* grow and rehash */
+        int64_t cap = st->cap ? 2 * st->cap : 64;
+        slot_t *tab = calloc((size_t)cap, sizeof *tab);
+        if (!tab) return -2;
+        for (int64_t i = 0; i < st->cap; i++) {
+            slot_t *e = &st->tab[i];
+            if (!e->off) continue;
+            int64_t j = (int64_t)(e->hash & (uint64_t)(cap - 1));
+            while (tab[j].off) j = (j + 1) & (cap - 1);
+            tab[j] = *e;
+        }
+        free(st->tab);
+        st->tab = tab;
+        st->cap = cap;
+    }
+    uint64_t h = hash_words(s.p, s.n);
+    int64_t mask = st->cap - 1, j = (int64_t)(h & (uint64_t)mask);
+    int32_t idx = -1;
+    while (st->tab[j].off) {
+        slot_t *e = &st->tab[j];
+        if (e->hash == h && e->len == s.n && memcmp(b->buf + e->off - 1, s.p, s.n) == 0) {
+            idx = e->idx;
+            break;
+        }
+        j = (j + 1) & mask;
+    }
+    if (idx < 0) {
+        size_t off = (size_t)b->len;
+        int r = blob_put(b, s.p, s.n);
+        if (r <= 0) return r == 0 ? -2 : -3;
+        idx = (int32_t)(b->count - 1);
+        slot_t *e = &st->tab[j];
+        e->off = off + 1, e->len = s.n, e->hash = h, e->idx = idx;
+    }
+    uintptr_t at = (uintptr_t)s.p, lo = (uintptr_t)scratch->buf;
+    if (at >= lo && at - lo < scratch->cap) {
+        st->last_p = NULL;
+    } else {
+        st->last_p = s.p, st->last_n = s.n, st->last_i = idx;
+    }
+    return idx;
+}
+
+/* -- the messages both requests share ----------------------------------------------------------------- */
+/* ExportTraceServiceRequest and ExportMetricsServiceRequest have one shape down to the spans and metrics:
+ *   Export...ServiceRequest { repeated Resource{Spans,Metrics} = 1 }
+ *   Resource{Spans,Metrics} { Resource resource = 1; repeated Scope{Spans,Metrics} = 2; string schema_url = 3 }
+ *   Resource { repeated KeyValue attributes = 1; uint32 dropped_attributes_count = 2 }
+ *   Scope{Spans,Metrics} { InstrumentationScope scope = 1; repeated Span|Metric = 2; string schema_url = 3 }
+ * These walk it; a callback that fails returns 0 (having said why in its own state). */
+typedef int (*attr_fn)(rd kv, int depth, void *attrs);
+typedef int (*item_fn)(void *ctx, rd item, int depth);
+
+/* the Resource of a Resource{Spans,Metrics} message, wherever it is (empty when none; 0 when there are two:
+ * upb would merge them), every other field validated */
+static int find_resource(rd m, rd *resource) {
+    int n_resource = 0;
+    resource->p = resource->end = m.p;
+    while (m.p < m.end) {
+        uint32_t f;
+        int wt, ok;
+        if (!rd_tag(&m, &f, &wt)) return 0;
+        switch (f) {
+        case 1: ok = wt == WT_LEN && !n_resource++ && rd_len(&m, resource); break;
+        case 2: ok = valid_bytes(&m, wt); break;
+        case 3: ok = valid_string(&m, wt); break;
+        default: ok = skip_unknown(&m, wt);
+        }
+        if (!ok) return 0;
+    }
+    return 1;
+}
+
+/* each attribute of a Resource message through add */
+static int resource_attrs(rd resource, int depth, attr_fn add, void *attrs) {
+    while (resource.p < resource.end) {
+        uint32_t f;
+        int wt, ok;
+        rd sub;
+        if (!rd_tag(&resource, &f, &wt)) return 0;
+        switch (f) {
+        case 1: ok = wt == WT_LEN && rd_len(&resource, &sub) && add(sub, depth + 1, attrs); break;
+        case 2: ok = wt == WT_VARINT && skip_scalar(&resource, wt); break;
+        default: ok = skip_unknown(&resource, wt); /* entity_refs (3) included: a message */
+        }
+        if (!ok) return 0;
+    }
+    return 1;
+}
+
+/* the resource of Resource{Spans,Metrics} m: found, room made in `arena` for the strings made from it (3x its
+ * size: hex, decimal), its attributes passed to add. 1; 0 unhandled; -1 without memory */
+static int read_resource(rd m, int depth, arena_t *arena, attr_fn add, void *attrs) {
+    rd resource;
+    if (!find_resource(m, &resource)) return 0;
+    if (!arena_reserve(arena, 3 * (size_t)(resource.end - resource.p) + 64)) return -1;
+    return resource_attrs(resource, depth + 1, add, attrs);
+}
+
+/* each span or metric (field 2 of each Scope{Spans,Metrics}, field 2 of m, a Resource{Spans,Metrics}
+ * find_resource validated) through f, in order */
+static int each_item(rd m, int depth, item_fn f, void *ctx) {
+    while (m.p < m.end) {
+        uint32_t field;
+        int wt;
+        rd scope;
+        if (!rd_tag(&m, &field, &wt)) return 0;
+        if (field != 2) { /* validated by find_resource */
+            if (wt == WT_LEN ? !rd_len(&m, &scope) : !skip_scalar(&m, wt)) return 0;
+            continue;
+        }
+        if (!rd_len(&m, &scope)) return 0;
+        while (scope.p < scope.end) {
+            uint32_t g;
+            int wt2, ok;
+            rd sub;
+            if (!rd_tag(&scope, &g, &wt2)) return 0;
+            switch (g) {
+            case 1: ok = wt2 == WT_LEN && rd_len(&scope, &sub) && valid_scope(sub, depth + 2); break;
+            case 2:
+                if (wt2 != WT_LEN || !rd_len(&scope, &sub)) return 0;
+                ok = f(ctx, sub, depth + 2);
+                break;
+            case 3: ok = valid_string(&scope, wt2); break;
+            default: ok = skip_unknown(&scope, wt2);
+            }
+            if (!ok) return 0;
+        }
+    }
+    return 1;
+}
+
+/* each Resource{Spans,Metrics} (field 1) of an export request through f */
+static int each_resource(rd m, int (*f)(void *ctx, rd rs), void *ctx) {
+    while (m.p < m.end) {
+        uint32_t field;
+        int wt;
+        rd sub;
+        if (!rd_tag(&m, &field, &wt)) return 0;
+        if (field == 1) {
+            if (wt != WT_LEN || !rd_len(&m, &sub) || !f(ctx, sub)) return 0;
+        } else if (!skip_unknown(&m, wt)) {
+            return 0;
+        }
+    }
+    return 1;
 }
 
 #endif

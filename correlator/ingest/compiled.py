@@ -10,11 +10,13 @@ import importlib.machinery
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+import pyarrow as pa
 
 PURE_PYTHON = os.environ.get("STACKLENS_PURE_PYTHON") == "1"
+T = TypeVar("T")
 
 
 def library_path(stem: str) -> Path | None:
@@ -38,13 +40,41 @@ def load(path: Path | None, bind: Callable[[Any], Any]) -> Any:
         return None
 
 
+class Blob(ctypes.Structure):
+    """_otlp_wire.h's blob_t: a column's NUL-terminated entries one after another."""
+
+    _fields_ = [("buf", ctypes.c_void_p), ("len", ctypes.c_int64), ("cap", ctypes.c_int64), ("count", ctypes.c_int64)]
+
+
 def array(addr: int | None, ctype: Any, dtype: Any, n: int) -> np.ndarray[Any, Any]:
     """A view of a C buffer of ``n`` values (valid until the C frees it: copy what is kept)."""
     return np.frombuffer((ctype * n).from_address(addr or 0), dtype=dtype)
 
 
-def entries(blob: int | None, size: int) -> list[str]:
-    """The NUL-terminated UTF-8 entries of a C blob of ``size`` bytes (none of them holds a NUL)."""
-    if size <= 0:
+def entries(blob: Blob) -> list[str]:
+    """The NUL-terminated UTF-8 entries of a C blob (none of them holds a NUL)."""
+    if blob.len <= 0:
         return []
-    return ctypes.string_at(blob or 0, size - 1).decode("utf-8").split("\0")
+    return ctypes.string_at(blob.buf or 0, blob.len - 1).decode("utf-8").split("\0")
+
+
+def run(decode: Callable[[bytes, int], Any], free: Callable[[Any], None], body: bytes,
+        convert: Callable[[Any], T]) -> T | None:
+    """A C decoder's result for ``body`` through ``convert``, or None where it declined the body (status not 0)
+    or ran out of memory: the caller then takes the reference path with the same bytes. ``decode`` runs
+    without the GIL (ctypes releases it); what it returns is freed here."""
+    if type(body) is not bytes:
+        body = bytes(body)  # a bytearray or memoryview: ctypes passes only bytes without a copy
+    p = decode(body, len(body))
+    if not p:
+        return None
+    try:
+        o = p.contents
+        if o.status != 0:
+            return None
+        try:
+            return convert(o)
+        except (ValueError, UnicodeDecodeError, MemoryError, pa.ArrowException):  # pragma: no cover - C validated it
+            return None  # the reference path then decides, as for any body declined
+    finally:
+        free(p)

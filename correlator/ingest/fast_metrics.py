@@ -36,7 +36,7 @@ from correlator.ingest.batch import (
 )
 from correlator.ingest.otlp_metrics import _OTEL_HW, _SKIPPED, _SUB_LABEL, _resolve_cached
 
-_ABI = 1  # _fastmetrics.c's FM_ABI: the struct's layout and the functions
+_ABI = 2  # _fastmetrics.c's FM_ABI: the struct's layout and the functions
 # the C file's tables (T_*) and their columns' kinds (KINDS): i int64, f float64, s string
 TABLES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("gpu_samples", GPU_COLUMNS, "ississf"),
@@ -57,8 +57,7 @@ class _Out(ctypes.Structure):
 
     _fields_ = [("status", ctypes.c_int64), ("ignored", ctypes.c_int64), ("n", ctypes.c_int64 * _NT),
                 ("cap", ctypes.c_int64 * _NT), ("col", ctypes.c_void_p * (_NT * _NC)),
-                ("sblob", ctypes.c_void_p * (_NT * _NC)), ("slen", ctypes.c_int64 * (_NT * _NC)),
-                ("scount", ctypes.c_int64 * (_NT * _NC))]
+                ("blob", compiled.Blob * (_NT * _NC))]
 
 
 def name_actions() -> dict[str, tuple[int, int, str]]:
@@ -138,21 +137,7 @@ def decode(body: bytes) -> IngestBatch | None:
     lib = _LIB
     if lib is None:
         return None
-    if type(body) is not bytes:
-        body = bytes(body)  # a bytearray or memoryview: ctypes passes only bytes without a copy
-    p = lib.fm_decode(body, len(body))  # the GIL is released meanwhile
-    if not p:
-        return None
-    try:
-        o = p.contents
-        if o.status != 0:
-            return None
-        try:
-            return _batch(o)
-        except (ValueError, UnicodeDecodeError, MemoryError, pa.ArrowException):  # pragma: no cover - C validated it
-            return None  # the reference path then decides, as for any body declined
-    finally:
-        lib.fm_free(p)
+    return compiled.run(lib.fm_decode, lib.fm_free, body, _batch)
 
 
 def _column(o: _Out, t: int, c: int, kind: str, name: str, n: int) -> pa.Array:
@@ -169,7 +154,7 @@ def _column(o: _Out, t: int, c: int, kind: str, name: str, n: int) -> pa.Array:
         return pa.array(a, pa.float64(), mask=missing if missing.any() else None)
     idx = np.array(compiled.array(o.col[k], ctypes.c_int32, np.int32, n))
     missing = idx < 0
-    values = pa.array(compiled.entries(o.sblob[k], o.slen[k]), pa.string())
+    values = pa.array(compiled.entries(o.blob[k]), pa.string())
     indices = pa.array(idx, pa.int32(), mask=missing if missing.any() else None)
     return pa.DictionaryArray.from_arrays(indices, values)
 

@@ -26,7 +26,7 @@ import pyarrow as pa
 from correlator.ingest import compiled
 from correlator.ingest.batch import REQUEST_COLUMNS, ArrowRows, IngestBatch
 
-_ABI = 2  # _fastspans.c's FS_ABI: the struct's layout and the functions
+_ABI = 3  # _fastspans.c's FS_ABI: the struct's layout and the functions
 # the C file's column order (enums F_*, I_*, S_*)
 FLOAT_COLUMNS = ("ttft_s", "tpot_s", "e2e_s", "queue_s", "prefill_s", "decode_s", "inference_s")
 INT_COLUMNS = ("start_ns", "end_ns", "prompt_tokens", "output_tokens", "pid")
@@ -42,8 +42,7 @@ class _Out(ctypes.Structure):
 
     _fields_ = [("status", ctypes.c_int64), ("n", ctypes.c_int64), ("ignored", ctypes.c_int64),
                 ("cap", ctypes.c_int64), ("f", ctypes.c_void_p * _NF), ("iv", ctypes.c_void_p * _NI),
-                ("sidx", ctypes.c_void_p * _NS), ("sblob", ctypes.c_void_p * _NS), ("slen", ctypes.c_int64 * _NS),
-                ("scount", ctypes.c_int64 * _NS), ("snone", ctypes.c_int64 * _NS)]
+                ("sidx", ctypes.c_void_p * _NS), ("blob", compiled.Blob * _NS), ("snone", ctypes.c_int64 * _NS)]
 
 
 def library_path() -> Path | None:
@@ -85,28 +84,14 @@ def decode(body: bytes) -> IngestBatch | None:
     lib = _LIB
     if lib is None:
         return None
-    if type(body) is not bytes:
-        body = bytes(body)  # a bytearray or memoryview: ctypes passes only bytes without a copy
-    p = lib.fs_decode(body, len(body))  # the GIL is released meanwhile
-    if not p:
-        return None
-    try:
-        o = p.contents
-        if o.status != 0:
-            return None
-        try:
-            return _batch(o)
-        except (ValueError, UnicodeDecodeError, MemoryError, pa.ArrowException):  # pragma: no cover - C validated it
-            return None  # the reference path then decides, as for any body declined
-    finally:
-        lib.fs_free(p)
+    return compiled.run(lib.fs_decode, lib.fs_free, body, _batch)
 
 
 _array = compiled.array
 
 
 def _entries(o: _Out, c: int) -> list[str]:
-    return compiled.entries(o.sblob[c], o.slen[c])
+    return compiled.entries(o.blob[c])
 
 
 _INT32_MAX = 2**31 - 1
@@ -115,10 +100,10 @@ _INT32_MAX = 2**31 - 1
 def _row_strings(o: _Out, c: int, n: int) -> pa.Array:
     """A per-row string column (one entry per row, each followed by a NUL; none contains one) as an Arrow
     string array without the NULs; an empty entry is None when the C counted Nones."""
-    size = int(o.slen[c])
+    size = int(o.blob[c].len)
     if size >= _INT32_MAX:  # pragma: no cover - over any body's limit
         raise ValueError("row strings over 2 GiB")
-    blob = _array(o.sblob[c], ctypes.c_uint8, np.uint8, size)
+    blob = _array(o.blob[c].buf, ctypes.c_uint8, np.uint8, size)
     nul = blob == 0
     ends = np.flatnonzero(nul).astype(np.int32)  # the NUL after each entry
     if len(ends) != n:  # pragma: no cover - the C makes one entry per row
