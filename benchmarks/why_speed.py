@@ -53,7 +53,7 @@ import pyarrow as pa
 
 from benchmarks.nvml_call_overhead import REPO, machine
 from correlator.analysis.evidence import GPU_COUNTERS, GPU_SIGNALS
-from correlator.analysis.reports import DEFAULT_SLOS, slo, top
+from correlator.analysis.reports import DEFAULT_SLOS, Slo, slo, top
 from correlator.analysis.timeparse import format_ns
 from correlator.analysis.why import RootCause, WhyQuery
 from correlator.ingest.batch import IngestBatch
@@ -469,7 +469,7 @@ def check_why(doc: dict[str, Any], info: dict[str, Any]) -> tuple[bool, str]:
     return ok, f"{f0['cause']}/{f0['subcause']} on {f0['culprit']['node']} GPU {f0['culprit'].get('gpu_index')}"
 
 
-QUERIES = ("why", "top", "slo")
+QUERIES = ("why", "top", "slo", "top_e2e", "slo_e2e")  # the e2e ones: --queries
 
 
 def run(f: Fleet, data: Path, repeat: int, day: bool, queries: frozenset[str] = frozenset(QUERIES)
@@ -537,6 +537,20 @@ def run(f: Fleet, data: Path, repeat: int, day: bool, queries: frozenset[str] = 
             with store.reader() as cur:
                 return slo(cur, first, last, DEFAULT_SLOS)
 
+        def do_top_e2e() -> list[dict[str, Any]]:
+            with store.reader() as cur:
+                return top(cur, first, last, metric="e2e")
+
+        def do_slo_e2e() -> list[dict[str, Any]]:
+            with store.reader() as cur:
+                return slo(cur, first, last, [Slo("e2e", 0.99, 30.0)])
+
+        if "top_e2e" in queries:
+            rows = report("top_e2e" if not day else "top_e2e_24h", do_top_e2e)
+            checks.append(("top_e2e", bool(rows), f"{len(rows)} rows"))
+        if "slo_e2e" in queries:
+            rows = report("slo_e2e" if not day else "slo_e2e_24h", do_slo_e2e)
+            checks.append(("slo_e2e", len(rows) == f.nodes, f"{len(rows)} rows"))
         if "top" in queries:
             rows = report("top" if not day else "top_24h", do_top)
             checks.append(("top", bool(rows) and rows[0]["gpu"] in _replica(f),
@@ -578,8 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--links", type=int, default=2, help="NVLink links per GPU with a link-up series")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--queries", default=",".join(QUERIES),
-                    help="which of why,top,slo to run (one alone: the peak RSS is that query's own)")
+    ap.add_argument("--queries", default="why,top,slo",
+                    help=f"which of {','.join(QUERIES)} to run (one alone: the peak RSS is that query's own)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--catch-up-only", type=Path, default=None, help=argparse.SUPPRESS)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 import pytest
 
@@ -172,7 +173,7 @@ def test_long_top_from_summaries_matches_the_exact_answer(data: tuple[Store, Any
     held = energy["GPU-21"]
     energy["GPU-21"] = _power_by_minutes(samples["GPU-21"], LONG)
     assert energy["GPU-21"] == pytest.approx(held, rel=0.005)
-    for metric in ("ttft", "tpot"):
+    for metric in ("ttft", "tpot", "e2e"):
         got, unrolled = _both(store, lambda cur, m=metric: top(cur, *LONG, metric=m))
         assert got == unrolled  # the roll-up changes nothing
         shares = _exact_shares(inside, metric)
@@ -196,17 +197,18 @@ def test_long_top_from_summaries_matches_the_exact_answer(data: tuple[Store, Any
 def test_long_slo_from_summaries_matches_the_exact_answer(data: tuple[Store, Any, Any]) -> None:
     store, rows, samples = data
     inside = _inside(rows, LONG)
-    got, unrolled = _both(store, lambda cur: slo(cur, *LONG, SLOS))
+    slos = [*SLOS, Slo("e2e", 0.99, 3.0)]
+    got, unrolled = _both(store, lambda cur: slo(cur, *LONG, slos))
     assert got == unrolled
     # groups in the order of their first request, as the exact scan orders them
     first: dict[tuple[str, str], int] = {}
     for r in inside:
         first.setdefault((r["model"], r["node"]), int(r["start"]))
     order = sorted(first, key=lambda k: first[k])
-    assert [(r["model"], r["node"]) for r in got] == [k for k in order for _ in SLOS]
+    assert [(r["model"], r["node"]) for r in got] == [k for k in order for _ in slos]
     assert order[-1] == ("m-b", "node-2")  # a group whose first request is not in the window's first minute
     energy = {**_energy(samples, LONG), "GPU-21": _power_by_minutes(samples["GPU-21"], LONG)}
-    for r, s in zip(got, [s for _ in order for s in SLOS], strict=True):
+    for r, s in zip(got, [s for _ in order for s in slos], strict=True):
         mine = [x for x in inside if (x["model"], x["node"]) == (r["model"], r["node"])]
         x = _values(mine, s.metric)
         assert r["requests"] == len(x)
@@ -233,21 +235,48 @@ def test_long_slo_from_summaries_matches_the_exact_answer(data: tuple[Store, Any
         assert r["energy_per_token_j"] == _rounded(j / tokens, r["model"] != "m-b")  # m-b: on GPU-21
 
 
-def test_e2e_over_a_long_window_is_read_exactly(data: tuple[Store, Any, Any]) -> None:
+def test_a_store_summarised_before_e2e_bins_scans_e2e_exactly_until_it_gets_them(
+        data: tuple[Store, Any, Any], tmp_path: Path) -> None:
+    """A store whose hours were summarised before e2e was binned: opened read-only, e2e over a long window is
+    scanned exactly; opened for writing, every summarised hour gets its e2e bins, and the answers are those of
+    a store that had them from the start."""
     store, rows, _ = data
     inside = _inside(rows, LONG)
+    e2e_slo = [Slo("e2e", 0.99, 3.0)]
     with store.reader() as cur:
-        got = top(cur, *LONG, metric="e2e")
-        slo_rows = slo(cur, *LONG, [Slo("e2e", 0.99, 3.0)])
+        want = (top(cur, *LONG, metric="e2e"), slo(cur, *LONG, e2e_slo))
+    old = tmp_path / "old.duckdb"
+    s = Store(old)
+    s.write(_data(5)[0])
+    s.catch_up_rollups()
+    s.close()
+    con = duckdb.connect(str(old))
+    con.execute(f"DELETE FROM request_bins WHERE metric = {request_rollups.E2E}")
+    con.execute("DELETE FROM meta WHERE key = ?", [request_rollups.E2E_KEY])
+    con.close()
+    reader = Store(old, read_only=True)
+    try:
+        with reader.reader() as cur:
+            assert not request_rollups.has_e2e_bins(cur)
+            got = top(cur, *LONG, metric="e2e")
+            slo_rows = slo(cur, *LONG, e2e_slo)
+    finally:
+        reader.close()
     shares = _exact_shares(inside, "e2e")
     for r in got:
-        mine = [x for x in inside if x["unit"] == r["replica"]]
-        assert r["ttft_p99_s"] == pytest.approx(round(float(np.quantile(_values(mine, "ttft"), 0.99)), 4), abs=1e-12)
-        assert r["impact_share"] == pytest.approx(round(shares[r["replica"]], 4), abs=1e-12)
+        assert r["impact_share"] == pytest.approx(round(shares[r["replica"]], 4), abs=1e-12)  # exact
     for r in slo_rows:
         x = _values([m for m in inside if (m["model"], m["node"]) == (r["model"], r["node"])], "e2e")
         assert r["p99_s"] == pytest.approx(round(float(np.quantile(x, 0.99)), 4), abs=1e-12)
         assert r["attainment"] == pytest.approx(round(float(np.mean(x <= 3.0)), 4), abs=1e-12)
+    Store(old).close()  # opened for writing: the bins of every summarised hour are added
+    reader = Store(old, read_only=True)
+    try:
+        with reader.reader() as cur:
+            assert request_rollups.has_e2e_bins(cur)
+            assert (top(cur, *LONG, metric="e2e"), slo(cur, *LONG, e2e_slo)) == want
+    finally:
+        reader.close()
 
 
 def test_windows_of_three_hours_or_less_stay_exact(data: tuple[Store, Any, Any]) -> None:

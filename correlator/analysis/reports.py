@@ -118,7 +118,13 @@ def energy_by_gpu(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int) ->
 
 
 _METRICS = ("ttft", "tpot", "e2e")
-_BINNED = {"ttft": 0, "tpot": 1}  # the metrics with bins in request_bins (e2e has none: read exactly)
+_BINNED = {"ttft": 0, "tpot": 1, "e2e": request_rollups.E2E}  # their numbers in request_bins
+
+
+def _binned(cur: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """The metrics a long window reads from ``request_bins``: e2e too where the store has its bins (a store
+    summarised before they were kept, opened read-only, has not: e2e is scanned exactly there)."""
+    return _BINNED if request_rollups.has_e2e_bins(cur) else {k: v for k, v in _BINNED.items() if k != "e2e"}
 
 
 def _column(metric: str) -> str:
@@ -134,12 +140,12 @@ def top(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, service: str
 
     A window longer than 3 h (``request_rollups.LONG_WINDOW_NS``) of TTFT or TPOT is read from the request
     summaries (:func:`_top_long`: counts, tokens and energy exact, percentiles within 0.5 %, shares within a
-    fraction of a percent); e2e, which has no bins, is always scanned exactly."""
+    fraction of a percent); e2e too, where the store has its bins (:func:`_binned`)."""
     col = _column(metric)
     scope = RequestScope(cur, start_ns, end_ns, service, model, node)
     if scope.empty:
         return []
-    if _long(start_ns, end_ns) and metric in _BINNED:
+    if _long(start_ns, end_ns) and metric in _binned(cur):
         per = _top_long(scope, start_ns, end_ns + 1, metric)
     else:
         med = scope.fleet_quantile(col, 0.5)
@@ -173,14 +179,14 @@ def _top_long(scope: RequestScope, lo_ns: int, hi_ns: int, metric: str
     the excess from the bins (each value placed evenly in log space within its 1 %-wide bin; see
     :func:`excess_from_bins`)."""
     sums = scope.long_sums(lo_ns, hi_ns)
-    b = scope.long_bins(lo_ns, hi_ns, metrics=(0, 1))
+    m = _BINNED[metric]
+    b = scope.long_bins(lo_ns, hi_ns, metrics=tuple(sorted({0, 1, m})))
     units = np.asarray(b["unit"], dtype=object)
     metrics = np.asarray(b["metric"], dtype=np.int64)
     bins = np.asarray(b["bin"], dtype=np.int64)
     counts = np.asarray(b["n"], dtype=np.int64)
     codes = group_codes(units)
     name = {int(c): str(u) for c, u in zip(codes, units, strict=True)}
-    m = _BINNED[metric]
     sel = metrics == m
     med = 0.0
     if sel.any():
@@ -203,11 +209,12 @@ def slo(cur: duckdb.DuckDBPyConnection, start_ns: int, end_ns: int, slos: list[S
         model: str | None = None, node: str | None = None) -> list[dict[str, Any]]:
     """Percentiles and attainment (share of requests within the threshold) per model and node, per SLO:
     one grouped scan in DuckDB (thresholds and percentiles are bound parameters), or, over a window longer
-    than 3 h whose SLOs are all of TTFT or TPOT, the request summaries (:func:`_slo_groups_long`)."""
+    than 3 h whose SLOs are all of binned metrics (:func:`_binned`), the request summaries
+    (:func:`_slo_groups_long`)."""
     scope = RequestScope(cur, start_ns, end_ns, service, model, node)
     if scope.empty:
         return []
-    if _long(start_ns, end_ns) and all(x.metric in _BINNED for x in slos):
+    if _long(start_ns, end_ns) and all(x.metric in _binned(cur) for x in slos):
         groups = _slo_groups_long(cur, scope, start_ns, end_ns + 1, slos)
     else:
         aggs: list[str] = []
@@ -272,14 +279,15 @@ def _slo_groups_long(cur: duckdb.DuckDBPyConnection, scope: RequestScope, lo_ns:
         total = np.bincount(codes[on], weights=counts[on].astype(np.float64), minlength=len(key))
         for g, v in zip(groups, values, strict=True):
             k = key[int(g)]
-            per.setdefault(k, [None] * len(slos))[i] = (v.tolist(), float(within[g] / total[g]))
+            per.setdefault(k, [None] * len(slos))[i] = (v.tolist(), float(within[g] / total[g]), int(total[g]))
     names = dict(cur.execute("SELECT node_id, name FROM nodes").fetchall())
     out = []
     for k in sorted(n_by, key=lambda k: (first.get(k, hi_ns), str(k[0]), k[1])):
         row: list[Any] = [k[0], names.get(k[1]), sorted(services.get(k, set()), key=str)]
         for i, x in enumerate(slos):
-            n = n_by[k][_BINNED[x.metric]]
             got = per.get(k, [None] * len(slos))[i]
+            # the count of TTFTs and TPOTs from the minutes; of e2e values (never negative), their bins'
+            n = n_by[k][_BINNED[x.metric]] if x.metric != "e2e" else (got[2] if got is not None else 0)
             row += [n, got[0], got[1]] if n and got is not None else [n, [None] * 4, None]
         out.append(tuple(row))
     return out

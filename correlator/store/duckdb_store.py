@@ -533,6 +533,15 @@ class Store:
             self._con.execute(DDL)
             self._con.execute(rollups.DDL)
             self._con.execute(request_rollups.DDL)
+            if not request_rollups.has_e2e_bins(self._con):  # a store summarised before e2e was binned
+                self._con.execute("BEGIN TRANSACTION")
+                try:
+                    request_rollups.add_e2e_bins(self._con)
+                    self._con.execute("COMMIT")
+                except duckdb.Error as e:
+                    self._con.execute("ROLLBACK")
+                    self._con.close()
+                    raise StoreError(f"{self.path}: adding the e2e bins failed, the store is unchanged: {e}") from e
             self._con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
         self._linger_s = linger_s
         self._max_batch_rows = max_batch_rows

@@ -7,8 +7,8 @@ seconds and gigabytes of sort memory. What ``why`` needs of a long window is mer
 - ``request_minutes``: per minute and join key (service, model and the replica's key columns), the count
   of requests, of TTFTs and TPOTs, their sums, the output tokens, and the latest end (a replay "as of" a
   time uses only minutes whose requests had all ended by then). Counts, means and arrivals are exact.
-- ``request_bins``: per hour and join key, how many TTFT, TPOT, queue and prefill-per-token values fell in
-  each logarithmic bin, :data:`BINS_PER_E` bins per factor e: bin ``round(ln(x) * 100)``, so that a bin's
+- ``request_bins``: per hour and join key, how many TTFT, TPOT, queue, prefill-per-token and end-to-end
+  values fell in each logarithmic bin, :data:`BINS_PER_E` bins per factor e: bin ``round(ln(x) * 100)``, so that a bin's
   centre ``exp(bin / 100)`` is within 0.5 % of every value in it, and zero a bin of its own. A window's
   percentile is read off the merged counts, interpolated between the bins' centres as ``quantile_cont``
   interpolates between values: within 0.5 % of the exact one.
@@ -19,6 +19,10 @@ again in the same transaction. ``meta.request_minutes_until_ns`` says up to wher
 Readers take whole minutes (whole hours for bins) before that mark from the summaries and summarise the
 rest from ``requests`` on the fly with the same SQL, so an answer never depends on how far the roll-up has
 got. Whether a window is read through bins depends only on its length, never on the roll-up.
+
+End-to-end bins came later (``meta.request_bins_e2e``): a store whose hours were summarised without them
+gets them for every summarised hour when it is next opened for writing (:func:`add_e2e_bins`); until then,
+and in a store opened read-only, readers scan e2e exactly (:func:`has_e2e_bins`).
 """
 
 from __future__ import annotations
@@ -36,8 +40,10 @@ ZERO_BIN = -32768  # a value of exactly 0 (a queue time, often); negatives and N
 KEYS = ("service", "model", "node_id", "pid", "container_id", "pod_uid", "pod", "gpu_uuids")
 # the binned metrics, by their number in ``request_bins.metric``
 PREFILL_PER_TOKEN = "prefill_s / CASE WHEN prompt_tokens < 1 THEN 1 ELSE prompt_tokens END"
-METRICS: dict[str, int] = {"ttft_s": 0, "tpot_s": 1, "queue_s": 2, "prefill_per_token_s": 3}
-_METRIC_SQL = ("ttft_s", "tpot_s", "queue_s", PREFILL_PER_TOKEN)
+METRICS: dict[str, int] = {"ttft_s": 0, "tpot_s": 1, "queue_s": 2, "prefill_per_token_s": 3, "e2e_s": 4}
+_METRIC_SQL = ("ttft_s", "tpot_s", "queue_s", PREFILL_PER_TOKEN, "e2e_s")
+E2E = METRICS["e2e_s"]
+E2E_KEY = "request_bins_e2e"  # in meta once every summarised hour has its e2e bins
 
 _KEY_DDL = ("service VARCHAR, model VARCHAR, node_id INTEGER NOT NULL, pid INTEGER, container_id VARCHAR, "
             "pod_uid VARCHAR, pod VARCHAR, gpu_uuids VARCHAR")
@@ -84,6 +90,25 @@ def roll_up(cur: duckdb.DuckDBPyConnection, lo_ns: int, hi_ns: int) -> None:
     cur.execute(f"INSERT INTO request_bins SELECT hour_ns, {_KEYS}, metric, bin, count(*)::INTEGER FROM ("
                 + binned(f"(SELECT start_ns // {HOUR_NS} * {HOUR_NS} AS hour_ns, * FROM {src})",
                          f"hour_ns, {_KEYS}") + ") GROUP BY ALL", p)
+
+
+def has_e2e_bins(cur: duckdb.DuckDBPyConnection) -> bool:
+    """Whether every summarised hour has its end-to-end bins (a store summarised before they were kept has
+    them once opened for writing)."""
+    return bool(cur.execute("SELECT 1 FROM meta WHERE key = ?", [E2E_KEY]).fetchall())
+
+
+def add_e2e_bins(cur: duckdb.DuckDBPyConnection) -> None:
+    """The end-to-end bins of every hour already summarised (one scan of its requests), and the mark that
+    they are there; a store with nothing summarised yet just gets the mark. Runs in the caller's transaction."""
+    until = watermark(cur)
+    if until is not None:
+        src = f"requests WHERE start_ns < {int(until)}"
+        cur.execute(f"DELETE FROM request_bins WHERE metric = {E2E}")
+        cur.execute(f"INSERT INTO request_bins SELECT hour_ns, {_KEYS}, metric, bin, count(*)::INTEGER FROM ("
+                    + binned(f"(SELECT start_ns // {HOUR_NS} * {HOUR_NS} AS hour_ns, * FROM {src})",
+                             f"hour_ns, {_KEYS}", (E2E,)) + ") GROUP BY ALL")
+    cur.execute("INSERT INTO meta VALUES (?, '1')", [E2E_KEY])
 
 
 def watermark(cur: duckdb.DuckDBPyConnection) -> int | None:
