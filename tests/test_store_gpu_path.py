@@ -327,6 +327,17 @@ def _events_as_before(rows: list[dict[str, object]], sig_ids: dict[str, int], la
     return events
 
 
+def _derived_events(store: Store, view: pa.Table, sig_ids: dict[str, int], columns: str) -> list[tuple[Any, ...]]:
+    """The events ``_derive_events`` makes of ``view`` (``columns`` of them, in the order written)."""
+    cur = store.cursor()
+    try:
+        cur.execute("DELETE FROM events")
+        store._derive_events(cur, view, sig_ids)
+        return cur.execute(f"SELECT {columns} FROM events ORDER BY rowid").fetchall()
+    finally:
+        cur.close()
+
+
 def test_events_are_derived_as_value_by_value(store: Store) -> None:
     """Random masks (repeated, cleared, idle bit), XIDs (missing, NaN, going back), ties in time, several GPUs
     and the state carried from one view to the next: the same events and state as the value-by-value loop."""
@@ -349,13 +360,7 @@ def test_events_are_derived_as_value_by_value(store: Store) -> None:
         if round_ % 2:  # as a group commit's view: parts, one chunk each
             view = pa.concat_tables([view.slice(0, n // 2), view.slice(n // 2)])
         expected = _events_as_before(view.to_pylist(), sig_ids, last_mask, last_xid)
-        cur = store.cursor()
-        try:
-            cur.execute("DELETE FROM events")
-            store._derive_events(cur, view, sig_ids)
-            got = cur.execute("SELECT * FROM events ORDER BY rowid").fetchall()
-        finally:
-            cur.close()
+        got = _derived_events(store, view, sig_ids, "*")
         assert [tuple(_bits(v) for v in e) for e in got] == [tuple(_bits(v) for v in e) for e in expected]
         assert store._last_mask == last_mask
         assert {k: _bits(v) for k, v in store._last_xid.items()} == {k: _bits(v) for k, v in last_xid.items()}
@@ -366,13 +371,7 @@ def test_events_are_derived_as_value_by_value(store: Store) -> None:
                     "sub": pa.array([None, None, None, None, "x9"], pa.string()),
                     "value": pa.array([float("nan"), float("inf"), 2.0**40, -(2.0**33), 1e6])})
     mask_before = dict(store._last_mask)
-    cur = store.cursor()
-    try:
-        cur.execute("DELETE FROM events")
-        store._derive_events(cur, odd, sig_ids)
-        got = cur.execute("SELECT kind, code FROM events").fetchall()
-    finally:
-        cur.close()
+    got = _derived_events(store, odd, sig_ids, "kind, code")
     assert store._last_mask == mask_before
     assert got == [("xid", None)]  # the counter's first reading: an XID, of no code
     assert store._last_xid[(1, "x9")] == 1e6

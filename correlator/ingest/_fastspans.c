@@ -164,22 +164,6 @@ static int join_of(arena_t *o, const val_t *v, sref *out) {
     rd it = {v->p, v->p + v->n};
     size_t start = o->len;
     int first = 1;
-    if (v->i == 1) { /* one element: no copy for a string */
-        while (it.p < it.end) {
-            uint32_t g;
-            int wt;
-            rd el;
-            val_t ev;
-            if (!rd_tag(&it, &g, &wt)) return R_BAD;
-            if (g != 1) {
-                if (!skip_unknown(&it, wt)) return R_BAD;
-                continue;
-            }
-            if (!rd_len(&it, &el) || !parse_any(el, 0, &ev)) return R_BAD;
-            return str_of(o, &ev, out);
-        }
-        return R_BAD;
-    }
     while (it.p < it.end) {
         uint32_t g;
         int wt;
@@ -192,6 +176,7 @@ static int join_of(arena_t *o, const val_t *v, sref *out) {
             continue;
         }
         if (!rd_len(&it, &el) || !parse_any(el, 0, &ev)) return R_BAD;
+        if (v->i == 1) return str_of(o, &ev, out); /* one element: itself, no copy of a string */
         if (!first && !arena_put(o, ",", 1, &s)) return R_BAD;
         first = 0;
         size_t before = o->len;

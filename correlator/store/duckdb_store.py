@@ -63,14 +63,13 @@ def _derive_latencies(t: pa.Table) -> pa.Table:
     missing derivation) set to NULL, and a ``derived`` column with their bits; vectorised, like the view that
     derives them back."""
     def f64(c: str) -> tuple[np.ndarray, np.ndarray]:
-        return (np.asarray(t[c].to_numpy(zero_copy_only=False), dtype=np.float64), _valid(t[c]))
+        return _numpy(t[c], np.float64), _valid(t[c])
 
     queue, q_ok = f64("queue_s")
     prefill, p_ok = f64("prefill_s")
     decode, d_ok = f64("decode_s")
-    out = np.asarray(t["output_tokens"].fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
-    start = np.asarray(t["start_ns"].to_numpy(zero_copy_only=False), dtype=np.int64)
-    end = np.asarray(t["end_ns"].to_numpy(zero_copy_only=False), dtype=np.int64)
+    out = _numpy(t["output_tokens"].fill_null(0), np.int64)
+    start, end = _numpy(t["start_ns"], np.int64), _numpy(t["end_ns"], np.int64)
     e2e_ok = (start > 0) & (end >= start)
     with np.errstate(all="ignore"):  # the rows outside each derivation's condition are not used
         derivations = {
@@ -247,7 +246,7 @@ _KEY_COLUMNS = ("trace_hi", "trace_lo", "span_bin")  # a request's (trace, span)
 
 def _key_words(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The (trace_hi, trace_lo, span_bin) words of ``table``'s rows (request_rows' columns, every id a number)."""
-    hi, lo, span = (np.asarray(table[c].to_numpy(zero_copy_only=False), dtype=np.uint64) for c in _KEY_COLUMNS)
+    hi, lo, span = (_numpy(table[c], np.uint64) for c in _KEY_COLUMNS)
     return hi, lo, span
 
 
@@ -351,7 +350,7 @@ def _codes(enc: pa.Array) -> np.ndarray:
     idx = enc.indices
     if idx.null_count:
         idx = pc.fill_null(idx, -1)
-    return np.asarray(idx.to_numpy(zero_copy_only=False), dtype=np.int64)
+    return _numpy(idx, np.int64)
 
 
 def _used(enc: pa.Array) -> list[object]:
@@ -397,15 +396,7 @@ def _pylist(a: pa.ChunkedArray | pa.Array, rows: np.ndarray) -> list[object]:
     if pa.types.is_dictionary(arr.type):
         values: list[object] = arr.dictionary.to_pylist()
         return [values[i] if i >= 0 else None for i in _codes(arr)[rows].tolist()]
-    if pa.types.is_integer(arr.type):  # numpy's int → Python int, as Arrow's; a null as None
-        filled = arr.fill_null(0) if arr.null_count else arr
-        out: list[object] = np.asarray(filled.to_numpy(zero_copy_only=False))[rows].tolist()
-        if arr.null_count:
-            for k, ok in enumerate(_valid(arr)[rows].tolist()):
-                if not ok:
-                    out[k] = None
-        return out
-    out = arr.take(pa.array(rows, pa.int64())).to_pylist()
+    out: list[object] = arr.take(pa.array(rows, pa.int64())).to_pylist()
     return out
 
 
@@ -420,8 +411,10 @@ def _to_ids(enc: pa.Array, mapping: dict[str, int], type_: pa.DataType) -> pa.Ar
     return pa.array(values, type_, mask=missing) if missing.any() else pa.array(values, type_)
 
 
-def _numpy(a: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    return np.asarray(a.to_numpy() if isinstance(a, pa.ChunkedArray) else a.to_numpy(zero_copy_only=False))
+def _numpy(a: pa.ChunkedArray | pa.Array, dtype: Any = None) -> np.ndarray:
+    """A column as numpy (a copy where Arrow cannot lend its buffer: chunks, nulls), of ``dtype`` if given."""
+    return np.asarray(a.to_numpy() if isinstance(a, pa.ChunkedArray) else a.to_numpy(zero_copy_only=False),
+                      dtype=dtype)
 
 
 def _view(parts: list[dict[str, pa.ChunkedArray | pa.Array]]) -> pa.Table:
