@@ -405,7 +405,7 @@ def _span_count(body: bytes) -> int:
 
 
 def compare(n_spans: int, n_cycles: int, concurrency: int, baseline: str, rounds: int, warmup_exports: int = 0,
-            signals: Sequence[str] = ("traces", "metrics")) -> dict[str, Any]:
+            signals: Sequence[str] = ("traces", "metrics"), spans_per_export: int = 512) -> dict[str, Any]:
     """The span and/or metric phases of this tree and of a baseline (``pure``: this tree without the fast
     paths; else a path to another tree), alternating, on the same payloads; the first ``warmup_exports``
     exports of each phase sent before the measurement (left out of it)."""
@@ -413,7 +413,7 @@ def compare(n_spans: int, n_cycles: int, concurrency: int, baseline: str, rounds
 
     loads: dict[str, tuple[str, str, str, list[bytes], list[bytes], int]] = {}  # phase → path, method, table, ...
     if "traces" in signals:
-        spans = span_bodies(n_spans)
+        spans = span_bodies(n_spans, spans_per_export)
         warm = spans[:warmup_exports]
         # each a request span, none twice: each stored once
         loads["spans"] = ("/v1/traces", TRACES, "requests", warm, spans[warmup_exports:],
@@ -452,12 +452,14 @@ def compare(n_spans: int, n_cycles: int, concurrency: int, baseline: str, rounds
     if "metrics" in loads:
         decode_figures["metrics"] = decode_rates("metrics", loads["metrics"][4][:10])
     return {"baseline": baseline, "rounds": rounds, "loads": {k: sum(1 for _ in v[4]) for k, v in loads.items()},
+            "spans_per_export": spans_per_export, "concurrency": concurrency,
             "warmup_exports": warmup_exports, "runs": runs, "median_rows_per_cpu_s": medians,
             "decode": decode_figures}
 
 
 def compare_report(doc: dict[str, Any]) -> str:
-    lines = [f"this tree vs baseline {doc['baseline']!r}, exports per phase {doc['loads']}, {doc['rounds']} rounds"
+    lines = [f"this tree vs baseline {doc['baseline']!r}, exports per phase {doc['loads']} ({doc['spans_per_export']}"
+             f" spans an export, {doc['concurrency']} in flight), {doc['rounds']} rounds"
              " alternating; rows (request spans, GPU samples) per CPU-second of the correlator process"
              + (f" (after {doc['warmup_exports']} warm-up exports, left out)" if doc.get("warmup_exports") else ""),
              ""]
@@ -581,6 +583,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--compare", metavar="pure|TREE", help="ingest phases against this tree without the fast "
                     "paths (pure) or another tree's stacklens serve, alternating")
     ap.add_argument("--signals", default="traces,metrics", help="--compare: the phases, traces and/or metrics")
+    ap.add_argument("--spans-per-export", type=int, default=512, help="--compare: spans in each export (512: the "
+                    "SDK's batch processor; 8192: the OpenTelemetry Collector's batch processor)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of --compare")
     ap.add_argument("--warmup", type=int, default=0, metavar="EXPORTS",
                     help="--compare: send the first EXPORTS exports of each phase before measuring (the process' "
@@ -590,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.spans, args.cycles = 20_000, 100
     if args.compare:
         cmp = compare(args.spans, args.cycles, args.concurrency, args.compare, args.rounds, args.warmup,
-                      tuple(args.signals.split(",")))
+                      tuple(args.signals.split(",")), args.spans_per_export)
         print(compare_report(cmp))
         if args.json:
             print(json.dumps(cmp, indent=2))

@@ -8,10 +8,11 @@ from collections.abc import Callable
 
 from collector.export.otlp_encode import OtlpMetricsEncoder, ResourceInfo
 from collector.simfleet import Fleet, fault_scenario
-from correlator.ingest.batch import IngestBatch
+from correlator.ingest.batch import IngestBatch, StoredRequests
 from correlator.ingest.otlp_metrics import decode_metrics
 from correlator.ingest.otlp_spans import decode_spans
 from correlator.ingest.payload import PayloadError, Signal, decode_protobuf, parse_message
+from correlator.store import duckdb_store
 
 
 # -- the comparison ------------------------------------------------------------------------------------
@@ -25,6 +26,18 @@ def _same_value(a: object, b: object) -> bool:
 
 def assert_same_batch(fast: IngestBatch, ref: IngestBatch) -> None:
     assert fast.ignored == ref.ignored
+    if isinstance(fast.requests, StoredRequests):
+        # the compiled span decoder gives the rows in the store's form: exactly what the store makes of the
+        # reference's rows (ids as words, request ids split, derived latencies flagged), value for value
+        table = fast.requests.table
+        assert table is not None
+        names = sorted(set(ref.requests.data["node"]), key=str)
+        ids = {str(n): i for i, n in enumerate(names)}
+        want = duckdb_store._stored_requests(duckdb_store._arrow(ref.requests), ids)
+        have = duckdb_store._stored_requests(table, ids)
+        assert have.schema == want.schema
+        for col in want.column_names:
+            assert have[col].equals(want[col]), (col, have[col].to_pylist(), want[col].to_pylist())
     for name, rows in ref.tables().items():
         got = fast.tables()[name]
         for col in rows.columns:

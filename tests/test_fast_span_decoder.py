@@ -189,6 +189,21 @@ LATENCY = st.floats(0.0, 50.0).map(lambda v: AnyValue(double_value=v))
 COUNT = st.integers(0, 5000).map(lambda v: AnyValue(int_value=v))
 NAME = st.sampled_from(["llama", "gpt-x", "c-1", "ns", "uid-9"]).map(lambda v: AnyValue(string_value=v))
 STRINGS = st.lists(NAME, min_size=1, max_size=3).map(lambda vs: AnyValue(array_value=ArrayValue(values=vs)))
+# request ids of every form the store splits (32 hex digits at the end, a UUID at the end, 32 hex digits before
+# the last '-'), and near misses: upper case, a digit short, a dash moved, not ASCII
+_HEX = st.text("0123456789abcdef", min_size=32, max_size=32)
+_UUID = _HEX.map(lambda h: f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+_PREFIX = st.sampled_from(["", "cmpl-", "chatcmpl-", "ñ-", "a-b-", "-"])
+_SUFFIX = st.sampled_from(["-0", "-12", "-", "-x-y", "-ñ"])
+REQUEST_ID = st.one_of(
+    NAME,
+    st.tuples(_PREFIX, _HEX | _UUID).map("".join),
+    st.tuples(_PREFIX, _HEX | _UUID, _SUFFIX).map("".join),
+    st.tuples(_PREFIX, _HEX | _UUID).map(lambda t: t[0] + t[1].upper()),
+    st.tuples(_PREFIX, _HEX).map(lambda t: t[0] + t[1][1:]),
+    _UUID.map(lambda u: u[:8] + u[9] + "-" + u[10:]),
+    st.text(min_size=30, max_size=40),
+).map(lambda v: v if isinstance(v, AnyValue) else AnyValue(string_value=v))
 SPAN_KEYS: dict[str, st.SearchStrategy[AnyValue]] = {
     **{f"gen_ai.latency.{k}": LATENCY for k in ("e2e", "time_in_queue", "time_to_first_token",
                                                 "time_in_model_prefill", "time_in_model_decode",
@@ -198,9 +213,10 @@ SPAN_KEYS: dict[str, st.SearchStrategy[AnyValue]] = {
     **{f"gen_ai.usage.{k}": COUNT for k in ("completion_tokens", "output_tokens", "prompt_tokens", "input_tokens")},
     "process.pid": COUNT,
     **{k: NAME for k in ("gen_ai.response.model", "gen_ai.request.model", "gen_ai.provider.name", "gen_ai.system",
-                         "gen_ai.request.id", "gen_ai.response.id", "gen_ai.response.finish_reason",
+                         "gen_ai.response.finish_reason",
                          "container.id", "k8s.pod.uid", "k8s.pod.name", "k8s.namespace.name", "gpu.uuids")},
     "gen_ai.response.finish_reasons": STRINGS,
+    "gen_ai.request.id": REQUEST_ID, "gen_ai.response.id": REQUEST_ID,
     "gen_ai.request.max_tokens": COUNT,
 }
 RESOURCE_KEYS: dict[str, st.SearchStrategy[AnyValue]] = {
@@ -235,8 +251,9 @@ def span_messages(draw: st.DrawFn) -> ExportTraceServiceRequest:
             for _ in range(draw(st.integers(0, 4))):
                 span = ss.spans.add(
                     name=draw(st.sampled_from(["llm_request", "llm_request", "chat llama", "db", ""])),
-                    trace_id=draw(st.binary(min_size=16, max_size=16) | st.binary(max_size=3)),
-                    span_id=draw(st.binary(min_size=8, max_size=8)),
+                    trace_id=draw(st.binary(min_size=16, max_size=16) | st.binary(max_size=3)
+                                  | st.binary(min_size=8, max_size=8)),
+                    span_id=draw(st.binary(min_size=8, max_size=8) | st.binary(max_size=4)),
                     start_time_unix_nano=draw(TIMES), end_time_unix_nano=draw(TIMES),
                     attributes=draw(attributes(SPAN_KEYS)))
                 if draw(st.booleans()):

@@ -1,7 +1,8 @@
-"""The span path into the store: the compiled decoder hands the store its rows as one Arrow table
-(``ArrowRows``), which the store writes as it is, alone or in a group commit with batches of lists; every
-value comes back exactly, a re-sent span is stored once (an exact (trace, span) comparison behind a hash
-filter), and a transaction that fails stores nothing of any batch in it."""
+"""The span path into the store: the compiled decoder hands the store its rows as one Arrow table in the
+store's own form (``StoredRequests``), which the store writes as it is, alone or in a group commit with
+batches of lists; every value comes back exactly, a re-sent span is stored once (an exact (trace, span)
+comparison behind a hash filter, and behind the writer's memory of the keys it stored lately), and a
+transaction that fails stores nothing of any batch in it."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
 from correlator.ingest import fast_spans
-from correlator.ingest.batch import REQUEST_COLUMNS, ArrowRows, IngestBatch
+from correlator.ingest.batch import REQUEST_COLUMNS, STORED_REQUEST_COLUMNS, ArrowRows, IngestBatch, StoredRequests
 from correlator.ingest.otlp_spans import decode_spans
 from correlator.store import duckdb_store
 from correlator.store.duckdb_store import Store, StoreError
@@ -105,11 +106,17 @@ SPANS = [(0xA000 + i, 0xB000 + 7 * i, 0xC000 + 3 * i, i) for i in range(40)]
 def test_the_decoder_gives_an_arrow_table_of_the_stores_types_and_the_same_lists_to_whoever_reads_them() -> None:
     body = _body(SPANS)
     fast, ref = _fast(body), _reference(body)
-    assert isinstance(fast.requests, ArrowRows)
+    assert isinstance(fast.requests, StoredRequests)
     table = fast.requests.table
     assert table is not None and len(fast.requests) == 40 and fast.row_count() == 40
-    # what the store made of the lists before: the same schema and values, so the two can share a commit
-    assert table.equals(duckdb_store._arrow(ref.requests), check_metadata=True)
+    assert table.column_names == list(STORED_REQUEST_COLUMNS)
+    # already what the store makes of the lists (request_rows): the same schema and values, so the two can
+    # share a commit; ids as words, the request ids split, every latency derivable from the others flagged
+    ids = {"node-1": 7}
+    want = duckdb_store._stored_requests(duckdb_store._arrow(ref.requests), ids)
+    assert duckdb_store._stored_requests(table, ids).equals(want, check_metadata=True)
+    assert table["trace_text"].null_count == 40 and table["request_form"].null_count == 0
+    assert all(d & (2 | 4 | 8) == 2 | 4 | 8 for d in table["derived"].to_pylist())
     assert fast.requests.data == ref.requests.data
     assert fast.requests.table is None  # read as lists: the lists are the rows from now on
 
@@ -157,6 +164,58 @@ def test_a_re_sent_export_is_stored_once_and_only_its_new_spans_are_added(store:
     assert len(stored) == 18
     want = sorted(_rows(_reference(_body(SPANS[:15] + near))), key=repr)
     assert stored == want
+
+
+@needs_fast_path
+def test_new_spans_skip_the_probe_of_stored_keys_and_a_re_sent_export_is_still_stored_once(store: Store) -> None:
+    """The writer remembers the keys it stored lately: new spans are stored without asking DuckDB which keys
+    it has; a re-sent one is found in that memory and checked exactly."""
+    for k in range(4):
+        store.write(_fast(_body(SPANS[10 * k:10 * k + 10])))
+    assert store.stats.key_probes == 0
+    store.write(_fast(_body(SPANS[5:15])))  # retried: the probe, which finds them
+    assert store.stats.key_probes == 1
+    assert _stored(store) == sorted(_rows(_reference(_body(SPANS))), key=repr)
+
+
+@needs_fast_path
+@pytest.mark.parametrize("generation", [3, 1 << 17])
+def test_spans_stored_before_a_restart_or_forgotten_since_are_probed(tmp_path: Path, generation: int) -> None:
+    """What the writer does not remember (stored before it started, or dropped from its memory since) is
+    probed in DuckDB: a re-sent export of it is stored once."""
+    path = tmp_path / "s.duckdb"
+    s = Store(path, linger_s=0.0)
+    s._recent_keys = duckdb_store._RecentKeys(-2**63, generation=generation)
+    for k in range(4):
+        s.write(_fast(_body(SPANS[10 * k:10 * k + 10])))
+    forgotten = generation < 10
+    assert s._recent_keys.covered_from_ns > T0 if forgotten else s._recent_keys.covered_from_ns == -2**63
+    s.write(_fast(_body(SPANS[:10])))  # the oldest: forgotten with a small memory, found in a large one
+    assert s.stats.key_probes == 1 and len(_stored(s)) == 40
+    s.close()
+    s = Store(path, linger_s=0.0)
+    try:
+        s.write(_fast(_body([*SPANS[30:40], (0x77, 0x78, 0x79, 39)])))  # stored before the restart, and one new
+        s.write(_fast(_body([(0x77, 0x78, 0x7A, 41)])))  # after everything stored: nothing to probe
+        assert s.stats.key_probes == 1
+        want = [*SPANS, (0x77, 0x78, 0x79, 39), (0x77, 0x78, 0x7A, 41)]
+        assert _stored(s) == sorted(_rows(_reference(_body(want))), key=repr)
+    finally:
+        s.close()
+
+
+def test_a_rolled_back_transaction_leaves_no_keys_in_the_writers_memory() -> None:
+    keys = duckdb_store._RecentKeys(100)
+    h = np.array([1, 2, 3], dtype=np.uint64)
+    keys.stage(h, 500)
+    assert keys.none_stored(100, h)  # not committed yet
+    keys.rolled_back()
+    keys.committed()
+    assert keys.none_stored(100, h)
+    keys.stage(h, 500)
+    keys.committed()
+    assert not keys.none_stored(100, h[:1]) and keys.none_stored(100, np.array([4], dtype=np.uint64))
+    assert not keys.none_stored(99, np.array([4], dtype=np.uint64))  # before what it covers
 
 
 def test_a_re_sent_export_spanning_a_long_range_of_starts_is_stored_once(store: Store) -> None:

@@ -33,7 +33,20 @@ enum { I_START, I_END, I_PROMPT, I_OUTPUT, I_PID, NI };
 /* string columns: the first ND are deduplicated (an index per row into the column's distinct values), the
  * rest hold one entry per row */
 enum { S_NODE, S_SERVICE, S_MODEL, S_ENGINE, S_FINISH, S_CONTAINER, S_POD_UID, S_POD, S_NS, S_GPUS, ND,
-       S_TRACE = ND, S_SPAN, S_REQ, NS };
+       S_TRACE = ND, S_SPAN, S_REQ, S_SUFFIX, NS };
+/* The store's form of a request (Store.request_rows): ids of 16 and 8 bytes as 64-bit words (the others as
+ * their hex, in S_TRACE / S_SPAN); a request id that ends in 32 hex digits (form 1), a UUID (2) or has 32 hex
+ * digits before its last '-' (3) as prefix (S_REQ), two words and suffix (S_SUFFIX); a latency that equals its
+ * derivation bit for bit (or is missing with it) not given (NaN) but flagged in U_DERIVED. */
+enum { W_TRACE_HI, W_TRACE_LO, W_SPAN, W_REQ_HI, W_REQ_LO, NW };
+enum { U_TRACE_WORDS, U_SPAN_WORD, U_REQ_FORM, U_DERIVED, NU };
+#define REQ_TEXT 0  /* U_REQ_FORM: the id as text in S_REQ */
+#define REQ_NONE 255 /* no request id */
+/* the bits of U_DERIVED: store/schema.py's DERIVED_LATENCIES */
+#define D_TTFT 1
+#define D_TPOT 2
+#define D_E2E 4
+#define D_INFERENCE 8
 
 typedef struct {
     int64_t status;      /* FS_OK, FS_UNHANDLED, FS_NOMEM */
@@ -45,6 +58,8 @@ typedef struct {
     int32_t *sidx[NS];   /* deduplicated columns: index into the distinct values, -1: None; else NULL */
     blob_t blob[NS];     /* a deduplicated column's distinct entries; another's, an entry per row */
     int64_t snone[NS];   /* rows that are None (per-row columns: an empty entry) */
+    uint64_t *w[NW];     /* the stored form's words (0 where not used) */
+    uint8_t *u8[NU];     /* ... and its flags */
     /* private */
     strtab_t tabs[ND];
     arena_t res_arena;   /* strings this file makes (hex, decimal, joins) for the resource at hand */
@@ -268,6 +283,16 @@ static int grow_rows(fs_out *o) {
         if (!p) return 0;
         o->sidx[c] = p;
     }
+    for (int c = 0; c < NW; c++) {
+        uint64_t *p = realloc(o->w[c], (size_t)cap * sizeof *p);
+        if (!p) return 0;
+        o->w[c] = p;
+    }
+    for (int c = 0; c < NU; c++) {
+        uint8_t *p = realloc(o->u8[c], (size_t)cap * sizeof *p);
+        if (!p) return 0;
+        o->u8[c] = p;
+    }
     o->cap = cap;
     return 1;
 }
@@ -280,6 +305,77 @@ static int blob_hex(blob_t *b, const uint8_t *p, size_t n) {
     b->buf[b->len++] = 0;
     b->count++;
     return 1;
+}
+
+/* -- the stored form ---------------------------------------------------------------------------------- */
+static uint64_t be64(const uint8_t *p) {
+    uint64_t w = 0;
+    for (int i = 0; i < 8; i++) w = w << 8 | p[i];
+    return w;
+}
+
+/* a byte's value as a lower-case hex digit, -1: not one (fs_init fills it) */
+static int8_t HEXV[256];
+
+/* 32 lower-case hex digits as two words; 0 if some byte is not one */
+static int hex_words(const uint8_t *p, uint64_t *hi, uint64_t *lo) {
+    uint64_t a = 0, b = 0;
+    int bad = 0;
+    for (int i = 0; i < 16; i++) {
+        int v = HEXV[p[i]];
+        bad |= v;
+        a = a << 4 | (uint64_t)(v & 15);
+    }
+    for (int i = 16; i < 32; i++) {
+        int v = HEXV[p[i]];
+        bad |= v;
+        b = b << 4 | (uint64_t)(v & 15);
+    }
+    if (bad < 0) return 0;
+    *hi = a, *lo = b;
+    return 1;
+}
+
+/* Store._split_request_id of one id s[0:n]: its form (REQ_TEXT, or 1, 2, 3: see above), and for a form
+ * where its 32 digits (a UUID's 36 characters) begin, their words, and (form 3) where the suffix begins */
+static int request_form(const uint8_t *s, size_t n, size_t *at, size_t *suffix_at, uint64_t *hi, uint64_t *lo) {
+    uint8_t any = 0;
+    for (size_t i = 0; i < n; i++) any |= s[i];
+    if (any & 0x80) return REQ_TEXT; /* not ASCII */
+    if (n >= 32 && hex_words(s + n - 32, hi, lo)) {
+        *at = n - 32;
+        return 1;
+    }
+    if (n >= 36) {
+        const uint8_t *u = s + n - 36;
+        if (u[8] == '-' && u[13] == '-' && u[18] == '-' && u[23] == '-') {
+            uint8_t d[32];
+            memcpy(d, u, 8), memcpy(d + 8, u + 9, 4), memcpy(d + 12, u + 14, 4), memcpy(d + 16, u + 19, 4);
+            memcpy(d + 20, u + 24, 12);
+            if (hex_words(d, hi, lo)) {
+                *at = n - 36;
+                return 2;
+            }
+        }
+    }
+    if (n >= 34) {
+        size_t dash = n;
+        while (dash > 0 && s[dash - 1] != '-') dash--;
+        if (dash > 0 && dash - 1 >= 32 && hex_words(s + dash - 1 - 32, hi, lo)) { /* the last '-' at dash - 1 */
+            *at = dash - 1 - 32, *suffix_at = dash - 1;
+            return 3;
+        }
+    }
+    *hi = *lo = 0;
+    return REQ_TEXT;
+}
+
+/* Store._derive_latencies for one latency: whether value (NaN: missing) equals its derivation d (valid:
+ * derivable) bit for bit, or both are missing */
+static int derived_same(double value, double d, int valid) {
+    int ok = !isnan(value);
+    if (ok && valid) return value == d && signbit(value) == signbit(d);
+    return ok == valid;
 }
 
 /* the index of s in deduplicated column c (added if new): >= 0; -1 for None; -2 no memory; -3 a NUL */
@@ -492,9 +588,42 @@ static int do_span(fs_out *o, rd m, const res_t *res, int depth) {
         if (idx == -3) BAD();
         o->sidx[c][r] = (int32_t)idx;
     }
-    if (!blob_hex(&o->blob[S_TRACE], trace.p, (size_t)(trace.end - trace.p))) NOMEM();
-    if (!blob_hex(&o->blob[S_SPAN], span_id.p, (size_t)(span_id.end - span_id.p))) NOMEM();
-    int b = blob_put(&o->blob[S_REQ], req.p ? req.p : (const uint8_t *)"", req.p ? req.n : 0);
+    /* the stored form */
+    uint8_t derived = 0;
+    {
+        double v_ttft = o->f[F_TTFT][r], v_tpot = o->f[F_TPOT][r], v_e2e = o->f[F_E2E][r];
+        double v_queue = o->f[F_QUEUE][r], v_prefill = o->f[F_PREFILL][r], v_decode = o->f[F_DECODE][r];
+        double v_inf = o->f[F_INFERENCE][r];
+        int q_ok = !isnan(v_queue), p_ok = !isnan(v_prefill), d_ok = !isnan(v_decode);
+        int64_t out = o->iv[I_OUTPUT][r];
+        int64_t st = o->iv[I_START][r], en = o->iv[I_END][r];
+        int e2e_ok = st > 0 && en >= st;
+        if (derived_same(v_ttft, v_queue + v_prefill, q_ok && p_ok)) derived |= D_TTFT;
+        if (derived_same(v_tpot, out >= 2 ? v_decode / (double)(out - 1) : 0.0, d_ok && out >= 2)) derived |= D_TPOT;
+        if (derived_same(v_e2e, e2e_ok ? (double)(en - st) / 1e9 : 0.0, e2e_ok)) derived |= D_E2E;
+        if (derived_same(v_inf, v_prefill + v_decode, p_ok && d_ok)) derived |= D_INFERENCE;
+    }
+    o->u8[U_DERIVED][r] = derived;
+    size_t trace_n = (size_t)(trace.end - trace.p), span_n = (size_t)(span_id.end - span_id.p);
+    o->u8[U_TRACE_WORDS][r] = trace_n == 16;
+    o->w[W_TRACE_HI][r] = trace_n == 16 ? be64(trace.p) : 0;
+    o->w[W_TRACE_LO][r] = trace_n == 16 ? be64(trace.p + 8) : 0;
+    o->u8[U_SPAN_WORD][r] = span_n == 8;
+    o->w[W_SPAN][r] = span_n == 8 ? be64(span_id.p) : 0;
+    if (!blob_hex(&o->blob[S_TRACE], trace.p, trace_n == 16 ? 0 : trace_n)) NOMEM();
+    if (!blob_hex(&o->blob[S_SPAN], span_id.p, span_n == 8 ? 0 : span_n)) NOMEM();
+    size_t at = 0, suffix_at = 0;
+    uint64_t hi = 0, lo = 0;
+    int form = req.p ? request_form(req.p, req.n, &at, &suffix_at, &hi, &lo) : REQ_NONE;
+    o->u8[U_REQ_FORM][r] = (uint8_t)form;
+    o->w[W_REQ_HI][r] = hi;
+    o->w[W_REQ_LO][r] = lo;
+    int b = blob_put(&o->blob[S_REQ], req.p ? req.p : (const uint8_t *)"",
+                     form == REQ_NONE ? 0 : form == REQ_TEXT ? req.n : at);
+    if (b == 0) NOMEM();
+    if (b < 0) BAD();
+    b = blob_put(&o->blob[S_SUFFIX], form == 3 ? req.p + suffix_at : (const uint8_t *)"",
+                 form == 3 ? req.n - suffix_at : 0);
     if (b == 0) NOMEM();
     if (b < 0) BAD();
     if (!req.p) o->snone[S_REQ]++;
@@ -540,13 +669,16 @@ static int do_resource_spans(void *ctx, rd m) {
 }
 
 /* -- the interface ---------------------------------------------------------------------------------- */
-#define FS_ABI 3 /* fast_spans.py's _ABI: the public head of fs_out, and the functions */
+#define FS_ABI 4 /* fast_spans.py's _ABI: the public head of fs_out, and the functions */
 
 int fs_abi(void) { return FS_ABI; }
 
 /* Once, before any fs_decode (which may then run in several threads at once: it keeps no state). */
 void fs_init(void) {
-    if (!keylen_ready) keylen_ready = keyset_init(&SPAN_KEYS, KEYS, K_COUNT);
+    if (keylen_ready) return;
+    for (int c = 0; c < 256; c++)
+        HEXV[c] = (int8_t)(c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1);
+    keylen_ready = keyset_init(&SPAN_KEYS, KEYS, K_COUNT);
 }
 
 void fs_free(fs_out *o) {
@@ -557,6 +689,8 @@ void fs_free(fs_out *o) {
         free(o->sidx[c]);
         free(o->blob[c].buf);
     }
+    for (int c = 0; c < NW; c++) free(o->w[c]);
+    for (int c = 0; c < NU; c++) free(o->u8[c]);
     for (int c = 0; c < ND; c++) free(o->tabs[c].tab);
     free(o->res_arena.buf);
     free(o->span_arena.buf);

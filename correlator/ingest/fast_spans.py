@@ -4,9 +4,11 @@ message or a dict per span.
 
 ``_fastspans.c`` (compiled at install time, loaded here with ctypes) reads the wire format and applies
 decode_spans' rules (``_f``, ``_i``, ``_s``, ``node_of``, ``is_request_span``, the derivations and the
-start repair, in the same double arithmetic) into column buffers; this module turns them into the batch's
-request rows as one Arrow table (``ArrowRows``: the store takes it as it is, without a Python object per
-value; whoever reads ``data`` gets the same lists as decode_spans'). Whatever the C does not handle
+start repair, in the same double arithmetic) into column buffers, already in the store's form (ids as
+64-bit words, request ids split, latencies that equal their derivation flagged: what the store's
+``request_rows`` makes of decode_spans' rows); this module turns them into one Arrow table
+(``StoredRequests``: the store writes it as it is, without a Python object per value or a second pass;
+whoever reads ``data`` gets the same lists as decode_spans'). Whatever the C does not handle
 exactly (malformed or unusual wire data, a value that needs Python to convert, ...) it declines, and
 :func:`decode` returns None: the caller then takes the reference path (upb parse + decode_spans) with the
 same bytes, which also gives the same error for a bad body.
@@ -24,16 +26,21 @@ import numpy as np
 import pyarrow as pa
 
 from correlator.ingest import compiled
-from correlator.ingest.batch import REQUEST_COLUMNS, ArrowRows, IngestBatch
+from correlator.ingest.batch import STORED_REQUEST_COLUMNS, IngestBatch, StoredRequests
+from correlator.store.schema import DERIVED_LATENCIES
 
-_ABI = 3  # _fastspans.c's FS_ABI: the struct's layout and the functions
+_ABI = 4  # _fastspans.c's FS_ABI: the struct's layout and the functions
 # the C file's column order (enums F_*, I_*, S_*)
 FLOAT_COLUMNS = ("ttft_s", "tpot_s", "e2e_s", "queue_s", "prefill_s", "decode_s", "inference_s")
 INT_COLUMNS = ("start_ns", "end_ns", "prompt_tokens", "output_tokens", "pid")
 DEDUP_COLUMNS = ("node", "service", "model", "engine", "finish_reason", "container_id", "pod_uid", "pod",
                  "namespace", "gpu_uuids")
-ROW_COLUMNS = ("trace_id", "span_id", "request_id")
+ROW_COLUMNS = ("trace_text", "span_text", "request_text", "request_suffix")
+WORD_COLUMNS = ("trace_hi", "trace_lo", "span_bin", "request_hi", "request_lo")  # W_*
+_U_TRACE_WORDS, _U_SPAN_WORD, _U_REQ_FORM, _U_DERIVED = range(4)  # U_*
+_REQ_TEXT, _REQ_NONE = 0, 255
 _NF, _NI, _NS = len(FLOAT_COLUMNS), len(INT_COLUMNS), len(DEDUP_COLUMNS) + len(ROW_COLUMNS)
+_NW, _NU = len(WORD_COLUMNS), 4
 _NULLABLE_INTS = frozenset({"prompt_tokens", "output_tokens", "pid"})
 
 
@@ -42,7 +49,8 @@ class _Out(ctypes.Structure):
 
     _fields_ = [("status", ctypes.c_int64), ("n", ctypes.c_int64), ("ignored", ctypes.c_int64),
                 ("cap", ctypes.c_int64), ("f", ctypes.c_void_p * _NF), ("iv", ctypes.c_void_p * _NI),
-                ("sidx", ctypes.c_void_p * _NS), ("blob", compiled.Blob * _NS), ("snone", ctypes.c_int64 * _NS)]
+                ("sidx", ctypes.c_void_p * _NS), ("blob", compiled.Blob * _NS), ("snone", ctypes.c_int64 * _NS),
+                ("w", ctypes.c_void_p * _NW), ("u8", ctypes.c_void_p * _NU)]
 
 
 def library_path() -> Path | None:
@@ -97,9 +105,11 @@ def _entries(o: _Out, c: int) -> list[str]:
 _INT32_MAX = 2**31 - 1
 
 
-def _row_strings(o: _Out, c: int, n: int) -> pa.Array:
+def _row_strings(o: _Out, c: int, n: int, valid: np.ndarray[Any, Any]) -> pa.Array:
     """A per-row string column (one entry per row, each followed by a NUL; none contains one) as an Arrow
-    string array without the NULs; an empty entry is None when the C counted Nones."""
+    string array without the NULs; None where not ``valid`` (the C's entry is empty there)."""
+    if not valid.any():
+        return pa.nulls(n, pa.string())
     size = int(o.blob[c].len)
     if size >= _INT32_MAX:  # pragma: no cover - over any body's limit
         raise ValueError("row strings over 2 GiB")
@@ -111,9 +121,7 @@ def _row_strings(o: _Out, c: int, n: int) -> pa.Array:
     offsets = np.empty(n + 1, dtype=np.int32)
     offsets[0] = 0
     offsets[1:] = ends - np.arange(n, dtype=np.int32)  # each entry's end, less the NULs before it
-    validity = None
-    if o.snone[c]:  # an empty entry: None (decode_spans' _s never gives "")
-        validity = pa.py_buffer(np.packbits(offsets[1:] > offsets[:-1], bitorder="little"))
+    validity = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
     data = blob[~nul]  # a copy: the C frees its own
     return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data), validity)
 
@@ -148,16 +156,27 @@ def _dedup_strings(values: list[str], idx: np.ndarray[Any, Any]) -> pa.Array:
                                        validity)
 
 
+def _words(o: _Out, c: int, n: int, valid: np.ndarray[Any, Any]) -> pa.Array:
+    a = np.array(_array(o.w[c], ctypes.c_uint64, np.uint64, n))  # a copy: the C frees its own
+    return pa.array(a, pa.uint64(), mask=None if valid.all() else ~valid)
+
+
 def _batch(o: _Out) -> IngestBatch:
+    """The C's columns as one table in the store's form (``StoredRequests``)."""
     batch = IngestBatch()
     batch.ignored = int(o.ignored)
     n = int(o.n)
     if n == 0:
         return batch
-    cols: dict[str, pa.Array] = {}
+    flags = [np.array(_array(o.u8[k], ctypes.c_uint8, np.uint8, n)) for k in range(_NU)]
+    derived, form = flags[_U_DERIVED], flags[_U_REQ_FORM]
+    cols: dict[str, pa.Array] = {"derived": pa.array(derived, pa.uint8())}
     for k, name in enumerate(FLOAT_COLUMNS):
-        a = np.array(_array(o.f[k], ctypes.c_double, np.float64, n))  # a copy: the C frees its own
+        a = np.array(_array(o.f[k], ctypes.c_double, np.float64, n))
         missing = np.isnan(a)  # None: no value of these columns is ever NaN
+        bit = DERIVED_LATENCIES.get(name)
+        if bit is not None:
+            missing |= (derived & bit) != 0  # equal to its derivation: not stored
         cols[name] = pa.array(a, pa.float64(), mask=missing if missing.any() else None)
     for k, name in enumerate(INT_COLUMNS):
         a = np.array(_array(o.iv[k], ctypes.c_int64, np.int64, n))
@@ -170,7 +189,16 @@ def _batch(o: _Out) -> IngestBatch:
         cols[name] = pa.array(a.astype(np.int32), pa.int32(), mask=missing if missing.any() else None)
     for c, name in enumerate(DEDUP_COLUMNS):
         cols[name] = _dedup_strings(_entries(o, c), _array(o.sidx[c], ctypes.c_int32, np.int32, n))
+    trace_words, span_word = flags[_U_TRACE_WORDS] != 0, flags[_U_SPAN_WORD] != 0
+    has_words = (form != _REQ_TEXT) & (form != _REQ_NONE)
+    valid = {"trace_text": ~trace_words, "span_text": ~span_word, "request_text": form != _REQ_NONE,
+             "request_suffix": form == 3}
     for j, name in enumerate(ROW_COLUMNS):
-        cols[name] = _row_strings(o, len(DEDUP_COLUMNS) + j, n)
-    batch.requests = ArrowRows(REQUEST_COLUMNS, pa.table({c: cols[c] for c in REQUEST_COLUMNS}))
+        cols[name] = _row_strings(o, len(DEDUP_COLUMNS) + j, n, valid[name])
+    for k, (name, ok) in enumerate(zip(WORD_COLUMNS, (trace_words, trace_words, span_word, has_words, has_words),
+                                       strict=True)):
+        cols[name] = _words(o, k, n, ok)
+    cols["request_form"] = pa.array(np.where(form == 2, 2, 1).astype(np.uint8), pa.uint8(),
+                                    mask=None if has_words.all() else ~has_words)
+    batch.requests = StoredRequests(pa.table({c: cols[c] for c in STORED_REQUEST_COLUMNS}))
     return batch

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from collector.signals import CLOCK_EVENT_REASONS
-from correlator.ingest.batch import REQUEST_COLUMNS, ArrowRows, IngestBatch, Rows
+from correlator.ingest.batch import REQUEST_COLUMNS, STORED_REQUEST_COLUMNS, ArrowRows, IngestBatch, Rows
 from correlator.store import request_rollups, rollups
 from correlator.store.schema import DDL, DERIVED_LATENCIES, READ_AS, SCHEMA_VERSION, TIMED_TABLES
 
@@ -52,6 +52,14 @@ REQUEST_ROW_COLUMNS = (
     "request_hi", "request_lo", "request_form", "trace_text", "span_text", "request_text", "request_suffix", "derived",
     "ttft_s", "tpot_s", "e2e_s", "queue_s", "prefill_s", "decode_s", "inference_s", "prompt_tokens",
     "output_tokens", "finish_reason", "pid", "container_id", "pod_uid", "pod", "namespace", "gpu_uuids")
+
+# the Arrow types of request_rows' columns (the DDL's); the others are strings
+_REQUEST_ROW_TYPES: dict[str, pa.DataType] = {
+    "start_ns": pa.int64(), "end_ns": pa.int64(), "node_id": pa.int32(), "prompt_tokens": pa.int32(),
+    "output_tokens": pa.int32(), "pid": pa.int32(), "request_form": pa.uint8(), "derived": pa.uint8(),
+    **{c: pa.uint64() for c in ("trace_hi", "trace_lo", "span_bin", "request_hi", "request_lo")},
+    **{c: pa.float64() for c in DERIVED_LATENCIES.keys() | {"queue_s", "prefill_s", "decode_s"}}}
+_REQUEST_ROW_SCHEMA = pa.schema([(c, _REQUEST_ROW_TYPES.get(c, pa.string())) for c in REQUEST_ROW_COLUMNS])
 
 
 def _valid(a: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -290,6 +298,48 @@ def _stored_already(words: tuple[np.ndarray, np.ndarray, np.ndarray], stored: di
     return out
 
 
+class _RecentKeys:
+    """The (trace, span) keys of the requests this writer stored lately, as their hashes (:func:`_key_hash`): what
+    lets a batch of new spans skip the probe of the stored keys. Every stored request with a numeric key and a
+    start at or after ``covered_from_ns`` has its hash here (at first: those that start after every stored
+    one, i.e. none); a batch whose starts are all in that range and none of whose hashes is here has none of
+    its keys stored. A hash that is here (a re-sent span; in theory another key's hash) only sends the batch to
+    the exact probe. Two generations of at most ``generation`` hashes; dropping the older one moves
+    ``covered_from_ns`` past its starts. Hashes join only once their transaction has committed."""
+
+    def __init__(self, covered_from_ns: int, generation: int = 1 << 17) -> None:
+        self.covered_from_ns = covered_from_ns
+        self._generation = generation
+        self._new: set[int] = set()
+        self._old: set[int] = set()
+        self._new_newest_ns = self._old_newest_ns = covered_from_ns
+        self._staged: list[tuple[list[int], int]] = []
+
+    def none_stored(self, oldest_start_ns: int, hashes: np.ndarray) -> bool:
+        if oldest_start_ns < self.covered_from_ns:
+            return False
+        h = hashes.tolist()
+        return self._new.isdisjoint(h) and self._old.isdisjoint(h)
+
+    def stage(self, hashes: np.ndarray, newest_start_ns: int) -> None:
+        """Hashes of requests stored by the transaction under way (with the newest start among them)."""
+        self._staged.append((hashes.tolist(), newest_start_ns))
+
+    def committed(self) -> None:
+        for h, newest in self._staged:
+            self._new.update(h)
+            self._new_newest_ns = max(self._new_newest_ns, newest)
+            if len(self._new) >= self._generation:
+                # the older generation goes, and with it the starts up to its newest
+                self.covered_from_ns = max(self.covered_from_ns, self._old_newest_ns + 1)
+                self._old, self._old_newest_ns = self._new, self._new_newest_ns
+                self._new = set()
+        self._staged.clear()
+
+    def rolled_back(self) -> None:
+        self._staged.clear()
+
+
 def request_rows(t: pa.Table) -> pa.Table:
     """Rows with the columns of the view ``requests`` (hex ids as text, every latency, ``node_id``) as
     ``request_rows`` stores them, in REQUEST_ROW_COLUMNS order: the view gives back exactly ``t``.
@@ -306,6 +356,19 @@ def request_rows(t: pa.Table) -> pa.Table:
     return pa.table({c: cols[c] for c in REQUEST_ROW_COLUMNS})
 
 
+def _stored_requests(t: pa.Table, node_ids: dict[str, int]) -> pa.Table:
+    """Requests of a group commit as request_rows stores them: a compiled decoder's, in that form already
+    (STORED_REQUEST_COLUMNS), with their node's id for its name; rows of REQUEST_COLUMNS through request_rows."""
+    node_id = _to_ids(_encoded(t["node"]), node_ids, pa.int32())
+    if tuple(t.column_names) == STORED_REQUEST_COLUMNS:
+        t = t.set_column(t.schema.get_field_index("node"), "node_id", node_id)
+    else:
+        cols: dict[str, Any] = {c: t[c] for c in REQUEST_COLUMNS if c != "node"}
+        cols["node_id"] = node_id
+        t = request_rows(pa.table(cols))
+    return t if t.schema == _REQUEST_ROW_SCHEMA else t.cast(_REQUEST_ROW_SCHEMA)
+
+
 class StoreError(Exception):
     pass
 
@@ -320,6 +383,7 @@ class WriterStats:
     late_rollups: int = 0  # transactions that summarised minutes again for samples that came late
     request_hours_rolled_up: int = 0
     late_request_rollups: int = 0  # transactions that summarised hours again for requests that came late
+    key_probes: int = 0  # request batches checked against the stored (trace, span) keys in DuckDB
 
 
 def _arrow(rows: Rows) -> pa.Table:
@@ -557,6 +621,7 @@ class Store:
         # the request summaries of long windows: complete before ``_requests_rolled_until``; the newest start
         self._requests_rolled_until: int | None = None
         self._newest_request_ns: int | None = None
+        self._recent_keys = _RecentKeys(-2**63)  # an empty store: every start covered
         self._write_lock = threading.Lock()  # the writer thread's, and a caller's of catch_up_rollups
         if not read_only:
             self._load_ids()
@@ -567,6 +632,8 @@ class Store:
             self._requests_rolled_until = request_rollups.watermark(self._con)
             row = self._con.execute("SELECT max(start_ns) FROM request_rows").fetchall()
             self._newest_request_ns = row[0][0] if row and row[0][0] is not None else None
+            if self._newest_request_ns is not None:  # nothing starts after it: that much is known at once
+                self._recent_keys = _RecentKeys(self._newest_request_ns + 1)
             self._thread = threading.Thread(target=self._run, name="stacklens-store-writer", daemon=True)
             self._thread.start()
 
@@ -677,9 +744,11 @@ class Store:
             cur.execute("BEGIN TRANSACTION")
             self._insert(cur, parts)
             cur.execute("COMMIT")
+            self._recent_keys.committed()
         except Exception as e:
             with contextlib.suppress(duckdb.Error):
                 cur.execute("ROLLBACK")
+            self._recent_keys.rolled_back()
             self._ids, self._last_mask, self._last_xid = ids_before, mask_before, xid_before
             self._gpu_info = info_before
             self._newest_ns = newest_before
@@ -1024,13 +1093,11 @@ class Store:
                 for p in ps["placements"]])
             self._append(cur, "placements", placements)
             self._summarise_late(cur, "placements", placements)
-        req = [_arrow(x) if isinstance(x, Rows) else x for x in parts.get("requests", [])]
+        req = [_stored_requests(_arrow(x) if isinstance(x, Rows) else x, node_ids)
+               for x in parts.get("requests", [])]
         req = [t for t in req if t.num_rows]
         if req:
-            t = pa.concat_tables(req).combine_chunks() if len(req) > 1 else req[0]
-            cols: dict[str, Any] = {c: t[c] for c in REQUEST_COLUMNS if c != "node"}
-            cols["node_id"] = _to_ids(_encoded(t["node"]), node_ids, pa.int32())
-            table = request_rows(pa.table(cols))
+            table = pa.concat_tables(req).combine_chunks() if len(req) > 1 else req[0]
             # a client that retries an export it did not see acknowledged sends the same spans again: a request
             # whose (trace, span) is stored already with a start in the batch's range is not stored twice (one
             # without either id is)
@@ -1045,8 +1112,15 @@ class Store:
                 if repeated is not None:
                     table = table.filter(pa.array(~repeated))
                     words = _key_words(table)
-            if numeric and hi - lo <= _PROBE_IN_PYTHON_NS:
+                hashes = _key_hash(*words)
+            if numeric and self._recent_keys.none_stored(lo, hashes):
+                # none of these keys among the recent ones, which are all there are at these starts: nothing
+                # to probe
+                self._append_requests(cur, table)
+                self._recent_keys.stage(hashes, hi)
+            elif numeric and hi - lo <= _PROBE_IN_PYTHON_NS:
                 # a few seconds or minutes of starts: the stored keys of that range are probed here
+                self.stats.key_probes += 1
                 stored = cur.execute(
                     "SELECT trace_hi, trace_lo, span_bin FROM request_rows WHERE start_ns BETWEEN"
                     f" {lo} AND {hi} AND trace_hi IS NOT NULL AND trace_lo IS NOT NULL AND span_bin IS NOT NULL"
@@ -1055,10 +1129,13 @@ class Store:
                     keep = ~_stored_already(words, stored)
                     if not keep.all():
                         table = table.filter(pa.array(keep))
+                        hashes = hashes[keep]
                 self._append_requests(cur, table)
+                self._recent_keys.stage(hashes, hi)
             else:
                 # ids as text or missing, or a batch over a long span of starts (a buffered export of old spans
                 # with new ones: many stored keys in its range): the anti-join in DuckDB
+                self.stats.key_probes += 1
                 cur.register("_batch_requests", table)
                 try:
                     names = ", ".join(REQUEST_ROW_COLUMNS)
@@ -1073,6 +1150,10 @@ class Store:
                         " AND r.span_text IS NOT DISTINCT FROM b.span_text)")
                 finally:
                     cur.unregister("_batch_requests")
+                # every key of the batch is stored now (those not inserted were there already)
+                keyed = _valid(table["trace_hi"]) & _valid(table["span_bin"])
+                if keyed.any():
+                    self._recent_keys.stage(_key_hash(*_key_words(table.filter(pa.array(keyed)))), hi)
             self._summarise_late_requests(cur, table["start_ns"])
 
     def _append_requests(self, cur: duckdb.DuckDBPyConnection, table: pa.Table) -> None:
