@@ -37,8 +37,18 @@ from collector.records import NodeSnapshot
 from collector.signals import ENGINE_SIGNALS, SIGNALS
 from collector.simulated import SimulatedGpuSource
 from correlator.ingest.batch import IngestBatch
-from correlator.ingest.payload import Limits, PayloadError, Signal, decode, decode_message, inflate
+from correlator.ingest.payload import (
+    INLINE_DECODE_BYTES,
+    Limits,
+    PayloadError,
+    Signal,
+    decode,
+    decode_inline,
+    decode_message,
+    inflate,
+)
 from correlator.store.duckdb_store import Store, _arrow
+from tests.otlp_wire import assert_same_batch
 
 FUZZ = settings(derandomize=True, deadline=None, database=None, max_examples=1000,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -394,6 +404,29 @@ def test_whatever_decodes_is_committed_by_the_store(store: Store, traces: Export
     batch.extend(decode_message("traces", traces))
     batch.extend(decode_message("metrics", metrics))
     store.write(batch)  # raises StoreError if one row broke the transaction
+
+
+# -- 4b. which bodies are decoded where they arrive ------------------------------------------------------
+def test_plain_protobuf_bodies_a_compiled_decoder_takes_are_decoded_inline_and_only_those() -> None:
+    """The HTTP receiver decodes a plain protobuf body of at most INLINE_DECODE_BYTES on its event loop when a
+    compiled decoder takes it (the same rows as decode); everything else goes to decode on a worker thread,
+    which answers errors as before."""
+    from correlator.ingest import fast_metrics, fast_spans
+
+    for signal, body in CORPUS:
+        got = decode_inline(signal, body, PB)
+        fast = fast_spans.available() if signal == "traces" else fast_metrics.available()
+        assert (got is not None) == (fast and (fast_spans.decode(body) if signal == "traces"
+                                               else fast_metrics.decode(body)) is not None)
+        if got is not None:
+            assert_same_batch(got, decode(signal, body, PB))
+        assert (decode_inline(signal, body, "application/protobuf; charset=x") is None) == (got is None)
+        assert decode_inline(signal, gzip.compress(body), PB, "gzip") is None
+        assert decode_inline(signal, body, JS) is None
+    assert decode_inline("traces", b"\xff\xff\xff\xff", PB) is None  # declined: decode gives the 400
+    body = next(body for signal, body in CORPUS if signal == "traces")
+    big = body + b"\x0a\x00" * ((INLINE_DECODE_BYTES - len(body)) // 2 + 1)  # and empty ResourceSpans after it
+    assert fast_spans.decode(big) is not None and decode_inline("traces", big, PB) is None  # over the size
 
 
 # -- 5. compression bombs -----------------------------------------------------------------------------

@@ -146,6 +146,22 @@ def decode(signal: Signal, body: bytes, content_type: str, content_encoding: str
     return decode_message(signal, parse_message(signal, raw, fmt))
 
 
+# a body up to this size that a compiled decoder takes is decoded where it arrives (the event loop): ~1 ms of
+# work for a 300 KB export, cheaper than the hand-off to a thread and back and the GIL's contention
+INLINE_DECODE_BYTES = 1 << 20
+
+
+def decode_inline(signal: Signal, body: bytes, content_type: str, content_encoding: str = "") -> IngestBatch | None:
+    """The rows of a plain (not compressed) protobuf body of at most INLINE_DECODE_BYTES that a compiled decoder
+    takes, or None: then :func:`decode` (on a worker thread) decides, errors included."""
+    if content_encoding or len(body) > INLINE_DECODE_BYTES:
+        return None
+    if content_type.split(";", maxsplit=1)[0].strip().lower() not in ("application/x-protobuf",
+                                                                      "application/protobuf"):
+        return None
+    return fast_spans.decode(body) if signal == "traces" else fast_metrics.decode(body)
+
+
 def decode_protobuf(signal: Signal, raw: bytes) -> IngestBatch:
     """One serialized (inflated) OTLP protobuf message → normalised rows, or a PayloadError. Spans and metrics
     take the compiled fast paths (fast_spans, fast_metrics) where they apply: the same rows as the reference

@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from correlator.ingest.batch import IngestBatch
-from correlator.ingest.payload import DEFAULT_LIMITS, Limits, PayloadError, Signal, decode
+from correlator.ingest.payload import DEFAULT_LIMITS, Limits, PayloadError, Signal, decode, decode_inline
 from correlator.store.duckdb_store import StoreError
 
 log = logging.getLogger("stacklens.otlp_http")
@@ -94,9 +94,10 @@ def otlp_routes(sink: BatchSink, limits: Limits, stats: IngestStats, token: str 
                     status = 401
                     return _error(401, "missing or wrong bearer token", json_body)
                 body = await asyncio.wait_for(_read_body(request, limits.max_body_bytes), timeout_s)
-                batch = await run_in_threadpool(
-                    decode, signal, body, request.headers.get("content-type", ""),
-                    request.headers.get("content-encoding", ""), limits)
+                ctype, cenc = request.headers.get("content-type", ""), request.headers.get("content-encoding", "")
+                batch = decode_inline(signal, body, ctype, cenc) if len(body) <= limits.max_body_bytes else None
+                if batch is None:  # JSON, gzip, a large body, or one the compiled decoders decline
+                    batch = await run_in_threadpool(decode, signal, body, ctype, cenc, limits)
                 await asyncio.wait_for(sink.put(batch), timeout_s)
                 stats.accepted_requests += 1
                 stats.rows += batch.row_count()

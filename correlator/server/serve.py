@@ -200,7 +200,7 @@ class Correlator:
         for t in self._http:
             t.stop()
         if self._grpc is not None:
-            self._grpc.stop(grace=5).wait(10)
+            self._grpc.stop(grace_s=5)
         if self.store is not None:
             self.store.close()
         with contextlib.suppress(FileNotFoundError):
