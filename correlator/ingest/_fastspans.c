@@ -266,33 +266,21 @@ static int node_of(arena_t *o, const attrs_t *a, sref *out) {
 }
 
 /* -- output columns -------------------------------------------------------------------------------- */
+/* each column of arr[0:count] to cap rows; 0 without memory */
+#define GROW(arr, count)                                                    \
+    for (int c_ = 0; c_ < (count); c_++) {                                  \
+        void *p_ = realloc((arr)[c_], (size_t)cap * sizeof *(arr)[c_]);     \
+        if (!p_) return 0;                                                  \
+        (arr)[c_] = p_;                                                     \
+    }
+
 static int grow_rows(fs_out *o) {
     int64_t cap = o->cap ? 2 * o->cap : 256;
-    for (int c = 0; c < NF; c++) {
-        double *p = realloc(o->f[c], (size_t)cap * sizeof *p);
-        if (!p) return 0;
-        o->f[c] = p;
-    }
-    for (int c = 0; c < NI; c++) {
-        int64_t *p = realloc(o->iv[c], (size_t)cap * sizeof *p);
-        if (!p) return 0;
-        o->iv[c] = p;
-    }
-    for (int c = 0; c < ND; c++) {
-        int32_t *p = realloc(o->sidx[c], (size_t)cap * sizeof *p);
-        if (!p) return 0;
-        o->sidx[c] = p;
-    }
-    for (int c = 0; c < NW; c++) {
-        uint64_t *p = realloc(o->w[c], (size_t)cap * sizeof *p);
-        if (!p) return 0;
-        o->w[c] = p;
-    }
-    for (int c = 0; c < NU; c++) {
-        uint8_t *p = realloc(o->u8[c], (size_t)cap * sizeof *p);
-        if (!p) return 0;
-        o->u8[c] = p;
-    }
+    GROW(o->f, NF)
+    GROW(o->iv, NI)
+    GROW(o->sidx, ND)
+    GROW(o->w, NW)
+    GROW(o->u8, NU)
     o->cap = cap;
     return 1;
 }

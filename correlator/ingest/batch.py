@@ -67,11 +67,20 @@ class ArrowRows(Rows):
     __slots__ = ("_table",)
 
     def __init__(self, columns: tuple[str, ...], table: pa.Table) -> None:
-        if tuple(table.column_names) != columns:
-            raise ValueError(f"table columns {table.column_names} are not {columns}")
+        want = self._table_columns(columns)
+        if tuple(table.column_names) != want:
+            raise ValueError(f"table columns {table.column_names} are not {want}")
         self.columns = columns
         self._table: pa.Table | None = table
         _DATA_SLOT.__set__(self, None)
+
+    def _table_columns(self, columns: tuple[str, ...]) -> tuple[str, ...]:
+        """The table's columns for rows of ``columns``: the same ones."""
+        return columns
+
+    def _lists(self, table: pa.Table) -> dict[str, list[object]]:
+        """The rows of ``table`` as lists of ``columns``."""
+        return {c: table.column(c).to_pylist() for c in self.columns}
 
     @property
     def table(self) -> pa.Table | None:
@@ -84,7 +93,7 @@ class ArrowRows(Rows):
         if d is None:
             t = self._table
             assert t is not None
-            d = {c: t.column(c).to_pylist() for c in self.columns}
+            d = self._lists(t)
             _DATA_SLOT.__set__(self, d)
             self._table = None
         return d
@@ -122,27 +131,13 @@ class StoredRequests(ArrowRows):
     __slots__ = ()
 
     def __init__(self, table: pa.Table) -> None:
-        if tuple(table.column_names) != STORED_REQUEST_COLUMNS:
-            raise ValueError(f"table columns {table.column_names} are not {STORED_REQUEST_COLUMNS}")
-        self.columns = REQUEST_COLUMNS
-        self._table = table
-        _DATA_SLOT.__set__(self, None)
+        super().__init__(REQUEST_COLUMNS, table)
 
-    @property
-    def data(self) -> dict[str, list[object]]:
-        d: dict[str, list[object]] | None = _DATA_SLOT.__get__(self)
-        if d is None:
-            t = self._table
-            assert t is not None
-            d = requests_of_stored(t)
-            _DATA_SLOT.__set__(self, d)
-            self._table = None
-        return d
+    def _table_columns(self, columns: tuple[str, ...]) -> tuple[str, ...]:
+        return STORED_REQUEST_COLUMNS
 
-    @data.setter
-    def data(self, value: dict[str, list[object]]) -> None:
-        _DATA_SLOT.__set__(self, value)
-        self._table = None
+    def _lists(self, table: pa.Table) -> dict[str, list[object]]:
+        return requests_of_stored(table)
 
 
 def requests_of_stored(t: pa.Table) -> dict[str, list[object]]:
