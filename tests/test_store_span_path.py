@@ -204,6 +204,17 @@ def test_spans_stored_before_a_restart_or_forgotten_since_are_probed(tmp_path: P
         s.close()
 
 
+@needs_fast_path
+def test_a_future_its_submitter_cancelled_does_not_stop_the_writer(store: Store) -> None:
+    """A receiver that stops waiting (its timeout) cancels the future it awaited; the writer then commits the
+    batch all the same and goes on with the next ones instead of dying of a future it cannot resolve."""
+    with store._write_lock:  # the writer cannot commit until the future is cancelled
+        given_up = store.submit(_fast(_body(SPANS[:10])))
+        assert given_up.cancel()
+    store.write(_fast(_body(SPANS[10:20])))  # would time out with the writer thread gone
+    assert _stored(store) == sorted(_rows(_reference(_body(SPANS[:20]))), key=repr)
+
+
 def test_a_rolled_back_transaction_leaves_no_keys_in_the_writers_memory() -> None:
     keys = duckdb_store._RecentKeys(100)
     h = np.array([1, 2, 3], dtype=np.uint64)

@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -371,6 +371,16 @@ def _stored_requests(t: pa.Table, node_ids: dict[str, int]) -> pa.Table:
 
 class StoreError(Exception):
     pass
+
+
+def _settle(f: Future[None], error: BaseException | None = None) -> None:
+    """Resolve a submitter's future; one it cancelled meanwhile (a receiver that gave up waiting: the client
+    retries, and the retry is stored once) is left as it is, rather than the writer thread dying of it."""
+    with contextlib.suppress(InvalidStateError):
+        if error is None:
+            f.set_result(None)
+        else:
+            f.set_exception(error)
 
 
 @dataclass(slots=True)
@@ -756,7 +766,7 @@ class Store:
             self.stats.failed_transactions += 1
             log.error("store: transaction of %d rows failed: %s", n_rows, e)
             for _, f in taken:
-                f.set_exception(StoreError(f"store write failed: {e}"))
+                _settle(f, StoreError(f"store write failed: {e}"))
             return
         finally:
             cur.close()
@@ -764,7 +774,7 @@ class Store:
         self.stats.batches += len(taken)
         self.stats.rows += n_rows
         for _, f in taken:
-            f.set_result(None)
+            _settle(f)
 
     def close(self) -> None:
         with self._cond:
