@@ -427,6 +427,10 @@ def test_plain_protobuf_bodies_a_compiled_decoder_takes_are_decoded_inline_and_o
     body = next(body for signal, body in CORPUS if signal == "traces")
     big = body + b"\x0a\x00" * ((INLINE_DECODE_BYTES - len(body)) // 2 + 1)  # and empty ResourceSpans after it
     assert fast_spans.decode(big) is not None and decode_inline("traces", big, PB) is None  # over the size
+    # and over the receiver's own limits: decode answers 413
+    assert decode_inline("traces", body, PB, "", Limits(max_body_bytes=len(body) - 1)) is None
+    assert decode_inline("traces", body, PB, "", Limits(max_decoded_bytes=len(body) - 1)) is None
+    assert decode_inline("traces", body, PB, "", Limits(max_decoded_bytes=len(body))) is not None
 
 
 # -- 5. compression bombs -----------------------------------------------------------------------------

@@ -151,10 +151,11 @@ def decode(signal: Signal, body: bytes, content_type: str, content_encoding: str
 INLINE_DECODE_BYTES = 1 << 20
 
 
-def decode_inline(signal: Signal, body: bytes, content_type: str, content_encoding: str = "") -> IngestBatch | None:
-    """The rows of a plain (not compressed) protobuf body of at most INLINE_DECODE_BYTES that a compiled decoder
-    takes, or None: then :func:`decode` (on a worker thread) decides, errors included."""
-    if content_encoding or len(body) > INLINE_DECODE_BYTES:
+def decode_inline(signal: Signal, body: bytes, content_type: str, content_encoding: str = "",
+                  limits: Limits = DEFAULT_LIMITS) -> IngestBatch | None:
+    """The rows of a plain (not compressed) protobuf body of at most INLINE_DECODE_BYTES (and within ``limits``)
+    that a compiled decoder takes, or None: then :func:`decode` (on a worker thread) decides, errors included."""
+    if content_encoding or len(body) > min(INLINE_DECODE_BYTES, limits.max_body_bytes, limits.max_decoded_bytes):
         return None
     if content_type.split(";", maxsplit=1)[0].strip().lower() not in ("application/x-protobuf",
                                                                       "application/protobuf"):

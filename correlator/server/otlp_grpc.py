@@ -25,7 +25,6 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from correlator.ingest.batch import IngestBatch
 from correlator.ingest.payload import (
     DEFAULT_LIMITS,
-    INLINE_DECODE_BYTES,
     Limits,
     PayloadError,
     Signal,
@@ -52,8 +51,7 @@ def _decode(signal: Signal, body: bytes, limits: Limits) -> IngestBatch:
 
 async def _decoded(signal: Signal, body: bytes, limits: Limits) -> IngestBatch:
     """The body's rows: on the loop when a compiled decoder takes it and it is small, else on a worker thread."""
-    batch = decode_inline(signal, body, _PB) if len(body) <= min(INLINE_DECODE_BYTES, limits.max_decoded_bytes) \
-        else None
+    batch = decode_inline(signal, body, _PB, "", limits)
     if batch is None:  # a large body, or one the compiled decoders decline (and so the errors)
         batch = await asyncio.get_running_loop().run_in_executor(None, _decode, signal, body, limits)
     return batch

@@ -95,7 +95,7 @@ def otlp_routes(sink: BatchSink, limits: Limits, stats: IngestStats, token: str 
                     return _error(401, "missing or wrong bearer token", json_body)
                 body = await asyncio.wait_for(_read_body(request, limits.max_body_bytes), timeout_s)
                 ctype, cenc = request.headers.get("content-type", ""), request.headers.get("content-encoding", "")
-                batch = decode_inline(signal, body, ctype, cenc) if len(body) <= limits.max_body_bytes else None
+                batch = decode_inline(signal, body, ctype, cenc, limits)
                 if batch is None:  # JSON, gzip, a large body, or one the compiled decoders decline
                     batch = await run_in_threadpool(decode, signal, body, ctype, cenc, limits)
                 await asyncio.wait_for(sink.put(batch), timeout_s)
