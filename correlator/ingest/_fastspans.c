@@ -57,7 +57,6 @@ typedef struct {
     int64_t *iv[NI];     /* -1: None (prompt, output, pid; start and end are never None) */
     int32_t *sidx[NS];   /* deduplicated columns: index into the distinct values, -1: None; else NULL */
     blob_t blob[NS];     /* a deduplicated column's distinct entries; another's, an entry per row */
-    int64_t snone[NS];   /* rows that are None (per-row columns: an empty entry) */
     uint64_t *w[NW];     /* the stored form's words (0 where not used) */
     uint8_t *u8[NU];     /* ... and its flags */
     /* private */
@@ -368,7 +367,6 @@ static int derived_same(double value, double d, int valid) {
 
 /* the index of s in deduplicated column c (added if new): >= 0; -1 for None; -2 no memory; -3 a NUL */
 static int64_t dedup(fs_out *o, int c, sref s) {
-    if (!s.p) o->snone[c]++;
     /* a string in the span arena is overwritten by the next span's */
     return strtab_index(&o->tabs[c], &o->blob[c], s, &o->span_arena);
 }
@@ -614,7 +612,6 @@ static int do_span(fs_out *o, rd m, const res_t *res, int depth) {
                  form == 3 ? req.n - suffix_at : 0);
     if (b == 0) NOMEM();
     if (b < 0) BAD();
-    if (!req.p) o->snone[S_REQ]++;
     o->n++;
     return 1;
 }
@@ -657,7 +654,7 @@ static int do_resource_spans(void *ctx, rd m) {
 }
 
 /* -- the interface ---------------------------------------------------------------------------------- */
-#define FS_ABI 4 /* fast_spans.py's _ABI: the public head of fs_out, and the functions */
+#define FS_ABI 5 /* fast_spans.py's _ABI: the public head of fs_out, and the functions */
 
 int fs_abi(void) { return FS_ABI; }
 

@@ -29,7 +29,7 @@ from correlator.ingest import compiled
 from correlator.ingest.batch import STORED_REQUEST_COLUMNS, IngestBatch, StoredRequests
 from correlator.store.schema import DERIVED_LATENCIES
 
-_ABI = 4  # _fastspans.c's FS_ABI: the struct's layout and the functions
+_ABI = 5  # _fastspans.c's FS_ABI: the struct's layout and the functions
 # the C file's column order (enums F_*, I_*, S_*)
 FLOAT_COLUMNS = ("ttft_s", "tpot_s", "e2e_s", "queue_s", "prefill_s", "decode_s", "inference_s")
 INT_COLUMNS = ("start_ns", "end_ns", "prompt_tokens", "output_tokens", "pid")
@@ -49,7 +49,7 @@ class _Out(ctypes.Structure):
 
     _fields_ = [("status", ctypes.c_int64), ("n", ctypes.c_int64), ("ignored", ctypes.c_int64),
                 ("cap", ctypes.c_int64), ("f", ctypes.c_void_p * _NF), ("iv", ctypes.c_void_p * _NI),
-                ("sidx", ctypes.c_void_p * _NS), ("blob", compiled.Blob * _NS), ("snone", ctypes.c_int64 * _NS),
+                ("sidx", ctypes.c_void_p * _NS), ("blob", compiled.Blob * _NS),
                 ("w", ctypes.c_void_p * _NW), ("u8", ctypes.c_void_p * _NU)]
 
 

@@ -127,11 +127,19 @@ def parse_message(signal: Signal, body: bytes, fmt: Literal["protobuf", "json"])
 DEFAULT_LIMITS = Limits()
 
 
+_PROTOBUF_TYPES = ("application/x-protobuf", "application/protobuf")
+
+
+def media_type(content_type: str) -> str:
+    """A Content-Type's media type, without parameters, in lower case."""
+    return content_type.split(";", maxsplit=1)[0].strip().lower()
+
+
 def decode(signal: Signal, body: bytes, content_type: str, content_encoding: str = "",
            limits: Limits = DEFAULT_LIMITS) -> IngestBatch:
     """One HTTP request body → normalised rows, or a PayloadError. Nothing is kept on error."""
-    ctype = content_type.split(";", maxsplit=1)[0].strip().lower()
-    if ctype in ("application/x-protobuf", "application/protobuf"):
+    ctype = media_type(content_type)
+    if ctype in _PROTOBUF_TYPES:
         fmt: Literal["protobuf", "json"] = "protobuf"
     elif ctype == "application/json":
         fmt = "json"
@@ -157,17 +165,21 @@ def decode_inline(signal: Signal, body: bytes, content_type: str, content_encodi
     that a compiled decoder takes, or None: then :func:`decode` (on a worker thread) decides, errors included."""
     if content_encoding or len(body) > min(INLINE_DECODE_BYTES, limits.max_body_bytes, limits.max_decoded_bytes):
         return None
-    if content_type.split(";", maxsplit=1)[0].strip().lower() not in ("application/x-protobuf",
-                                                                      "application/protobuf"):
+    if media_type(content_type) not in _PROTOBUF_TYPES:
         return None
-    return fast_spans.decode(body) if signal == "traces" else fast_metrics.decode(body)
+    return _decode_compiled(signal, body)
+
+
+def _decode_compiled(signal: Signal, raw: bytes) -> IngestBatch | None:
+    """The rows the signal's compiled decoder makes of a serialized message, or None where it declines it."""
+    return fast_spans.decode(raw) if signal == "traces" else fast_metrics.decode(raw)
 
 
 def decode_protobuf(signal: Signal, raw: bytes) -> IngestBatch:
     """One serialized (inflated) OTLP protobuf message → normalised rows, or a PayloadError. Spans and metrics
     take the compiled fast paths (fast_spans, fast_metrics) where they apply: the same rows as the reference
     path, which takes every message they decline (and so gives the same error for a bad one)."""
-    batch = fast_spans.decode(raw) if signal == "traces" else fast_metrics.decode(raw)
+    batch = _decode_compiled(signal, raw)
     if batch is not None:
         return batch
     return decode_message(signal, parse_message(signal, raw, "protobuf"))

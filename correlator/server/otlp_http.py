@@ -24,7 +24,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from correlator.ingest.batch import IngestBatch
-from correlator.ingest.payload import DEFAULT_LIMITS, Limits, PayloadError, Signal, decode, decode_inline
+from correlator.ingest.payload import (
+    DEFAULT_LIMITS,
+    Limits,
+    PayloadError,
+    Signal,
+    decode,
+    decode_inline,
+    media_type,
+)
 from correlator.store.duckdb_store import StoreError
 
 log = logging.getLogger("stacklens.otlp_http")
@@ -87,7 +95,7 @@ def otlp_routes(sink: BatchSink, limits: Limits, stats: IngestStats, token: str 
         ok_body = (ExportTraceServiceResponse() if signal == "traces" else ExportMetricsServiceResponse())
 
         async def receive(request: Request) -> Response:
-            json_body = request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
+            json_body = media_type(request.headers.get("content-type", "")) == "application/json"
             status = 200
             try:
                 if not check_bearer(request.headers, token):
