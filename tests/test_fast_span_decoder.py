@@ -371,6 +371,52 @@ def test_threads_decode_at_once() -> None:
         assert_same_batch(g, w)
 
 
+# -- who frees the rows ---------------------------------------------------------------------------------------
+def _sdk_body(n: int = 40) -> bytes:
+    return sdk_spans([Req(i, T0 + i * 10**8, 0.01, 0.05, 1.2, 100 + i, 3 + i) for i in range(n)]).SerializeToString()
+
+
+def test_the_imported_table_outlives_the_decoder_result() -> None:
+    """The rows go to Arrow without a copy; the C frees them when the table goes, not when decode returns: the
+    table read after other bodies were decoded (reusing the freed memory) still has the reference's rows."""
+    import gc
+
+    body = _sdk_body()
+    got = fast_spans.decode(body)
+    want = reference(body)
+    assert got is not None and isinstance(want, IngestBatch)
+    table = got.requests.table  # type: ignore[attr-defined]
+    assert table is not None and table.schema == fast_spans.STORED_REQUEST_SCHEMA
+    copy = table.to_pylist()
+    for _ in range(20):  # the allocator hands the memory of anything freed too soon to these
+        fast_spans.decode(_sdk_body(60))
+    gc.collect()
+    assert table.to_pylist() == copy
+    assert_same_batch(got, want)
+
+
+def test_a_result_not_imported_or_whose_import_fails_is_freed_once() -> None:
+    """fs_free alone frees a result nobody imported; an import that fails has Arrow release the array at once,
+    and fs_free then frees the rest (a double free aborts the process; ASan reports either mistake)."""
+    import ctypes
+
+    import pyarrow as pa
+
+    lib = fast_spans._LIB
+    body = _sdk_body()
+    for _ in range(50):
+        p = lib.fs_decode(body, len(body))
+        assert p and p.contents.status == 0 and p.contents.n == 40 and p.contents.arrow.release
+        lib.fs_free(p)
+    wrong = pa.schema([("start_ns", pa.int64())])  # one child where the array has 33
+    for _ in range(50):
+        p = lib.fs_decode(body, len(body))
+        with pytest.raises(pa.ArrowException):
+            pa.RecordBatch._import_from_c(ctypes.addressof(p.contents.arrow), wrong)
+        assert not p.contents.arrow.release  # released by Arrow
+        lib.fs_free(p)
+
+
 # -- the switch ---------------------------------------------------------------------------------------------
 def test_a_stale_or_missing_library_means_the_pure_path(tmp_path: Path) -> None:
     assert fast_spans._load(None) is None

@@ -48,6 +48,24 @@ enum { U_TRACE_WORDS, U_SPAN_WORD, U_REQ_FORM, U_DERIVED, NU };
 #define D_E2E 4
 #define D_INFERENCE 8
 
+/* The rows as Arrow arrays, through Arrow's C data interface
+ * (https://arrow.apache.org/docs/format/CDataInterface.html): one struct array whose children are the
+ * columns of STORED_REQUEST_COLUMNS (correlator/ingest/batch.py), in its order, so that Python imports the
+ * whole table with one call and no copy (fast_spans.py gives the schema). */
+struct ArrowArray {
+    int64_t length, null_count, offset, n_buffers, n_children;
+    const void **buffers;
+    struct ArrowArray **children;
+    struct ArrowArray *dictionary;
+    void (*release)(struct ArrowArray *);
+    void *private_data;
+};
+enum { A_START, A_END, A_NODE, A_SERVICE, A_MODEL, A_ENGINE, A_TRACE_HI, A_TRACE_LO, A_SPAN_BIN, A_REQ_HI,
+       A_REQ_LO, A_REQ_FORM, A_TRACE_TEXT, A_SPAN_TEXT, A_REQ_TEXT, A_REQ_SUFFIX, A_DERIVED, A_TTFT, A_TPOT,
+       A_E2E, A_QUEUE, A_PREFILL, A_DECODE, A_INFERENCE, A_PROMPT, A_OUTPUT, A_FINISH, A_PID, A_CONTAINER,
+       A_POD_UID, A_POD, A_NS, A_GPUS, NA };
+#define MAX_OWNED (3 * NA) /* 58 at most now */
+
 typedef struct {
     int64_t status;      /* FS_OK, FS_UNHANDLED, FS_NOMEM */
     int64_t n;           /* request rows */
@@ -59,7 +77,16 @@ typedef struct {
     blob_t blob[NS];     /* a deduplicated column's distinct entries; another's, an entry per row */
     uint64_t *w[NW];     /* the stored form's words (0 where not used) */
     uint8_t *u8[NU];     /* ... and its flags */
+    struct ArrowArray arrow; /* FS_OK with rows: all of them as one Arrow struct array (see fs_arrow) */
     /* private */
+    struct ArrowArray kids[NA];
+    struct ArrowArray *kid_ptrs[NA];
+    const void *bufs[NA][3];
+    const void *top_bufs[1];
+    void *owned[MAX_OWNED]; /* the Arrow buffers made from the columns above */
+    int n_owned;
+    int arrow_live;      /* the Arrow array was made and not yet released */
+    int py_done;         /* fs_free was called */
     strtab_t tabs[ND];
     arena_t res_arena;   /* strings this file makes (hex, decimal, joins) for the resource at hand */
     arena_t span_arena;  /* ... and for the span at hand */
@@ -653,8 +680,198 @@ static int do_resource_spans(void *ctx, rd m) {
     return each_item(m, depth, span_item, &c) || fail(o, FS_UNHANDLED);
 }
 
+/* -- the rows as Arrow arrays ---------------------------------------------------------------------- */
+static const uint64_t NO_BYTES[1]; /* the data of a string column without any */
+
+static void *own(fs_out *o, size_t n) {
+    if (o->n_owned == MAX_OWNED) return NULL;
+    void *p = malloc(n ? n : 1);
+    if (p) o->owned[o->n_owned++] = p;
+    return p;
+}
+
+static void child_release(struct ArrowArray *a) { a->release = NULL; } /* its parent owns its buffers */
+
+static struct ArrowArray *child(fs_out *o, int k, int n_buffers) {
+    struct ArrowArray *a = &o->kids[k];
+    memset(a, 0, sizeof *a);
+    a->length = o->n;
+    a->n_buffers = n_buffers;
+    a->buffers = o->bufs[k];
+    a->release = child_release;
+    o->kid_ptrs[k] = a;
+    return a;
+}
+
+/* the validity bitmap of `valid` (a byte per row) and the null count; no bitmap when none is null */
+static int validity(fs_out *o, struct ArrowArray *a, const uint8_t *valid) {
+    int64_t n = o->n, nulls = 0;
+    for (int64_t i = 0; i < n; i++) nulls += !valid[i];
+    a->null_count = nulls;
+    a->buffers[0] = NULL;
+    if (!nulls) return 1;
+    uint8_t *bits = own(o, (size_t)(n + 7) / 8);
+    if (!bits) return 0;
+    memset(bits, 0, (size_t)(n + 7) / 8);
+    for (int64_t i = 0; i < n; i++) bits[i >> 3] |= (uint8_t)(valid[i] << (i & 7));
+    a->buffers[0] = bits;
+    return 1;
+}
+
+static int fixed(fs_out *o, int k, const void *data, const uint8_t *valid) {
+    struct ArrowArray *a = child(o, k, 2);
+    a->buffers[1] = data;
+    return valid ? validity(o, a, valid) : 1;
+}
+
+/* a column of one entry per row (blob b): its NULs squeezed out in place, the offsets made */
+static int row_strings(fs_out *o, int k, blob_t *b, const uint8_t *valid) {
+    int64_t n = o->n;
+    if (b->count != n || b->len >= INT32_MAX) return -1;
+    int32_t *offsets = own(o, (size_t)(n + 1) * sizeof *offsets);
+    if (!offsets) return 0;
+    char *buf = b->buf;
+    int64_t to = 0, from = 0;
+    for (int64_t r = 0; r < n; r++) {
+        const char *end = memchr(buf + from, 0, (size_t)(b->len - from));
+        int64_t len = end - (buf + from);
+        offsets[r] = (int32_t)to;
+        if (len && to != from) memmove(buf + to, buf + from, (size_t)len);
+        to += len;
+        from += len + 1;
+    }
+    offsets[n] = (int32_t)to;
+    struct ArrowArray *a = child(o, k, 3);
+    a->buffers[1] = offsets;
+    a->buffers[2] = buf ? (const void *)buf : (const void *)NO_BYTES;
+    return validity(o, a, valid);
+}
+
+/* a deduplicated column: each row's value (index idx[r] into the distinct entries of b; -1 None) copied out */
+static int dedup_strings(fs_out *o, int k, const blob_t *b, const int32_t *idx, uint8_t *valid) {
+    int64_t n = o->n, count = b->count;
+    int64_t *start = malloc((size_t)(count + 1) * sizeof *start); /* entry e: start[e] to start[e + 1] - 1 */
+    if (!start) return 0;
+    start[0] = 0;
+    for (int64_t e = 0; e < count; e++) /* the entries, NUL-terminated, one after another */
+        start[e + 1] = start[e] + (int64_t)strlen(b->buf + start[e]) + 1;
+    int64_t total = 0;
+    for (int64_t r = 0; r < n; r++) {
+        valid[r] = idx[r] >= 0;
+        if (valid[r]) total += start[idx[r] + 1] - start[idx[r]] - 1;
+    }
+    int ok = total < INT32_MAX ? 1 : -1;
+    int32_t *offsets = ok > 0 ? own(o, (size_t)(n + 1) * sizeof *offsets) : NULL;
+    char *data = offsets ? own(o, (size_t)total) : NULL;
+    if (ok > 0 && !data) ok = 0;
+    if (ok > 0) {
+        int64_t to = 0;
+        for (int64_t r = 0; r < n; r++) {
+            offsets[r] = (int32_t)to;
+            if (!valid[r]) continue;
+            int64_t at = start[idx[r]], len = start[idx[r] + 1] - at - 1;
+            memcpy(data + to, b->buf + at, (size_t)len);
+            to += len;
+        }
+        offsets[n] = (int32_t)to;
+        struct ArrowArray *a = child(o, k, 3);
+        a->buffers[1] = offsets;
+        a->buffers[2] = data;
+        ok = validity(o, a, valid);
+    }
+    free(start);
+    return ok;
+}
+
+/* a count or pid (-1: None) as int32; one over 32 bits is left to the reference path (as _batch was) */
+static int int32_column(fs_out *o, int k, const int64_t *src, uint8_t *valid) {
+    int64_t n = o->n;
+    int32_t *v = own(o, (size_t)n * sizeof *v);
+    if (!v) return 0;
+    for (int64_t r = 0; r < n; r++) {
+        if (src[r] > INT32_MAX) return -1;
+        valid[r] = src[r] >= 0;
+        v[r] = valid[r] ? (int32_t)src[r] : 0;
+    }
+    return fixed(o, k, v, valid);
+}
+
+static void arrow_release(struct ArrowArray *a);
+
+/* Make o->arrow from the columns: FS_OK, FS_NOMEM, or FS_UNHANDLED (a count over 32 bits, strings over
+ * 2 GiB). The float, word, start/end and derived columns are the decoder's own buffers; the rest are made
+ * here (validity bitmaps, int32 counts, string offsets); a per-row string column is squeezed in place. */
+static int fs_arrow(fs_out *o) {
+    int64_t n = o->n;
+    uint8_t *valid = malloc((size_t)n); /* each column's, in turn */
+    if (!valid) return FS_NOMEM;
+    const uint8_t *trace_w = o->u8[U_TRACE_WORDS], *span_w = o->u8[U_SPAN_WORD], *form = o->u8[U_REQ_FORM];
+    const uint8_t *derived = o->u8[U_DERIVED];
+    uint8_t *form_out = own(o, (size_t)n);
+    int ok = form_out != NULL;
+#define TRY(x) do { if (ok > 0) ok = (x); } while (0)
+#define EACH(expr) do { for (int64_t r = 0; r < n; r++) valid[r] = (uint8_t)(expr); } while (0)
+    TRY(fixed(o, A_START, o->iv[I_START], NULL));
+    TRY(fixed(o, A_END, o->iv[I_END], NULL));
+    static const struct { int a, s; } DEDUP[] = {
+        {A_NODE, S_NODE}, {A_SERVICE, S_SERVICE}, {A_MODEL, S_MODEL}, {A_ENGINE, S_ENGINE},
+        {A_FINISH, S_FINISH}, {A_CONTAINER, S_CONTAINER}, {A_POD_UID, S_POD_UID}, {A_POD, S_POD}, {A_NS, S_NS},
+        {A_GPUS, S_GPUS}};
+    for (size_t j = 0; j < sizeof DEDUP / sizeof *DEDUP; j++)
+        TRY(dedup_strings(o, DEDUP[j].a, &o->blob[DEDUP[j].s], o->sidx[DEDUP[j].s], valid));
+    if (ok > 0) EACH(trace_w[r]);
+    TRY(fixed(o, A_TRACE_HI, o->w[W_TRACE_HI], valid));
+    TRY(fixed(o, A_TRACE_LO, o->w[W_TRACE_LO], valid));
+    if (ok > 0) EACH(!trace_w[r]);
+    TRY(row_strings(o, A_TRACE_TEXT, &o->blob[S_TRACE], valid));
+    if (ok > 0) EACH(span_w[r]);
+    TRY(fixed(o, A_SPAN_BIN, o->w[W_SPAN], valid));
+    if (ok > 0) EACH(!span_w[r]);
+    TRY(row_strings(o, A_SPAN_TEXT, &o->blob[S_SPAN], valid));
+    if (ok > 0) {
+        EACH(form[r] != REQ_TEXT && form[r] != REQ_NONE);
+        for (int64_t r = 0; r < n; r++) form_out[r] = form[r] == 2 ? 2 : 1;
+    }
+    TRY(fixed(o, A_REQ_HI, o->w[W_REQ_HI], valid));
+    TRY(fixed(o, A_REQ_LO, o->w[W_REQ_LO], valid));
+    TRY(fixed(o, A_REQ_FORM, form_out, valid));
+    if (ok > 0) EACH(form[r] != REQ_NONE);
+    TRY(row_strings(o, A_REQ_TEXT, &o->blob[S_REQ], valid));
+    if (ok > 0) EACH(form[r] == 3);
+    TRY(row_strings(o, A_REQ_SUFFIX, &o->blob[S_SUFFIX], valid));
+    TRY(fixed(o, A_DERIVED, derived, NULL));
+    /* a latency: NaN is None; one that equals its derivation is not stored (its bit in derived) */
+    static const struct { int a, f, bit; } LAT[] = {
+        {A_TTFT, F_TTFT, D_TTFT}, {A_TPOT, F_TPOT, D_TPOT}, {A_E2E, F_E2E, D_E2E}, {A_QUEUE, F_QUEUE, 0},
+        {A_PREFILL, F_PREFILL, 0}, {A_DECODE, F_DECODE, 0}, {A_INFERENCE, F_INFERENCE, D_INFERENCE}};
+    for (size_t j = 0; j < sizeof LAT / sizeof *LAT; j++) {
+        const double *f = o->f[LAT[j].f];
+        int bit = LAT[j].bit;
+        if (ok > 0) EACH(!isnan(f[r]) && !(derived[r] & bit));
+        TRY(fixed(o, LAT[j].a, f, valid));
+    }
+    TRY(int32_column(o, A_PROMPT, o->iv[I_PROMPT], valid));
+    TRY(int32_column(o, A_OUTPUT, o->iv[I_OUTPUT], valid));
+    TRY(int32_column(o, A_PID, o->iv[I_PID], valid));
+#undef TRY
+#undef EACH
+    free(valid);
+    if (ok <= 0) return ok < 0 ? FS_UNHANDLED : FS_NOMEM;
+    struct ArrowArray *a = &o->arrow;
+    memset(a, 0, sizeof *a);
+    a->length = n;
+    a->n_buffers = 1; /* a struct array: a validity bitmap only, none here */
+    a->buffers = o->top_bufs;
+    a->n_children = NA;
+    a->children = o->kid_ptrs;
+    a->release = arrow_release;
+    a->private_data = o;
+    o->arrow_live = 1;
+    return FS_OK;
+}
+
 /* -- the interface ---------------------------------------------------------------------------------- */
-#define FS_ABI 5 /* fast_spans.py's _ABI: the public head of fs_out, and the functions */
+#define FS_ABI 6 /* fast_spans.py's _ABI: the public head of fs_out, and the functions */
 
 int fs_abi(void) { return FS_ABI; }
 
@@ -666,8 +883,17 @@ void fs_init(void) {
     keylen_ready = keyset_init(&SPAN_KEYS, KEYS, K_COUNT);
 }
 
-void fs_free(fs_out *o) {
-    if (!o) return;
+static void free_parts(fs_out *o) { /* what only the decoding needs */
+    for (int c = 0; c < ND; c++) {
+        free(o->tabs[c].tab);
+        o->tabs[c].tab = NULL;
+    }
+    free(o->res_arena.buf);
+    free(o->span_arena.buf);
+    o->res_arena.buf = o->span_arena.buf = NULL;
+}
+
+static void really_free(fs_out *o) {
     for (int c = 0; c < NF; c++) free(o->f[c]);
     for (int c = 0; c < NI; c++) free(o->iv[c]);
     for (int c = 0; c < NS; c++) {
@@ -676,14 +902,37 @@ void fs_free(fs_out *o) {
     }
     for (int c = 0; c < NW; c++) free(o->w[c]);
     for (int c = 0; c < NU; c++) free(o->u8[c]);
-    for (int c = 0; c < ND; c++) free(o->tabs[c].tab);
-    free(o->res_arena.buf);
-    free(o->span_arena.buf);
+    for (int c = 0; c < o->n_owned; c++) free(o->owned[c]);
+    free_parts(o);
     free(o);
 }
 
+/* Arrow's release of the array it imported (moved out of o->arrow), when the last of its buffers goes,
+ * in whatever thread that is. fs_free has been called by then (the importer calls it right after the
+ * import, before the table reaches anyone else), or is still to come when the import failed: whichever of
+ * the two comes last frees. */
+static void arrow_release(struct ArrowArray *a) {
+    fs_out *o = a->private_data;
+    a->release = NULL;
+    o->arrow_live = 0;
+    if (o->py_done) really_free(o);
+}
+
+/* The caller is done with o. Its rows stay until Arrow releases them if o->arrow was imported (moved:
+ * its release is NULL here then); else everything is freed now. */
+void fs_free(fs_out *o) {
+    if (!o) return;
+    o->py_done = 1;
+    if (o->arrow_live) {
+        if (o->arrow.release == NULL) return; /* Arrow holds the rows: arrow_release frees */
+        o->arrow_live = 0; /* made but never imported */
+    }
+    really_free(o);
+}
+
 /* Decode the serialized ExportTraceServiceRequest buf[0:len]. Returns NULL without memory; else a result
- * whose status says whether it holds the rows (FS_OK) or the caller must take the reference path. */
+ * whose status says whether it holds the rows (FS_OK: as columns and, when there are any, as o->arrow) or
+ * the caller must take the reference path. */
 fs_out *fs_decode(const uint8_t *buf, size_t len) {
     fs_out *o = calloc(1, sizeof *o);
     if (!o) return NULL;
@@ -693,5 +942,10 @@ fs_out *fs_decode(const uint8_t *buf, size_t len) {
     }
     rd m = {buf, buf + len};
     if (!each_resource(m, do_resource_spans, o)) fail(o, FS_UNHANDLED); /* a callback's own reason stays */
+    if (o->status == FS_OK && o->n > 0) {
+        free_parts(o);
+        int status = fs_arrow(o);
+        if (status != FS_OK) fail(o, status);
+    }
     return o;
 }
