@@ -38,6 +38,7 @@ import math
 import os
 import queue
 import random
+import shlex
 import shutil
 import socket
 import statistics
@@ -133,13 +134,15 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, db: Path, tree: Path = REPO, env_extra: dict[str, str] | None = None) -> None:
+    def __init__(self, db: Path, tree: Path = REPO, env_extra: dict[str, str] | None = None,
+                 serve_args: Sequence[str] = ()) -> None:
         self.db = db
         self.grpc_port, self.http_port = _free_port(), _free_port()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "correlator.cli", "serve", "--db", str(db), "--otlp-grpc",
-             f"127.0.0.1:{self.grpc_port}", "--otlp-http", f"127.0.0.1:{self.http_port}", "--api", "off"],
+             f"127.0.0.1:{self.grpc_port}", "--otlp-http", f"127.0.0.1:{self.http_port}", "--api", "off",
+             *serve_args],
             cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.ps = psutil.Process(self.proc.pid)
         deadline = time.monotonic() + 60
@@ -255,11 +258,12 @@ def _own_bytes(db: Path, workdir: Path, table: str) -> int:
 
 def phase(name: str, workdir: Path, table: str, send: Callable[[int, int], None], concurrency: int,
           tree: Path = REPO, env_extra: dict[str, str] | None = None, sizes: bool = True,
-          warmup: Callable[[int, int], None] | None = None, warm_rows: int = 0) -> dict[str, Any]:
+          warmup: Callable[[int, int], None] | None = None, warm_rows: int = 0,
+          serve_args: Sequence[str] = ()) -> dict[str, Any]:
     """One server, one load. ``warmup`` (if any, storing ``warm_rows`` rows) is sent first and left out of the
     figures: the process' one-time costs (imports and first calls on the first exports) then do not count."""
     db = workdir / f"{name}.duckdb"
-    server = Server(db, tree, env_extra)
+    server = Server(db, tree, env_extra, serve_args)
     try:
         cold0 = server.cpu_s()
         if warmup is not None:
@@ -405,10 +409,13 @@ def _span_count(body: bytes) -> int:
 
 
 def compare(n_spans: int, n_cycles: int, concurrency: int, baseline: str, rounds: int, warmup_exports: int = 0,
-            signals: Sequence[str] = ("traces", "metrics"), spans_per_export: int = 512) -> dict[str, Any]:
+            signals: Sequence[str] = ("traces", "metrics"), spans_per_export: int = 512,
+            serve_args: Sequence[str] = (), baseline_serve_args: Sequence[str] = ()) -> dict[str, Any]:
     """The span and/or metric phases of this tree and of a baseline (``pure``: this tree without the fast
     paths; else a path to another tree), alternating, on the same payloads; the first ``warmup_exports``
-    exports of each phase sent before the measurement (left out of it)."""
+    exports of each phase sent before the measurement (left out of it). ``serve_args`` and
+    ``baseline_serve_args``: options of each side's ``stacklens serve`` (e.g. ``--db-threads 1``; the baseline may
+    be this tree too, ``.``)."""
     from correlator.ingest.payload import decode
 
     loads: dict[str, tuple[str, str, str, list[bytes], list[bytes], int]] = {}  # phase → path, method, table, ...
@@ -436,14 +443,15 @@ def compare(n_spans: int, n_cycles: int, concurrency: int, baseline: str, rounds
     with tempfile.TemporaryDirectory(prefix="stacklens-ingest-cmp-") as tmp:
         work = Path(tmp)
         for r in range(rounds):
-            order = [("this", REPO, {}), ("baseline", base_tree, base_env)]
-            for who, tree, env in order if r % 2 == 0 else order[::-1]:
+            order = [("this", REPO, {}, serve_args), ("baseline", base_tree, base_env, baseline_serve_args)]
+            for who, tree, env, extra in order if r % 2 == 0 else order[::-1]:
                 for load, (path, method, table, warm, bodies, warm_rows) in loads.items():
                     for transport in ("http", "grpc"):
                         grpc = transport == "grpc"
                         res = phase(f"{who}-{load}_{transport}-{r}", work, table, sender(path, method, bodies, grpc),
                                     concurrency, tree, env, sizes=False,
-                                    warmup=sender(path, method, warm, grpc) if warm else None, warm_rows=warm_rows)
+                                    warmup=sender(path, method, warm, grpc) if warm else None, warm_rows=warm_rows,
+                                    serve_args=extra)
                         runs.setdefault(f"{who} {load}_{transport}", []).append(res)
     medians = {k: statistics.median(x["rows_per_cpu_s"] for x in v) for k, v in runs.items()}
     decode_figures = {}
@@ -451,7 +459,8 @@ def compare(n_spans: int, n_cycles: int, concurrency: int, baseline: str, rounds
         decode_figures["traces"] = decode_rates("traces", loads["spans"][4][: max(1, 20_000 // 512)])
     if "metrics" in loads:
         decode_figures["metrics"] = decode_rates("metrics", loads["metrics"][4][:10])
-    return {"baseline": baseline, "rounds": rounds, "loads": {k: sum(1 for _ in v[4]) for k, v in loads.items()},
+    return {"baseline": baseline, "serve_args": list(serve_args), "baseline_serve_args": list(baseline_serve_args),
+            "rounds": rounds, "loads": {k: sum(1 for _ in v[4]) for k, v in loads.items()},
             "spans_per_export": spans_per_export, "concurrency": concurrency,
             "warmup_exports": warmup_exports, "runs": runs, "median_rows_per_cpu_s": medians,
             "decode": decode_figures}
@@ -461,7 +470,10 @@ def compare_report(doc: dict[str, Any]) -> str:
     lines = [f"this tree vs baseline {doc['baseline']!r}, exports per phase {doc['loads']} ({doc['spans_per_export']}"
              f" spans an export, {doc['concurrency']} in flight), {doc['rounds']} rounds"
              " alternating; rows (request spans, GPU samples) per CPU-second of the correlator process"
-             + (f" (after {doc['warmup_exports']} warm-up exports, left out)" if doc.get("warmup_exports") else ""),
+             + (f" (after {doc['warmup_exports']} warm-up exports, left out)" if doc.get("warmup_exports") else "")
+             + "".join(f"; {who} serve {' '.join(doc[k])}" for who, k in (("this", "serve_args"),
+                                                                         ("baseline", "baseline_serve_args"))
+                       if doc.get(k)),
              ""]
     for k, v in doc["runs"].items():
         lines.append(f"{k:<24}" + "".join(f"{x['rows_per_cpu_s']:>10,}" for x in v)
@@ -589,12 +601,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=0, metavar="EXPORTS",
                     help="--compare: send the first EXPORTS exports of each phase before measuring (the process' "
                     "one-time costs left out: steady state); 0, the default, measures from the first export")
+    ap.add_argument("--serve-args", default="", help="--compare: options of this tree's stacklens serve, e.g. "
+                    "'--db-threads 1'")
+    ap.add_argument("--baseline-serve-args", default="", help="--compare: options of the baseline's stacklens serve")
     args = ap.parse_args(argv)
     if args.quick:
         args.spans, args.cycles = 20_000, 100
     if args.compare:
         cmp = compare(args.spans, args.cycles, args.concurrency, args.compare, args.rounds, args.warmup,
-                      tuple(args.signals.split(",")), args.spans_per_export)
+                      tuple(args.signals.split(",")), args.spans_per_export, shlex.split(args.serve_args),
+                      shlex.split(args.baseline_serve_args))
         print(compare_report(cmp))
         if args.json:
             print(json.dumps(cmp, indent=2))

@@ -263,6 +263,9 @@ def serve(
     retention: Annotated[str | None, typer.Option("--retention", help="delete data older than this (7d)")] = None,
     detect_interval: Annotated[float, typer.Option("--detect-interval", help="online detection every this many "
                                                    "seconds (0: off)")] = 10.0,
+    db_threads: Annotated[int | None, typer.Option("--db-threads", min=1, help="DuckDB worker threads (default: one "
+                                                   "per core; 1 ingests with the least CPU, queries on one core)")]
+    = None,
     grafana_url: Annotated[str | None, typer.Option("--grafana-url", envvar="STACKLENS_GRAFANA_URL",
                                                     help="post findings as Grafana annotations")] = None,
     grafana_token: Annotated[str | None, typer.Option("--grafana-token", envvar="STACKLENS_GRAFANA_TOKEN",
@@ -281,7 +284,8 @@ def serve(
         cfg = ServeConfig(db=db, otlp_grpc=addr(otlp_grpc), otlp_http=addr(otlp_http), api=addr(api),
                           prometheus_url=prometheus_url, prometheus_interval_s=prometheus_interval, token=token,
                           tls_cert=tls_cert, tls_key=tls_key, retention_s=retention_s,
-                          detect_interval_s=detect_interval, grafana_url=grafana_url, grafana_token=grafana_token)
+                          detect_interval_s=detect_interval, grafana_url=grafana_url, grafana_token=grafana_token,
+                          db_threads=db_threads)
         correlator = Correlator(cfg, lambda store, stats: api_routes(store, stats, token))
     except (ServeConfigError, TimeParseError) as e:
         raise _fail(str(e), 2) from e

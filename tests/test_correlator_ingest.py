@@ -232,3 +232,24 @@ def test_non_loopback_bind_requires_a_token_and_the_token_is_checked(tmp_path: A
                      headers={"Authorization": "Bearer s3cret"})[0] == 200
     finally:
         c.stop()
+
+
+def test_db_threads_sets_duckdbs_workers_and_ingest_still_stores(tmp_path: Any) -> None:
+    """``serve --db-threads 1``: the store's DuckDB runs one worker thread (its default is one per core) and spans
+    sent over HTTP are stored and read back as before; a count under one is refused."""
+    from correlator.server.serve import Correlator, ServeConfig
+    from correlator.store.duckdb_store import Store, StoreError
+
+    with pytest.raises(StoreError, match="at least 1"):
+        Store(tmp_path / "z.duckdb", threads=0)
+    c = Correlator(ServeConfig(db=str(tmp_path / "t.duckdb"), otlp_http="127.0.0.1:0", otlp_grpc=None, api=None,
+                               db_threads=1, detect_interval_s=0))
+    c.start()
+    try:
+        assert c.store is not None
+        assert _post(c, "/v1/traces", _valid_spans_json(), "application/json")[0] == 200
+        with c.store.reader() as cur:  # the writer thread owns the store's connection: a reader takes a cursor
+            assert cur.execute("SELECT current_setting('threads')").fetchall() == [(1,)]
+            assert cur.execute("SELECT count(*) FROM requests").fetchall()[0][0] >= 1
+    finally:
+        c.stop()

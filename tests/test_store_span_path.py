@@ -215,6 +215,34 @@ def test_a_future_its_submitter_cancelled_does_not_stop_the_writer(store: Store)
     assert _stored(store) == sorted(_rows(_reference(_body(SPANS[:20]))), key=repr)
 
 
+@needs_fast_path
+def test_the_writer_outlives_a_failed_summary_step_and_a_commit_that_raises(store: Store,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever raises in the writer's loop (a summary step's unguarded read, a bug in a group commit) is
+    logged and counted; the writer goes on, and a batch whose commit raised is answered with the error rather
+    than left waiting for ever."""
+    calls = {"rollup": 0, "commit": 0}
+    real_commit = store._commit
+
+    def failing_rollup() -> bool:
+        calls["rollup"] += 1
+        raise RuntimeError("summary step broke")
+
+    def commit_failing_once(taken: list[tuple[IngestBatch, Future[None]]]) -> None:
+        calls["commit"] += 1
+        if calls["commit"] == 1:
+            raise RuntimeError("commit broke before its transaction")
+        real_commit(taken)
+
+    monkeypatch.setattr(store, "_roll_up_requests_step", failing_rollup)
+    monkeypatch.setattr(store, "_commit", commit_failing_once)
+    with pytest.raises(StoreError, match="commit broke"):
+        store.write(_fast(_body(SPANS[:10])), timeout_s=10)
+    store.write(_fast(_body(SPANS[10:20])), timeout_s=10)  # would time out with the writer thread gone
+    assert calls["rollup"] >= 2 and store.stats.failed_rollups >= 2 and store.stats.failed_transactions == 1
+    assert _stored(store) == sorted(_rows(_reference(_body(SPANS[10:20]))), key=repr)
+
+
 def test_a_rolled_back_transaction_leaves_no_keys_in_the_writers_memory() -> None:
     keys = duckdb_store._RecentKeys(100)
     h = np.array([1, 2, 3], dtype=np.uint64)

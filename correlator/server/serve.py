@@ -69,6 +69,7 @@ class ServeConfig:
     retention_s: float | None = None
     limits: Limits = field(default_factory=Limits)
     detect_interval_s: float = 10.0  # online detection every this many seconds; 0 turns it off
+    db_threads: int | None = None  # DuckDB's worker threads (None: one per core)
     grafana_url: str | None = None  # post confirmed findings as annotations here
     grafana_token: str | None = None
 
@@ -144,7 +145,7 @@ class Correlator:
 
     def start(self) -> dict[str, str]:
         cfg = self.config
-        self.store = store = Store(cfg.db)
+        self.store = store = Store(cfg.db, threads=cfg.db_threads)
         sink = BatchSink(store.submit)
         scheme = "https" if cfg.tls_cert else "http"
         if cfg.otlp_grpc:

@@ -393,6 +393,7 @@ class WriterStats:
     late_rollups: int = 0  # transactions that summarised minutes again for samples that came late
     request_hours_rolled_up: int = 0
     late_request_rollups: int = 0  # transactions that summarised hours again for requests that came late
+    failed_rollups: int = 0  # summary steps that raised (the writer goes on; the next step tries again)
     key_probes: int = 0  # request batches checked against the stored (trace, span) keys in DuckDB
 
 
@@ -584,11 +585,17 @@ class Store:
     """One DuckDB file. ``submit`` hands a batch to the writer; its future resolves once committed."""
 
     def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False, linger_s: float = 0.01,
-                 max_batch_rows: int = 32768, max_wait_s: float = 1.0) -> None:
+                 max_batch_rows: int = 32768, max_wait_s: float = 1.0, threads: int | None = None) -> None:
+        """``threads``: DuckDB's worker threads (None: its default, one per core). They serve every query of
+        this process; the writer's small group commits run best on one (~10 % less CPU a span, measured in
+        docs/performance.md), a scan of many hours on many."""
         self.path = str(path)
         self.read_only = read_only
+        if threads is not None and threads < 1:
+            raise StoreError(f"threads must be at least 1, not {threads}")
         try:
-            self._con = duckdb.connect(self.path, read_only=read_only)
+            self._con = duckdb.connect(self.path, read_only=read_only,
+                                       config={} if threads is None else {"threads": threads})
         except duckdb.IOException as e:
             raise StoreError(f"cannot open {self.path}: {e}") from e
         try:
@@ -711,12 +718,24 @@ class Store:
                         taken.append((b, f))
                         rows += b.row_count()
             with self._write_lock:
+                # the writer outlives anything that goes wrong here (its submitters would wait for ever):
+                # a batch that fails is answered with the error, a summary step is tried again next time
                 if taken:
-                    self._commit(taken)
-                # under load, summarise only whole chunks of minutes: a summary step costs ~10 ms whatever its
-                # length (planning, the watermark, its commit), ~0.4 µs per GPU sample at a minute a step
-                self._roll_up_step(whole_chunks=bool(self._pending))
-                self._roll_up_requests_step()
+                    try:
+                        self._commit(taken)
+                    except Exception as e:
+                        self.stats.failed_transactions += 1
+                        log.exception("store: a group commit of %d batches failed", len(taken))
+                        for _, f in taken:
+                            _settle(f, StoreError(f"store write failed: {e}"))
+                try:
+                    # under load, summarise only whole chunks of minutes: a summary step costs ~10 ms whatever
+                    # its length (planning, the watermark, its commit), ~0.4 µs per GPU sample at a minute a step
+                    self._roll_up_step(whole_chunks=bool(self._pending))
+                    self._roll_up_requests_step()
+                except Exception:
+                    self.stats.failed_rollups += 1
+                    log.exception("store: a summary step failed; tried again after the next commit")
 
     def _commit(self, taken: list[tuple[IngestBatch, Future[None]]]) -> None:
         # each table's rows in batch order: an Arrow table as it came (ArrowRows: a compiled decoder's), lists
