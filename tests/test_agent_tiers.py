@@ -152,7 +152,7 @@ def test_pcie_poller_catches_every_wrap_at_the_links_maximum_rate(standin_lib: P
 
     period = wrap_safe_period_s(5, 16)
     step_us = int(period * 1e6)
-    per_poll = int(0.8 * 2**32)  # the rate the period is sized for (with headers) times the period
+    per_poll = int(0.81 * 2**32)  # the rate the period is sized for (with headers) times the period (81 %)
     assert per_poll == pytest.approx(3.938e9 * 16 * 1.1 * period, rel=1e-3)
     polls = 12
     tx0 = [(k * per_poll) % 2**32 for k in range(polls)]
@@ -236,6 +236,152 @@ def test_pcie_poller_polls_on_a_fixed_grid() -> None:
         p._run()
     assert p.at[:5] == [0.05, 0.1, 0.15, 0.2, 0.25]
     assert p.late_polls == 1 and p.at[5:] == [0.454, 0.504, 0.554]
+
+
+class _Simulated:
+    """The poller's thread (``_run``) and the agent's cycles on one simulated clock: the thread's sleeps move the
+    clock, and each cycle due on the way makes the cycle's poll at its time (plus ``late[c]`` for cycle c), until
+    ``cycles_until``. Polls take 1 ms; who made each poll, and when, is recorded."""
+
+    def __init__(self, interval: float, period: float, k: int, cycles_until: float = 99.0,
+                 late: dict[int, float] | None = None, thread_polls: int = 40) -> None:
+        from collector.nvml.pcie import PcieCounterPoller
+
+        self.now = 10.0
+        self.polls: list[tuple[str, float]] = []
+        self.wakes = 0
+        sim = self
+
+        class Poller(PcieCounterPoller):
+            def __init__(self) -> None:  # the schedule only: no NVML
+                self.period_s, self.per_cycle, self.late_after_s = period, k, 0.062
+                self._monotonic, self.late_polls, self.cycle_polls = sim.clock, 0, 0
+                self._stop = threading.Event()
+                self.who = "thread"
+
+            def poll_once(self) -> None:
+                sim.polls.append((self.who, round(sim.now - 10.0, 6)))
+                sim.now += 0.001
+                if sum(1 for who, _ in sim.polls if who == "thread") >= thread_polls:
+                    self._stop.set()
+
+        self.poller = Poller()
+        self.interval, self.cycles_until, self.late = interval, cycles_until, late or {}
+        self.next_cycle = 0
+        self.poller._last_poll_at = self.now  # start() polled
+        self._cycle()  # the agent's first cycle comes right after start-up
+
+    def clock(self) -> float:
+        return self.now
+
+    def _cycle(self) -> None:
+        c = self.next_cycle
+        self.next_cycle += 1
+        self.now = 10.0 + c * self.interval + self.late.get(c, 0.0) + 0.0003  # the poll comes just after the wake
+        self.poller.who = "cycle"
+        self.poller.cycle_poll()
+        self.poller.who = "thread"
+
+    def sleep(self, seconds: float) -> None:
+        self.wakes += 1
+        until = self.now + seconds
+        while True:
+            due = 10.0 + self.next_cycle * self.interval + self.late.get(self.next_cycle, 0.0)
+            if due > until or due - 10.0 > self.cycles_until:
+                break
+            self._cycle()
+        self.now = max(self.now, until)
+
+    def run(self) -> list[tuple[str, float]]:
+        with mock.patch("collector.nvml.pcie.time.sleep", self.sleep):
+            self.poller._run()
+        return self.polls
+
+
+def test_pcie_polls_are_aligned_with_the_cycles() -> None:
+    """At 100 ms (gen5 x16: two polls an interval, 50 ms apart) each cycle makes one poll and the thread wakes once
+    a cycle, at mid-cycle, for the other: every gap between polls is half the interval, none late."""
+    from collector.nvml.pcie import poll_plan, wrap_safe_period_s, wrap_time_s
+
+    k, period = poll_plan(0.1, wrap_safe_period_s(5, 16))
+    assert (k, period) == (2, 0.05)
+    sim = _Simulated(0.1, period, k, thread_polls=20)
+    polls = sim.run()
+    thread = [t for who, t in polls if who == "thread"]
+    cycle = [t for who, t in polls if who == "cycle"]
+    assert thread == [round(0.0003 + 0.05 + 0.1 * c, 6) for c in range(20)]  # at mid-cycle, on the cycles' grid
+    assert cycle[:20] == [round(0.0003 + 0.1 * c, 6) for c in range(20)]
+    assert sim.wakes == 20  # one wake-up a cycle: none at the cycles' own turns
+    times = [t for _, t in polls]
+    assert all(0.0495 <= b - a <= 0.0505 for a, b in itertools.pairwise(times))  # 50 ms apart, alternating
+    assert [who for who, _ in polls][:6] == ["cycle", "thread"] * 3
+    assert sim.poller.late_polls == 0 and sim.poller.cycle_polls == len(cycle)
+    assert period < 0.81 * wrap_time_s(5, 16) + 1e-9  # the 81 % margin decided for gen5 x16
+
+
+def test_pcie_polls_k_per_interval_and_the_thread_between() -> None:
+    """At 1 s, k = 20 polls an interval: the cycle's, then 19 by the thread, all 50 ms apart."""
+    from collector.nvml.pcie import poll_plan, wrap_safe_period_s
+
+    k, period = poll_plan(1.0, wrap_safe_period_s(5, 16))
+    assert (k, period) == (20, 0.05)
+    assert poll_plan(0.1, wrap_safe_period_s(4, 16)) == (1, 0.1)  # gen4 x16 wraps in 124 ms: the cycle alone
+    k3, period3 = poll_plan(0.15, wrap_safe_period_s(5, 16))
+    assert k3 == 3 and period3 == pytest.approx(0.05)
+    sim = _Simulated(1.0, period, k, thread_polls=19 * 3)
+    polls = sim.run()
+    times = [t for _, t in polls]
+    assert all(0.0495 <= b - a <= 0.0505 for a, b in itertools.pairwise(times))
+    assert [t for who, t in polls if who == "cycle"][:3] == [0.0003, 1.0003, 2.0003]
+    assert sum(1 for who, _ in polls if who == "thread") == 19 * 3 and sim.wakes == 19 * 3
+    assert sim.poller.late_polls == 0
+
+
+def test_pcie_poller_after_a_late_cycle_and_when_the_cycles_stop() -> None:
+    """A cycle 20 ms late makes one late poll (70 ms after the thread's) and the thread keeps the cycles' grid
+    (its next poll at mid-cycle, not 20 ms later); when the cycles stop, the thread takes every turn."""
+    sim = _Simulated(0.1, 0.05, 2, cycles_until=0.75, late={3: 0.02}, thread_polls=12)
+    polls = sim.run()
+    thread = [t for who, t in polls if who == "thread"]
+    assert [t for who, t in polls if who == "cycle"] == [0.0003, 0.1003, 0.2003, 0.3203, 0.4003, 0.5003, 0.6003,
+                                                         0.7003]
+    assert thread[:8] == [0.0503, 0.1503, 0.2503, 0.3503, 0.4503, 0.5503, 0.6503, 0.7503]
+    # the cycles stopped after 0.7: the thread's turn at 0.85 finds the cycle's at 0.8 missed (late: 100 ms
+    # after its last poll), and from there it polls every 50 ms
+    assert thread[8:] == [0.8503, 0.9003, 0.9503, 1.0003]
+    assert sim.poller.late_polls == 2  # 0.2503 -> 0.3203 and 0.7503 -> 0.8503
+
+
+def test_each_sample_makes_one_of_the_pcie_polls_first(standin_lib: Path, tmp_path: Path) -> None:
+    """At 100 ms the source plans two polls an interval, 50 ms apart, and each sample makes one of them before it
+    reads the GPUs: its PCIe rates are as of its own poll (the thread, stopped here, makes the others)."""
+    path = h100_node(gpus=2).write(tmp_path / "script.txt")
+    code = textwrap.dedent("""
+        import json
+        from unittest import mock
+        from collector.nvml.pcie import PcieCounterPoller
+        with mock.patch.object(PcieCounterPoller, "_run", lambda self: None):  # no thread polls
+            from collector.nvml.source import NvmlGpuSource
+            src = NvmlGpuSource(xid_events=False, interval_s=0.1)
+            src.open()
+            c = src._counters
+            out = {"plan": [c.per_cycle, c.period_s], "before": [c.polls, c.cycle_polls], "samples": []}
+            for k in range(3):
+                gpus = src.sample(1_767_225_600_000_000_000 + k * 100_000_000, False, False)
+                tx = [r for r in gpus[0].readings if r.signal == "pcie_tx_bytes_per_s"]
+                out["samples"].append([c.polls, c.cycle_polls, [r.time_ns for r in tx],
+                                       [t for fid, _, t in c.view(0) if fid == 197]])
+            src.close()
+        print(json.dumps(out))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=standin_env(standin_lib, path),
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["plan"] == [2, 0.05] and out["before"] == [1, 0]  # start-up's poll
+    assert [s[:2] for s in out["samples"]] == [[2, 1], [3, 2], [4, 3]]  # one poll per sample, the cycle's
+    for _, _, reading_times, poll_times in out["samples"]:
+        assert reading_times == poll_times  # the sample's rate is as of the poll it made
 
 
 def test_agent_with_the_pcie_poller_exports_rates(standin_lib: Path, tmp_path: Path) -> None:

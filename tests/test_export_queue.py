@@ -136,3 +136,38 @@ def test_export_interval_merges_a_fast_cadence_into_few_requests() -> None:
     assert early <= 2  # the first went at once, the rest wait for the interval
     assert len(t.delivered) <= 3
     assert _delivered_values(t) == [float(i) for i in range(10)]  # merged, in order, complete
+
+
+def test_a_request_on_the_agents_grid_is_sent_without_a_second_wait() -> None:
+    """Requests come once an export interval and the last send began a wake-up after its request: a request
+    due within the interval's last twentieth goes at once (one wake-up per request, not two); one due later
+    waits out the interval."""
+
+    class Clock:
+        now = 100.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    clock = Clock()
+    q = ExportQueue(ScriptedTransport(), export_interval_s=1.0, monotonic=clock)
+    q._last_send = 100.0
+    clock.now = 100.0 + 1.0 - 0.004  # the last send woke 4 ms after its request
+    q.put(_payload(1))
+    taken = q._take()
+    assert taken is not None and taken[:2] == (1, 1)  # taken at once, not after another 4 ms wait
+
+    q2 = ExportQueue(ScriptedTransport(), export_interval_s=1.0, monotonic=clock)
+    q2._last_send = 100.0
+    clock.now = 100.0 + 0.9  # a tenth of the interval early: held back
+    q2.put(_payload(2))
+    result: list[tuple[int, int, bytes] | None] = []
+    waiter = threading.Thread(target=lambda: result.append(q2._take()), daemon=True)
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and result == []  # still waiting (the clock does not move)
+    with q2._cond:
+        q2._flushing = True
+        q2._cond.notify_all()
+    waiter.join(5)
+    assert result and result[0] is not None and result[0][:2] == (1, 1)

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import math
+import selectors
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+from unittest import mock
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
-from collector.export.prometheus import PrometheusExposition
+from collector.export.prometheus import PrometheusExposition, serve_metrics
 from collector.records import GpuIdentity, GpuSample, HostSample, NodeSnapshot, Placement, Reading, XidEvent
 
 T0 = 1_767_225_600_000_000_000
@@ -84,3 +96,126 @@ def test_slow_signals_persist_between_cycles_expire_and_clear_on_loss() -> None:
                                                                lost=True),)))
     assert "DCGM_FI_DEV_POWER_USAGE" not in names()  # a lost GPU keeps no old values
     assert "stacklens_gpu_lost" in names()
+
+
+# -- the /metrics server ---------------------------------------------------------------------------------
+def _get(port: int, timeout: float = 10.0) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as response:
+        body: bytes = response.read()
+    return body
+
+
+def test_metrics_server_answers_on_its_one_thread_and_sleeps_between_scrapes() -> None:
+    """Every scrape is answered on the server's own thread (none started per request), and between scrapes the
+    thread blocks without a timeout (no periodic wake-up); shutdown wakes it at once."""
+    exposition = PrometheusExposition("node-7")
+    exposition.update(NodeSnapshot("node-7", T0, (GpuSample(GPU, T0, (Reading("power_w", 612.0, T0),)),)))
+    threads: list[str] = []
+
+    class Who:
+        def collect(self) -> Iterator[Any]:
+            threads.append(threading.current_thread().name)
+            yield GaugeMetricFamily("test_scrapes", "Scrapes seen.", value=len(threads))
+
+    registry = CollectorRegistry()
+    registry.register(Who())
+    threads.clear()  # register() collected once, on this thread
+    timeouts: list[float | None] = []
+    real = selectors.DefaultSelector
+
+    class Recording(real):  # type: ignore[misc,valid-type]
+        def select(self, timeout: float | None = None) -> Any:
+            timeouts.append(timeout)
+            return super().select(timeout)
+
+    with mock.patch("collector.export.prometheus.selectors.DefaultSelector", Recording):
+        server = serve_metrics("127.0.0.1", 0, exposition, registry)
+    try:
+        port = server.server_address[1]
+        pages = [_get(port).decode() for _ in range(3)]
+    finally:
+        started = time.monotonic()
+        server.shutdown()
+        took = time.monotonic() - started
+    assert all("DCGM_FI_DEV_POWER_USAGE{" in page and "test_scrapes 1.0" in pages[0] for page in pages)
+    assert threads == ["stacklens-metrics"] * 3
+    assert timeouts and set(timeouts) == {None}  # blocks until a connection or the shutdown comes
+    assert len(timeouts) <= 3 + 1  # one wake-up per scrape, one for the shutdown
+    assert took < 1.0 and server.thread is not None and not server.thread.is_alive()
+
+
+def test_a_slow_client_cannot_hold_the_metrics_server() -> None:
+    """A client that trickles its request a byte at a time (each byte well within the socket timeout) is cut
+    off when the request's deadline passes; the scrape behind it is then answered."""
+    server = serve_metrics("127.0.0.1", 0, PrometheusExposition("node-7"), request_timeout_s=0.5)
+    port = server.server_address[1]
+    stop = threading.Event()
+
+    def trickle() -> None:
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            for byte in b"GET /metrics HTTP/1.1\r\nHost: x\r\n" * 20:
+                if stop.wait(0.1):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:  # cut off
+                    return
+
+    slow = threading.Thread(target=trickle, daemon=True)
+    slow.start()
+    try:
+        time.sleep(0.2)  # the slow client is being served
+        started = time.monotonic()
+        page = _get(port, timeout=10).decode()
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        slow.join(5)
+        server.shutdown()
+        server.server_close()
+    assert "stacklens_agent_gpu_status" in page
+    assert took < 3.0  # the trickle alone would have held the server for ~70 s
+
+
+def test_kept_page_structure_follows_every_change_and_writes_values_as_prometheus_does() -> None:
+    """The page is kept as text with a slot per value and built again when its structure changes: a value going
+    missing and coming back, a new series, a clock-event mask that changes, NaN and infinities, -0.0 after 0.0, a
+    '%' in a label. Each page must equal the one an exposition renders that was given the same cycles and never
+    scraped before (its page built from nothing)."""
+    def snap(t: int, power: float | None, mask: float, extra: bool) -> NodeSnapshot:
+        readings = [Reading("power_w", power, t), Reading("clock_event_reasons", mask, t),
+                    Reading("sm_clock_hz", 1.755e9, t)]
+        if extra:
+            readings.append(Reading("nvlink_tx_bytes_per_s", 5e9, t, (("link", "3"),)))
+        return NodeSnapshot("node-7", t, (GpuSample(GPU, t, tuple(readings)),), driver_version="580.82.07")
+
+    cases = [(612.0, 0.0, False), (None, 4.0, False), (612.5, 4.0, True), (float("nan"), 0x44, True),
+             (float("inf"), 0.0, True), (0.0, 0.0, False), (-0.0, 0.0, False), (-float("inf"), 4.0, False),
+             (612.0, 0.0, False)]
+    warm = PrometheusExposition("node%s-7")
+    snaps: list[NodeSnapshot] = []
+    for k, (power, mask, extra) in enumerate(cases):
+        snaps.append(snap(T0 + k * 1_000_000_000, power, mask, extra))
+        warm.update(snaps[-1])
+        cold = PrometheusExposition("node%s-7")
+        for s in snaps:
+            cold.update(s)
+        page = warm.render()
+        assert page == cold.render(), k
+        line = next((x for x in page.splitlines() if x.startswith("DCGM_FI_DEV_POWER_USAGE{")), None)
+        want = {None: None, 612.0: " 612.0", 612.5: " 612.5", 0.0: " 0.0"}
+        if power is None:
+            assert line is None  # missing is left out
+        elif math.isnan(power):
+            assert line is not None and line.endswith(" NaN")
+        elif math.isinf(power):
+            assert line is not None and line.endswith(" +Inf" if power > 0 else " -Inf")
+        elif power == 0.0:
+            assert line is not None and line.endswith(" -0.0" if math.copysign(1, power) < 0 else " 0.0")
+        else:
+            assert line is not None and line.endswith(str(want[power]))
+        flags = {x.split('reason="')[1].split('"')[0]: x.rsplit(" ", 1)[1] for x in page.splitlines()
+                 if x.startswith("stacklens_clock_event_reason_active{")}
+        assert flags["sw_power_cap"] == ("1.0" if int(mask) & 0x4 else "0.0")
+        assert ('stacklens_nvlink_tx_bytes_per_s{' in page) == any(e for _, _, e in cases[:k + 1])  # kept once seen
+        assert 'Hostname="node%s-7"' in page

@@ -9,17 +9,24 @@ its own) appended to the same page. DCGM counters keep DCGM's exposition (a ``co
 
 from __future__ import annotations
 
+import io
+import logging
 import math
 import operator
+import selectors
+import socket
 import threading
-from collections.abc import Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+import time
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any, ClassVar
 
 from prometheus_client import CollectorRegistry, generate_latest
 
 from collector.records import GpuIdentity, HostSample, NodeSnapshot, Placement, Reading
 from collector.signals import SIGNALS, clock_event_flags
+
+log = logging.getLogger(__name__)
 
 DCGM_LABELS = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "container", "namespace", "pod")
 
@@ -48,29 +55,49 @@ _LABELS_OF = operator.itemgetter(3)
 _FOLD_EVERY = 64
 
 
-class _Families:
-    """The families of one scrape as exposition text, in first-use order. Written directly: the
-    prometheus_client renderer took ~16 ms for an 8-GPU node, this takes a tenth of that."""
+_VALUE_OF = operator.itemgetter(1)
+
+
+class _Layout:
+    """The structure of one page, built when it changes: the families in first-use order, each with its text
+    and a slot for each sample value, and which value goes in each slot (see :meth:`PrometheusExposition.render`).
+    The prometheus_client renderer took ~16 ms for an 8-GPU node; writing each line took ~2-3 ms; filling the
+    kept text takes a fraction of that."""
 
     def __init__(self) -> None:
-        self.by_name: dict[str, tuple[str, str, list[str]]] = {}
+        # family -> (help, type, text pieces with None for each slot, value references: (source, position) per slot)
+        self.by_name: dict[str, tuple[str, str, list[str | None], list[tuple[int, int]]]] = {}
 
-    def add(self, family: str, doc: str, kind: str, sample: str, labels: str, value: float) -> None:
-        self.add_lines(family, doc, kind, [f"{sample}{{{labels}}} {format_value(value)}\n"])
-
-    def add_lines(self, family: str, doc: str, kind: str, lines: list[str]) -> None:
+    def add(self, family: str, doc: str, kind: str, pieces: tuple[str | None, ...],
+            refs: tuple[tuple[int, int], ...] = ()) -> None:
+        """``pieces``: text, None for each slot, filled by ``refs`` in order."""
         entry = self.by_name.get(family)
         if entry is None:
-            entry = self.by_name[family] = (doc, kind, [])
-        entry[2].extend(lines)
+            entry = self.by_name[family] = (doc, kind, [], [])
+        entry[2].extend(pieces)
+        entry[3].extend(refs)
 
-    def text(self) -> str:
-        out: list[str] = []
-        for name, (doc, kind, lines) in self.by_name.items():
+    def literal(self, family: str, doc: str, kind: str, text: str) -> None:
+        self.add(family, doc, kind, (text,))
+
+    def build(self, offsets: list[int]) -> tuple[list[str], Callable[[list[Any]], Any] | None, int]:
+        """(the page's text cut at its slots: text, slot, text, ..., text (slots as ""), a getter of the slots'
+        values from the sources' values laid end to end, how many slots)."""
+        segments: list[str] = []
+        text: list[str] = []
+        refs: list[int] = []
+        for name, (doc, kind, pieces, value_refs) in self.by_name.items():
             help_text = doc.replace("\\", "\\\\").replace("\n", "\\n")
-            out.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
-            out.extend(lines)
-        return "".join(out)
+            text.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
+            for piece in pieces:
+                if piece is None:
+                    segments += ("".join(text), "")
+                    text.clear()
+                else:
+                    text.append(piece)
+            refs.extend(offsets[source] + position for source, position in value_refs)
+        segments.append("".join(text))
+        return segments, operator.itemgetter(*refs) if refs else None, len(refs)
 
 
 class PrometheusExposition:
@@ -92,10 +119,18 @@ class PrometheusExposition:
         # host signals are read on their own cadence (every second): the last sample and when it was stored
         self._host: tuple[HostSample, int] | None = None
         # per (label text of the GPU or host, signal, labels): (family, help, type, "name{labels} ", scale);
-        # per (label text, clock-event bitmask): the lines of the decoded flags. Built at the first scrape
-        # that needs them: a scrape then writes one line per sample from a kept prefix.
+        # per (label text, clock-event bitmask): the text of the decoded flags. Built at the first scrape
+        # that needs them (heads: when a page's structure is built, see render).
         self._heads: dict[tuple[str, str, tuple[tuple[str, str], ...]], tuple[str, str, str, str, float]] = {}
-        self._flag_lines: dict[tuple[str, int], list[str]] = {}
+        self._flag_lines: dict[tuple[str, int], str] = {}
+        # the last page's structure (see render): its key; its text cut at the value slots, the getter of the
+        # slots' values and how many
+        self._layout_key: tuple[Any, ...] | None = None
+        # the text of each float value written (see render)
+        self._texts: dict[Any, str] = {}
+        # per (label text, series of a source): each series' scale, and where its clock-event readings are
+        self._scales: dict[tuple[str, tuple[Any, ...]], tuple[tuple[float, ...], tuple[int, ...]]] = {}
+        self._layout: tuple[list[str], Callable[[list[Any]], Any] | None, int] = ([""], None, 0)
         # snapshots not yet folded into _latest (see update), and the GPUs of the last one applied
         self._pending: list[NodeSnapshot] = []
         self._uuids: tuple[str, ...] = ()
@@ -158,7 +193,12 @@ class PrometheusExposition:
         return list(zip(DCGM_LABELS, values, strict=True))
 
     def render(self) -> str:
-        """The exposition text (format 0.0.4)."""
+        """The exposition text (format 0.0.4).
+
+        The page is a kept text with a slot for each sample value, filled in at each scrape: its
+        structure (the GPUs and their labels, the series each holds in order and which are missing, the host's,
+        the XID and process lines) is compared with the last scrape's, and the text is built again only
+        when it changed. Values are written as :func:`format_value` writes them."""
         with self._lock:
             self._fold()
             snapshot = self._snapshot
@@ -169,79 +209,173 @@ class PrometheusExposition:
             if self._host is not None and now - self._host[1] > self._stale_after_ns:
                 self._host = None
             host = self._host[0] if self._host is not None else None
-            for readings in self._latest.values():  # stale values are swept at scrapes, not every cycle
-                for key in [k for k, (_, at) in readings.items() if now - at > self._stale_after_ns]:
-                    del readings[key]
-            latest = {uuid: [r for r, _ in readings.values()] for uuid, readings in self._latest.items()}
-        families = _Families()
-        families.add("stacklens_agent_gpu_status", "1 for the agent's current GPU backend status.", "gauge",
-                     "stacklens_agent_gpu_status",
-                     label_text([("status", snapshot.gpu_status if snapshot else "starting")]), 1.0)
+            for stored in self._latest.values():  # stale values are swept at scrapes, not every cycle
+                for stale in [k for k, (_, at) in stored.items() if now - at > self._stale_after_ns]:
+                    del stored[stale]
+            latest = {uuid: ([r for r, _ in stored.values()], tuple(stored)) for uuid, stored in self._latest.items()}
+        status = snapshot.gpu_status if snapshot else "starting"
         if snapshot is None:
-            return families.text()
-        # pod labels: the pod that holds the GPU, when exactly one does (as dcgm-exporter does)
-        pods: dict[str, Placement] = {}
-        for p in placements:
-            if p.pod:
-                pods.setdefault(p.gpu_uuid, p)
-        for gs in snapshot.gpus:
-            pairs = self._gpu_labels(gs.gpu, pods.get(gs.gpu.uuid))
-            labels = label_text(pairs)  # escaped once per GPU and scrape
-            self._add_all(families, latest.get(gs.gpu.uuid, gs.readings), labels)
-            families.add("stacklens_gpu_info", "GPU identity; always 1.", "gauge", "stacklens_gpu_info",
-                         labels + "," + label_text([("driver_version", snapshot.driver_version or "")]), 1.0)
-            if gs.gpu.uuid in xid_last:
-                families.add("DCGM_FI_DEV_XID_ERRORS", SIGNALS["xid_last"].description, "gauge",
-                             "DCGM_FI_DEV_XID_ERRORS", labels, float(xid_last[gs.gpu.uuid]))
-            for (uuid, number), count in sorted(xid_counts.items()):
-                if uuid == gs.gpu.uuid:
-                    families.add("stacklens_xid_events_total", "XID events by number.", "counter",
-                                 "stacklens_xid_events_total", labels + f',xid="{number}"', float(count))
-        if host is not None:
-            host_labels = label_text([("Hostname", self._hostname)])
-            self._add_all(families, host.readings, host_labels)
-        by_uuid = {gs.gpu.uuid: gs.gpu for gs in snapshot.gpus}
+            key: tuple[Any, ...] = (status,)
+            sources: list[tuple[str, list[Reading], tuple[Any, ...]]] = []
+            extras: list[tuple[str, ...]] = []
+            processes: tuple[str, ...] = ()
+        else:
+            # pod labels: the pod that holds the GPU, when exactly one does (as dcgm-exporter does)
+            pods: dict[str, Placement] = {}
+            for p in placements:
+                if p.pod:
+                    pods.setdefault(p.gpu_uuid, p)
+            sources, extras = [], []
+            for gs in snapshot.gpus:
+                labels = label_text(self._gpu_labels(gs.gpu, pods.get(gs.gpu.uuid)))  # escaped once per GPU and scrape
+                got = latest.get(gs.gpu.uuid)
+                readings, keys = got if got is not None else (list(gs.readings),
+                                                              tuple((r[0], r[3]) for r in gs.readings))
+                sources.append((labels, readings, keys))
+                uuid = gs.gpu.uuid
+                extras.append((
+                    labels + "," + label_text([("driver_version", snapshot.driver_version or "")]),
+                    format_value(float(xid_last[uuid])) if uuid in xid_last else "",
+                    *(f'{labels},xid="{number}"}} {format_value(float(count))}'
+                      for (u, number), count in sorted(xid_counts.items()) if u == uuid)))
+            if host is not None:
+                sources.append((label_text([("Hostname", self._hostname)]), list(host.readings),
+                                tuple((r[0], r[3]) for r in host.readings)))
+            by_uuid = {gs.gpu.uuid: gs.gpu for gs in snapshot.gpus}
+            processes = tuple(
+                label_text([("gpu", str(gpu.index)), ("UUID", gpu.uuid), ("Hostname", self._hostname),
+                            ("pid", str(p.pid)), ("container_id", p.container_id or ""), ("pod", p.pod or ""),
+                            ("namespace", p.namespace or ""), ("container", p.container or "")])
+                + "} " + format_value(float(p.used_memory_bytes))
+                for p in placements if (gpu := by_uuid.get(p.gpu_uuid)) is not None and p.used_memory_bytes is not None)
+            key = (status, len(snapshot.gpus), host is not None)
+        # each source's values, missing ones where they are (a missing value has no line)
+        values: list[list[Any]] = []
+        shapes: list[tuple[Any, ...]] = []
+        for labels, readings, keys in sources:
+            vals = list(map(_VALUE_OF, readings))
+            missing = tuple(i for i, v in enumerate(vals) if v is None) if None in vals else ()
+            values.append(vals)
+            shapes.append((labels, keys, missing))
+        key = (*key, tuple(shapes), tuple(extras), processes)
+        if key != self._layout_key:
+            self._layout = self._build_layout(status, sources, shapes, extras, processes)
+            self._layout_key = key
+        segments, getter, count = self._layout
+        if getter is None:
+            return segments[0]
+        flat, finite = self._flat_values(sources, values)
+        args = getter(flat)
+        if count == 1:
+            args = (args,)
+        if finite:
+            # a float's shortest repr costs ~1 us, most of a scrape: the text of each value seen is kept (most
+            # values repeat: limits, temperatures, clocks, counters at rest), so a scrape writes only the new ones
+            texts = self._texts
+            if len(texts) > 50_000:
+                texts.clear()
+            out: list[Any] = list(map(texts.get, args))
+            if None in out:
+                for i, known in enumerate(out):
+                    if known is None:
+                        a = args[i]
+                        out[i] = written = repr(a) if a.__class__ is float else a
+                        if a:  # not 0.0: it equals -0.0, which is written differently
+                            texts[a] = written
+        else:  # NaN or an infinity (or a sum that overflows): written as Prometheus clients write them
+            out = [format_value(a) if a.__class__ is float else a for a in args]
+        page = segments.copy()
+        page[1::2] = out
+        return "".join(page)
+
+    def _flat_values(self, sources: list[tuple[str, list[Reading], tuple[Any, ...]]],
+                     values: list[list[Any]]) -> tuple[list[Any], bool]:
+        """Every source's values scaled to their unit (a missing one as 0.0: no line refers to it), end to end,
+        then the decoded clock-event flags of each source's clock-event readings, in source order; and whether
+        every value is finite."""
+        flat: list[Any] = []
+        flags: list[str] = []
+        mul = operator.mul
+        for (labels, readings, keys), vals in zip(sources, values, strict=True):
+            scales = self._scales.get((labels, keys))
+            if scales is None:
+                scales = self._scales_of(labels, readings, keys)
+            for pos in scales[1]:
+                if vals[pos] is not None:
+                    flags.append(self._flag_text(labels, int(vals[pos])))
+            present = [0.0 if v is None else v for v in vals] if None in vals else vals
+            flat += map(mul, present, scales[0])
+        finite = math.isfinite(sum(flat))
+        flat += flags
+        return flat, finite
+
+    def _scales_of(self, labels: str, readings: list[Reading], keys: tuple[Any, ...]
+                   ) -> tuple[tuple[float, ...], tuple[int, ...]]:
+        """Per series of a source: the scale to its unit; and the positions of its clock-event readings."""
+        scales = tuple(float(self._head_of(labels, r[0], r[3])[4]) for r in readings)
+        flag_positions = tuple(i for i, r in enumerate(readings) if r[0] == "clock_event_reasons")
+        entry = (scales, flag_positions)
+        if len(self._scales) < 1_000:
+            self._scales[(labels, keys)] = entry
+        return entry
+
+    def _build_layout(self, status: str, sources: list[tuple[str, list[Reading], tuple[Any, ...]]],
+                      shapes: list[tuple[Any, ...]], extras: list[tuple[str, ...]], processes: tuple[str, ...]
+                      ) -> tuple[list[str], Callable[[list[Any]], Any] | None, int]:
+        """The page's template: the families and their lines in the order they were always written (each GPU's
+        readings, its info and XID lines; the host's readings; the processes' memory)."""
+        layout = _Layout()
+        layout.literal("stacklens_agent_gpu_status", "1 for the agent's current GPU backend status.", "gauge",
+                       f"stacklens_agent_gpu_status{{{label_text([('status', status)])}}} 1.0\n")
+        offsets: list[int] = []
+        total = 0
+        for _, readings, _ in sources:
+            offsets.append(total)
+            total += len(readings)
+        n_sources = len(sources)
+        flag_index = 0
+        for source, ((labels, readings, _), (_, _, missing)) in enumerate(zip(sources, shapes, strict=True)):
+            skip = set(missing)
+            for pos, (signal, _, _, extra) in enumerate(readings):
+                if pos in skip:
+                    continue
+                family, doc, kind, prefix, _ = self._head_of(labels, signal, extra)
+                layout.add(family, doc, kind, (prefix, None, "\n"), ((source, pos),))
+                if signal == "clock_event_reasons":
+                    flag = SIGNALS["clock_event_reason_active"]
+                    layout.add(flag.prometheus_name, flag.description, "gauge", (None,), ((n_sources, flag_index),))
+                    flag_index += 1
+            if source < len(extras):  # a GPU (the host has none): its info and XID lines
+                info, last, *counts = extras[source]
+                layout.literal("stacklens_gpu_info", "GPU identity; always 1.", "gauge",
+                               f"stacklens_gpu_info{{{info}}} 1.0\n")
+                if last:
+                    layout.literal("DCGM_FI_DEV_XID_ERRORS", SIGNALS["xid_last"].description, "gauge",
+                                   f"DCGM_FI_DEV_XID_ERRORS{{{labels}}} {last}\n")
+                for line in counts:
+                    layout.literal("stacklens_xid_events_total", "XID events by number.", "counter",
+                                   f"stacklens_xid_events_total{{{line}\n")
         sig = SIGNALS["gpu_process_memory_bytes"]
-        for p in placements:
-            gpu = by_uuid.get(p.gpu_uuid)
-            if gpu is None or p.used_memory_bytes is None:
-                continue
-            families.add(sig.prometheus_name, sig.description, "gauge", sig.prometheus_name, label_text([
-                ("gpu", str(gpu.index)), ("UUID", gpu.uuid), ("Hostname", self._hostname), ("pid", str(p.pid)),
-                ("container_id", p.container_id or ""), ("pod", p.pod or ""), ("namespace", p.namespace or ""),
-                ("container", p.container or "")]), float(p.used_memory_bytes))
-        return families.text()
+        for line in processes:
+            layout.literal(sig.prometheus_name, sig.description, "gauge", f"{sig.prometheus_name}{{{line}\n")
+        offsets.append(total)  # the flags come after every source's values
+        return layout.build(offsets)
 
-    def _add_all(self, families: _Families, readings: Iterable[Reading], labels: str) -> None:
-        """One line per reading with a value, from the kept "name{labels} " prefix of its series (the
-        scrape's inner loop: ~700 samples on an 8-GPU node)."""
-        heads, by_name = self._heads, families.by_name
-        for signal, value, _, extra in readings:
-            if value is None:
-                continue
-            head = heads.get((labels, signal, extra))
-            if head is None:
-                head = self._head((labels, signal, extra))
-            family, doc, kind, prefix, scale = head
-            v = value * scale
-            line = prefix + (repr(float(v)) if v - v == 0 else format_value(v)) + "\n"  # finite: repr as format_value
-            entry = by_name.get(family)
-            if entry is None:
-                entry = by_name[family] = (doc, kind, [])
-            entry[2].append(line)
-            if signal == "clock_event_reasons":
-                self._add_flags(families, int(value), labels)
-
-    def _add_flags(self, families: _Families, mask: int, labels: str) -> None:
-        """The decoded clock-event reasons, one flag each: the lines are kept per GPU and bitmask."""
-        flag = SIGNALS["clock_event_reason_active"]
-        lines = self._flag_lines.get((labels, mask))
-        if lines is None:
-            lines = [f'{flag.prometheus_name}{{{labels},reason="{reason}"}} {format_value(active)}\n'
-                     for reason, active in clock_event_flags(mask)]
+    def _flag_text(self, labels: str, mask: int) -> str:
+        """The decoded clock-event reasons, one flag a line: kept per GPU and bitmask."""
+        text = self._flag_lines.get((labels, mask))
+        if text is None:
+            flag = SIGNALS["clock_event_reason_active"]
+            text = "".join(f'{flag.prometheus_name}{{{labels},reason="{reason}"}} {format_value(active)}\n'
+                           for reason, active in clock_event_flags(mask))
             if len(self._flag_lines) < 10_000:
-                self._flag_lines[(labels, mask)] = lines
-        families.add_lines(flag.prometheus_name, flag.description, "gauge", lines)
+                self._flag_lines[(labels, mask)] = text
+        return text
+
+    def _head_of(self, labels: str, signal: str, extra: tuple[tuple[str, str], ...]
+                 ) -> tuple[str, str, str, str, float]:
+        head = self._heads.get((labels, signal, extra))
+        return head if head is not None else self._head((labels, signal, extra))
 
     def _head(self, key: tuple[str, str, tuple[tuple[str, str], ...]]) -> tuple[str, str, str, str, float]:
         labels, signal, extra = key
@@ -260,9 +394,43 @@ class PrometheusExposition:
         return head
 
 
+# the most a request may take to arrive (in all: a client sending a byte at a time cannot hold the server),
+# and to be sent its answer
+REQUEST_TIMEOUT_S = 5.0
+# the most a request's line and headers may hold (a scrape sends a few hundred bytes)
+_MAX_REQUEST_HEAD = 65536
+
+
+def _read_head(conn: socket.socket, deadline: float) -> bytes:
+    """The request line and headers (and whatever came with them), read by ``deadline`` (monotonic) at the
+    latest: TimeoutError past it, whatever the client trickles in meanwhile."""
+    data = b""
+    while b"\r\n\r\n" not in data and b"\n\n" not in data and len(data) <= _MAX_REQUEST_HEAD:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the /metrics request did not arrive in time")
+        conn.settimeout(remaining)
+        chunk = conn.recv(8192)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 class _MetricsHandler(BaseHTTPRequestHandler):
     exposition: PrometheusExposition
     registry: CollectorRegistry | None
+    # HTTP/1.0 (the default): one request per connection, so no idle kept-alive connection holds the one thread.
+    # The socket's timeout: sending the answer (one sendall) is bounded by it in all.
+    timeout: ClassVar[float | None] = REQUEST_TIMEOUT_S
+
+    def setup(self) -> None:
+        super().setup()
+        # the request is read in full here, under one deadline; the handler then parses it from memory
+        limit = self.timeout or REQUEST_TIMEOUT_S
+        self.rfile.close()
+        self.rfile = io.BytesIO(_read_head(self.connection, time.monotonic() + limit))
+        self.connection.settimeout(limit)
 
     def do_GET(self) -> None:
         if self.path.split("?", 1)[0] not in ("/metrics", "/"):
@@ -282,11 +450,67 @@ class _MetricsHandler(BaseHTTPRequestHandler):
         return
 
 
+class MetricsServer(HTTPServer):
+    """Serves /metrics on one thread that sleeps until a connection comes or :meth:`shutdown` wakes it: no
+    periodic poll (``serve_forever``'s default wakes twice a second), and each request answered on that thread
+    (no thread started per scrape). A slow client is cut off after ``request_timeout_s`` to send its request and
+    as long again to take the answer, so it holds the next scrape up by that much at most."""
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._closing = False
+        self.thread: threading.Thread | None = None
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Serve until :meth:`shutdown` (``poll_interval`` is unused: shutdown wakes the thread itself)."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.socket, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while not self._closing:
+                for key, _ in selector.select():
+                    if key.fileobj is self.socket and not self._closing:
+                        self._handle_one()
+
+    def _handle_one(self) -> None:
+        """Accept the waiting connection and answer it here (socketserver's own steps, no thread)."""
+        try:
+            request, client_address = self.get_request()
+        except OSError:
+            return
+        try:
+            self.process_request(request, client_address)  # HTTPServer's: finish, then shut the connection
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.serve_forever, name="stacklens-metrics", daemon=True)
+        self.thread.start()
+
+    def shutdown(self) -> None:
+        """Stop serving (after the request being answered, if any) and wait for the serving thread."""
+        self._closing = True
+        self._wake_w.send(b"\0")
+        if self.thread is not None:
+            self.thread.join()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a client that went away or was too slow: not the agent's problem, and not worth a traceback on stderr
+        log.debug("/metrics request from %s failed", client_address, exc_info=True)
+
+
 def serve_metrics(address: str, port: int, exposition: PrometheusExposition,
-                  registry: CollectorRegistry | None = None) -> ThreadingHTTPServer:
+                  registry: CollectorRegistry | None = None,
+                  request_timeout_s: float = REQUEST_TIMEOUT_S) -> MetricsServer:
     """Serve /metrics on a daemon thread: the snapshot's exposition, then the agent's own metrics."""
-    handler = type("MetricsHandler", (_MetricsHandler,), {"exposition": exposition, "registry": registry})
-    server = ThreadingHTTPServer((address, port), handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="stacklens-metrics", daemon=True).start()
+    handler = type("MetricsHandler", (_MetricsHandler,), {"exposition": exposition, "registry": registry,
+                                                          "timeout": request_timeout_s})
+    server = MetricsServer((address, port), handler)
+    server.start()
     return server

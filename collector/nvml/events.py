@@ -34,12 +34,14 @@ class XidWatcher:
         access: NvmlAccess,
         devices: list[tuple[GpuIdentity, Any]],
         clock_ns: Callable[[], int],
-        wait_ms: int = 500,
+        wait_ms: int = 2000,
     ) -> None:
         self._access = access
         self._devices = devices
         self._by_handle = {handle_key(h): ident for ident, h in devices}
         self._clock_ns = clock_ns
+        # each wait that ends without an event is a wake-up (and an NVMLError raised and caught): the thread wakes
+        # every wait_ms when idle, and stop() waits for the wait under way (stopping matters at exit only)
         self._wait_ms = wait_ms
         self._events: list[XidEvent] = []
         self._lock = threading.Lock()

@@ -49,7 +49,7 @@ from collector.nvml.fields import (
     FieldSpec,
     field_plan,
 )
-from collector.nvml.pcie import PcieCounterPoller, wrap_safe_period_s
+from collector.nvml.pcie import PcieCounterPoller, poll_plan, wrap_safe_period_s, wrap_time_s
 from collector.records import GpuIdentity, GpuProcess, GpuSample, Reading, XidEvent
 
 log = logging.getLogger(__name__)
@@ -257,6 +257,7 @@ class NvmlGpuSource:
         self._want_counter_poll = pcie_counter_poll
         self._counters: PcieCounterPoller | None = None
         self._polled: set[int] = set()
+        self.counter_poll_errors = 0  # the cycle's PCIe counter polls that raised
         self._status = "closed"
         self._driver: str | None = None
         self._cycles = 0
@@ -306,25 +307,29 @@ class NvmlGpuSource:
         if not self._want_counter_poll:
             return
         chosen: list[tuple[int, Any]] = []
-        period = float("inf")
+        safe_period = wrap = float("inf")
         for dev in self._devices:
             i, h = dev.ident.index, dev.handle
             values = self.access.field_values(i, h, [(fid, 0) for fid in PCIE_BYTE_FIELDS])
             if len([v for v in values if v.value is not None]) < len(PCIE_BYTE_FIELDS):
                 continue
-            safe = wrap_safe_period_s(self.access.call("nvmlDeviceGetMaxPcieLinkGeneration", i, h),
-                                      self.access.call("nvmlDeviceGetMaxPcieLinkWidth", i, h))
+            gen = self.access.call("nvmlDeviceGetMaxPcieLinkGeneration", i, h)
+            width = self.access.call("nvmlDeviceGetMaxPcieLinkWidth", i, h)
+            safe = wrap_safe_period_s(gen, width)
             if self._interval_s <= safe:
                 continue
             chosen.append((i, h))
-            period = min(period, safe)
+            safe_period = min(safe_period, safe)
+            wrap = min(wrap, wrap_time_s(gen, width))
             dev.set_requests(tuple(f for f in dev.fast_request if f[0] not in PCIE_BYTE_FIELDS))
             self._polled.add(i)
         if chosen:
-            self._counters = PcieCounterPoller(self.access, chosen, period)
+            # k polls an interval, evenly spaced: each cycle does one (sample), the poller's thread the k-1 between
+            k, period = poll_plan(self._interval_s, safe_period)
+            self._counters = PcieCounterPoller(self.access, chosen, period, per_cycle=k, late_after_s=wrap)
             self._counters.start()
-            log.info("PCIe byte counters of %d GPU(s) polled every %.0f ms (32-bit, wrap-safe)", len(chosen),
-                     period * 1e3)
+            log.info("PCIe byte counters of %d GPU(s) polled every %.0f ms (32-bit, wrap-safe; %d a cycle, one of "
+                     "them by the cycle)", len(chosen), period * 1e3, k)
 
     def _open_device(self, index: int, plan: tuple[FieldSpec, ...]) -> _Device | None:
         a = self.access
@@ -377,6 +382,15 @@ class NvmlGpuSource:
         sample (and whenever ``slow``), the slow tier when ``slow``."""
         medium = slow or self._cycles % self._medium_every == 0
         self._cycles += 1
+        if self._counters is not None:
+            # one of the wrap-safe polls of the PCIe counters is the cycle's own (it is awake anyway), made first so
+            # that this sample's rates are as of now; the poller's thread makes the ones between the cycles
+            try:
+                self._counters.cycle_poll()
+            except Exception:  # never the sample's loss: the rates are then as of the poll before
+                self.counter_poll_errors += 1
+                if self.counter_poll_errors == 1:
+                    log.exception("PCIe counter poll in the cycle failed; continuing (logged once, counted)")
         out = []
         for dev in self._devices:
             i = dev.ident.index
