@@ -274,6 +274,13 @@ def unit_candidates(ev: Evidence, lat: dict[str, UnitLatency]) -> list[Candidate
                   and ceiling > 0 and running.inc_high <= 0.85 * ceiling
                   and running.inc_median >= 0.75 * running.inc_high
                   and (kv is None or (kv.inc_high or 0.0) < 0.9))
+        # the queue as the engine reports it (its waiting gauge, every cycle) shows a minute or more before the
+        # queue times of the requests that waited, which are known only once they end; the latency it makes then
+        # shows in their TTFT first
+        waiting_up = (waiting is not None and waiting.inc_high is not None
+                      and waiting.inc_high >= max(1.0, 2.0 * (waiting.base_high or 0.0)))
+        queue_symptom = "queue" if queue_up else "ttft"
+        queue_up = queue_up or waiting_up
         if queue_up and arrival_ratio >= 1.25 and not capped:
             strength = 0.55 + 0.35 * min(1.0, (arrival_ratio - 1.0))
             out.append(Candidate("scheduling", "queueing", strength, [key], ul.unit.gpu_ids[0] if ul.unit.gpu_ids
@@ -281,9 +288,28 @@ def unit_candidates(ev: Evidence, lat: dict[str, UnitLatency]) -> list[Candidate
                                  [_raw("arrival_rate_per_s", rates[0], rates[1], "1/s"),
                                   _raw("queue_time_p90_s", ul.queue_base_s, ul.queue_inc_s, "s"),
                                   _ev("engine_requests_waiting", waiting), _ev("engine_requests_running", running)],
-                                 "queue", f"arrivals {arrival_ratio:.1f}x baseline, queue time p90 "
-                                          f"{ul.queue_base_s:.2f}s → {ul.queue_inc_s:.2f}s", pid=ul.unit.pid,
-                                 since_ns=since))
+                                 queue_symptom, f"arrivals {arrival_ratio:.1f}x baseline, " + (
+                                     f"queue time p90 {ul.queue_base_s:.2f}s → {ul.queue_inc_s:.2f}s"
+                                     if queue_symptom == "queue" else
+                                     f"up to {(waiting.inc_high if waiting else 0) or 0:.0f} requests waiting"),
+                                 pid=ul.unit.pid, since_ns=since))
+        elif (not capped and not kv_hot and arrival_ratio >= _LOAD_ARRIVALS and running is not None
+              and running.base_high and running.base_median and running.inc_median is not None
+              and running.inc_median >= max(_LOAD_BATCH * running.base_median, running.base_high)):
+            # the queue's leading edge: more arrivals, and the engine already runs a batch well above anything
+            # it ran in the baseline (the gauge moves at once; the queue and its queue time come a minute or two
+            # later, when the batch reaches max_num_seqs, and requests' queue times only when they end). A
+            # slower GPU grows the batch too (Little's law), but not the arrivals; the candidate is the same
+            # cause and culprit as the queueing above, so the incident goes on when the queue forms
+            strength = 0.5 + 0.35 * min(1.0, arrival_ratio - 1.0)
+            out.append(Candidate("scheduling", "queueing", strength, [key], ul.unit.gpu_ids[0] if ul.unit.gpu_ids
+                                 else None, ul.unit.node_id,
+                                 [_raw("arrival_rate_per_s", rates[0], rates[1], "1/s"),
+                                  _ev("engine_requests_running", running), _ev("engine_requests_waiting", waiting),
+                                  _raw("queue_time_p90_s", ul.queue_base_s, ul.queue_inc_s, "s")],
+                                 "any", f"arrivals {arrival_ratio:.1f}x baseline and the batch at "
+                                        f"{running.inc_median:.0f} running requests (at most {running.base_high:.0f}"
+                                        " in the baseline): a queue is forming", pid=ul.unit.pid, since_ns=since))
         elif queue_up and capped and arrival_ratio < 1.25 and running is not None:
             strength = 0.6 + 0.3 * min(1.0, (1.0 - (running.inc_high or 0.0) / ceiling) / 0.3)
             out.append(Candidate("scheduling", "batching", strength, [key], ul.unit.gpu_ids[0] if ul.unit.gpu_ids
@@ -292,7 +318,7 @@ def unit_candidates(ev: Evidence, lat: dict[str, UnitLatency]) -> list[Candidate
                                   _ev("engine_requests_running", running), _ev("engine_requests_waiting", waiting),
                                   _raw("queue_time_p90_s", ul.queue_base_s, ul.queue_inc_s, "s"),
                                   _ev("engine_kv_cache_usage_ratio", kv)],
-                                 "queue", f"batch held at {running.inc_high:.0f} running requests (up to "
+                                 queue_symptom, f"batch held at {running.inc_high:.0f} running requests (up to "
                                           f"{ceiling:.0f} before or on its peers) while requests queue and KV "
                                           "cache is free: "
                                           "max_num_seqs or the token budget too low", pid=ul.unit.pid))
@@ -315,6 +341,10 @@ def unit_candidates(ev: Evidence, lat: dict[str, UnitLatency]) -> list[Candidate
 
 
 _SYMPTOM_RATIO = 1.08
+# the queue's leading edge (unit_candidates): arrivals at least this much over the baseline, and the running batch's
+# median this much over the baseline's median and above the baseline's 95th percentile
+_LOAD_ARRIVALS = 1.35
+_LOAD_BATCH = 1.25
 
 
 def score(c: Candidate, lat: dict[str, UnitLatency]) -> tuple[float, float]:
