@@ -11,7 +11,7 @@ ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
-# a C compiler for the OTLP decoders' compiled fast paths (setup.py: correlator/ingest/_fast*.c); the
+# a C compiler for the compiled fast paths (setup.py: correlator/ingest/_fast*.c, collector/nvml/_fastfields.c); the
 # runtime stage installs the built wheel and needs none
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml setup.py README.md ./

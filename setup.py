@@ -1,5 +1,6 @@
 """The compiled part of the build: the OTLP decoders' fast paths (correlator/ingest/_fastspans.c for spans,
-_fastmetrics.c for metrics, sharing _otlp_wire.h), plain C loaded with ctypes. Optional: without a C compiler
+_fastmetrics.c for metrics, sharing _otlp_wire.h) and the agent's NVML field decoder
+(collector/nvml/_fastfields.c), plain C loaded with ctypes. Optional: without a C compiler
 the install goes on and everything takes the pure-Python path. Everything else about the package is in
 pyproject.toml."""
 
@@ -14,4 +15,7 @@ setup(ext_modules=[
               extra_compile_args=_FLAGS, optional=True),
     Extension("correlator.ingest._fastmetrics", ["correlator/ingest/_fastmetrics.c"], depends=_WIRE,
               extra_compile_args=_FLAGS, optional=True),
+    # the agent's field decoder (collector/nvml/compiled.py loads it)
+    Extension("collector.nvml._fastfields", ["collector/nvml/_fastfields.c"], extra_compile_args=_FLAGS,
+              optional=True),
 ])

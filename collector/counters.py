@@ -51,6 +51,15 @@ class CounterRates:
         self.resets += 1
         return None
 
+    @property
+    def wrap_window(self) -> float:
+        return self._wrap_window
+
+    def adopt(self, key: Hashable, value: int, time_ns: int) -> None:
+        """Take over a counter's previous read (value, its time in ns) kept elsewhere until now (the compiled
+        field decoder's slots, see collector/nvml/compiled.py)."""
+        self._last[key] = (value, time_ns)
+
     def forget(self, key_prefix: Hashable) -> None:
         """Drop every counter whose key is a tuple starting with ``key_prefix`` (a lost GPU)."""
         for key in [k for k in self._last if isinstance(k, tuple) and k and k[0] == key_prefix]:

@@ -44,6 +44,15 @@ def standin_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # -- tiers through the stand-in ---------------------------------------------------------------------
+def _run_on_standin(code: str, standin_lib: Path, script: Path) -> Any:
+    """Run ``code`` in a Python of its own against the stand-in (LD_LIBRARY_PATH set before it starts); the JSON
+    it prints."""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=standin_env(standin_lib, script),
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
 def test_tiers_at_100ms_fast_every_cycle_medium_and_host_once_a_second(standin_lib: Path, tmp_path: Path) -> None:
     proc, calls = run_agent(standin_lib, h100_node(gpus=2), tmp_path, "--interval", "100ms", "--cycles", "12",
                             "-o", "json", "--prometheus-port", "0", "--no-xid-events", call_log=True)
@@ -129,10 +138,7 @@ def test_pcie_counter_poller_unwraps_and_feeds_the_sampler(standin_lib: Path, tm
             out.append(poller.latest[0])
         print(json.dumps(out))
     """)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=standin_env(standin_lib, path),
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 0, proc.stderr
-    polls = json.loads(proc.stdout)
+    polls = _run_on_standin(code, standin_lib, path)
     tx = [dict((fid, (total, t)) for fid, total, t in poll)[197] for poll in polls]
     assert [total for total, _ in tx] == [0, top - 4000, top, top + 1000 + 3000, top + 1000 + 9000]  # unwrapped
     assert [t for _, t in tx] == [(BASE_US + k * STEP_US) * 1000 for k in range(5)]  # NVML's times
@@ -181,10 +187,7 @@ def test_pcie_poller_catches_every_wrap_at_the_links_maximum_rate(standin_lib: P
         print(json.dumps({{"polls": out, "errors": [list(k) + [n] for k, n in a.errors.items()],
                           "lost": sorted(a._lost)}}))
     """)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=standin_env(standin_lib, path),
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
+    result = _run_on_standin(code, standin_lib, path)
     views = result["polls"]
     gpu0 = [dict((fid, (total, t)) for fid, total, t in poll["0"]) for poll in views]
     assert sum(1 for a, b in itertools.pairwise(tx0) if b < a) >= 8  # the raw counter wraps most polls
@@ -374,10 +377,7 @@ def test_each_sample_makes_one_of_the_pcie_polls_first(standin_lib: Path, tmp_pa
             src.close()
         print(json.dumps(out))
     """)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=standin_env(standin_lib, path),
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    out = _run_on_standin(code, standin_lib, path)
     assert out["plan"] == [2, 0.05] and out["before"] == [1, 0]  # start-up's poll
     assert [s[:2] for s in out["samples"]] == [[2, 1], [3, 2], [4, 3]]  # one poll per sample, the cycle's
     for _, _, reading_times, poll_times in out["samples"]:
@@ -642,10 +642,7 @@ def test_prepared_getters_answer_as_access_call(standin_lib: Path, tmp_path: Pat
             a.shutdown()
         print(json.dumps(out))
     """)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=standin_env(standin_lib, path),
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    out = _run_on_standin(code, standin_lib, path)
     assert out["prepared"] == out["call"]
     rows = out["prepared"]["rows"]
     assert rows[:4] == [[1980, 0, [97, 61]], [1755, 4, [97, 61]], [1410, 0x44, [97, 61]], [1410, 0x44, [97, 61]]]

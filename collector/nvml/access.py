@@ -366,6 +366,22 @@ class PreparedCall:
             return self._convert(self._out)
         return a._failed(name, device, self._key, nvml.NVMLError(ret))
 
+    def function_address(self) -> int | None:
+        """The address of the NVML function this call makes, when it can be made as is now (the GPU not lost,
+        the function present and resolved, nothing NOT_SUPPORTED): for a caller that makes it from C and hands
+        the answer to :meth:`failed`."""
+        a = self._access
+        if (self._fn is None or self._device in a._lost or self._name in a._missing_functions
+                or (self._name, self._device, self._key) in a._unsupported):
+            return None
+        return ctypes.cast(self._fn, ctypes.c_void_p).value
+
+    def failed(self, ret: int) -> Any:
+        """What :meth:`__call__` answers when NVML returned ``ret`` (not SUCCESS) for a call made elsewhere:
+        the same verdicts (NOT_SUPPORTED remembered, GpuLost raised, errors counted), None."""
+        a = self._access
+        return a._failed(self._name, self._device, self._key, a.nvml.NVMLError(ret))
+
 
 class FieldReader:
     """A prepared batched field read of one device (:meth:`NvmlAccess.field_reader`). It reuses the
@@ -415,6 +431,19 @@ class FieldReader:
                 self.quads = memoryview(array).cast("B").cast("Q")
                 self._rcs = self.words[_RC_WORD::_ROW_WORDS]
         return wanted, buf
+
+    def ready(self) -> bool:
+        """Whether the next :meth:`read_in_place` would make its call into :attr:`array` as prepared (nothing
+        changed since); a caller may then make that call itself and hand its answer to :meth:`answer`."""
+        a = self._access
+        return (self._args is not None and self._rcs is not None and self._generation == len(a._unsupported)
+                and self._device not in a._lost and a._field_fn is not None)
+
+    def answer(self, ret: int) -> tuple[_Fields, bytes]:
+        """What :meth:`read_in_place` returns after a call made elsewhere into :attr:`array` that returned
+        ``ret`` where NVML did not answer every field with SUCCESS; the same verdicts."""
+        buf = self._access._field_result(self._device, self.wanted, ret, self.array)
+        return (self.wanted, buf) if buf else ((), b"")
 
     def read_in_place(self) -> tuple[_Fields, bytes] | None:
         """Like :meth:`read`, without copying the rows when nothing is unusual: None when NVML answered

@@ -23,11 +23,13 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 from collector.counters import CounterRates
+from collector.nvml import compiled
 from collector.nvml.access import (
     FIELD_ROW,
     VALUE_TYPES_32,
@@ -124,6 +126,37 @@ def _decoder(plan: dict[tuple[int, int], _PlanEntry], wanted: tuple[tuple[int, i
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
+def _decode_job(slots: compiled.Slots, decoder: _Decoder, medium: bool, nrows: int) -> compiled.DecodeJob:
+    """The compiled decoder's plan for ``decoder``'s rows: the outputs of :meth:`NvmlGpuSource._read`'s loops,
+    in their order (the fields, then per link group its total and, on medium cycles, each link's rate)."""
+    items: list[tuple[int, int, int, Hashable | None, float]] = []
+    signals: list[str] = []
+    labels: list[_Labels] = []
+    meta: list[Any] = []
+    for entry in decoder.fields:
+        pos, _key, signal, treatment, scale, lab, counter_key = entry
+        rate = treatment == "rate"
+        items.append((compiled.K_RATE if rate else compiled.K_GAUGE, pos, 1, counter_key if rate else None, scale))
+        signals.append(signal)
+        labels.append(lab)
+        meta.append(entry)
+    for group in decoder.links:
+        first, count = group.positions[0], len(group.positions)
+        contiguous = group.positions == tuple(range(first, first + count))
+        items.append((compiled.K_LINKS if contiguous else compiled.K_PY, first, count, group.total_key, group.scale))
+        signals.append(group.total_signal)
+        labels.append(())
+        meta.append(group)
+        if medium:
+            for pos, key, lab, counter_key in zip(group.positions, group.keys, group.labels, group.counter_keys,
+                                                  strict=True):
+                items.append((compiled.K_RATE, pos, 1, counter_key, group.scale))
+                signals.append(group.signal)
+                labels.append(lab)
+                meta.append((pos, key, group.signal, "rate", group.scale, lab, counter_key))
+    return compiled.DecodeJob(slots, items, signals, labels, meta, nrows)
+
+
 def _ctypes_value(out: Any) -> Any:
     return out.value
 
@@ -171,6 +204,10 @@ class _Device:
     readers: dict[str, FieldReader] = field(default_factory=dict)  # per tier: fast, medium, slow
     getters: tuple[PreparedCall, PreparedCall, PreparedCall] | None = None  # SM clock, reasons, utilisation
     last_decoder: dict[str, tuple[tuple[tuple[int, int], ...], _Decoder]] = field(default_factory=dict)
+    # the compiled decoder's counter slots, and its plans per (request, medium cycle); the last one per tier
+    slots: compiled.Slots | None = None
+    jobs: dict[tuple[tuple[tuple[int, int], ...], bool], compiled.DecodeJob] = field(default_factory=dict)
+    last_job: dict[str, tuple[tuple[tuple[int, int], ...], compiled.DecodeJob]] = field(default_factory=dict)
 
     @property
     def request(self) -> tuple[tuple[int, int], ...]:
@@ -249,6 +286,14 @@ class NvmlGpuSource:
         self._pcie_poll_interval_s = pcie_poll_interval_s
         self._devices: list[_Device] = []
         self._rates = CounterRates()
+        # the compiled field decoder (collector/nvml/compiled.py), None for the Python loops below
+        # (its counter rules are CounterRates' with the default wrap window)
+        lib = compiled.load() if self._rates.wrap_window == 0.25 else None
+        self._decode_fn: Any = lib.decode if lib is not None else None
+        self._sample_fn: Any = lib.sample if lib is not None else None
+        # the fast-tier reads made by one compiled call per cycle (_batch_read): its GPUs' jobs, their addresses,
+        # the access layer's verdict counts it was made for, and whether every GPU not lost is in it
+        self._batch: tuple[dict[int, compiled.DecodeJob], Any, tuple[int, int, int], bool] | None = None
         self._xid: XidWatcher | None = None
         self._pcie: _PcieThroughputPoller | None = None
         self._interval_s = interval_s
@@ -277,6 +322,7 @@ class NvmlGpuSource:
         if self._status != "closed":  # a retry after a failed start: start from scratch
             self.access.reset()
             self._devices.clear()
+        self._batch = None
         result = self.access.init()
         self._status = result.status
         self._driver = result.driver_version
@@ -391,6 +437,8 @@ class NvmlGpuSource:
                 self.counter_poll_errors += 1
                 if self.counter_poll_errors == 1:
                     log.exception("PCIe counter poll in the cycle failed; continuing (logged once, counted)")
+        # on fast cycles every GPU's batched read and three getters in one compiled call, where they can be made
+        batched = self._batch_read(now_ns) if self._sample_fn is not None and not medium else None
         out = []
         for dev in self._devices:
             i = dev.ident.index
@@ -398,9 +446,12 @@ class NvmlGpuSource:
                 out.append(self._lost_sample(dev, now_ns))
                 continue
             try:
-                readings, procs = self._read(dev, now_ns, slow, medium, processes)
+                readings, procs = self._read(dev, now_ns, slow, medium, processes,
+                                             batched.get(i) if batched is not None else None)
             except GpuLost:
                 self._rates.forget(i)
+                if dev.slots is not None:
+                    dev.slots.forget()
                 out.append(self._lost_sample(dev, now_ns))
                 continue
             out.append(GpuSample(dev.ident, now_ns, tuple(readings), procs))
@@ -421,8 +472,53 @@ class NvmlGpuSource:
             self._pcie = _PcieThroughputPoller(self.access, without, self._clock_ns, self._pcie_poll_interval_s)
             self._pcie.start()
 
-    def _read(self, dev: _Device, now_ns: int, slow: bool, medium: bool, processes: bool
-              ) -> tuple[list[Reading], tuple[GpuProcess, ...]]:
+    def _batch_read(self, now_ns: int) -> dict[int, compiled.DecodeJob] | None:
+        """The fast-tier calls of every GPU whose reads are prepared and usable as they are (see
+        :meth:`_prepare_batch`), made by one compiled call (sl_sample); per GPU index its job with the answers."""
+        a = self.access
+        gen = (len(a._unsupported), len(a._missing_functions), len(a._lost))
+        batch = self._batch
+        if batch is None or batch[2] != gen or not batch[3]:
+            batch = self._batch = self._prepare_batch(gen)
+        jobs, addresses, _, _ = batch
+        if not jobs:
+            return None
+        self._sample_fn(addresses, len(jobs), now_ns)
+        return jobs
+
+    def _prepare_batch(self, gen: tuple[int, int, int]
+                       ) -> tuple[dict[int, compiled.DecodeJob], Any, tuple[int, int, int], bool]:
+        """Which GPUs sl_sample reads: those whose fast-tier field read is prepared (FieldReader.ready), whose
+        three getters can be called as they are (PreparedCall.function_address), and whose decoding plan for that
+        request exists; each job given the functions, the handle and the request's array."""
+        jobs: dict[int, compiled.DecodeJob] = {}
+        complete = True
+        for dev in self._devices:
+            i = dev.ident.index
+            if self.access.is_lost(i):
+                continue
+            reader, getters = dev.readers.get("fast"), dev.getters
+            last, decoded = dev.last_job.get("fast"), dev.last_decoder.get("fast")
+            if (reader is None or getters is None or last is None or decoded is None or not reader.ready()
+                    or last[0] is not reader.wanted or decoded[0] is not reader.wanted or reader.array is None):
+                complete = False
+                continue
+            field_fn = ctypes.cast(self.access._field_fn, ctypes.c_void_p).value
+            fns = [g.function_address() for g in getters]
+            handle = ctypes.cast(dev.handle, ctypes.c_void_p).value
+            if field_fn is None or handle is None or None in fns:
+                complete = False
+                continue
+            job = last[1]
+            c = job.job
+            c.field_fn, (c.clock_fn, c.reasons_fn, c.util_fn) = field_fn, fns
+            c.handle, c.array = handle, ctypes.addressof(reader.array)
+            jobs[i] = job
+        addresses = (ctypes.c_void_p * max(1, len(jobs)))(*[job.addr for job in jobs.values()])
+        return jobs, addresses, gen, complete
+
+    def _read(self, dev: _Device, now_ns: int, slow: bool, medium: bool, processes: bool,
+              batched: compiled.DecodeJob | None = None) -> tuple[list[Reading], tuple[GpuProcess, ...]]:
         a = self.access
         i, h = dev.ident.index, dev.handle
         # Readings built with tuple.__new__: ~40 % cheaper than the NamedTuple constructor, and these loops
@@ -430,7 +526,7 @@ class NvmlGpuSource:
         new, reading = tuple.__new__, Reading
         readings: list[Reading] = [new(reading, ("gpu_lost", 0.0, now_ns, ()))]
         add = readings.append
-        rates_of, unsupported = self._rates.update, a.is_unsupported
+        rates_of = self._rates.update
         tier = "slow" if slow else "medium" if medium else "fast"
         reader = dev.readers.get(tier)
         if reader is None:
@@ -440,18 +536,61 @@ class NvmlGpuSource:
         words: memoryview | None
         quads: memoryview | None
         buf: Any
-        if (result := reader.read_in_place()) is None:
-            wanted, buf, words, quads = reader.wanted, reader.array, reader.words, reader.quads
+        decoded = batched is not None and batched.job.state == 2
+        if batched is not None:  # this cycle's calls were made by sl_sample
+            a.calls += batched.job.ncalled
+        if batched is not None and decoded:  # every field answered, and sl_sample decoded the rows
+            decoder = dev.last_decoder[tier][1]
+            self._emit(dev, batched, medium, reader.array, now_ns, readings)
         else:
-            (wanted, buf), quads = result, None
-            words = memoryview(buf).cast("I") if buf else None
-        last = dev.last_decoder.get(tier)
-        if last is not None and last[0] is wanted:  # the same prepared request as last time
-            decoder = last[1]
-        else:
-            decoder = dev.decoders.get(wanted) or _decoder(dev.plan, wanted)
-            dev.decoders[wanted] = decoder
-            dev.last_decoder[tier] = (wanted, decoder)
+            result = reader.answer(batched.job.rets[0]) if batched is not None else reader.read_in_place()
+            if result is None:
+                wanted, buf, words, quads = reader.wanted, reader.array, reader.words, reader.quads
+            else:
+                (wanted, buf), quads = result, None
+                words = memoryview(buf).cast("I") if buf else None
+            last = dev.last_decoder.get(tier)
+            if last is not None and last[0] is wanted:  # the same prepared request as last time
+                decoder = last[1]
+            else:
+                decoder = dev.decoders.get(wanted) or _decoder(dev.plan, wanted)
+                dev.decoders[wanted] = decoder
+                dev.last_decoder[tier] = (wanted, decoder)
+            if self._decode_fn is not None:
+                self._decode_compiled(dev, tier, wanted, decoder, medium, buf, now_ns, readings)
+            else:
+                self._decode_loops(dev, decoder, medium, buf, words, quads, now_ns, add)
+        # fallbacks for drivers without the power/energy fields (not for fields merely off-tier this cycle:
+        # the energy getter costs as much as the energy field, ~2.8 ms on an H100)
+        if (not decoder.has_power and a.is_unsupported("field", i, (FI_POWER_INSTANT, 0))
+                and (mw := a.call("nvmlDeviceGetPowerUsage", i, h)) is not None):
+            add(Reading("power_w", mw / 1000.0, now_ns))
+        if (medium and a.is_unsupported("field", i, (FI_POWER_CURRENT_LIMIT, 0))
+                and (mw := a.call("nvmlDeviceGetEnforcedPowerLimit", i, h)) is not None):
+            add(Reading("power_limit_w", mw / 1000.0, now_ns))
+        if (slow and a.is_unsupported("field", i, (FI_TOTAL_ENERGY_CONSUMPTION, 0))
+                and (mj := a.call("nvmlDeviceGetTotalEnergyConsumption", i, h)) is not None):
+            add(Reading("energy_j", mj / 1000.0, now_ns))
+        if self._counters is not None and (polled := self._counters.view(i)) is not None:
+            for fid, total_bytes, t_ns in polled:
+                t = t_ns or now_ns
+                add(new(reading, (_PCIE_SIGNALS[fid], rates_of((i, fid, 0), total_bytes, t), t, ())))
+        if self._pcie is not None and (latest := self._pcie.take(i)) is not None:
+            tx, rx, t = latest
+            add(Reading("pcie_tx_bytes_per_s", tx, t))
+            add(Reading("pcie_rx_bytes_per_s", rx, t))
+        self._read_getters(dev, now_ns, add, medium, batched if decoded else None)
+        if slow:
+            self._read_slow(dev, now_ns, add)
+        procs = self._read_processes(dev) if processes else ()
+        return readings, procs
+
+    def _decode_loops(self, dev: _Device, decoder: _Decoder, medium: bool, buf: Any, words: memoryview | None,
+                      quads: memoryview | None, now_ns: int, add: Callable[[Reading], None]) -> None:
+        """The rows of ``decoder`` decoded in Python (without the compiled decoder, see _decode_compiled)."""
+        new, reading = tuple.__new__, Reading
+        i = dev.ident.index
+        rates_of, unsupported = self._rates.update, self.access.is_unsupported
         row_at = FIELD_ROW.unpack_from
         for pos, key, signal, treatment, scale, labels, counter_key in decoder.fields:
             _fid, _scope, ts_us, _latency, vtype, rc, raw = row_at(buf, pos * FIELD_ROW.size)
@@ -492,32 +631,87 @@ class NvmlGpuSource:
                 value = raw if vtype == 3 else decode_value(vtype, raw)
                 rate = rates_of(counter_key, int(value), lt, 32 if vtype in VALUE_TYPES_32 else 64)
                 add(new(reading, (group.signal, None if rate is None else rate * group.scale, lt, labels)))
-        # fallbacks for drivers without the power/energy fields (not for fields merely off-tier this cycle:
-        # the energy getter costs as much as the energy field, ~2.8 ms on an H100)
-        if (not decoder.has_power and a.is_unsupported("field", i, (FI_POWER_INSTANT, 0))
-                and (mw := a.call("nvmlDeviceGetPowerUsage", i, h)) is not None):
-            add(Reading("power_w", mw / 1000.0, now_ns))
-        if (medium and a.is_unsupported("field", i, (FI_POWER_CURRENT_LIMIT, 0))
-                and (mw := a.call("nvmlDeviceGetEnforcedPowerLimit", i, h)) is not None):
-            add(Reading("power_limit_w", mw / 1000.0, now_ns))
-        if (slow and a.is_unsupported("field", i, (FI_TOTAL_ENERGY_CONSUMPTION, 0))
-                and (mj := a.call("nvmlDeviceGetTotalEnergyConsumption", i, h)) is not None):
-            add(Reading("energy_j", mj / 1000.0, now_ns))
-        if self._counters is not None and (polled := self._counters.view(i)) is not None:
-            for fid, total_bytes, t_ns in polled:
-                t = t_ns or now_ns
-                add(new(reading, (_PCIE_SIGNALS[fid], rates_of((i, fid, 0), total_bytes, t), t, ())))
-        if self._pcie is not None and (latest := self._pcie.take(i)) is not None:
-            tx, rx, t = latest
-            add(Reading("pcie_tx_bytes_per_s", tx, t))
-            add(Reading("pcie_rx_bytes_per_s", rx, t))
-        self._read_getters(dev, now_ns, add, medium)
-        if slow:
-            self._read_slow(dev, now_ns, add)
-        procs = self._read_processes(dev) if processes else ()
-        return readings, procs
 
-    def _read_getters(self, dev: _Device, now_ns: int, add: Callable[[Reading], None], medium: bool) -> None:
+    def _decode_compiled(self, dev: _Device, tier: str, wanted: tuple[tuple[int, int], ...], decoder: _Decoder,
+                         medium: bool, buf: Any, now_ns: int, readings: list[Reading]) -> None:
+        """The rows of ``decoder`` decoded by the compiled decoder, appended to ``readings`` in the order and
+        with the values and times of the Python loops in :meth:`_read`."""
+        last = dev.last_job.get(tier)
+        if last is not None and last[0] is wanted:
+            job = last[1]
+        else:
+            if dev.slots is None:
+                dev.slots = compiled.Slots()
+            job = dev.jobs.get((wanted, medium)) or _decode_job(dev.slots, decoder, medium, len(wanted))
+            dev.jobs[(wanted, medium)] = job
+            dev.last_job[tier] = (wanted, job)
+        if not job.n:
+            return
+        if self._decode_fn(job.addr, buf, now_ns) != 0:  # pragma: no cover - the plan is built from the request
+            raise RuntimeError("compiled field decoder: plan does not fit the rows")
+        self._emit(dev, job, medium, buf, now_ns, readings)
+
+    def _emit(self, dev: _Device, job: compiled.DecodeJob, medium: bool, buf: Any, now_ns: int,
+              readings: list[Reading]) -> None:
+        """The readings of a decoded job (its outputs, and what it left to Python), appended to ``readings``."""
+        values, times = job.values_mv.tolist(), job.times_mv.tolist()
+        status = job.status_mv.tobytes()
+        if status == job.zeros:
+            readings.extend(map(tuple.__new__, repeat(Reading),
+                                zip(job.signals, values, times, job.labels, strict=True)))
+            return
+        new, reading, add = tuple.__new__, Reading, readings.append
+        i = dev.ident.index
+        for j, st in enumerate(status):
+            if st == compiled.ST_VALUE:
+                add(new(reading, (job.signals[j], values[j], times[j], job.labels[j])))
+            elif st == compiled.ST_NONE:
+                add(new(reading, (job.signals[j], None, times[j], job.labels[j])))
+            elif st == compiled.ST_RC:
+                if not self.access.is_unsupported("field", i, job.meta[j][1]):
+                    add(new(reading, (job.signals[j], None, times[j], job.labels[j])))
+            else:
+                self._decode_python(dev, job.meta[j], medium, buf, now_ns, add)
+
+    def _decode_python(self, dev: _Device, meta: Any, medium: bool, buf: Any, now_ns: int,
+                       add: Callable[[Reading], None]) -> None:
+        """One output the compiled decoder left to Python (ST_PY), as :meth:`_read`'s loops decode it; its
+        counter moves into CounterRates for good."""
+        new, reading = tuple.__new__, Reading
+        if isinstance(meta, _LinkGroup):
+            ok, ts_us, counter = _link_sum(buf, meta)
+            t = ts_us * 1000 or now_ns
+            total = self._python_rate(dev, meta.total_key, counter, t, 64) if ok else None
+            add(new(reading, (meta.total_signal, None if total is None else total * meta.scale, t, ())))
+            return
+        pos, key, signal, treatment, scale, labels, counter_key = meta
+        _fid, _scope, ts_us, _latency, vtype, rc, raw = FIELD_ROW.unpack_from(buf, pos * FIELD_ROW.size)
+        t = ts_us * 1000 if ts_us > 0 else now_ns
+        if rc:
+            if not self.access.is_unsupported("field", dev.ident.index, key):
+                add(new(reading, (signal, None, t, labels)))
+            return
+        value = raw if vtype == 3 else decode_value(vtype, raw)
+        if treatment == "rate":
+            rate = self._python_rate(dev, counter_key, int(value), t, 32 if vtype in VALUE_TYPES_32 else 64)
+            add(new(reading, (signal, None if rate is None else rate * scale, t, labels)))
+        else:
+            add(new(reading, (signal, value * scale, t, labels)))
+
+    def _python_rate(self, dev: _Device, key: Hashable, value: int, time_ns: int, width_bits: int) -> float | None:
+        """CounterRates.update for a counter of the compiled decoder's, taking it over from its slot."""
+        slots = dev.slots
+        assert slots is not None
+        slot = slots.array[slots.index[key]]
+        if slot.has == 1:
+            self._rates.adopt(key, slot.value, slot.t_ns)
+        slot.has = 2
+        return self._rates.update(key, value, time_ns, width_bits)
+
+    def _read_getters(self, dev: _Device, now_ns: int, add: Callable[[Reading], None], medium: bool,
+                      batched: compiled.DecodeJob | None = None) -> None:
+        """The getters of the cycle; with ``batched``, the answers of those sl_sample made (it stops at the first
+        that fails: the access layer's verdict on that one, and the rest called here as always)."""
         a = self.access
         i, h = dev.ident.index, dev.handle
         if medium:
@@ -537,16 +731,26 @@ class NvmlGpuSource:
             getters = dev.getters = self._fast_getters(dev)
         sm_clock, event_reasons, utilization = getters
         new, reading = tuple.__new__, Reading  # as in _read: these run every cycle
-        sm = sm_clock()
+        if batched is not None:
+            job = batched.job
+            made, rets = job.ncalled, job.rets
+            sm = job.sm_clock if rets[1] == 0 else sm_clock.failed(rets[1])
+            reasons = event_reasons() if made < 3 else job.reasons if rets[2] == 0 else event_reasons.failed(rets[2])
+        else:
+            sm = sm_clock()
+            reasons = event_reasons()
         if sm is not None:
             add(new(reading, ("sm_clock_hz", sm * 1e6, now_ns, ())))
-        reasons = event_reasons()
         if reasons is None:
             reasons = a.call("nvmlDeviceGetCurrentClocksThrottleReasons", i, h)
         if reasons is not None:
             # the exporters expand the bitmask into one flag per named reason
             add(new(reading, ("clock_event_reasons", float(reasons), now_ns, ())))
-        util = utilization()
+        if batched is not None and batched.job.ncalled == 4:
+            rets = batched.job.rets
+            util = (batched.job.util_gpu, batched.job.util_mem) if rets[3] == 0 else utilization.failed(rets[3])
+        else:
+            util = utilization()
         if util is not None:
             add(new(reading, ("gpu_util_ratio", util[0] / 100.0, now_ns, ())))
             add(new(reading, ("memory_busy_ratio", util[1] / 100.0, now_ns, ())))

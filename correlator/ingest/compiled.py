@@ -6,7 +6,6 @@ next to their Python modules, loaded with ctypes), and reading their buffers.
 from __future__ import annotations
 
 import ctypes
-import importlib.machinery
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -15,18 +14,15 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
+from collector.native import built_library
+
 PURE_PYTHON = os.environ.get("STACKLENS_PURE_PYTHON") == "1"
 T = TypeVar("T")
 
 
 def library_path(stem: str) -> Path | None:
     """Where the compiled library ``stem`` (e.g. ``_fastspans``) is, as setup.py builds it, or None."""
-    here = Path(__file__).parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        p = here / f"{stem}{suffix}"
-        if p.exists():
-            return p
-    return None
+    return built_library(Path(__file__).parent, stem)
 
 
 def load(path: Path | None, bind: Callable[[Any], Any]) -> Any:
