@@ -165,6 +165,16 @@ class NvmlAccess:
     def is_unsupported(self, name: str, device: int, key: Hashable = None) -> bool:
         return (name, device, key) in self._unsupported or name in self._missing_functions
 
+    def verdict_counts(self) -> tuple[int, int, int]:
+        """How many calls are remembered NOT_SUPPORTED, functions missing and GPUs lost: when these change, a call
+        prepared before (a FieldReader's, a PreparedCall's) may no longer be made as it was."""
+        return len(self._unsupported), len(self._missing_functions), len(self._lost)
+
+    def field_values_address(self) -> int | None:
+        """The address of the resolved nvmlDeviceGetFieldValues (None before it is resolved), for a caller that
+        makes the prepared field reads from C and hands their answers to :meth:`FieldReader.answer`."""
+        return None if self._field_fn is None else ctypes.cast(self._field_fn, ctypes.c_void_p).value
+
     # -- the choke point -----------------------------------------------------------------------
     def call(self, name: str, device: int, *args: Any, key: Hashable = None) -> Any:
         """Call ``pynvml.<name>(*args)`` for ``device`` (-1 for system calls).

@@ -475,8 +475,7 @@ class NvmlGpuSource:
     def _batch_read(self, now_ns: int) -> dict[int, compiled.DecodeJob] | None:
         """The fast-tier calls of every GPU whose reads are prepared and usable as they are (see
         :meth:`_prepare_batch`), made by one compiled call (sl_sample); per GPU index its job with the answers."""
-        a = self.access
-        gen = (len(a._unsupported), len(a._missing_functions), len(a._lost))
+        gen = self.access.verdict_counts()
         batch = self._batch
         if batch is None or batch[2] != gen or not batch[3]:
             batch = self._batch = self._prepare_batch(gen)
@@ -493,6 +492,7 @@ class NvmlGpuSource:
         request exists; each job given the functions, the handle and the request's array."""
         jobs: dict[int, compiled.DecodeJob] = {}
         complete = True
+        field_fn = self.access.field_values_address()
         for dev in self._devices:
             i = dev.ident.index
             if self.access.is_lost(i):
@@ -503,7 +503,6 @@ class NvmlGpuSource:
                     or last[0] is not reader.wanted or decoded[0] is not reader.wanted or reader.array is None):
                 complete = False
                 continue
-            field_fn = ctypes.cast(self.access._field_fn, ctypes.c_void_p).value
             fns = [g.function_address() for g in getters]
             handle = ctypes.cast(dev.handle, ctypes.c_void_p).value
             if field_fn is None or handle is None or None in fns:

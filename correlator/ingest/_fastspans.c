@@ -70,6 +70,8 @@ typedef struct {
     int64_t status;      /* FS_OK, FS_UNHANDLED, FS_NOMEM */
     int64_t n;           /* request rows */
     int64_t ignored;     /* spans decode_spans counts as ignored */
+    struct ArrowArray arrow; /* FS_OK with rows: all of them as one Arrow struct array (see fs_arrow) */
+    /* private (fast_spans.py reads the four fields above): the columns the array is made from */
     int64_t cap;
     double *f[NF];       /* NaN: None (no value of these columns is ever NaN) */
     int64_t *iv[NI];     /* -1: None (prompt, output, pid; start and end are never None) */
@@ -77,8 +79,6 @@ typedef struct {
     blob_t blob[NS];     /* a deduplicated column's distinct entries; another's, an entry per row */
     uint64_t *w[NW];     /* the stored form's words (0 where not used) */
     uint8_t *u8[NU];     /* ... and its flags */
-    struct ArrowArray arrow; /* FS_OK with rows: all of them as one Arrow struct array (see fs_arrow) */
-    /* private */
     struct ArrowArray kids[NA];
     struct ArrowArray *kid_ptrs[NA];
     const void *bufs[NA][3];
@@ -871,7 +871,7 @@ static int fs_arrow(fs_out *o) {
 }
 
 /* -- the interface ---------------------------------------------------------------------------------- */
-#define FS_ABI 6 /* fast_spans.py's _ABI: the public head of fs_out, and the functions */
+#define FS_ABI 7 /* fast_spans.py's _ABI: the public head of fs_out, and the functions */
 
 int fs_abi(void) { return FS_ABI; }
 

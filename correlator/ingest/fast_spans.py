@@ -27,16 +27,11 @@ import pyarrow as pa
 
 from correlator.ingest import compiled
 from correlator.ingest.batch import STORED_REQUEST_COLUMNS, IngestBatch, StoredRequests
+from correlator.store.duckdb_store import REQUEST_ROW_TYPES
 
-_ABI = 6  # _fastspans.c's FS_ABI: the struct's layout and the functions
-# the types of the C's columns (its enum A_*: STORED_REQUEST_COLUMNS' order), as the store's request_rows has them
-_TYPES: dict[str, pa.DataType] = {
-    "start_ns": pa.int64(), "end_ns": pa.int64(), "request_form": pa.uint8(), "derived": pa.uint8(),
-    **{c: pa.int32() for c in ("prompt_tokens", "output_tokens", "pid")},
-    **{c: pa.uint64() for c in ("trace_hi", "trace_lo", "span_bin", "request_hi", "request_lo")},
-    **{c: pa.float64() for c in ("ttft_s", "tpot_s", "e2e_s", "queue_s", "prefill_s", "decode_s", "inference_s")}}
-STORED_REQUEST_SCHEMA = pa.schema([(c, _TYPES.get(c, pa.string())) for c in STORED_REQUEST_COLUMNS])
-_NF, _NI, _NS, _NW, _NU = 7, 5, 14, 5, 4  # the C's F_*, I_*, S_*, W_*, U_* column buffers (NF, NI, NS, NW, NU)
+_ABI = 7  # _fastspans.c's FS_ABI: the struct's layout and the functions
+# the C's columns (its enum A_*: STORED_REQUEST_COLUMNS' order), of request_rows' types
+STORED_REQUEST_SCHEMA = pa.schema([(c, REQUEST_ROW_TYPES.get(c, pa.string())) for c in STORED_REQUEST_COLUMNS])
 
 
 class _ArrowArray(ctypes.Structure):
@@ -49,12 +44,10 @@ class _ArrowArray(ctypes.Structure):
 
 
 class _Out(ctypes.Structure):
-    """The public head of the C struct fs_out."""
+    """The public head of the C struct fs_out (the columns the array is made from follow, private)."""
 
     _fields_ = [("status", ctypes.c_int64), ("n", ctypes.c_int64), ("ignored", ctypes.c_int64),
-                ("cap", ctypes.c_int64), ("f", ctypes.c_void_p * _NF), ("iv", ctypes.c_void_p * _NI),
-                ("sidx", ctypes.c_void_p * _NS), ("blob", compiled.Blob * _NS),
-                ("w", ctypes.c_void_p * _NW), ("u8", ctypes.c_void_p * _NU), ("arrow", _ArrowArray)]
+                ("arrow", _ArrowArray)]
 
 
 def library_path() -> Path | None:

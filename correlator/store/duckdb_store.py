@@ -53,13 +53,14 @@ REQUEST_ROW_COLUMNS = (
     "ttft_s", "tpot_s", "e2e_s", "queue_s", "prefill_s", "decode_s", "inference_s", "prompt_tokens",
     "output_tokens", "finish_reason", "pid", "container_id", "pod_uid", "pod", "namespace", "gpu_uuids")
 
-# the Arrow types of request_rows' columns (the DDL's); the others are strings
-_REQUEST_ROW_TYPES: dict[str, pa.DataType] = {
+# the Arrow types of request_rows' columns (the DDL's); the others are strings. The compiled span decoder's
+# table (STORED_REQUEST_COLUMNS) has these types too
+REQUEST_ROW_TYPES: dict[str, pa.DataType] = {
     "start_ns": pa.int64(), "end_ns": pa.int64(), "node_id": pa.int32(), "prompt_tokens": pa.int32(),
     "output_tokens": pa.int32(), "pid": pa.int32(), "request_form": pa.uint8(), "derived": pa.uint8(),
     **{c: pa.uint64() for c in ("trace_hi", "trace_lo", "span_bin", "request_hi", "request_lo")},
     **{c: pa.float64() for c in DERIVED_LATENCIES.keys() | {"queue_s", "prefill_s", "decode_s"}}}
-_REQUEST_ROW_SCHEMA = pa.schema([(c, _REQUEST_ROW_TYPES.get(c, pa.string())) for c in REQUEST_ROW_COLUMNS])
+_REQUEST_ROW_SCHEMA = pa.schema([(c, REQUEST_ROW_TYPES.get(c, pa.string())) for c in REQUEST_ROW_COLUMNS])
 
 
 def _valid(a: pa.ChunkedArray | pa.Array) -> np.ndarray:
