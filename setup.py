@@ -1,8 +1,8 @@
 """The compiled part of the build: the OTLP decoders' fast paths (correlator/ingest/_fastspans.c for spans,
-_fastmetrics.c for metrics, sharing _otlp_wire.h) and the agent's NVML field decoder
-(collector/nvml/_fastfields.c), plain C loaded with ctypes. Optional: without a C compiler
-the install goes on and everything takes the pure-Python path. Everything else about the package is in
-pyproject.toml."""
+_fastmetrics.c for metrics, sharing _otlp_wire.h), the agent's NVML field decoder
+(collector/nvml/_fastfields.c) and its PCIe counter poller (collector/nvml/_pcie_poller.c), plain C loaded with
+ctypes. Optional: without a C compiler the install goes on and everything takes the pure-Python path.
+Everything else about the package is in pyproject.toml."""
 
 from setuptools import Extension, setup
 
@@ -18,4 +18,7 @@ setup(ext_modules=[
     # the agent's field decoder (collector/nvml/compiled.py loads it)
     Extension("collector.nvml._fastfields", ["collector/nvml/_fastfields.c"], extra_compile_args=_FLAGS,
               optional=True),
+    # the PCIe byte counters' poller thread (collector/nvml/pcie_native.py loads it)
+    Extension("collector.nvml._pcie_poller", ["collector/nvml/_pcie_poller.c"],
+              extra_compile_args=[*_FLAGS, "-pthread"], extra_link_args=["-pthread"], optional=True),
 ])

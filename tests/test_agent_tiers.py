@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -117,7 +118,17 @@ def test_a_failing_link_makes_the_total_missing_not_smaller(standin_lib: Path, t
     assert totals[3] is not None  # over ticks 2..4 (the failed read kept the earlier baseline)
 
 
-def test_pcie_counter_poller_unwraps_and_feeds_the_sampler(standin_lib: Path, tmp_path: Path) -> None:
+needs_poller_build = pytest.mark.skipif(
+    os.environ.get("STACKLENS_PURE_PYTHON") == "1", reason="the compiled PCIe poller is switched off")
+SCHEDULES = ["python", pytest.param("native", marks=needs_poller_build)]
+
+
+POLLERS = [1, pytest.param(2, marks=needs_poller_build)]  # per_cycle: 1 Python's poller, 2 the compiled one
+
+
+@pytest.mark.parametrize("per_cycle", POLLERS)
+def test_pcie_counter_poller_unwraps_and_feeds_the_sampler(standin_lib: Path, tmp_path: Path, per_cycle: int) -> None:
+    """The compiled poller (per_cycle 2) gives what Python's gives, and hands over to it at the NOT_SUPPORTED."""
     top = 2**32 - 1000
     script = (StandinScript().driver("580.82.07").gpus(1).system("clock_base_us", BASE_US)
               .system("clock_step_us", STEP_US)
@@ -131,14 +142,18 @@ def test_pcie_counter_poller_unwraps_and_feeds_the_sampler(standin_lib: Path, tm
         a = NvmlAccess()
         a.init()
         h = a.call("nvmlDeviceGetHandleByIndex", 0, 0)
-        poller = PcieCounterPoller(a, [(0, h)], 1.0)
-        out = []
+        poller = PcieCounterPoller(a, [(0, h)], 1.0, per_cycle=PER_CYCLE)
+        out, native = [], []
         for _ in range(5):
             poller.poll_once()
             out.append(poller.latest[0])
-        print(json.dumps(out))
-    """)
-    polls = _run_on_standin(code, standin_lib, path)
+            native.append(poller.native)
+        print(json.dumps({"polls": out, "native": native, "count": poller.polls, "calls": a.calls}))
+    """).replace("PER_CYCLE", str(per_cycle))
+    result = _run_on_standin(code, standin_lib, path)
+    polls = result["polls"]
+    assert result["native"] == ([True, True, False, False, False] if per_cycle == 2 else [False] * 5)
+    assert result["count"] == 5
     tx = [dict((fid, (total, t)) for fid, total, t in poll)[197] for poll in polls]
     assert [total for total, _ in tx] == [0, top - 4000, top, top + 1000 + 3000, top + 1000 + 9000]  # unwrapped
     assert [t for _, t in tx] == [(BASE_US + k * STEP_US) * 1000 for k in range(5)]  # NVML's times
@@ -148,7 +163,9 @@ def test_pcie_counter_poller_unwraps_and_feeds_the_sampler(standin_lib: Path, tm
     assert rx[3:] == [None, None]  # then absent, as a field NVML lacks
 
 
-def test_pcie_poller_catches_every_wrap_at_the_links_maximum_rate(standin_lib: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("per_cycle", POLLERS)
+def test_pcie_poller_catches_every_wrap_at_the_links_maximum_rate(standin_lib: Path, tmp_path: Path,
+                                                                  per_cycle: int) -> None:
     """Three GPUs polled together (one NVML call each, checked and unpacked at once). GPU 0 moves the most
     bytes a gen5 x16 link's wrap-safe period allows, so its 32-bit counter wraps on four polls in five: every
     wrap is counted, the 64-bit totals are exact. GPU 1 fails one read (that poll goes GPU by GPU, the others
@@ -179,15 +196,18 @@ def test_pcie_poller_catches_every_wrap_at_the_links_maximum_rate(standin_lib: P
         a = NvmlAccess()
         a.init()
         handles = [(i, a.call("nvmlDeviceGetHandleByIndex", i, i)) for i in range(3)]
-        poller = PcieCounterPoller(a, handles, {period!r})
-        out = []
+        poller = PcieCounterPoller(a, handles, {period!r}, per_cycle={per_cycle})
+        out, native = [], []
         for _ in range({polls}):
             poller.poll_once()
             out.append({{i: poller.view(i) for i in range(3)}})
+            native.append(poller.native)
         print(json.dumps({{"polls": out, "errors": [list(k) + [n] for k, n in a.errors.items()],
-                          "lost": sorted(a._lost)}}))
+                          "lost": sorted(a._lost), "native": native}}))
     """)
     result = _run_on_standin(code, standin_lib, path)
+    # the compiled poller until GPU 1's failed read (the third poll), judged by the access layer, Python's after
+    assert result["native"] == ([True, True] + [False] * (polls - 2) if per_cycle == 2 else [False] * polls)
     views = result["polls"]
     gpu0 = [dict((fid, (total, t)) for fid, total, t in poll["0"]) for poll in views]
     assert sum(1 for a, b in itertools.pairwise(tx0) if b < a) >= 8  # the raw counter wraps most polls
@@ -204,7 +224,20 @@ def test_pcie_poller_catches_every_wrap_at_the_links_maximum_rate(standin_lib: P
     assert result["lost"] == [2]
 
 
-def test_pcie_poller_polls_on_a_fixed_grid() -> None:
+def _schedule(kind: str, period: float, k: int, late_after: float) -> Any:
+    """The poller's schedule: Python's, or the compiled thread's (the same steps in C, through ctypes)."""
+    from collector.nvml import pcie_native
+    from collector.nvml.pcie import _PythonSchedule
+
+    if kind == "python":
+        return _PythonSchedule(period, k, late_after)
+    lib = pcie_native.load()
+    assert lib is not None, "collector/nvml/_pcie_poller is not built (setup.py)"
+    return pcie_native.NativeSchedule(lib, period, k, late_after)
+
+
+@pytest.mark.parametrize("kind", SCHEDULES)
+def test_pcie_poller_polls_on_a_fixed_grid(kind: str) -> None:
     """The poll period is kept between reads, not added after each poll's own time and wake-up delay."""
     from collector.nvml.pcie import PcieCounterPoller
 
@@ -218,7 +251,8 @@ def test_pcie_poller_polls_on_a_fixed_grid() -> None:
 
     class Poller(PcieCounterPoller):
         def __init__(self) -> None:
-            self.period_s, self._monotonic, self.late_polls = 0.05, clock, 0
+            self.period_s, self._monotonic, self._late_logged = 0.05, clock, False
+            self._sched = _schedule(kind, 0.05, 1, 0.05 / 0.81)
             self._stop = threading.Event()
             self.at: list[float] = []
 
@@ -247,7 +281,7 @@ class _Simulated:
     ``cycles_until``. Polls take 1 ms; who made each poll, and when, is recorded."""
 
     def __init__(self, interval: float, period: float, k: int, cycles_until: float = 99.0,
-                 late: dict[int, float] | None = None, thread_polls: int = 40) -> None:
+                 late: dict[int, float] | None = None, thread_polls: int = 40, kind: str = "python") -> None:
         from collector.nvml.pcie import PcieCounterPoller
 
         self.now = 10.0
@@ -257,8 +291,8 @@ class _Simulated:
 
         class Poller(PcieCounterPoller):
             def __init__(self) -> None:  # the schedule only: no NVML
-                self.period_s, self.per_cycle, self.late_after_s = period, k, 0.062
-                self._monotonic, self.late_polls, self.cycle_polls = sim.clock, 0, 0
+                self.period_s, self.per_cycle, self._sched = period, k, _schedule(kind, period, k, 0.062)
+                self._monotonic, self._cycle_polls, self._native, self._late_logged = sim.clock, 0, None, False
                 self._stop = threading.Event()
                 self.who = "thread"
 
@@ -271,7 +305,7 @@ class _Simulated:
         self.poller = Poller()
         self.interval, self.cycles_until, self.late = interval, cycles_until, late or {}
         self.next_cycle = 0
-        self.poller._last_poll_at = self.now  # start() polled
+        self.poller._sched.started(self.now)  # start() polled
         self._cycle()  # the agent's first cycle comes right after start-up
 
     def clock(self) -> float:
@@ -301,14 +335,15 @@ class _Simulated:
         return self.polls
 
 
-def test_pcie_polls_are_aligned_with_the_cycles() -> None:
+@pytest.mark.parametrize("kind", SCHEDULES)
+def test_pcie_polls_are_aligned_with_the_cycles(kind: str) -> None:
     """At 100 ms (gen5 x16: two polls an interval, 50 ms apart) each cycle makes one poll and the thread wakes once
     a cycle, at mid-cycle, for the other: every gap between polls is half the interval, none late."""
     from collector.nvml.pcie import poll_plan, wrap_safe_period_s, wrap_time_s
 
     k, period = poll_plan(0.1, wrap_safe_period_s(5, 16))
     assert (k, period) == (2, 0.05)
-    sim = _Simulated(0.1, period, k, thread_polls=20)
+    sim = _Simulated(0.1, period, k, thread_polls=20, kind=kind)
     polls = sim.run()
     thread = [t for who, t in polls if who == "thread"]
     cycle = [t for who, t in polls if who == "cycle"]
@@ -322,7 +357,8 @@ def test_pcie_polls_are_aligned_with_the_cycles() -> None:
     assert period < 0.81 * wrap_time_s(5, 16) + 1e-9  # the 81 % margin decided for gen5 x16
 
 
-def test_pcie_polls_k_per_interval_and_the_thread_between() -> None:
+@pytest.mark.parametrize("kind", SCHEDULES)
+def test_pcie_polls_k_per_interval_and_the_thread_between(kind: str) -> None:
     """At 1 s, k = 20 polls an interval: the cycle's, then 19 by the thread, all 50 ms apart."""
     from collector.nvml.pcie import poll_plan, wrap_safe_period_s
 
@@ -331,7 +367,7 @@ def test_pcie_polls_k_per_interval_and_the_thread_between() -> None:
     assert poll_plan(0.1, wrap_safe_period_s(4, 16)) == (1, 0.1)  # gen4 x16 wraps in 124 ms: the cycle alone
     k3, period3 = poll_plan(0.15, wrap_safe_period_s(5, 16))
     assert k3 == 3 and period3 == pytest.approx(0.05)
-    sim = _Simulated(1.0, period, k, thread_polls=19 * 3)
+    sim = _Simulated(1.0, period, k, thread_polls=19 * 3, kind=kind)
     polls = sim.run()
     times = [t for _, t in polls]
     assert all(0.0495 <= b - a <= 0.0505 for a, b in itertools.pairwise(times))
@@ -340,10 +376,11 @@ def test_pcie_polls_k_per_interval_and_the_thread_between() -> None:
     assert sim.poller.late_polls == 0
 
 
-def test_pcie_poller_after_a_late_cycle_and_when_the_cycles_stop() -> None:
+@pytest.mark.parametrize("kind", SCHEDULES)
+def test_pcie_poller_after_a_late_cycle_and_when_the_cycles_stop(kind: str) -> None:
     """A cycle 20 ms late makes one late poll (70 ms after the thread's) and the thread keeps the cycles' grid
     (its next poll at mid-cycle, not 20 ms later); when the cycles stop, the thread takes every turn."""
-    sim = _Simulated(0.1, 0.05, 2, cycles_until=0.75, late={3: 0.02}, thread_polls=12)
+    sim = _Simulated(0.1, 0.05, 2, cycles_until=0.75, late={3: 0.02}, thread_polls=12, kind=kind)
     polls = sim.run()
     thread = [t for who, t in polls if who == "thread"]
     assert [t for who, t in polls if who == "cycle"] == [0.0003, 0.1003, 0.2003, 0.3203, 0.4003, 0.5003, 0.6003,
@@ -355,29 +392,87 @@ def test_pcie_poller_after_a_late_cycle_and_when_the_cycles_stop() -> None:
     assert sim.poller.late_polls == 2  # 0.2503 -> 0.3203 and 0.7503 -> 0.8503
 
 
-def test_each_sample_makes_one_of_the_pcie_polls_first(standin_lib: Path, tmp_path: Path) -> None:
+@needs_poller_build
+def test_compiled_pcie_poller_thread_polls_between_cycles_and_hands_over_at_a_lost_gpu(
+        standin_lib: Path, tmp_path: Path) -> None:
+    """In real time: the compiled thread polls between the cycles' polls (nothing of Python runs for it), the
+    totals stay exact; GPU 1 falls off the bus at its seventh read, whichever thread makes it: the access layer
+    judges that answer, Python's thread polls GPU 0 from then on; after stop nothing polls."""
+    ticks = 40
+    script = (StandinScript().driver("580.82.07").gpus(2).system("clock_base_us", BASE_US)
+              .system("clock_step_us", STEP_US)
+              .set(0, "field.197", *[f"u32:{(k * 1_500_000_000) % 2**32}" for k in range(ticks)])
+              .set(0, "field.198", "u32:7").set(1, "field.197", "u32:1").set(1, "field.198", "u32:2")
+              .set(1, "lost_at_tick", 6))
+    path = script.write(tmp_path / "script.txt")
+    code = textwrap.dedent("""
+        import json, time
+        from collector.nvml.access import NvmlAccess
+        from collector.nvml.pcie import PcieCounterPoller
+        a = NvmlAccess()
+        a.init()
+        handles = [(i, a.call("nvmlDeviceGetHandleByIndex", i, i)) for i in range(2)]
+        poller = PcieCounterPoller(a, handles, 0.05, per_cycle=2)
+        poller.start()
+        out = {"native": [], "totals": [], "polls": [], "cycle_polls": []}
+        for _ in range(8):
+            time.sleep(0.1)
+            poller.cycle_poll()
+            out["native"].append(poller.native)
+            out["totals"].append(poller.totals(0)[197][0])
+            out["polls"].append(poller.polls)
+            out["cycle_polls"].append(poller.cycle_polls)
+        poller.stop()
+        stopped = poller.polls
+        time.sleep(0.15)
+        out.update(lost=sorted(a._lost), after_stop=poller.polls - stopped)
+        print(json.dumps(out))
+    """)
+    out = _run_on_standin(code, standin_lib, path)
+    assert out["native"][0] is True and out["native"][-1] is False  # handed over at the loss
+    assert out["lost"] == [1]
+    assert out["cycle_polls"] == list(range(1, 9))
+    # the thread's polls: one between each two cycles (on a loaded machine a wake-up may come late, not lost)
+    assert out["polls"][-1] >= 1 + 8 + 3
+    totals = out["totals"]
+    # every read of GPU 0 advances its 32-bit counter by 1.5e9 (it wraps every third read): the 64-bit total is
+    # 1.5e9 times the reads so far, whoever made them, in C or in Python
+    assert all(t % 1_500_000_000 == 0 for t in totals) and totals == sorted(totals) and totals[-1] >= 11 * 1.5e9
+    assert out["after_stop"] == 0
+
+
+@pytest.mark.parametrize("kind", SCHEDULES)
+def test_each_sample_makes_one_of_the_pcie_polls_first(standin_lib: Path, tmp_path: Path, kind: str) -> None:
     """At 100 ms the source plans two polls an interval, 50 ms apart, and each sample makes one of them before it
-    reads the GPUs: its PCIe rates are as of its own poll (the thread, stopped here, makes the others)."""
+    reads the GPUs: its PCIe rates are as of its own poll (the thread makes the others: Python's is stopped here,
+    the compiled one's polls are counted apart)."""
     path = h100_node(gpus=2).write(tmp_path / "script.txt")
     code = textwrap.dedent("""
+        import contextlib
         import json
         from unittest import mock
+        from collector.nvml import pcie_native
         from collector.nvml.pcie import PcieCounterPoller
-        with mock.patch.object(PcieCounterPoller, "_run", lambda self: None):  # no thread polls
+        python = KIND == "python"
+        with (mock.patch.object(PcieCounterPoller, "_run", lambda self: None),  # no Python thread polls
+              mock.patch.object(pcie_native, "load", lambda: None) if python else contextlib.nullcontext()):
             from collector.nvml.source import NvmlGpuSource
             src = NvmlGpuSource(xid_events=False, interval_s=0.1)
             src.open()
             c = src._counters
-            out = {"plan": [c.per_cycle, c.period_s], "before": [c.polls, c.cycle_polls], "samples": []}
+            thread_polls = (lambda: 0) if python else (lambda: c._native.p.thread_polls)
+            out = {"plan": [c.per_cycle, c.period_s], "before": [c.polls - thread_polls(), c.cycle_polls],
+                   "samples": [], "native": c.native}
             for k in range(3):
                 gpus = src.sample(1_767_225_600_000_000_000 + k * 100_000_000, False, False)
                 tx = [r for r in gpus[0].readings if r.signal == "pcie_tx_bytes_per_s"]
-                out["samples"].append([c.polls, c.cycle_polls, [r.time_ns for r in tx],
+                out["samples"].append([c.polls - thread_polls(), c.cycle_polls, [r.time_ns for r in tx],
                                        [t for fid, _, t in c.view(0) if fid == 197]])
             src.close()
         print(json.dumps(out))
-    """)
+    """).replace("KIND", repr(kind))
     out = _run_on_standin(code, standin_lib, path)
+    assert out["native"] == (kind == "native")
     assert out["plan"] == [2, 0.05] and out["before"] == [1, 0]  # start-up's poll
     assert [s[:2] for s in out["samples"]] == [[2, 1], [3, 2], [4, 3]]  # one poll per sample, the cycle's
     for _, _, reading_times, poll_times in out["samples"]:

@@ -170,10 +170,27 @@ class NvmlAccess:
         prepared before (a FieldReader's, a PreparedCall's) may no longer be made as it was."""
         return len(self._unsupported), len(self._missing_functions), len(self._lost)
 
-    def field_values_address(self) -> int | None:
-        """The address of the resolved nvmlDeviceGetFieldValues (None before it is resolved), for a caller that
-        makes the prepared field reads from C and hands their answers to :meth:`FieldReader.answer`."""
-        return None if self._field_fn is None else ctypes.cast(self._field_fn, ctypes.c_void_p).value
+    def field_values_address(self, resolve: bool = False) -> int | None:
+        """The address of the resolved nvmlDeviceGetFieldValues (None before it is resolved, unless ``resolve``;
+        None when the library lacks it), for a caller that makes the prepared field reads from C and hands their
+        answers to :meth:`FieldReader.answer`."""
+        if self._field_fn is None and (not resolve or not self._resolve_field_fn()):
+            return None
+        return ctypes.cast(self._field_fn, ctypes.c_void_p).value
+
+    def _resolve_field_fn(self) -> bool:
+        """nvmlDeviceGetFieldValues resolved once (pynvml's lookup); False when the library lacks it (remembered)."""
+        nvml = self.nvml
+        if "nvmlDeviceGetFieldValues" in self._missing_functions:
+            return False
+        try:
+            self._field_fn = nvml._nvmlGetFunctionPointer("nvmlDeviceGetFieldValues")
+        except nvml.NVMLError as exc:
+            if _error_code(exc) == NVML_ERROR_FUNCTION_NOT_FOUND:
+                self._missing_functions.add("nvmlDeviceGetFieldValues")
+                return False
+            raise
+        return True
 
     # -- the choke point -----------------------------------------------------------------------
     def call(self, name: str, device: int, *args: Any, key: Hashable = None) -> Any:
@@ -292,15 +309,8 @@ class NvmlAccess:
         _, wanted, array = cached
         if array is None:
             return (), b""
-        nvml = self.nvml
-        if self._field_fn is None:
-            try:
-                self._field_fn = nvml._nvmlGetFunctionPointer("nvmlDeviceGetFieldValues")
-            except nvml.NVMLError as exc:
-                if _error_code(exc) == NVML_ERROR_FUNCTION_NOT_FOUND:
-                    self._missing_functions.add("nvmlDeviceGetFieldValues")
-                    return (), b""
-                raise
+        if self._field_fn is None and not self._resolve_field_fn():
+            return (), b""
         buf = self._read_fields(device, handle, wanted, array, ctypes.c_int32(len(wanted)), ctypes.byref(array))
         return (wanted, buf) if buf else ((), b"")
 
@@ -536,10 +546,26 @@ class MultiFieldReader:
         rets = [fn(*args) for _, _, args in self._slices]
         if not any(rets) and not any(rcs):
             return None
+        return self.answers(rets)
+
+    def shared_array(self) -> Any:
+        """The shared array (each device's rows in its slice, in device order, field and scope ids set) when the
+        shared way is usable under the current verdicts, else None: for a caller that makes the reads from C
+        and hands their return codes to :meth:`answers`."""
+        a = self._access
+        if a._field_fn is None or not self._indices.isdisjoint(a._lost):
+            return None
+        if (self._rcs is None or self._generation != len(a._unsupported)) and not self._prepare():
+            return None
+        return self.array
+
+    def answers(self, rets: Sequence[int]) -> list[tuple[int, _Fields, bytes]]:
+        """What :meth:`read` answers for reads made into :meth:`shared_array` by someone else, one return code per
+        device (in device order): every answer judged by the access layer as if it had made the calls."""
         out = []
         for (index, part, _), ret in zip(self._slices, rets, strict=True):
             try:
-                buf = a._field_result(index, self.fields, ret, part)
+                buf = self._access._field_result(index, self.fields, ret, part)
             except GpuLost:
                 continue
             out.append((index, self.fields, buf) if buf else (index, (), b""))

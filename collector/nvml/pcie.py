@@ -15,6 +15,7 @@ comes later than the counter's wrap time at the link's maximum rate is logged an
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import struct
@@ -24,6 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from collector.nvml import pcie_native
 from collector.nvml.access import FIELD_ROW, MultiFieldReader, NvmlAccess, decode_value
 from collector.nvml.fields import PCIE_BYTE_FIELDS
 
@@ -73,34 +75,102 @@ class _Unwrapped:
     time_ns: int
 
 
+class _PythonSchedule:
+    """When the poller's thread polls (times in seconds of ``time.monotonic``): a fixed grid of ``period``, and with
+    ``per_cycle`` = k > 1 the cycle's grid, the thread taking the k-1 turns between the cycle's polls. The compiled
+    thread follows the same steps (``_pcie_poller.c``, :class:`~collector.nvml.pcie_native.NativeSchedule`).
+
+    The thread calls :meth:`begin` once, then for each poll :meth:`wake` (before it) and :meth:`plan` (after it);
+    the cycle calls :meth:`cycle_mark` for its own. ``wake`` and ``cycle_mark`` say whether the poll was late:
+    longer after the one before than ``late_after`` (the counter's wrap time at the link's maximum rate)."""
+
+    def __init__(self, period_s: float, per_cycle: int, late_after_s: float) -> None:
+        self.period, self.k, self.late_after = period_s, per_cycle, late_after_s
+        self.interval = per_cycle * period_s
+        self.previous = self.next_at = 0.0
+        self.grid: float | None = None  # the time of one of the cycle's turns
+        self.anchor: float | None = None  # the cycle's latest poll
+        self.last_poll_at: float | None = None  # the latest poll, the cycle's or the thread's
+        self.late_polls = 0
+        self.last_gap = 0.0
+
+    def _note_gap(self, now: float, previous: float | None) -> bool:
+        if previous is None or now - previous <= self.late_after:
+            return False
+        self.late_polls += 1
+        self.last_gap = now - previous
+        return True
+
+    def started(self, now: float) -> None:
+        """Start-up's poll (before the thread starts)."""
+        self.last_poll_at = now
+
+    def begin(self, now: float) -> None:
+        """The thread starts: its grid from the latest poll (start-up's, or a cycle's since), else from now."""
+        self.previous = self.last_poll_at if self.last_poll_at is not None else now
+        self.next_at = self.previous + self.period
+        self.grid = None
+
+    def cycle_mark(self, now: float) -> bool:
+        late = self._note_gap(now, self.last_poll_at)
+        self.anchor = self.last_poll_at = now
+        return late
+
+    def wake(self, now: float) -> bool:
+        last = self.last_poll_at  # the cycle's poll, when it came after this thread's
+        late = self._note_gap(now, last if last is not None and last > self.previous else self.previous)
+        if now - self.next_at > self.period:  # more than a period behind: the grid starts again from here
+            self.next_at = now
+        self.last_poll_at = self.previous = now
+        return late
+
+    def plan(self, now: float) -> None:
+        """The thread's next turn after its poll at ``now``. When the cycle polls (k > 1) the grid is the cycle's
+        (its earliest phase seen: a cycle is late, never early) and the thread's turns are the k-1 between two of
+        the cycle's: it sleeps through the cycle's turns. A cycle that misses its turn (late by more than a period,
+        or not cycling any more) leaves the thread taking every turn until the cycle polls again."""
+        period, k, anchor = self.period, self.k, self.anchor if self.k > 1 else None
+        if anchor is None:  # nobody's cycle polls: every turn is the thread's
+            self.next_at += period
+            return
+        interval = self.interval
+        if self.grid is None or (anchor - self.grid) % interval > period / 2:
+            self.grid = anchor  # earlier than the grid, or a new phase altogether
+        grid = self.grid
+        latest_turn = grid + math.floor((now - grid) / interval) * interval
+        missed = anchor < latest_turn - period / 2  # the cycle did not poll at its latest turn
+        turn = math.floor((now - grid) / period + 0.1) + 1  # the turn after the one just taken
+        if turn % k == 0 and not missed:
+            turn += 1  # the cycle's
+        self.next_at = grid + turn * period
+
+
 class PcieCounterPoller:
     """Reads fields 197/198 of some GPUs every ``period_s`` and keeps 64-bit totals. With ``per_cycle`` = k > 1
     the agent's cycle, every k periods, polls through :meth:`cycle_poll` and the thread polls the k-1 times
-    between; polls are serialised (a lock), whoever makes them."""
+    between; polls are serialised (a lock), whoever makes them.
 
-    # the schedule's state (class defaults: a poller that nobody's cycle polls runs on its own grid)
-    per_cycle = 1
-    late_after_s: float | None = None  # a gap longer than this is a late poll (default: period_s / _MARGIN)
-    _anchor: float | None = None  # monotonic time of the cycle's latest poll
-    _last_poll_at: float | None = None  # monotonic time of the latest poll, the cycle's or the thread's
+    With k > 1, the real clock and the compiled poller built (``pcie_native``), the thread and the polls are C's:
+    the same schedule, the same arithmetic, no Python between the cycles. The first poll C cannot judge hands
+    the poller to Python for good (:meth:`_take_over`)."""
 
     def __init__(self, access: NvmlAccess, devices: list[tuple[int, Any]], period_s: float,
                  monotonic: Callable[[], float] = time.monotonic, per_cycle: int = 1,
-                 late_after_s: float | None = None) -> None:
+                 late_after_s: float | None = None, native: bool = True) -> None:
         self._access = access
         self._devices = devices
         self.period_s = period_s
         self._monotonic = monotonic
         self.per_cycle = per_cycle
-        self.late_after_s = late_after_s
+        self._sched: Any = _PythonSchedule(period_s, per_cycle, late_after_s or period_s / _MARGIN)
         self._state: dict[tuple[int, int], _Unwrapped] = {}
         self._lock = threading.Lock()
         self._poll_lock = threading.Lock()  # the cycle's and the thread's polls share the reader's array
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stacklens-pcie-counters", daemon=True)
-        self.polls = 0
-        self.cycle_polls = 0  # the polls made by the agent's cycle
-        self.late_polls = 0  # polls that came after more than the wrap time at the maximum rate
+        self._polls = 0
+        self._cycle_polls = 0  # the polls made by the agent's cycle
+        self._late_logged = False
         request = tuple((fid, 0) for fid in PCIE_BYTE_FIELDS)
         # every GPU's two counters in one array, checked and unpacked at once (~20 polls a second)
         self._reader = MultiFieldReader(access, devices, request)
@@ -108,29 +178,144 @@ class PcieCounterPoller:
         # per row: NVML time (us), value type, raw value (FIELD_ROW without field, scope, latency, return code)
         self._unpack = struct.Struct("<" + "8xq8xI4xQ" * len(self._keys)).unpack_from
         self._fields_of = {index: tuple((fid, (index, fid)) for fid, _ in request) for index, _ in devices}
+        # the compiled poller, its counters' positions per GPU, and the copy of its totals made by the latest poll
+        self._native: pcie_native.NativePoll | None = None
+        self._native_fields = {index: tuple((fid, self._keys.index((index, fid))) for fid, _ in request)
+                               for index, _ in devices}
+        self._copy: tuple[list[int], list[int], bytes] = ([], [], b"")
+        self._calls_seen = 0
+        self._verdicts = access.verdict_counts()
+        if native and per_cycle > 1 and monotonic is time.monotonic:
+            self._native = self._make_native(len(request))
+            if self._native is not None:
+                self._sched = self._native.schedule  # the C thread's, read through the same interface
+
+    def _make_native(self, nfields: int) -> pcie_native.NativePoll | None:
+        lib = pcie_native.load()
+        field_fn = self._access.field_values_address(resolve=True)
+        if lib is None or field_fn is None:
+            return None
+        rows = self._reader.shared_array()
+        handles = [ctypes.cast(h, ctypes.c_void_p).value for _, h in self._devices]
+        if rows is None or None in handles:
+            return None
+        sched = self._sched
+        try:
+            return pcie_native.NativePoll(lib, field_fn, [h or 0 for h in handles], rows, nfields, sched.period,
+                                          sched.k, sched.late_after)
+        except OSError:
+            return None
+
+    # -- counters (the compiled poller's while it runs) -----------------------------------------------------
+    @property
+    def polls(self) -> int:
+        return self._polls + (self._native.p.polls if self._native is not None else 0)
+
+    @property
+    def cycle_polls(self) -> int:
+        return self._cycle_polls + (self._native.p.cycle_polls if self._native is not None else 0)
+
+    @property
+    def late_polls(self) -> int:
+        """Polls that came after more than the wrap time at the maximum rate."""
+        return int(self._sched.late_polls)
+
+    @property
+    def native(self) -> bool:
+        """Whether the compiled poller polls (it hands over to Python at the first poll it cannot judge)."""
+        return self._native is not None
 
     def start(self) -> None:
-        self._last_poll_at = self._monotonic()
+        nat = self._native
+        if nat is not None:
+            rc = nat.start()
+            self._after_native()
+            if rc == pcie_native.POLLED:
+                return
+            self._take_over()  # start-up's poll unusual (now judged), or no thread: Python's thread from here
+            return
+        self._sched.started(self._monotonic())
         self.poll_once()
         self._thread.start()
 
     def cycle_poll(self) -> None:
         """The cycle's poll, one of the k per interval: the thread polls the k-1 between this one and the next."""
-        now = self._monotonic()
-        self._note_gap(now, self._last_poll_at)
-        self._anchor = self._last_poll_at = now
-        self.cycle_polls += 1
+        nat = self._native
+        if nat is not None:
+            if self._access.verdict_counts() != self._verdicts and self._verdicts_touch_us():
+                self._take_over()
+            else:
+                rc = nat.cycle()
+                self._after_native()
+                if rc == pcie_native.POLLED:
+                    return
+                self._take_over()  # judges the unusual poll, the cycle's or the thread's since
+                if rc == pcie_native.NOT_POLLED:
+                    self.poll_once()  # the cycle's own poll (its time already marked)
+                return
+        if self._sched.cycle_mark(self._monotonic()):
+            self._log_late()
+        self._cycle_polls += 1
         self.poll_once()
 
-    def _note_gap(self, now: float, previous: float | None) -> None:
-        """Count (and log once) a poll later than the counter's wrap time at the link's maximum rate."""
-        if previous is None or now - previous <= (self.late_after_s or self.period_s / _MARGIN):
+    def _verdicts_touch_us(self) -> bool:
+        """Whether the access layer's verdicts changed about the polled GPUs or their counters (a GPU lost by the
+        sampler's reads, say): then Python's reader decides how to read them."""
+        a = self._access
+        self._verdicts = a.verdict_counts()
+        return any(a.is_lost(index) or any(a.is_unsupported("field", index, (fid, 0)) for fid, _ in fields)
+                   for index, fields in self._fields_of.items())
+
+    def _after_native(self) -> None:
+        """After a call into the compiled poller: its NVML calls counted as the access layer's, the first late poll
+        logged, the totals' copy taken."""
+        nat = self._native
+        assert nat is not None
+        p = nat.p
+        if p.calls != self._calls_seen:
+            self._access.calls += p.calls - self._calls_seen
+            self._calls_seen = p.calls
+        if p.sched.late_polls and not self._late_logged:  # (C counts them; the log is Python's)
+            self._log_late()
+        self._copy = (nat.out_total.tolist(), nat.out_time.tolist(), nat.out_has.tobytes())
+
+    def _log_late(self) -> None:
+        if self._late_logged:
             return
-        self.late_polls += 1
-        if self.late_polls == 1:
-            log.warning("PCIe counter poll came %.0f ms after the previous one (wrap-safe period %.0f ms): "
-                        "a byte counter at line rate may have wrapped unseen (logged once)",
-                        (now - previous) * 1e3, self.period_s * 1e3)
+        self._late_logged = True
+        log.warning("PCIe counter poll came %.0f ms after the previous one (wrap-safe period %.0f ms): "
+                    "a byte counter at line rate may have wrapped unseen (logged once)",
+                    self._sched.last_gap * 1e3, self.period_s * 1e3)
+
+    def _take_over(self) -> None:
+        """The compiled poller handed to Python for good: its thread stopped, its totals, schedule and counts
+        moved here, the poll it could not judge (if any) judged by the access layer and unwrapped as
+        :meth:`poll_once` would have, and Python's thread started in its place."""
+        nat = self._native
+        assert nat is not None
+        state = nat.state()  # stops the thread
+        p = nat.p
+        with self._lock:
+            for key, st in zip(self._keys, state, strict=True):
+                if st is not None:
+                    self._state[key] = _Unwrapped(*st)
+        native_sched = nat.schedule
+        sched = _PythonSchedule(self.period_s, self.per_cycle, native_sched.s.late_after)
+        sched.last_poll_at, sched.anchor = native_sched.last_poll_at, native_sched.anchor
+        sched.late_polls, sched.last_gap = native_sched.late_polls, native_sched.last_gap
+        self._polls += p.polls
+        self._cycle_polls += p.cycle_polls
+        pending = bool(p.unusual)
+        self._native, self._sched = None, sched
+        if pending:  # the rows and return codes C kept: judged and unwrapped as a Python poll of them
+            with self._poll_lock:
+                answers = self._reader.answers(list(nat.rets))
+                self._unwrap([(index, wanted, FIELD_ROW.iter_unpack(buf)) for index, wanted, buf in answers])
+                self._polls += 1
+        nat.close()
+        log.info("PCIe counters polled by Python from now on (%s)", "an answer to judge" if pending else "verdicts")
+        if not self._thread.is_alive() and not self._stop.is_set():
+            self._thread.start()
 
     @property
     def latest(self) -> dict[int, tuple[tuple[int, int, int], ...]]:
@@ -138,8 +323,14 @@ class PcieCounterPoller:
         return {index: view for index in self._fields_of if (view := self.view(index)) is not None}
 
     def view(self, index: int) -> tuple[tuple[int, int, int], ...] | None:
-        """One GPU's ((field id, 64-bit total bytes, NVML time in ns), ...) as of the latest poll; None
-        before it was read."""
+        """One GPU's ((field id, 64-bit total bytes, NVML time in ns), ...) as of the latest poll (the compiled
+        poller's: the latest the cycle, start-up or :meth:`poll_once` made); None before it was read."""
+        if self._native is not None:
+            positions = self._native_fields.get(index)
+            if positions is None:
+                return None
+            totals, times, has = self._copy
+            return tuple((fid, totals[j], times[j]) for fid, j in positions if has[j]) or None
         fields = self._fields_of.get(index)
         if fields is None:
             return None
@@ -149,13 +340,22 @@ class PcieCounterPoller:
         return out or None
 
     def poll_once(self) -> None:
+        nat = self._native
+        if nat is not None:
+            rc = nat.poll()
+            self._after_native()
+            if rc == pcie_native.POLLED:
+                return
+            self._take_over()
+            if rc == pcie_native.UNUSUAL:  # this poll, now judged
+                return
         with self._poll_lock:  # the cycle's poll and the thread's (normally a period apart) share the array
             result = self._reader.read()
             if result is None:
                 self._unwrap_all(self._unpack(self._reader.array))
             else:
                 self._unwrap([(index, wanted, FIELD_ROW.iter_unpack(buf)) for index, wanted, buf in result])
-            self.polls += 1
+            self._polls += 1
 
     def _unwrap_all(self, values: tuple[int, ...]) -> None:
         """Every GPU answered both counters: (time, type, bits) per counter in the order of _keys."""
@@ -187,54 +387,34 @@ class PcieCounterPoller:
                             state.pop(key, None)
 
     def _run(self) -> None:
-        # On a fixed grid of period_s, not period_s after each poll ends: the time a poll takes and the wake-up
-        # delay must not stretch the interval between reads. time.sleep, not Event.wait: a lock wait with a
-        # timeout costs CPython several times the CPU of a sleep; stopping waits at most one period.
-        # When the cycle polls (per_cycle > 1), the grid is the cycle's (its earliest phase seen: a cycle is late,
-        # never early) and the thread's turns are the k-1 between two of the cycle's: it sleeps through the
-        # cycle's turns. A cycle that misses its turn (late by more than a period, or not cycling any more) leaves
-        # the thread taking every turn until the cycle polls again.
-        period, k, monotonic = self.period_s, self.per_cycle, self._monotonic
-        interval = k * period
-        previous = self._last_poll_at if self._last_poll_at is not None else monotonic()  # start() polled
-        next_at = previous + period
-        grid: float | None = None  # the time of one of the cycle's turns
+        # On a fixed grid (see _PythonSchedule), not period_s after each poll ends: the time a poll takes and the
+        # wake-up delay must not stretch the interval between reads. time.sleep, not Event.wait: a lock wait with
+        # a timeout costs CPython several times the CPU of a sleep; stopping waits at most one period.
+        sched, monotonic = self._sched, self._monotonic
+        sched.begin(monotonic())
         while not self._stop.is_set():
-            delay = next_at - monotonic()
+            delay = sched.next_at - monotonic()
             if delay > 0:
                 time.sleep(delay)
             if self._stop.is_set():
                 return
             now = monotonic()
-            last = self._last_poll_at  # the cycle's poll, when it came after this thread's
-            self._note_gap(now, last if last is not None and last > previous else previous)
-            if now - next_at > period:  # more than a period behind: the grid starts again from here
-                next_at = now
-            self._last_poll_at = previous = now
+            if sched.wake(now):
+                self._log_late()
             try:
                 self.poll_once()
             except Exception:  # the poller must never die silently and take the rates with it
                 log.exception("PCIe counter poll failed; continuing")
-            anchor = self._anchor if k > 1 else None
-            if anchor is None:  # nobody's cycle polls: every turn is the thread's
-                next_at += period
-                continue
-            if grid is None or (anchor - grid) % interval > period / 2:
-                grid = anchor  # earlier than the grid, or a new phase altogether
-            latest_turn = grid + math.floor((now - grid) / interval) * interval
-            missed = anchor < latest_turn - period / 2  # the cycle did not poll at its latest turn
-            turn = math.floor((now - grid) / period + 0.1) + 1  # the turn after the one just taken
-            if turn % k == 0 and not missed:
-                turn += 1  # the cycle's
-            next_at = grid + turn * period
+            sched.plan(now)
 
     def totals(self, index: int) -> dict[int, tuple[int, int]]:
         """field id -> (64-bit total bytes, NVML time) for one GPU."""
-        with self._lock:
-            return {fid: (st.total, st.time_ns) for (i, fid), st in self._state.items() if i == index}
+        return {fid: (total, t) for fid, total, t in self.view(index) or ()}
 
     def stop(self) -> None:
         self._stop.set()
+        if self._native is not None:
+            self._native.stop()
         if self._thread.is_alive():
             self._thread.join(timeout=2.0)
 
