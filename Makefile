@@ -6,8 +6,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck unit prometheus bench clean
 
-# setup.py builds the compiled fast paths (correlator/ingest/_fastspans.c, _fastmetrics.c; collector/nvml/_fastfields.c) into the tree
-$(STAMP): pyproject.toml setup.py $(wildcard correlator/ingest/_fast*.c correlator/ingest/*.h collector/nvml/_fast*.c)
+# setup.py builds the compiled fast paths (correlator/ingest/_fast*.c; collector/nvml/_*.c, collector/export/_*.c) into the tree
+$(STAMP): pyproject.toml setup.py $(wildcard correlator/ingest/_fast*.c correlator/ingest/*.h collector/nvml/_*.c collector/export/_*.c)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'

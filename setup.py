@@ -21,4 +21,7 @@ setup(ext_modules=[
     # the PCIe byte counters' poller thread (collector/nvml/pcie_native.py loads it)
     Extension("collector.nvml._pcie_poller", ["collector/nvml/_pcie_poller.c"],
               extra_compile_args=[*_FLAGS, "-pthread"], extra_link_args=["-pthread"], optional=True),
+    # the OTLP encoder's per-reading loop, a CPython extension (collector/export/otlp_encode.py imports it)
+    Extension("collector.export._otlp_points", ["collector/export/_otlp_points.c"], extra_compile_args=_FLAGS,
+              optional=True),
 ])

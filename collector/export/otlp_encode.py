@@ -15,9 +15,11 @@ monotonic sums whose start time is when the agent first saw them.
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from collector import __version__
@@ -70,6 +72,23 @@ _DATA_POINT_TAG = bytes([1 << 3 | 2])  # data_points is field 1 of Gauge and of 
 # a point's tail after its series head (which ends with the time's tag): time, then the value's tag and value
 _TAIL_VALUE = struct.Struct("<QBd")
 _TAIL_TIME = struct.Struct("<Q")
+
+
+def _compiled_readings() -> Callable[..., object] | None:
+    """``_otlp_points.readings`` (setup.py builds it next to this module): ``_readings_py`` in C: the same bytes
+    for ~2.5x less CPU per request; None, and the Python loop, when it is not built or ``STACKLENS_PURE_PYTHON=1``."""
+    if os.environ.get("STACKLENS_PURE_PYTHON") == "1":
+        return None
+    try:
+        module = importlib.import_module("collector.export._otlp_points")
+    except ImportError:
+        return None
+    fn: Callable[..., object] = module.readings
+    return fn
+
+
+_COMPILED_READINGS = _compiled_readings()
+_PACK_VALUE, _PACK_TIME = _TAIL_VALUE.pack, _TAIL_TIME.pack
 
 
 def _series_heads(prefix: bytes) -> tuple[bytes, bytes]:
@@ -162,8 +181,10 @@ _GPU_INFO = Signal("gpu_info", "1", "gauge", SIGNALS["gpu_lost"].group, "gpu",
 class OtlpMetricsEncoder:
     """Encodes snapshots; keeps the start times of counters and per-series attribute bytes."""
 
-    def __init__(self, resource: ResourceInfo) -> None:
+    def __init__(self, resource: ResourceInfo, *, compiled: bool = True) -> None:
         self._resource = resource
+        # the compiled per-reading loop, if built (compiled=False: the Python one, which is its reference)
+        self._compiled = _COMPILED_READINGS if compiled else None
         self._gpu_attrs: dict[str, bytes] = {}
         self._info_heads: dict[GpuIdentity, tuple[bytes, bytes]] = {}
         self._label_attrs: dict[tuple[str, tuple[tuple[str, str], ...]], bytes] = {}
@@ -279,6 +300,14 @@ class OtlpMetricsEncoder:
 
     def _readings(self, by_signal: dict[str, list[bytes]], key: str, attrs: bytes,
                   readings: Iterable[Reading]) -> None:
+        compiled = self._compiled
+        # NotImplemented: a cache is not a plain dict, nothing was done
+        if compiled is None or compiled(self._heads, self._flag_parts, self._series, self._flags, _PACK_VALUE,
+                                        _PACK_TIME, by_signal, key, attrs, readings) is NotImplemented:
+            self._readings_py(by_signal, key, attrs, readings)
+
+    def _readings_py(self, by_signal: dict[str, list[bytes]], key: str, attrs: bytes,
+                     readings: Iterable[Reading]) -> None:
         # Everything of a point but its time and value is fixed per series: its attributes, and for a
         # counter its start time. Cached, a point costs one dict lookup, one pack and one concatenation.
         heads_of, pack_value, pack_time = self._heads.get, _TAIL_VALUE.pack, _TAIL_TIME.pack
