@@ -270,10 +270,24 @@ def unit_candidates(ev: Evidence, lat: dict[str, UnitLatency]) -> list[Candidate
         # a batch held at a ceiling below what the engine ran before, or below what its peers run, with
         # requests waiting and KV to spare: max_num_seqs (or the token budget) set too low
         ceiling = max(running.base_high or 0.0, peer_running_high) if running is not None else 0.0
+        kv_free = kv is None or (kv.inc_high or 0.0) < 0.9
         capped = (running is not None and running.inc_high is not None and running.inc_median is not None
-                  and ceiling > 0 and running.inc_high <= 0.85 * ceiling
-                  and running.inc_median >= 0.75 * running.inc_high
-                  and (kv is None or (kv.inc_high or 0.0) < 0.9))
+                  and ceiling > 0 and running.inc_high <= _HELD * ceiling
+                  and running.inc_median >= 0.75 * running.inc_high and kv_free)
+        # the batch at the very scrapes requests waited: an engine whose batch is full (max_num_seqs, the KV
+        # cache) queues at its ceiling, at or above what it ran before; one that queues with a batch below what it
+        # ran before without a queue, KV to spare, has had its ceiling lowered. Known at the scrape, where the
+        # incident's gauge levels still hold the minute before the change (a 60 s window is mostly the old
+        # batch for its first half minute). Batching only: an arrival burst queues at a full batch, whose slower
+        # steps the queue's leading edge below already names
+        queued = ev.engine_queued.get((ul.unit.node_id, ul.unit.pid))
+        waited = (queued is not None and queued.n_inc > 0 and queued.waited_inc >= _QUEUED_SCRAPES
+                  and queued.waited_inc / queued.n_inc >= 2.0 * queued.waited_base / max(1, queued.n_base))
+        held_at = queued.waiting_at_batch if queued is not None and waited else None
+        held = (held_at is not None and ceiling > 0 and held_at <= _HELD * ceiling and kv_free
+                and (queued is None or queued.kv_while_waiting is None or queued.kv_while_waiting < 0.9))
+        level = held_at if held and held_at is not None else (running.inc_high if running is not None else None)
+        capped = capped or held
         # the queue as the engine reports it (its waiting gauge, every cycle) shows a minute or more before the
         # queue times of the requests that waited, which are known only once they end; the latency it makes then
         # shows in their TTFT first
@@ -310,15 +324,15 @@ def unit_candidates(ev: Evidence, lat: dict[str, UnitLatency]) -> list[Candidate
                                  "any", f"arrivals {arrival_ratio:.1f}x baseline and the batch at "
                                         f"{running.inc_median:.0f} running requests (at most {running.base_high:.0f}"
                                         " in the baseline): a queue is forming", pid=ul.unit.pid, since_ns=since))
-        elif queue_up and capped and arrival_ratio < 1.25 and running is not None:
-            strength = 0.6 + 0.3 * min(1.0, (1.0 - (running.inc_high or 0.0) / ceiling) / 0.3)
+        elif (queue_up or held) and capped and arrival_ratio < 1.25 and running is not None:
+            strength = 0.6 + 0.3 * min(1.0, (1.0 - (level or 0.0) / ceiling) / 0.3)
             out.append(Candidate("scheduling", "batching", strength, [key], ul.unit.gpu_ids[0] if ul.unit.gpu_ids
                                  else None, ul.unit.node_id,
-                                 [_raw("engine_requests_running_max", ceiling, running.inc_high),
+                                 [_raw("engine_requests_running_max", ceiling, level),
                                   _ev("engine_requests_running", running), _ev("engine_requests_waiting", waiting),
                                   _raw("queue_time_p90_s", ul.queue_base_s, ul.queue_inc_s, "s"),
                                   _ev("engine_kv_cache_usage_ratio", kv)],
-                                 queue_symptom, f"batch held at {running.inc_high:.0f} running requests (up to "
+                                 queue_symptom, f"batch held at {level or 0:.0f} running requests (up to "
                                           f"{ceiling:.0f} before or on its peers) while requests queue and KV "
                                           "cache is free: "
                                           "max_num_seqs or the token budget too low", pid=ul.unit.pid))
@@ -345,6 +359,14 @@ _SYMPTOM_RATIO = 1.08
 # median this much over the baseline's median and above the baseline's 95th percentile
 _LOAD_ARRIVALS = 1.35
 _LOAD_BATCH = 1.25
+# a batch at most this share of its ceiling (the baseline's 95th percentile of the running gauge, or its peers'), in
+# the window or at the scrapes requests waited, is held under it: a margin of 15 % keeps a batch that queues at its
+# own full size, a little under a high reached in a busier baseline minute, from reading as a lowered ceiling
+_HELD = 0.85
+# requests seen waiting at this many scrapes at least (and twice as often as in the baseline's last 15 minutes): a
+# request that arrives between two scheduler steps (tens of ms) is caught waiting by a scrape now and then in any
+# engine, a queue at scrape after scrape
+_QUEUED_SCRAPES = 2
 
 
 def score(c: Candidate, lat: dict[str, UnitLatency]) -> tuple[float, float]:

@@ -60,6 +60,30 @@ class Stat:
         return (self.inc_median - self.base_median) / scale
 
 
+@dataclass(frozen=True, slots=True)
+class QueuedSamples:
+    """The engine's scrapes at which requests waited for the scheduler, and the batch it ran at those instants.
+
+    The running and waiting gauges are scraped together, so the batch an engine ran *while* requests waited is
+    known at once: an engine that queues only when its batch is full (max_num_seqs, or the KV cache) waits at
+    its ceiling; one that queues with a batch below what it ran before without queueing has had its ceiling
+    lowered (max_num_seqs or the token budget). The incident's per-minute gauge levels cannot say this: they
+    mix the minutes before the batch was capped with those after."""
+
+    n_base: int  # scrapes in the baseline
+    waited_base: int  # of which with a request waiting
+    n_inc: int
+    waited_inc: int
+    # the batch at or under which requests were seen waiting at two scrapes of the incident (the second smallest
+    # batch of its scrapes with a request waiting): a scheduler leaves requests waiting only when it cannot admit
+    # them, so this bounds its ceiling from above; the second, not the smallest, so that one request caught
+    # between two scheduler steps does not set it (nor does the old batch still draining above a new ceiling)
+    waiting_at_batch: float | None
+    # the fullest the KV cache was at those scrapes (None: not reported): a scheduler out of KV blocks leaves
+    # requests waiting under any batch ceiling, and the window's KV level lags as the batch's does
+    kv_while_waiting: float | None = None
+
+
 @dataclass
 class Evidence:
     """Everything measured about the hardware and the engines in the two windows."""
@@ -72,10 +96,14 @@ class Evidence:
     gpu_pids: dict[int, tuple[set[int], set[int]]] = field(default_factory=dict)  # pids seen (base, inc)
     host: dict[int, dict[str, Stat]] = field(default_factory=dict)
     engine: dict[tuple[int, int | None], dict[str, Stat]] = field(default_factory=dict)
+    engine_queued: dict[tuple[int, int | None], QueuedSamples] = field(default_factory=dict)
     gpu_meta: dict[int, tuple[str, int | None, int, str | None]] = field(default_factory=dict)  # uuid, idx, node, model
     node_names: dict[int, str] = field(default_factory=dict)
 
 
+# the baseline's scrapes read for how often requests waited (QueuedSamples): its last 15 minutes, 900 scrapes an
+# engine at 1 s (an hour's read cost `why` ~8-16 % more at 512 GPUs and named every case the same)
+_QUEUED_BASELINE_NS = 900 * 10**9
 _BASELINE_PRESENCE = 0.25  # of the baseline's placement snapshots: a process that was there before
 _INCIDENT_PRESENCE = 0.1  # of the incident's: one that came (a short foreign job counts)
 
@@ -234,6 +262,34 @@ def collect(cur: duckdb.DuckDBPyConnection, b0: int, b1: int, i0: int, i1: int) 
         old = e.get("engine_preemptions_per_s", Stat(None, 0.0, None))
         e["engine_preemptions_per_s"] = Stat(rate, 0.0, old.inc_median) if win == 0 else Stat(old.base_median, 0.0,
                                                                                                 rate)
+    run_wait = ids(["engine_requests_running", "engine_requests_waiting"])
+    if len(run_wait) == 2:
+        # the two gauges at the same scrapes, from the samples (60 rows a minute per engine and gauge at 1 s): the
+        # incident, and the baseline's last 15 minutes at most (how often requests waited before, a share)
+        r_id = next(i for i, n in run_wait.items() if n == "engine_requests_running")
+        w_id = next(i for i, n in run_wait.items() if n == "engine_requests_waiting")
+        kv_id = next(iter(ids(["engine_kv_cache_usage_ratio"])), -1)
+        base: dict[tuple[int, int | None], tuple[int, int]] = {}
+        inc: dict[tuple[int, int | None], tuple[int, int, float | None, float | None]] = {}
+        for nid, pid, win, n, waited, at_batch, kv_max in cur.execute(
+                "SELECT node_id, pid, w, count(*), count(*) FILTER (WHERE waiting >= 1), "
+                "list_sort(list(running) FILTER (WHERE waiting >= 1))[2], max(kv) FILTER (WHERE waiting >= 1) "
+                "FROM (SELECT node_id, coalesce(pid, -1) AS pid, CASE WHEN time_ns >= $i0 THEN 1 ELSE 0 END AS w, "
+                "max(value) FILTER (WHERE signal_id = $r) AS running, max(value) FILTER (WHERE signal_id = $w) "
+                "AS waiting, max(value) FILTER (WHERE signal_id = $kv) AS kv FROM engine_samples "
+                "WHERE signal_id IN ($r, $w, $kv) AND ((time_ns >= $b0 AND time_ns < $b1) "
+                "OR (time_ns >= $i0 AND time_ns <= $i1)) GROUP BY node_id, pid, time_ns, w) "
+                "WHERE running IS NOT NULL AND waiting IS NOT NULL GROUP BY ALL",
+                {"r": r_id, "w": w_id, "kv": kv_id, "b0": max(b0, min(b1, i0) - _QUEUED_BASELINE_NS),
+                 "b1": min(b1, i0), "i0": i0, "i1": i1}).fetchall():
+            key = (int(nid), None if pid == -1 else int(pid))
+            if win == 0:
+                base[key] = (int(n), int(waited))
+            else:
+                inc[key] = (int(n), int(waited), None if at_batch is None else float(at_batch),
+                            None if kv_max is None else float(kv_max))
+        for key, (ni, wi, at, kv_w) in inc.items():
+            ev.engine_queued[key] = QueuedSamples(*base.get(key, (0, 0)), ni, wi, at, kv_w)
     return ev
 
 
