@@ -441,6 +441,42 @@ def test_compiled_pcie_poller_thread_polls_between_cycles_and_hands_over_at_a_lo
     assert out["after_stop"] == 0
 
 
+@needs_poller_build
+def test_compiled_poller_thread_finding_a_failed_read_leaves_the_cycle_its_own_poll(standin_lib: Path,
+                                                                                   tmp_path: Path) -> None:
+    """The compiled thread's first poll (50 ms after start-up's) meets a failed read of GPU 0's TX counter: it
+    changes nothing and polls no more. The next cycle finds it: the access layer judges that poll's answers (the
+    error counted once, the RX counter advanced, the TX total kept), and the cycle's own poll is then made by
+    Python (a third read), not skipped: no gap of two periods between reads at the hand-over."""
+    script = (StandinScript().driver("580.82.07").gpus(1).system("clock_base_us", BASE_US)
+              .system("clock_step_us", STEP_US)
+              .set(0, "field.197", "u32:100", "ERR:999", "u32:300").set(0, "field.198", "u32:10", "u32:20", "u32:30"))
+    path = script.write(tmp_path / "script.txt")
+    code = textwrap.dedent("""
+        import json, time
+        from collector.nvml.access import NvmlAccess
+        from collector.nvml.pcie import PcieCounterPoller
+        a = NvmlAccess()
+        a.init()
+        poller = PcieCounterPoller(a, [(0, a.call("nvmlDeviceGetHandleByIndex", 0, 0))], 0.05, per_cycle=2)
+        poller.start()
+        native = poller.native
+        time.sleep(0.3)  # the thread's poll at 50 ms fails; it polls no more
+        before = poller.polls
+        poller.cycle_poll()
+        out = {"native": [native, poller.native], "polls": [before, poller.polls], "cycle_polls": poller.cycle_polls,
+               "totals": poller.totals(0), "errors": [list(k) + [n] for k, n in a.errors.items()]}
+        poller.stop()
+        print(json.dumps(out))
+    """)
+    out = _run_on_standin(code, standin_lib, path)
+    assert out["native"] == [True, False]
+    assert out["polls"] == [1, 3]  # start-up's; then the thread's (judged at the hand-over) and the cycle's own
+    assert out["cycle_polls"] == 1
+    assert out["errors"] == [["field 197", "Unknown", 1]]
+    assert out["totals"]["197"][0] == 300 and out["totals"]["198"][0] == 30  # the third read: the cycle's
+
+
 @pytest.mark.parametrize("kind", SCHEDULES)
 def test_each_sample_makes_one_of_the_pcie_polls_first(standin_lib: Path, tmp_path: Path, kind: str) -> None:
     """At 100 ms the source plans two polls an interval, 50 ms apart, and each sample makes one of them before it
