@@ -10,7 +10,8 @@ sampler the latest totals with NVML's timestamps; rates are then exact at any ag
 cycle does one of the k polls itself (it is awake anyway: :meth:`PcieCounterPoller.cycle_poll`), a thread
 of the poller the k-1 between two cycles (at 100 ms: one at mid-cycle, 10 wake-ups a second instead of 20);
 when the cycle does not poll (or misses its turn) the thread polls on a fixed grid of its own. A poll that
-comes later than the counter's wrap time at the link's maximum rate is logged and counted.
+comes later than the counter's wrap time at the link's maximum rate is logged and counted. Where built, the
+thread and the polls are C's (:mod:`collector.nvml.pcie_native`), with this module's schedule and arithmetic.
 """
 
 from __future__ import annotations
