@@ -320,6 +320,7 @@ class NvmlGpuSource:
 
     def open(self) -> str:
         if self._status != "closed":  # a retry after a failed start: start from scratch
+            self._stop_threads()
             self.access.reset()
             self._devices.clear()
         self._batch = None
@@ -801,6 +802,12 @@ class NvmlGpuSource:
         return self._xid.drain() if self._xid is not None else []
 
     def close(self) -> None:
+        self._stop_threads()
+        self.access.shutdown()
+        self._status = "closed"
+
+    def _stop_threads(self) -> None:
+        """The XID watcher and the pollers stopped (joined): none may call NVML once it is shut down."""
         if self._xid is not None:
             self._xid.stop()
             self._xid = None
@@ -810,5 +817,3 @@ class NvmlGpuSource:
         if self._counters is not None:
             self._counters.stop()
             self._counters = None
-        self.access.shutdown()
-        self._status = "closed"
