@@ -461,7 +461,10 @@ def test_compiled_poller_thread_finding_a_failed_read_leaves_the_cycle_its_own_p
         poller = PcieCounterPoller(a, [(0, a.call("nvmlDeviceGetHandleByIndex", 0, 0))], 0.05, per_cycle=2)
         poller.start()
         native = poller.native
-        time.sleep(0.3)  # the thread's poll at 50 ms fails; it polls no more
+        deadline = time.monotonic() + 10
+        while not poller._native.p.unusual and time.monotonic() < deadline:  # the thread's poll at 50 ms fails
+            time.sleep(0.01)
+        time.sleep(0.1)  # and it polls no more
         before = poller.polls
         poller.cycle_poll()
         out = {"native": [native, poller.native], "polls": [before, poller.polls], "cycle_polls": poller.cycle_polls,
