@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from collector import __version__
+from collector.native import pure_python
 from collector.records import GpuIdentity, NodeSnapshot, Reading
 from collector.signals import SIGNALS, Signal, clock_event_flags
 
@@ -77,7 +77,7 @@ _TAIL_TIME = struct.Struct("<Q")
 def _compiled_readings() -> Callable[..., object] | None:
     """``_otlp_points.readings`` (setup.py builds it next to this module): ``_readings_py`` in C: the same bytes
     for ~2.5x less CPU per request; None, and the Python loop, when it is not built or ``STACKLENS_PURE_PYTHON=1``."""
-    if os.environ.get("STACKLENS_PURE_PYTHON") == "1":
+    if pure_python():
         return None
     try:
         module = importlib.import_module("collector.export._otlp_points")

@@ -276,25 +276,30 @@ int pp_start(pp_poller *p) {
     return rc;
 }
 
-/* the cycle's poll and the copy of the totals: 0; 1 when this poll was unusual (Python judges it and takes over);
- * 2 when an earlier poll was (the thread's: nothing polled now, Python takes over and makes this poll) */
+/* under the lock: a poll and the copy of the totals: 0; 1 when this poll was unusual (Python judges it and takes
+ * over); 2 when an earlier poll was (the thread's: nothing polled now, Python takes over and makes this poll) */
+static int poll_and_copy(pp_poller *p) {
+    int rc = p->unusual ? 2 : poll(p);
+    if (rc == 0) copy_out(p);
+    return rc;
+}
+
+/* the cycle's poll; 0, 1 or 2 as poll_and_copy */
 int pp_cycle(pp_poller *p) {
     pp_runtime *rt = p->rt;
     pthread_mutex_lock(&rt->mu);
     pp_cycle_mark(&p->sched, mono_s());
     p->cycle_polls++;
-    int rc = p->unusual ? 2 : poll(p);
-    if (rc == 0) copy_out(p);
+    int rc = poll_and_copy(p);
     pthread_mutex_unlock(&rt->mu);
     return rc;
 }
 
-/* a poll outside the schedule (PcieCounterPoller.poll_once) and the copy; 0, 1 or 2 as pp_cycle */
+/* a poll outside the schedule (PcieCounterPoller.poll_once); 0, 1 or 2 as poll_and_copy */
 int pp_poll(pp_poller *p) {
     pp_runtime *rt = p->rt;
     pthread_mutex_lock(&rt->mu);
-    int rc = p->unusual ? 2 : poll(p);
-    if (rc == 0) copy_out(p);
+    int rc = poll_and_copy(p);
     pthread_mutex_unlock(&rt->mu);
     return rc;
 }

@@ -16,13 +16,12 @@ Without the library (not built, not loadable, a stale build, a big-endian machin
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from collector.native import built_library
+from collector.native import built_library, load_library, pure_python
 
 ABI = 2
 
@@ -63,18 +62,15 @@ def library_path() -> Path | None:
 
 def load(path: Path | None = None) -> Library | None:
     """The decoder's functions bound, or None (pure Python): off, not built, not loadable, or stale."""
-    if os.environ.get("STACKLENS_PURE_PYTHON") == "1" or sys.byteorder != "little":
+    if pure_python() or sys.byteorder != "little":
         return None
-    path = path or library_path()
-    if path is None:
+    return load_library(path or library_path(), _bind)
+
+
+def _bind(lib: Any) -> Library | None:
+    if lib.sl_abi() != ABI:
         return None
-    try:
-        lib = ctypes.CDLL(str(path))
-        if lib.sl_abi() != ABI:
-            return None
-        decode, sample = lib.sl_decode, lib.sl_sample
-    except (OSError, AttributeError):
-        return None
+    decode, sample = lib.sl_decode, lib.sl_sample
     decode.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     decode.restype = ctypes.c_int
     sample.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]

@@ -229,11 +229,8 @@ class PcieCounterPoller:
     def start(self) -> None:
         nat = self._native
         if nat is not None:
-            rc = nat.start()
-            self._after_native()
-            if rc == pcie_native.POLLED:
-                return
-            self._take_over()  # start-up's poll unusual (now judged), or no thread: Python's thread from here
+            # start-up's poll unusual (judged in the hand-over), or no thread: Python's thread from here
+            self._native_polled(nat.start())
             return
         self._sched.started(self._monotonic())
         self.poll_once()
@@ -247,11 +244,7 @@ class PcieCounterPoller:
                 self._take_over()
             else:
                 rc = nat.cycle()
-                self._after_native()
-                if rc == pcie_native.POLLED:
-                    return
-                self._take_over()  # judges the unusual poll, the cycle's or the thread's since
-                if rc == pcie_native.NOT_POLLED:
+                if not self._native_polled(rc) and rc == pcie_native.NOT_POLLED:
                     self.poll_once()  # the cycle's own poll (its time already marked)
                 return
         if self._sched.cycle_mark(self._monotonic()):
@@ -266,6 +259,15 @@ class PcieCounterPoller:
         self._verdicts = a.verdict_counts()
         return any(a.is_lost(index) or any(a.is_unsupported("field", index, (fid, 0)) for fid, _ in fields)
                    for index, fields in self._fields_of.items())
+
+    def _native_polled(self, rc: int) -> bool:
+        """What a call into the compiled poller answered: True when it polled; else the poller is handed to Python
+        (the unusual poll, this call's or the thread's before it, judged) and False."""
+        self._after_native()
+        if rc == pcie_native.POLLED:
+            return True
+        self._take_over()
+        return False
 
     def _after_native(self) -> None:
         """After a call into the compiled poller: its NVML calls counted as the access layer's, the first late poll
@@ -344,11 +346,7 @@ class PcieCounterPoller:
         nat = self._native
         if nat is not None:
             rc = nat.poll()
-            self._after_native()
-            if rc == pcie_native.POLLED:
-                return
-            self._take_over()
-            if rc == pcie_native.UNUSUAL:  # this poll, now judged
+            if self._native_polled(rc) or rc == pcie_native.UNUSUAL:  # polled, or this poll judged in the hand-over
                 return
         with self._poll_lock:  # the cycle's poll and the thread's (normally a period apart) share the array
             result = self._reader.read()

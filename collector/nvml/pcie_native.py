@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import os
 import sys
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from collector.native import built_library
+from collector.native import built_library, load_library, pure_python
 
 ABI = 1
 # what pp_cycle and pp_poll answer
@@ -69,24 +68,18 @@ _loaded: list[Library | None] = []
 
 def load() -> Library | None:
     """The poller's functions bound (loaded once), or None: off, not built, not loadable, or stale."""
-    if os.environ.get("STACKLENS_PURE_PYTHON") == "1" or sys.byteorder != "little":
+    if pure_python() or sys.byteorder != "little":
         return None
     if not _loaded:
-        _loaded.append(_load(library_path()))
+        _loaded.append(load_library(library_path(), _bind))
     return _loaded[0]
 
 
-def _load(path: Path | None) -> Library | None:
-    if path is None:
+def _bind(lib: Any) -> Library | None:
+    if lib.pp_abi() != ABI:
         return None
-    try:
-        lib = ctypes.CDLL(str(path))
-        if lib.pp_abi() != ABI:
-            return None
-        fns = Library(lib.pp_begin, lib.pp_cycle_mark, lib.pp_wake, lib.pp_plan, lib.pp_init, lib.pp_start,
-                      lib.pp_cycle, lib.pp_poll, lib.pp_stop, lib.pp_free)
-    except (OSError, AttributeError):
-        return None
+    fns = Library(lib.pp_begin, lib.pp_cycle_mark, lib.pp_wake, lib.pp_plan, lib.pp_init, lib.pp_start,
+                  lib.pp_cycle, lib.pp_poll, lib.pp_stop, lib.pp_free)
     for fn in (fns.begin, fns.cycle_mark, fns.wake, fns.plan):
         fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_double], None
     for fn in (fns.init, fns.start, fns.cycle, fns.poll):

@@ -6,7 +6,6 @@ next to their Python modules, loaded with ctypes), and reading their buffers.
 from __future__ import annotations
 
 import ctypes
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,9 +13,9 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
-from collector.native import built_library
+from collector.native import built_library, load_library, pure_python
 
-PURE_PYTHON = os.environ.get("STACKLENS_PURE_PYTHON") == "1"
+PURE_PYTHON = pure_python()
 T = TypeVar("T")
 
 
@@ -26,14 +25,8 @@ def library_path(stem: str) -> Path | None:
 
 
 def load(path: Path | None, bind: Callable[[Any], Any]) -> Any:
-    """The library at ``path`` with its functions bound by ``bind``, or None: not built, not loadable, a
-    symbol missing, or not the build ``bind`` was written for (it returns None for a stale one)."""
-    if path is None:
-        return None
-    try:
-        return bind(ctypes.CDLL(str(path)))
-    except (OSError, AttributeError):
-        return None
+    """The library at ``path`` with its functions bound by ``bind``, or None (see ``load_library``)."""
+    return load_library(path, bind)
 
 
 class Blob(ctypes.Structure):
