@@ -12,7 +12,8 @@ payloads prepared beforehand (so that the sender's work is not the correlator's)
 - GPU metrics: the agent's own OTLP payloads (``OtlpMetricsEncoder``) of a simulated 8-GPU node, 10 cycles
   per export as the agent's queue merges them.
 
-Every export is answered only after its rows are committed (durably stored), and the rows are counted in
+Every export is answered only once it is durable (its body fsynced on the spool, its rows committed within
+about a second; with ``--serve-args --no-spool``, once its rows are committed), and the rows are counted in
 the file afterwards. The rate per core is rows / CPU seconds (user + system) of the correlator process
 over the sending, not wall time: the sender shares this machine's cores. Peak RSS is the process' own
 high-water mark (VmHWM).

@@ -266,6 +266,9 @@ def serve(
     db_threads: Annotated[int | None, typer.Option("--db-threads", min=1, help="DuckDB worker threads (default: one "
                                                    "per core; 1 ingests with the least CPU, queries on one core)")]
     = None,
+    spool: Annotated[bool, typer.Option("--spool/--no-spool", help="acknowledge an export once its body is on "
+                                        "the fsynced spool (DB.spool/) and commit in large groups (the default); "
+                                        "--no-spool: only once its own commit is done")] = True,
     grafana_url: Annotated[str | None, typer.Option("--grafana-url", envvar="STACKLENS_GRAFANA_URL",
                                                     help="post findings as Grafana annotations")] = None,
     grafana_token: Annotated[str | None, typer.Option("--grafana-token", envvar="STACKLENS_GRAFANA_TOKEN",
@@ -285,7 +288,7 @@ def serve(
                           prometheus_url=prometheus_url, prometheus_interval_s=prometheus_interval, token=token,
                           tls_cert=tls_cert, tls_key=tls_key, retention_s=retention_s,
                           detect_interval_s=detect_interval, grafana_url=grafana_url, grafana_token=grafana_token,
-                          db_threads=db_threads)
+                          db_threads=db_threads, spool=spool)
         correlator = Correlator(cfg, lambda store, stats: api_routes(store, stats, token))
     except (ServeConfigError, TimeParseError) as e:
         raise _fail(str(e), 2) from e

@@ -1,5 +1,7 @@
 """An acknowledged export is durable: kill -9 the correlator process in the middle of heavy ingest,
-and every span it answered 200 for is in the database after a restart, none of them twice."""
+and every span it answered 200 for is in the database after a restart, none of them twice: with the spool
+(the default: answered once on the spool's disk, committed later; the restart commits what the kill left
+there) and without it (answered once committed)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
@@ -45,10 +48,10 @@ def _payload(client: int, seq: int, n: int) -> tuple[bytes, list[str]]:
     return req.SerializeToString(), ids
 
 
-def _start(db: Path, port: int) -> subprocess.Popen[bytes]:
+def _start(db: Path, port: int, spool: str = "--spool") -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "correlator.cli", "serve", "--db", str(db), "--otlp-http", f"127.0.0.1:{port}",
-         "--otlp-grpc", "off", "--api", "off"],
+         "--otlp-grpc", "off", "--api", "off", spool],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -63,9 +66,10 @@ def _start(db: Path, port: int) -> subprocess.Popen[bytes]:
     raise AssertionError("serve did not start")
 
 
-def test_kill_9_during_heavy_ingest_loses_no_acknowledged_span_and_duplicates_none(tmp_path: Path) -> None:
+@pytest.mark.parametrize("spool", ["--spool", "--no-spool"])
+def test_kill_9_during_heavy_ingest_loses_no_acknowledged_span_and_duplicates_none(tmp_path: Path, spool: str) -> None:
     db, port = tmp_path / "d.duckdb", _free_port()
-    proc = _start(db, port)
+    proc = _start(db, port, spool)
     acked: list[str] = []
     lock = threading.Lock()
     stop = threading.Event()
@@ -99,8 +103,9 @@ def test_kill_9_during_heavy_ingest_loses_no_acknowledged_span_and_duplicates_no
         t.join()
     assert len(acked) >= 2_000, "too little was ingested before the kill for the test to mean anything"
 
-    # restart: serve recovers the database (DuckDB replays its WAL) and keeps serving
-    proc = _start(db, _free_port())
+    # restart: serve recovers the database (DuckDB replays its WAL; the spool's records past its last commit are
+    # committed) and keeps serving
+    proc = _start(db, _free_port(), spool)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     con = duckdb.connect(str(db), read_only=True)

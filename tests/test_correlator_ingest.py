@@ -37,6 +37,7 @@ def _reqs(n: int, offset: int = 0) -> list[Req]:
 
 
 def _rows(c: Any, sql: str) -> list[tuple[Any, ...]]:
+    c.store.flush()  # acknowledged exports are committed within about a second (the spool); now, for the test
     with c.store.reader() as cur:
         return list(cur.execute(sql).fetchall())
 
@@ -248,6 +249,7 @@ def test_db_threads_sets_duckdbs_workers_and_ingest_still_stores(tmp_path: Any) 
     try:
         assert c.store is not None
         assert _post(c, "/v1/traces", _valid_spans_json(), "application/json")[0] == 200
+        c.store.flush()
         with c.store.reader() as cur:  # the writer thread owns the store's connection: a reader takes a cursor
             assert cur.execute("SELECT current_setting('threads')").fetchall() == [(1,)]
             assert cur.execute("SELECT count(*) FROM requests").fetchall()[0][0] >= 1

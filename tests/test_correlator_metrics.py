@@ -187,6 +187,7 @@ def test_empty_database_renders_valid_exposition(api_correlator: Any) -> None:
 
 def test_bucket_counts_are_exact_by_model_node_and_replica_gpus(api_correlator: Any) -> None:
     sent = feed_fleet(api_correlator.addresses["otlp_http"], T0)
+    api_correlator.store.flush()  # committed within about a second (the spool): now
     status, text = get(api_correlator.addresses["api"] + "/metrics")
     assert status == 200
     got = parse_histograms(text)
@@ -205,6 +206,7 @@ def test_bucket_counts_are_exact_by_model_node_and_replica_gpus(api_correlator: 
     assert sum(h["count"] for k, h in got.items() if k[0] == "ttft") == len(sent)
     # counters grow with more requests (monotone since the database began)
     feed_fleet(api_correlator.addresses["otlp_http"], T0 + 60 * 10**9, per_engine=10, seed=12, seconds=1)
+    api_correlator.store.flush()  # committed within about a second (the spool): now
     again = parse_histograms(get(api_correlator.addresses["api"] + "/metrics")[1])
     for key, h in got.items():
         assert all(again[key][k] >= v for k, v in h.items()), key
@@ -212,6 +214,7 @@ def test_bucket_counts_are_exact_by_model_node_and_replica_gpus(api_correlator: 
 
 def test_findings_and_ingest_counters(api_correlator: Any) -> None:
     feed_fleet(api_correlator.addresses["otlp_http"], T0, per_engine=5)
+    api_correlator.store.flush()  # committed within about a second (the spool): now
     store = api_correlator.store
     with store.reader() as cur:
         uuid = cur.execute("SELECT uuid FROM gpus WHERE gpu_index = 2").fetchall()[0][0]
@@ -232,6 +235,7 @@ def test_findings_and_ingest_counters(api_correlator: Any) -> None:
 
 def test_render_is_cheap_enough_for_a_15s_scrape(api_correlator: Any) -> None:
     feed_fleet(api_correlator.addresses["otlp_http"], T0, per_engine=250)
+    api_correlator.store.flush()  # committed within about a second (the spool): now
     with api_correlator.store.reader() as cur:
         render_metrics(cur, IngestCounters())
         t = time.perf_counter()
@@ -243,6 +247,7 @@ def test_render_is_cheap_enough_for_a_15s_scrape(api_correlator: Any) -> None:
 
 def test_prometheus_scrapes_the_histograms(api_correlator: Any, prometheus_factory: PrometheusFactory) -> None:
     sent = feed_fleet(api_correlator.addresses["otlp_http"], T0, per_engine=50)
+    api_correlator.store.flush()  # committed within about a second (the spool): now
     address = api_correlator.addresses["api"].removeprefix("http://")
     prom = prometheus_factory([ScrapeTarget(address, job="stacklens-correlator")])
     total = prom.wait_for("sum(stacklens_request_ttft_seconds_count)", timeout_s=30)

@@ -66,6 +66,7 @@ class Req:
 
 def _rows(c: Correlator, sql: str) -> list[tuple[Any, ...]]:
     assert c.store is not None
+    c.store.flush()  # acknowledged exports are committed within about a second (the spool); now, for the test
     with c.store.reader() as cur:
         return list(cur.execute(sql).fetchall())
 

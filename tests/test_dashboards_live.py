@@ -175,6 +175,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         t0 = time.time_ns() - 120 * 10**9
         feed_fleet(otlp, t0, per_engine=60)
         assert correlator.store is not None
+        correlator.store.flush()  # committed within about a second (the spool): now
         with correlator.store.reader() as cur:
             uuid = cur.execute("SELECT uuid FROM gpus WHERE gpu_index = 2").fetchall()[0][0]
             body = _finding(uuid, t0)

@@ -112,6 +112,7 @@ class Req:
 
 
 def _rows(c: Any, sql: str) -> list[tuple[Any, ...]]:
+    c.store.flush()  # acknowledged exports are committed within about a second (the spool); now, for the test
     with c.store.reader() as cur:
         return list(cur.execute(sql).fetchall())
 

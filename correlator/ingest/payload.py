@@ -23,6 +23,7 @@ from correlator.ingest import fast_metrics, fast_spans
 from correlator.ingest.batch import IngestBatch
 from correlator.ingest.otlp_metrics import decode_metrics
 from correlator.ingest.otlp_spans import decode_spans
+from correlator.store.spool import SpoolRecord
 
 Signal = Literal["traces", "metrics"]
 DEFAULT_MAX_BODY_BYTES = 16 << 20
@@ -138,6 +139,13 @@ def media_type(content_type: str) -> str:
 def decode(signal: Signal, body: bytes, content_type: str, content_encoding: str = "",
            limits: Limits = DEFAULT_LIMITS) -> IngestBatch:
     """One HTTP request body → normalised rows, or a PayloadError. Nothing is kept on error."""
+    return decode_export(signal, body, content_type, content_encoding, limits)[0]
+
+
+def decode_export(signal: Signal, body: bytes, content_type: str, content_encoding: str = "",
+                  limits: Limits = DEFAULT_LIMITS) -> tuple[IngestBatch, SpoolRecord]:
+    """:func:`decode`, and the export as the spool keeps it (inflated), from which :func:`decode_record`
+    gives the same rows again."""
     ctype = media_type(content_type)
     if ctype in _PROTOBUF_TYPES:
         fmt: Literal["protobuf", "json"] = "protobuf"
@@ -149,9 +157,17 @@ def decode(signal: Signal, body: bytes, content_type: str, content_encoding: str
     if len(body) > limits.max_body_bytes:
         raise PayloadError(413, f"body of {len(body)} bytes is over the limit of {limits.max_body_bytes}")
     raw = inflate(body, content_encoding, limits.max_decoded_bytes)
+    record = SpoolRecord(signal, fmt, raw)
     if fmt == "protobuf":
-        return decode_protobuf(signal, raw)
-    return decode_message(signal, parse_message(signal, raw, fmt))
+        return decode_protobuf(signal, raw), record
+    return decode_message(signal, parse_message(signal, raw, fmt)), record
+
+
+def decode_record(record: SpoolRecord) -> IngestBatch:
+    """The rows of an export kept on the spool (the same as when it was received)."""
+    if record.fmt == "protobuf":
+        return decode_protobuf(record.signal, record.body)
+    return decode_message(record.signal, parse_message(record.signal, record.body, "json"))
 
 
 # a body up to this size that a compiled decoder takes is decoded where it arrives (the event loop): ~1 ms of

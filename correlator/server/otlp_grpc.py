@@ -2,10 +2,10 @@
 on an event loop of its own thread.
 
 Requests arrive as raw bytes (no deserializer registered) so that a malformed message is answered
-INVALID_ARGUMENT with our message rather than grpcio's generic INTERNAL; the answer is sent only after
-the rows are committed. gzip is handled by grpcio itself; the message size limit by its options. A body of
-at most INLINE_DECODE_BYTES that a compiled decoder takes is decoded on the loop (no hand-off to a thread and
-back: ~1 ms for a 300 KB export); any other on a worker thread.
+INVALID_ARGUMENT with our message rather than grpcio's generic INTERNAL; the answer is sent only once
+the rows are durable (on the store's spool, or committed). gzip is handled by grpcio itself; the message
+size limit by its options. A body of at most INLINE_DECODE_BYTES that a compiled decoder takes is decoded
+on the loop (no hand-off to a thread and back: ~1 ms for a 300 KB export); any other on a worker thread.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from correlator.ingest.payload import (
 )
 from correlator.server.otlp_http import IngestStats
 from correlator.store.duckdb_store import StoreError
+from correlator.store.spool import SpoolError, SpoolRecord
 
 log = logging.getLogger("stacklens.otlp_grpc")
 
@@ -43,6 +44,8 @@ _SERVICES: dict[str, tuple[Signal, Any]] = {
 }
 
 _PB = "application/x-protobuf"
+
+Submit = Callable[[IngestBatch, SpoolRecord], Any]  # the store's submit: a future resolved once durable
 
 
 def _decode(signal: Signal, body: bytes, limits: Limits) -> IngestBatch:
@@ -57,7 +60,7 @@ async def _decoded(signal: Signal, body: bytes, limits: Limits) -> IngestBatch:
     return batch
 
 
-def _handler(signal: Signal, response: Any, submit: Callable[[IngestBatch], Any], limits: Limits,
+def _handler(signal: Signal, response: Any, submit: Submit, limits: Limits,
              stats: IngestStats, token: str | None, timeout_s: float) -> Callable[[bytes, Any], Awaitable[bytes]]:
     ok: bytes = response().SerializeToString()
 
@@ -74,8 +77,10 @@ def _handler(signal: Signal, response: Any, submit: Callable[[IngestBatch], Any]
             await context.abort(code, e.message)
             raise  # abort raised already
         try:
-            await asyncio.wait_for(asyncio.wrap_future(submit(batch)), timeout_s)
-        except (StoreError, TimeoutError) as e:
+            # grpcio inflated a compressed body already: the spool keeps the message as decoded
+            await asyncio.wait_for(asyncio.wrap_future(submit(batch, SpoolRecord(signal, "protobuf", body))),
+                                   timeout_s)
+        except (StoreError, SpoolError, TimeoutError) as e:
             log.warning("otlp/grpc: %s", e)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"not stored, retry later: {e}")
         stats.accepted_requests += 1
@@ -89,7 +94,7 @@ def _handler(signal: Signal, response: Any, submit: Callable[[IngestBatch], Any]
 class GrpcReceiver:
     """grpc.aio's server on an event loop of its own thread, started and stopped from any other thread."""
 
-    def __init__(self, address: str, submit: Callable[[IngestBatch], Any], limits: Limits, stats: IngestStats,
+    def __init__(self, address: str, submit: Submit, limits: Limits, stats: IngestStats,
                  token: str | None, timeout_s: float, credentials: Any) -> None:
         # a plain selector loop: grpc.aio does not run on uvloop, whatever policy uvicorn installed
         self._loop = asyncio.SelectorEventLoop()
@@ -106,7 +111,7 @@ class GrpcReceiver:
     def _call(self, coro: Any, timeout_s: float) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
 
-    async def _start(self, address: str, submit: Callable[[IngestBatch], Any], limits: Limits,
+    async def _start(self, address: str, submit: Submit, limits: Limits,
                      stats: IngestStats, token: str | None, timeout_s: float, credentials: Any) -> int:
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", limits.max_body_bytes),
                                           ("grpc.max_send_message_length", 4 << 20)])
@@ -136,7 +141,7 @@ class GrpcReceiver:
             self._loop.close()
 
 
-def start_grpc_server(address: str, submit: Callable[[IngestBatch], Any], limits: Limits = DEFAULT_LIMITS,
+def start_grpc_server(address: str, submit: Submit, limits: Limits = DEFAULT_LIMITS,
                       stats: IngestStats | None = None, token: str | None = None, timeout_s: float = 30.0,
                       credentials: Any = None) -> tuple[GrpcReceiver, int]:
     """Start the receiver on ``address`` (host:port; port 0 picks one). Returns (receiver, bound port)."""

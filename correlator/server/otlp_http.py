@@ -1,7 +1,7 @@
 """The OTLP/HTTP receiver (``/v1/traces``, ``/v1/metrics``; protobuf or JSON; gzip), an ASGI app run
-by uvicorn. A request is answered 200 only once its rows are committed; a bad payload gets a 4xx with a
-clear message and nothing of it is stored; a store failure gets 503 and Retry-After so that the
-exporter retries.
+by uvicorn. A request is answered 200 only once its rows are durable (its body on the store's spool, or
+its rows committed); a bad payload gets a 4xx with a clear message and nothing of it is stored; a store
+failure gets 503 and Retry-After so that the exporter retries.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ from correlator.ingest.payload import (
     Limits,
     PayloadError,
     Signal,
-    decode,
+    decode_export,
     decode_inline,
     media_type,
 )
 from correlator.store.duckdb_store import StoreError
+from correlator.store.spool import SpoolError, SpoolRecord
 
 log = logging.getLogger("stacklens.otlp_http")
 
@@ -48,13 +49,14 @@ class IngestStats:
 
 
 class BatchSink:
-    """Where decoded batches go: the store's submit (returns a future resolved on commit)."""
+    """Where decoded batches go: the store's submit, given the batch and the export it came from (for the
+    spool); it returns a future resolved once the batch is durable."""
 
-    def __init__(self, submit: Callable[[IngestBatch], Any]) -> None:
+    def __init__(self, submit: Callable[[IngestBatch, SpoolRecord], Any]) -> None:
         self._submit = submit
 
-    async def put(self, batch: IngestBatch) -> None:
-        await asyncio.wrap_future(self._submit(batch))
+    async def put(self, batch: IngestBatch, record: SpoolRecord) -> None:
+        await asyncio.wrap_future(self._submit(batch, record))
 
 
 def check_bearer(headers: Any, token: str | None) -> bool:
@@ -103,10 +105,12 @@ def otlp_routes(sink: BatchSink, limits: Limits, stats: IngestStats, token: str 
                     return _error(401, "missing or wrong bearer token", json_body)
                 body = await asyncio.wait_for(_read_body(request, limits.max_body_bytes), timeout_s)
                 ctype, cenc = request.headers.get("content-type", ""), request.headers.get("content-encoding", "")
-                batch = decode_inline(signal, body, ctype, cenc, limits)
-                if batch is None:  # JSON, gzip, a large body, or one the compiled decoders decline
-                    batch = await run_in_threadpool(decode, signal, body, ctype, cenc, limits)
-                await asyncio.wait_for(sink.put(batch), timeout_s)
+                inline = decode_inline(signal, body, ctype, cenc, limits)
+                if inline is not None:
+                    batch, record = inline, SpoolRecord(signal, "protobuf", body)
+                else:  # JSON, gzip, a large body, or one the compiled decoders decline
+                    batch, record = await run_in_threadpool(decode_export, signal, body, ctype, cenc, limits)
+                await asyncio.wait_for(sink.put(batch, record), timeout_s)
                 stats.accepted_requests += 1
                 stats.rows += batch.row_count()
                 stats.ignored += batch.ignored
@@ -117,7 +121,7 @@ def otlp_routes(sink: BatchSink, limits: Limits, stats: IngestStats, token: str 
                 status = e.status
                 stats.rejected_requests += 1
                 return _error(e.status, e.message, json_body)
-            except (StoreError, TimeoutError) as e:
+            except (StoreError, SpoolError, TimeoutError) as e:
                 status = 503
                 log.warning("otlp/http: %s", e)
                 resp = _error(503, f"not stored, retry later: {e}", json_body)

@@ -21,10 +21,11 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
-from correlator.ingest.payload import Limits, upb_active
+from correlator.ingest.payload import Limits, decode_record, upb_active
 from correlator.server.otlp_grpc import start_grpc_server
 from correlator.server.otlp_http import BatchSink, IngestStats, otlp_routes
 from correlator.store.duckdb_store import Store
+from correlator.store.spool import Spool
 
 log = logging.getLogger("stacklens.serve")
 
@@ -70,6 +71,7 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
     detect_interval_s: float = 10.0  # online detection every this many seconds; 0 turns it off
     db_threads: int | None = None  # DuckDB's worker threads (None: one per core)
+    spool: bool = True  # acknowledge exports once on the spool (DB.spool/), commit in large groups
     grafana_url: str | None = None  # post confirmed findings as annotations here
     grafana_token: str | None = None
 
@@ -96,6 +98,11 @@ class ServeConfig:
         if not upb_active():
             log.warning("protobuf runs on its pure-Python backend: OTLP decoding is ~20x slower; "
                         "install a protobuf wheel with the upb backend")
+
+
+def spool_path(db: str) -> Path:
+    """Where ``serve`` keeps the exports it acknowledged and has not committed yet (correlator/store/spool.py)."""
+    return Path(f"{db}.spool")
 
 
 def sidecar_path(db: str) -> Path:
@@ -145,7 +152,8 @@ class Correlator:
 
     def start(self) -> dict[str, str]:
         cfg = self.config
-        self.store = store = Store(cfg.db, threads=cfg.db_threads)
+        spool = Spool(spool_path(cfg.db), decode_record) if cfg.spool else None
+        self.store = store = Store(cfg.db, threads=cfg.db_threads, spool=spool)
         sink = BatchSink(store.submit)
         scheme = "https" if cfg.tls_cert else "http"
         if cfg.otlp_grpc:

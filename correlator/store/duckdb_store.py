@@ -34,6 +34,7 @@ from collector.signals import CLOCK_EVENT_REASONS
 from correlator.ingest.batch import REQUEST_COLUMNS, STORED_REQUEST_COLUMNS, ArrowRows, IngestBatch, Rows
 from correlator.store import request_rollups, rollups
 from correlator.store.schema import DDL, DERIVED_LATENCIES, READ_AS, SCHEMA_VERSION, TIMED_TABLES
+from correlator.store.spool import Spool, SpoolError, SpoolRecord
 
 log = logging.getLogger("stacklens.store")
 
@@ -396,6 +397,9 @@ class WriterStats:
     late_request_rollups: int = 0  # transactions that summarised hours again for requests that came late
     failed_rollups: int = 0  # summary steps that raised (the writer goes on; the next step tries again)
     key_probes: int = 0  # request batches checked against the stored (trace, span) keys in DuckDB
+    spooled_exports: int = 0  # acknowledged once on the spool's disk, committed later in large groups
+    replayed_exports: int = 0  # found on the spool at start, past the last committed record, and committed
+    rejected_exports: int = 0  # spooled exports whose rows could not be committed even alone: in rejected/
 
 
 def _arrow(rows: Rows) -> pa.Table:
@@ -582,14 +586,31 @@ class _Part:
                           for c in t.column_names), strict=True))
 
 
+@dataclass(slots=True)
+class _Pending:
+    batch: IngestBatch
+    future: Future[None]  # resolved once committed (or failed)
+    seq: int | None  # the spool record's: its export was acknowledged once the spool had it on disk
+    at_s: float  # time.monotonic() when submitted
+
+
 class Store:
-    """One DuckDB file. ``submit`` hands a batch to the writer; its future resolves once committed."""
+    """One DuckDB file. ``submit`` hands a batch to the writer; its future resolves once the batch is durable:
+    committed, or, for a batch submitted with its export's body while the store has a spool, on the spool's
+    disk (the writer then commits it with others, within ``spool_linger_s`` or at ``spool_commit_rows``)."""
 
     def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False, linger_s: float = 0.01,
-                 max_batch_rows: int = 32768, max_wait_s: float = 1.0, threads: int | None = None) -> None:
+                 max_batch_rows: int = 32768, max_wait_s: float = 1.0, threads: int | None = None,
+                 spool: Spool | None = None, spool_commit_rows: int = 8192, spool_linger_s: float = 1.0,
+                 spool_backlog_rows: int = 262144) -> None:
         """``threads``: DuckDB's worker threads (None: its default, one per core). They serve every query of
         this process; the writer's small group commits run best on one (~10 % less CPU a span, measured in
-        docs/performance.md), a scan of many hours on many."""
+        docs/performance.md), a scan of many hours on many.
+
+        ``spool``: acknowledge exports once their bodies are on it (``correlator/store/spool.py``); its records
+        past the last committed one are decoded and committed here before anything else. Past
+        ``spool_backlog_rows`` rows spooled and not yet committed, submitters wait for the commit again
+        (backpressure: the receivers answer only as fast as DuckDB takes the rows)."""
         self.path = str(path)
         self.read_only = read_only
         if threads is not None and threads < 1:
@@ -622,7 +643,13 @@ class Store:
         self._max_batch_rows = max_batch_rows
         self._max_wait_s = max_wait_s
         self._cond = threading.Condition()
-        self._pending: list[tuple[IngestBatch, Future[None]]] = []
+        self._pending: list[_Pending] = []
+        self._pending_rows = 0
+        self._waited_on = 0  # pending batches whose submitters wait for the commit itself
+        self._spool = spool
+        self._spool_commit_rows = spool_commit_rows
+        self._spool_linger_s = spool_linger_s
+        self._spool_backlog_rows = spool_backlog_rows
         self._closing = False
         self.stats = WriterStats()
         self._ids: dict[str, dict[str, int]] = {"nodes": {}, "gpus": {}, "signals": {}}
@@ -652,8 +679,37 @@ class Store:
             self._newest_request_ns = row[0][0] if row and row[0][0] is not None else None
             if self._newest_request_ns is not None:  # nothing starts after it: that much is known at once
                 self._recent_keys = _RecentKeys(self._newest_request_ns + 1)
+            if spool is not None:
+                self._recover(spool)
             self._thread = threading.Thread(target=self._run, name="stacklens-store-writer", daemon=True)
             self._thread.start()
+        elif spool is not None:
+            raise StoreError("a store opened read-only takes no spool")
+
+    def _recover(self, spool: Spool) -> None:
+        """Commit the spool's records past the last committed one (a crash left them), then open it for appends."""
+        row = self._con.execute("SELECT value FROM meta WHERE key = 'spool_seq'").fetchall()
+        committed = int(row[0][0]) if row else 0
+        group: list[_Pending] = []
+        rows = 0
+        for seq, record in spool.open(committed):
+            try:
+                batch = spool.decode(record)
+            except Exception as e:
+                spool.reject(seq, f"decoding it again failed: {e}")
+                self.stats.rejected_exports += 1
+                continue
+            group.append(_Pending(batch, Future(), seq, 0.0))
+            rows += batch.row_count()
+            if rows >= self._max_batch_rows:
+                self._commit_pending(group)
+                group, rows = [], 0
+        if group:
+            self._commit_pending(group)
+        if self.stats.batches:
+            log.warning("store: recovered %d acknowledged exports from the spool %s", self.stats.batches,
+                        spool.directory)
+        self.stats.replayed_exports = self.stats.batches
 
     # -- reading ------------------------------------------------------------------------------
     def cursor(self) -> duckdb.DuckDBPyConnection:
@@ -669,21 +725,50 @@ class Store:
             cur.close()
 
     # -- writing ------------------------------------------------------------------------------
-    def submit(self, batch: IngestBatch) -> Future[None]:
+    def submit(self, batch: IngestBatch, record: SpoolRecord | None = None) -> Future[None]:
+        """Queue ``batch`` for the writer; the future resolves once it is durable. With ``record`` (the export's
+        inflated body, which ``batch`` was decoded from) and a spool, that is once the record is on the spool's
+        disk; else once the batch is committed."""
         fut: Future[None] = Future()
         if self.read_only:
             fut.set_exception(StoreError("store is open read-only"))
             return fut
-        if batch.row_count() == 0:
+        rows = batch.row_count()
+        if rows == 0:
             fut.set_result(None)
             return fut
+        synced: Future[None] | None = None
         with self._cond:
             if self._closing:
                 fut.set_exception(StoreError("store is closing"))
                 return fut
-            self._pending.append((batch, fut))
-            self._cond.notify()
-        return fut
+            seq = None
+            if record is not None and self._spool is not None and self._pending_rows < self._spool_backlog_rows:
+                try:
+                    seq, synced = self._spool.append(record)
+                    self.stats.spooled_exports += 1
+                except SpoolError as e:  # the commit acknowledges it instead (slower, as durable)
+                    log.error("store: %s; this export is acknowledged on its commit", e)
+            first = not self._pending
+            self._pending.append(_Pending(batch, fut, seq, time.monotonic()))
+            self._pending_rows += rows
+            if seq is None:
+                self._waited_on += 1
+                self._cond.notify()
+            elif first or self._pending_rows >= self._spool_commit_rows:
+                self._cond.notify()
+        if synced is None:
+            return fut
+        acknowledged: Future[None] = Future()
+
+        def on_synced(f: Future[None]) -> None:
+            if f.exception() is None:
+                _settle(acknowledged)
+            else:  # the spool could not sync it: the commit is what makes it durable
+                fut.add_done_callback(lambda c: _settle(acknowledged, c.exception()))
+
+        synced.add_done_callback(on_synced)
+        return acknowledged
 
     def flush(self, timeout_s: float = 60.0) -> None:
         """Wait until everything submitted before this call is committed (or has failed)."""
@@ -691,7 +776,8 @@ class Store:
         with self._cond:
             if self._thread is None or self._closing:
                 return
-            self._pending.append((IngestBatch(), fut))
+            self._pending.append(_Pending(IngestBatch(), fut, None, time.monotonic()))
+            self._waited_on += 1
             self._cond.notify()
         fut.result(timeout_s)
 
@@ -699,9 +785,22 @@ class Store:
         """Submit and wait until committed (raises what the commit raised)."""
         self.submit(batch).result(timeout_s)
 
+    def _linger_done(self, first_at: float) -> bool:
+        """Whether to commit what is pending now (under ``_cond``): someone waits for the commit itself, and
+        ``linger_s`` passed or ``max_batch_rows`` are pending (concurrent exports share one commit); or only
+        spooled exports are pending, and ``spool_linger_s`` passed since the oldest or ``spool_commit_rows``
+        are pending (few, large commits: DuckDB's cost per commit is what spooling saves)."""
+        if self._closing:
+            return True
+        if self._waited_on:
+            return (self._pending_rows >= self._max_batch_rows
+                    or time.monotonic() - first_at >= self._linger_s)
+        return (self._pending_rows >= self._spool_commit_rows
+                or time.monotonic() - self._pending[0].at_s >= self._spool_linger_s)
+
     def _run(self) -> None:
         while True:
-            taken: list[tuple[IngestBatch, Future[None]]] = []
+            taken: list[_Pending] = []
             with self._cond:
                 if not self._pending and not self._closing:
                     self._cond.wait(timeout=1.0)  # idle: catch up on the per-minute summaries below
@@ -709,26 +808,37 @@ class Store:
                     return
                 if self._pending:
                     first_at = time.monotonic()
-                    # linger briefly so that concurrent exports share one commit
-                    while (not self._closing and sum(b.row_count() for b, _ in self._pending) < self._max_batch_rows
-                           and time.monotonic() - first_at < self._linger_s):
-                        self._cond.wait(self._linger_s)
+                    while not self._linger_done(first_at):
+                        wait_s = (self._linger_s if self._waited_on
+                                  else self._pending[0].at_s + self._spool_linger_s - time.monotonic())
+                        self._cond.wait(max(wait_s, 0.001))
                     rows = 0
                     while self._pending and (rows < self._max_batch_rows or not taken):
-                        b, f = self._pending.pop(0)
-                        taken.append((b, f))
-                        rows += b.row_count()
+                        p = self._pending.pop(0)
+                        taken.append(p)
+                        rows += p.batch.row_count()
+                        self._waited_on -= p.seq is None
+                    self._pending_rows -= rows
             with self._write_lock:
                 # the writer outlives anything that goes wrong here (its submitters would wait for ever):
                 # a batch that fails is answered with the error, a summary step is tried again next time
                 if taken:
                     try:
-                        self._commit(taken)
+                        self._commit_pending(taken)
                     except Exception as e:
                         self.stats.failed_transactions += 1
                         log.exception("store: a group commit of %d batches failed", len(taken))
-                        for _, f in taken:
-                            _settle(f, StoreError(f"store write failed: {e}"))
+                        unsettled = [p for p in taken if not p.future.done()]
+                        if any(p.seq is not None for p in unsettled):
+                            # acknowledged exports whose rows are neither committed nor set aside: try again
+                            with self._cond:
+                                self._pending[:0] = [p for p in unsettled if p.seq is not None]
+                                self._pending_rows += sum(p.batch.row_count() for p in unsettled
+                                                          if p.seq is not None)
+                            time.sleep(1.0)
+                        for p in unsettled:
+                            if p.seq is None:
+                                _settle(p.future, StoreError(f"store write failed: {e}"))
                 try:
                     # under load, summarise only whole chunks of minutes: a summary step costs ~10 ms whatever
                     # its length (planning, the watermark, its commit), ~0.4 µs per GPU sample at a minute a step
@@ -738,7 +848,33 @@ class Store:
                     self.stats.failed_rollups += 1
                     log.exception("store: a summary step failed; tried again after the next commit")
 
-    def _commit(self, taken: list[tuple[IngestBatch, Future[None]]]) -> None:
+    def _commit_pending(self, taken: list[_Pending]) -> None:
+        """Commit ``taken`` in one transaction, with the last spool record it covers. Should that fail, each
+        spooled export is committed alone, and one that fails even so is copied to the spool's ``rejected/``
+        (acknowledged, so never dropped); then its future has the error. Raises only if that copy fails: the
+        caller keeps the exports queued."""
+        seqs = [p.seq for p in taken if p.seq is not None]
+        if not seqs:
+            self._commit([(p.batch, p.future) for p in taken])
+            return
+        assert self._spool is not None
+        if self._commit([(p.batch, Future()) for p in taken], spool_seq=max(seqs)) is None:
+            self._spool.committed(max(seqs))
+            for p in taken:
+                _settle(p.future)
+            return
+        for p in taken:  # each alone: one batch's failure is not the others'
+            error = self._commit([(p.batch, Future())], spool_seq=p.seq)
+            if error is not None and p.seq is not None:
+                self._spool.reject(p.seq, f"its rows could not be committed: {error}")
+                self.stats.rejected_exports += 1
+            _settle(p.future, None if error is None else StoreError(f"store write failed: {error}"))
+        self._spool.committed(max(seqs))
+
+    def _commit(self, taken: list[tuple[IngestBatch, Future[None]]],
+                spool_seq: int | None = None) -> Exception | None:
+        """One transaction of the batches in ``taken`` (and the spool's watermark ``spool_seq``); their futures
+        are settled; the error, if it failed."""
         # each table's rows in batch order: an Arrow table as it came (ArrowRows: a compiled decoder's), lists
         # of consecutive batches merged into one Rows; requests' lists all first, as one
         parts: dict[str, list[Rows | pa.Table]] = {}
@@ -773,6 +909,8 @@ class Store:
         try:
             cur.execute("BEGIN TRANSACTION")
             self._insert(cur, parts)
+            if spool_seq is not None:
+                cur.execute("INSERT OR REPLACE INTO meta VALUES ('spool_seq', ?)", [str(spool_seq)])
             cur.execute("COMMIT")
             self._recent_keys.committed()
         except Exception as e:
@@ -787,7 +925,7 @@ class Store:
             log.error("store: transaction of %d rows failed: %s", n_rows, e)
             for _, f in taken:
                 _settle(f, StoreError(f"store write failed: {e}"))
-            return
+            return e
         finally:
             cur.close()
         self.stats.transactions += 1
@@ -795,6 +933,7 @@ class Store:
         self.stats.rows += n_rows
         for _, f in taken:
             _settle(f)
+        return None
 
     def close(self) -> None:
         with self._cond:
@@ -802,6 +941,8 @@ class Store:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._spool is not None:
+            self._spool.close()
         self._con.close()
 
     # -- per-minute summaries ---------------------------------------------------------------------
