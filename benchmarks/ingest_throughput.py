@@ -15,7 +15,8 @@ payloads prepared beforehand (so that the sender's work is not the correlator's)
 Every export is answered only once it is durable (its body fsynced on the spool, its rows committed within
 about a second; with ``--serve-args --no-spool``, once its rows are committed), and the rows are counted in
 the file afterwards. The rate per core is rows / CPU seconds (user + system) of the correlator process
-over the sending, not wall time: the sender shares this machine's cores. Peak RSS is the process' own
+over the sending and the 1.5 s after it (``SETTLE_S``: the spool's commits of the last second included), not
+wall time: the sender shares this machine's cores. Peak RSS is the process' own
 high-water mark (VmHWM).
 
     python -m benchmarks.ingest_throughput            # ~2 minutes on 2 cores
@@ -257,6 +258,11 @@ def _own_bytes(db: Path, workdir: Path, table: str) -> int:
         copy.unlink(missing_ok=True)
 
 
+# the spool commits what it acknowledged within a second (correlator/store/spool.py): the CPU is read this long
+# after the warm-up and after the load, so that the load's own commits are in its figure and the warm-up's not
+SETTLE_S = 1.5
+
+
 def phase(name: str, workdir: Path, table: str, send: Callable[[int, int], None], concurrency: int,
           tree: Path = REPO, env_extra: dict[str, str] | None = None, sizes: bool = True,
           warmup: Callable[[int, int], None] | None = None, warm_rows: int = 0,
@@ -269,9 +275,11 @@ def phase(name: str, workdir: Path, table: str, send: Callable[[int, int], None]
         cold0 = server.cpu_s()
         if warmup is not None:
             warmup(server.grpc_port if "grpc" in name else server.http_port, concurrency)
+            time.sleep(SETTLE_S)
         cpu0, t0 = server.cpu_s(), time.perf_counter()
         send(server.grpc_port if "grpc" in name else server.http_port, concurrency)
         wall = time.perf_counter() - t0
+        time.sleep(SETTLE_S)
         cpu = server.cpu_s() - cpu0
         cold_cpu = server.cpu_s() - cold0
         peak = server.peak_rss_mb()
