@@ -10,7 +10,10 @@ payloads prepared beforehand (so that the sender's work is not the correlator's)
   SDK and encoded by its OTLP encoder, 512 per export as the SDK's batch processor sends them; over
   OTLP/HTTP (protobuf) and over OTLP/gRPC;
 - GPU metrics: the agent's own OTLP payloads (``OtlpMetricsEncoder``) of a simulated 8-GPU node, 10 cycles
-  per export as the agent's queue merges them.
+  per export as the agent's queue merges them;
+- DCGM: dcgm-exporter's default counters of an 8-GPU node scraped every second by an OpenTelemetry Collector's
+  Prometheus receiver, forwarded in ~8k-point exports (``dcgm_bodies``; its labels make a placement and an
+  identity row per GPU and scrape, as the reference decoder makes them).
 
 Every export is answered only once it is durable (its body fsynced on the spool, its rows committed within
 about a second; with ``--serve-args --no-spool``, once its rows are committed), and the rows are counted in
@@ -125,6 +128,69 @@ def metric_bodies(n_cycles: int, gpus: int = 8, cycles_per_export: int = 10) -> 
         bodies.append(b"".join(chunk))
     points = decode("metrics", bodies[0], "application/x-protobuf").gpu_samples
     return bodies, len(points) * len(bodies)  # approximate: every export holds the same cycles' shape
+
+
+# dcgm-exporter's default counters (etc/default-counters.csv): gauges, and the counters its Prometheus text
+# marks as such (sums once the Collector has read them); a few the catalog does not know (their points are
+# ignored, as a real deployment's are)
+DCGM_GAUGES = ("DCGM_FI_DEV_SM_CLOCK", "DCGM_FI_DEV_MEM_CLOCK", "DCGM_FI_DEV_MEMORY_TEMP", "DCGM_FI_DEV_GPU_TEMP",
+               "DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_MEM_COPY_UTIL", "DCGM_FI_DEV_ENC_UTIL",
+               "DCGM_FI_DEV_DEC_UTIL", "DCGM_FI_DEV_XID_ERRORS", "DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_FB_USED",
+               "DCGM_FI_DEV_VGPU_LICENSE_STATUS", "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",
+               "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS", "DCGM_FI_DEV_ROW_REMAP_FAILURE",
+               "DCGM_FI_PROF_GR_ENGINE_ACTIVE", "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", "DCGM_FI_PROF_DRAM_ACTIVE",
+               "DCGM_FI_PROF_PCIE_TX_BYTES", "DCGM_FI_PROF_PCIE_RX_BYTES")
+DCGM_COUNTERS = ("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "DCGM_FI_DEV_PCIE_REPLAY_COUNTER",
+                 "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL")
+
+
+def dcgm_bodies(n_scrapes: int, gpus: int = 8, scrapes_per_export: int = 40) -> tuple[list[bytes], int]:
+    """dcgm-exporter's series of one node scraped every second by an OpenTelemetry Collector's Prometheus
+    receiver and forwarded over OTLP in the batch processor's ~8k-point exports: a resource per scrape target,
+    the exporter's labels as point attributes, every GPU serving a pod. Returns the bodies and the GPU
+    samples they make."""
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+    from correlator.ingest.payload import decode
+
+    rng = random.Random(3)
+    labels = [[KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in (
+        ("gpu", str(i)), ("UUID", f"GPU-{i:08x}-5a1e-4c3b-9f1d-00000000{i:04x}"), ("device", f"nvidia{i}"),
+        ("modelName", "NVIDIA H100 80GB HBM3"), ("Hostname", "node-1"), ("DCGM_FI_DRIVER_VERSION", "550.54.15"),
+        ("pci_bus_id", f"00000000:{0x18 + 16 * i:02X}:00.0"), ("container", "vllm"), ("namespace", "serving"),
+        ("pod", f"vllm-llama-{i // 2}"))] for i in range(gpus)]
+    resource = [KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in (
+        ("service.name", "dcgm-exporter"), ("service.instance.id", "10.0.3.7:9400"), ("server.address", "10.0.3.7"),
+        ("server.port", "9400"), ("url.scheme", "http"))]
+    bodies: list[bytes] = []
+    for first in range(0, n_scrapes, scrapes_per_export):
+        msg = ExportMetricsServiceRequest()
+        scrapes = range(first, min(n_scrapes, first + scrapes_per_export))
+        for s in scrapes:
+            rm = msg.resource_metrics.add()
+            rm.resource.attributes.extend(resource)
+            sm = rm.scope_metrics.add()
+            sm.scope.name = "github.com/open-telemetry/opentelemetry-collector-contrib/receiver/prometheusreceiver"
+            t = T0 + s * 10**9
+            for name in (*DCGM_GAUGES, *DCGM_COUNTERS):
+                m = sm.metrics.add(name=name)
+                if name in DCGM_COUNTERS:
+                    m.sum.aggregation_temporality = 2  # type: ignore[assignment]  # CUMULATIVE
+                    m.sum.is_monotonic = True
+                    points = m.sum.data_points
+                else:
+                    points = m.gauge.data_points
+                for g in range(gpus):
+                    p = points.add(time_unix_nano=t, start_time_unix_nano=T0)
+                    p.attributes.extend(labels[g])
+                    if name in DCGM_COUNTERS or name.endswith(("CLOCK", "TEMP", "FREE", "USED", "ROWS", "FAILURE")):
+                        p.as_int = rng.randrange(0, 1 << 40) if name in DCGM_COUNTERS else rng.randrange(30, 2000)
+                    else:
+                        p.as_double = rng.random() * 100.0
+        bodies.append(msg.SerializeToString())
+    samples = sum(len(decode("metrics", b, "application/x-protobuf").gpu_samples) for b in bodies[:1])
+    return bodies, samples * len(bodies)  # approximate: every export holds the same scrapes' shape
 
 
 # -- the correlator under test ----------------------------------------------------------------------
@@ -439,6 +505,11 @@ def compare(n_spans: int, n_cycles: int, concurrency: int, baseline: str, rounds
         warm = metrics[:warmup_exports]
         loads["metrics"] = ("/v1/metrics", METRICS, "gpu_samples", warm, metrics[warmup_exports:],
                             sum(len(decode("metrics", b, "application/x-protobuf").gpu_samples) for b in warm))
+    if "dcgm" in signals:
+        dcgm, _ = dcgm_bodies(DCGM_SCRAPES + DCGM_WARMUP_EXPORTS * 40)
+        warm = dcgm[:DCGM_WARMUP_EXPORTS]
+        loads["dcgm"] = ("/v1/metrics", METRICS, "gpu_samples", warm, dcgm[DCGM_WARMUP_EXPORTS:],
+                         sum(len(decode("metrics", b, "application/x-protobuf").gpu_samples) for b in warm))
     # another tree runs as it is: its compiled decoders too where it has them built (copy or build them there)
     base_tree, base_env = (REPO, {"STACKLENS_PURE_PYTHON": "1"}) if baseline == "pure" else (
         Path(baseline).resolve(), {})
@@ -468,6 +539,8 @@ def compare(n_spans: int, n_cycles: int, concurrency: int, baseline: str, rounds
         decode_figures["traces"] = decode_rates("traces", loads["spans"][4][: max(1, 20_000 // 512)])
     if "metrics" in loads:
         decode_figures["metrics"] = decode_rates("metrics", loads["metrics"][4][:10])
+    if "dcgm" in loads:
+        decode_figures["dcgm"] = decode_rates("metrics", loads["dcgm"][4][:2])
     return {"baseline": baseline, "serve_args": list(serve_args), "baseline_serve_args": list(baseline_serve_args),
             "rounds": rounds, "loads": {k: sum(1 for _ in v[4]) for k, v in loads.items()},
             "spans_per_export": spans_per_export, "concurrency": concurrency,
@@ -496,6 +569,9 @@ def compare_report(doc: dict[str, Any]) -> str:
 # exports sent first in each phase of the main run, left out of the sustained rate (a fresh ``serve`` spends
 # ~0.3-0.5 s of CPU on its first exports: imports, first calls, the first plans of each statement)
 WARMUP_SPAN_EXPORTS, WARMUP_METRIC_EXPORTS = 20, 5
+# dcgm-exporter's series as a Collector forwards them: 1,600 scrapes of 8 GPUs (~240k GPU samples, 40 exports of
+# ~2.5 MB), after 2 warm-up exports
+DCGM_SCRAPES, DCGM_WARMUP_EXPORTS = 1600, 2
 
 
 def run(n_spans: int, n_cycles: int, concurrency: int) -> dict[str, Any]:
@@ -504,6 +580,7 @@ def run(n_spans: int, n_cycles: int, concurrency: int) -> dict[str, Any]:
     t = time.perf_counter()
     spans = span_bodies(n_spans)
     metrics, points = metric_bodies(n_cycles)
+    dcgm, dcgm_samples = dcgm_bodies(DCGM_SCRAPES + DCGM_WARMUP_EXPORTS * 40)
     prep_s = time.perf_counter() - t
     warm_spans, warm_metrics = spans[:WARMUP_SPAN_EXPORTS], metrics[:WARMUP_METRIC_EXPORTS]
     span_rows = sum(_span_count(b) for b in warm_spans)
@@ -524,13 +601,26 @@ def run(n_spans: int, n_cycles: int, concurrency: int) -> dict[str, Any]:
 
                 results.append(phase(f"{name}_{transport}", work, table, send(rest), concurrency,
                                      warmup=send(warm), warm_rows=warm_rows))
+        warm_dcgm = dcgm[:DCGM_WARMUP_EXPORTS]
+        dcgm_rows = sum(len(decode("metrics", b, "application/x-protobuf").gpu_samples) for b in warm_dcgm)
+        for transport in ("http", "grpc"):
+            def send_dcgm(bodies: list[bytes], grpc: bool = transport == "grpc") -> Callable[[int, int], None]:
+                if grpc:
+                    return lambda port, c: send_grpc(port, METRICS, bodies, c)
+                return lambda port, c: send_http(port, "/v1/metrics", bodies, c)
+
+            results.append(phase(f"dcgm_{transport}", work, "gpu_samples", send_dcgm(dcgm[DCGM_WARMUP_EXPORTS:]),
+                                 concurrency, sizes=False, warmup=send_dcgm(warm_dcgm), warm_rows=dcgm_rows))
         grown = grown_bytes_per_sample(work)
     span_bytes = sum(map(len, spans)) / n_spans
     return {"machine": {**machine(), "duckdb": duckdb.__version__, "upb": upb_active()},
             "decode": decode_rates("traces", spans[: max(1, 20_000 // 512)]),
             "decode_metrics": decode_rates("metrics", metrics[:10]),
+            "decode_dcgm": decode_rates("metrics", dcgm[:2]),
             "load": {"spans": n_spans, "span_exports": len(spans), "span_bytes_on_wire": round(span_bytes, 1),
                      "metric_cycles_8_gpus": n_cycles, "metric_exports": len(metrics), "points_approx": points,
+                     "dcgm_scrapes_8_gpus": DCGM_SCRAPES, "dcgm_exports": len(dcgm),
+                     "dcgm_samples_approx": dcgm_samples,
                      "warmup_exports": {"spans": len(warm_spans), "metrics": len(warm_metrics)},
                      "concurrency": concurrency, "prepare_s": round(prep_s, 1)},
             "phases": results, "grown": grown}
@@ -542,14 +632,15 @@ def report(doc: dict[str, Any]) -> str:
              f"protobuf upb backend {'active' if m['upb'] else 'NOT active (pure Python: ~20x slower)'}",
              f"load: {json.dumps(doc['load'])}",
              f"in-process span decode (one core): {json.dumps(doc['decode'])}",
-             f"in-process metric decode (one core): {json.dumps(doc['decode_metrics'])}", "",
+             f"in-process metric decode (one core): {json.dumps(doc['decode_metrics'])}",
+             f"in-process DCGM decode (one core): {json.dumps(doc['decode_dcgm'])}", "",
              f"{'phase':<14}{'rows':>10}{'wall s':>8}{'CPU s':>8}{'rows/CPU-s':>12}{'rows/wall-s':>12}"
              f"{'cores':>7}{'peak RSS MB':>13}{'B/row duckdb':>14}{'compacted':>11}{'table':>8}{'parquet':>9}"]
     for p in doc["phases"]:
         lines.append(f"{p['phase']:<14}{p['rows']:>10}{p['wall_s']:>8}{p['cpu_s']:>8}{p['rows_per_cpu_s']:>12,}"
                      f"{p['rows_per_wall_s']:>12,}{p['cpu_cores_used']:>7}{p['peak_rss_mb']:>13}"
-                     f"{p['duckdb_bytes_per_row']:>14}{p['duckdb_compacted_bytes_per_row']:>11}"
-                     f"{p['table_bytes_per_row']:>8}{p['parquet_bytes_per_row']:>9}")
+                     f"{p.get('duckdb_bytes_per_row', '')!s:>14}{p.get('duckdb_compacted_bytes_per_row', '')!s:>11}"
+                     f"{p.get('table_bytes_per_row', '')!s:>8}{p.get('parquet_bytes_per_row', '')!s:>9}")
     by = {p["phase"]: p for p in doc["phases"]}
 
     def best(*names: str, key: str, low: bool = False) -> float:
@@ -559,6 +650,7 @@ def report(doc: dict[str, Any]) -> str:
     # both transports must reach the target
     spans = best("spans_http", "spans_grpc", key="rows_per_cpu_s", low=True)
     points = best("metrics_http", "metrics_grpc", key="rows_per_cpu_s", low=True)
+    dcgm_points = best("dcgm_http", "dcgm_grpc", key="rows_per_cpu_s", low=True)
     b_req = best("spans_http", "spans_grpc", key="duckdb_bytes_per_row", low=True)
     b_req_c = best("spans_http", "spans_grpc", key="duckdb_compacted_bytes_per_row", low=True)
     b_req_pq = best("spans_http", "spans_grpc", key="parquet_bytes_per_row", low=True)
@@ -579,6 +671,10 @@ def report(doc: dict[str, Any]) -> str:
          points >= TARGETS["points_per_core_s"]),
         ("  the same from a fresh process' first export", "",
          f"{by['metrics_http']['cold_rows_per_cpu_s']:,} | {by['metrics_grpc']['cold_rows_per_cpu_s']:,}", None),
+        ("GPU samples/s per core from dcgm-exporter via a Collector (HTTP | gRPC)",
+         f"≥ {TARGETS['points_per_core_s']:,.0f}",
+         f"{by['dcgm_http']['rows_per_cpu_s']:,} | {by['dcgm_grpc']['rows_per_cpu_s']:,}",
+         dcgm_points >= TARGETS["points_per_core_s"]),
         ("bytes per GPU sample (DuckDB | compacted | table | Parquet)", f"≤ {TARGETS['bytes_per_gpu_sample']:.0f}",
          f"{b_gpu} | {b_gpu_c} | {b_gpu_t} | {b_gpu_pq}", b_gpu <= TARGETS["bytes_per_gpu_sample"]),
         (f"bytes per GPU sample as the store grows ({doc['grown']['samples_added']:,} added)",
@@ -603,7 +699,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
     ap.add_argument("--compare", metavar="pure|TREE", help="ingest phases against this tree without the fast "
                     "paths (pure) or another tree's stacklens serve, alternating")
-    ap.add_argument("--signals", default="traces,metrics", help="--compare: the phases, traces and/or metrics")
+    ap.add_argument("--signals", default="traces,metrics", help="--compare: the phases, traces, metrics (the "
+                    "agent's) and/or dcgm (dcgm-exporter's series as an OpenTelemetry Collector forwards them)")
     ap.add_argument("--spans-per-export", type=int, default=512, help="--compare: spans in each export (512: the "
                     "SDK's batch processor; 8192: the OpenTelemetry Collector's batch processor)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of --compare")

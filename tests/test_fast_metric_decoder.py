@@ -84,7 +84,9 @@ def test_every_catalog_name_is_known_to_the_c() -> None:
     assert actions["stacklens.host_run_queue"][0] == fast_metrics.A_HOST
     assert actions["stacklens.gpu_process_memory_bytes"][0] == fast_metrics.A_PROCESS
     assert actions["vllm:num_requests_running"][0] == fast_metrics.A_DECLINE
-    assert actions["DCGM_FI_DEV_POWER_USAGE"][0] == fast_metrics.A_DECLINE
+    assert actions["DCGM_FI_DEV_POWER_USAGE"][:3] == (fast_metrics.A_DCGM, 0, "power_w")
+    assert actions["DCGM_FI_DEV_SM_CLOCK"] == (fast_metrics.A_DCGM, 0, "sm_clock_hz", 1e6)
+    assert actions["DCGM_FI_DEV_FB_USED"][3] == 2.0**20 and actions["DCGM_FI_DEV_GPU_UTIL"][3] == 0.01
 
 
 # -- every attribute shape the rules read ---------------------------------------------------------------
@@ -141,6 +143,88 @@ def agent_like_messages(draw: st.DrawFn) -> ExportMetricsServiceRequest:
 @given(msg=agent_like_messages())
 def test_messages_of_every_attribute_shape(msg: ExportMetricsServiceRequest) -> None:
     check(msg.SerializeToString())
+
+
+# -- dcgm-exporter's series as an OpenTelemetry Collector forwards them -------------------------------------
+DCGM_NAMES = ["DCGM_FI_DEV_SM_CLOCK", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_POWER_USAGE",
+              "dcgm_fi_dev_total_energy_consumption", "dcgm_fi_prof_pcie_rx_bytes", "DCGM_FI_DEV_XID_ERRORS",
+              "Dcgm_Fi_Dev_Gpu_Temp", "DCGM_FI_DEV_NOPE", "stacklens.power_w", "stacklens.gpu_info"]
+DCGM_KEYS = ["gpu", "UUID", "Hostname", "modelName", "pci_bus_id", "device", "pod", "namespace", "container",
+             "gpu.uuid", "gpu.index", "host.name"]
+DCGM_VALUES = (st.sampled_from(["GPU-a", "GPU-b", "", "0", "3", "-2", "x", "NVIDIA H100 80GB HBM3", "node-9",
+                                "00000000:3B:00.0", "nvidia3", "vllm-0"]).map(lambda v: _any("string_value", v))
+               | VALUES)
+
+
+@st.composite
+def dcgm_like_messages(draw: st.DrawFn) -> ExportMetricsServiceRequest:
+    """Several GPUs' series in one or two resources (a scrape target each), labels of every shape the rules
+    read: with and without a UUID, index, node label, identity labels and pod labels."""
+    msg = ExportMetricsServiceRequest()
+    for _ in range(draw(st.integers(1, 2))):
+        rm = msg.resource_metrics.add()
+        rm.resource.attributes.add(key="service.name", value=_any("string_value", "dcgm-exporter"))
+        if draw(st.booleans()):
+            rm.resource.attributes.add(key="host.name", value=_any("string_value", "node-r"))
+        sm = rm.scope_metrics.add()
+        for _ in range(draw(st.integers(1, 4))):
+            m = sm.metrics.add(name=draw(st.sampled_from(DCGM_NAMES)))
+            points = (m.sum if draw(st.booleans()) else m.gauge).data_points
+            for _ in range(draw(st.integers(0, 4))):
+                p = points.add(time_unix_nano=draw(st.sampled_from([T0, T0 + 10**9, 0, 2**63])),
+                               flags=draw(st.sampled_from([0, 0, 0, 1])))
+                keys = draw(st.lists(st.sampled_from(DCGM_KEYS), max_size=8))
+                p.attributes.extend(KeyValue(key=k, value=draw(DCGM_VALUES)) for k in keys)
+                which = draw(st.sampled_from(["double", "double", "int", "none"]))
+                if which == "double":
+                    p.as_double = draw(st.sampled_from([0.0, 1755.0, 87.5, 0.1, float("nan"), 1e300, -3.3]))
+                elif which == "int":
+                    p.as_int = draw(st.sampled_from([0, 1024, -1, 2**53 + 1, 2**63 - 1]))
+    return msg
+
+
+@settings(FAST, max_examples=600)
+@given(msg=dcgm_like_messages())
+def test_dcgm_series_of_every_label_shape(msg: ExportMetricsServiceRequest) -> None:
+    check(msg.SerializeToString())
+
+
+def _dcgm_export(gpus: int, seconds: int, pods: bool = True, uuid: bool = True) -> bytes:
+    """One scrape of dcgm-exporter per second as the Collector's Prometheus receiver forwards it: a resource
+    per scrape."""
+    labels_of = [{"gpu": str(i), **({"UUID": f"GPU-{i:04d}"} if uuid else {}), "Hostname": "node-9",
+                  "modelName": "NVIDIA H100 80GB HBM3", "pci_bus_id": f"00000000:{i:02X}:00.0",
+                  "device": f"nvidia{i}", **({"pod": f"vllm-{i // 2}", "namespace": "serving", "container": "vllm"}
+                                             if pods else {})} for i in range(gpus)]
+    msg = ExportMetricsServiceRequest()
+    for s in range(seconds):
+        rm = msg.resource_metrics.add()
+        rm.resource.attributes.add(key="service.name", value=_any("string_value", "dcgm-exporter"))
+        sm = rm.scope_metrics.add()
+        for name in ("DCGM_FI_DEV_SM_CLOCK", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_POWER_USAGE"):
+            g = sm.metrics.add(name=name).gauge
+            for i, labels in enumerate(labels_of):
+                p = g.data_points.add(time_unix_nano=T0 + s * 10**9, as_double=100.0 * i + s + 0.5)
+                p.attributes.extend(KeyValue(key=k, value=_any("string_value", v)) for k, v in labels.items())
+    return msg.SerializeToString()
+
+
+def test_dcgm_scrapes_take_the_fast_path_with_identity_and_placement_once_per_gpu_and_scrape() -> None:
+    for pods in (True, False):
+        for uuid in (True, False):
+            body = _dcgm_export(4, 3, pods, uuid)
+            assert check(body)
+            batch = fast_metrics.decode(body)
+            assert batch is not None
+            assert len(batch.gpu_samples) == 4 * 4 * 3
+            assert len(batch.gpu_info) == 4 * 3  # once per GPU in each resource (scrape), not per point
+            assert len(batch.placements) == (4 * 3 if pods else 0)  # the same, not once per series
+            names = set(batch.gpu_info.data["gpu_uuid"])
+            assert names == ({f"GPU-{i:04d}" for i in range(4)} if uuid else {f"node-9/gpu{i}" for i in range(4)})
+    batch = fast_metrics.decode(_dcgm_export(1, 1))
+    assert batch is not None
+    assert dict(zip(batch.gpu_samples.data["signal"], batch.gpu_samples.data["value"], strict=True)) == {
+        "sm_clock_hz": 0.5e6, "fb_used_bytes": 0.5 * 2**20, "gpu_util_ratio": 0.005, "power_w": 0.5}
 
 
 def test_common_attribute_shapes_take_the_fast_path() -> None:
@@ -224,7 +308,12 @@ WIRE_CASES: dict[str, tuple[bytes, bool]] = {  # body, whether the fast path tak
                           False),
     "bad UTF-8 in a name": (wrap([gauge(b"stacklens.\xff", _point(GPU))]), False),
     "an unknown name": (wrap([gauge(b"stacklens.nope", _point(GPU), _point(GPU))]), True),
-    "a DCGM name in lower case": (wrap([gauge(b"dcgm_fi_dev_nope", _point(GPU))]), False),
+    "an unknown DCGM name in lower case": (wrap([gauge(b"dcgm_fi_dev_nope", _point(GPU))]), True),
+    "an unknown DCGM name": (wrap([gauge(b"DCGM_FI_DEV_ENC_UTIL", _point(GPU))]), True),
+    "a DCGM name in lower case": (wrap([gauge(b"dcgm_fi_dev_sm_clock", _point(GPU))]), True),
+    "a DCGM name in mixed case": (wrap([gauge(b"Dcgm_Fi_Dev_Power_Usage", _point(GPU))]), True),
+    "a DCGM name beyond ASCII": (wrap([gauge("dcgm_fi_dev_power_usagé".encode(), _point(GPU))]), False),
+    "a DCGM name of 300 bytes": (wrap([gauge(b"dcgm_" + b"x" * 295, _point(GPU))]), False),
     "an engine name": (wrap([gauge(b"vllm:num_requests_running", _point(GPU))]), False),
     "an hw name": (wrap([gauge(b"hw.gpu.utilization", _point(GPU))]), False),
     "a link label of an int": (wrap([gauge(b"stacklens.nvlink_tx_bytes_per_s", _point(
@@ -277,3 +366,34 @@ def test_threads_decode_at_once() -> None:
     for g, w in zip(got, want * 6, strict=True):
         assert g is not None and isinstance(w, IngestBatch)
         assert_same_batch(g, w)
+
+
+def test_a_dcgm_placement_is_repeated_only_when_time_node_or_pod_labels_change() -> None:
+    """One placement for a GPU's points in a row that name the same pod on the same node at the same time;
+    any of those changing makes a new one (the reference and the C alike)."""
+    base = {"UUID": "GPU-a", "gpu": "0", "Hostname": "n1", "pod": "p", "namespace": "ns", "container": "c"}
+    changes: list[tuple[int, dict[str, str]]] = [
+        (T0, {}), (T0, {}),  # the same: one
+        (T0 + 1, {}), (T0 + 1, {"pod": "q"}), (T0 + 1, {"pod": "q", "namespace": "other"}),
+        (T0 + 1, {"pod": "q", "namespace": "other", "container": "d"}),
+        (T0 + 1, {"pod": "q", "namespace": "other", "container": "d", "Hostname": "n2"}),
+        (T0, {}),  # back to the first: the last one differs, so again
+        (T0, {"UUID": "GPU-b"}), (T0, {}),  # another GPU between: GPU-a's last is still the same
+    ]
+    msg = ExportMetricsServiceRequest()
+    rm = msg.resource_metrics.add()
+    g = rm.scope_metrics.add().metrics.add(name="DCGM_FI_DEV_POWER_USAGE").gauge
+    for t, change in changes:
+        p = g.data_points.add(time_unix_nano=t, as_double=1.0)
+        p.attributes.extend(KeyValue(key=k, value=_any("string_value", v)) for k, v in {**base, **change}.items())
+    body = msg.SerializeToString()
+    assert check(body)
+    batch = fast_metrics.decode(body)
+    assert batch is not None
+    pl = batch.placements.data
+    assert list(zip(pl["time_ns"], pl["node"], pl["gpu_uuid"], pl["pod"], pl["namespace"], pl["container"],
+                    strict=True)) == [
+        (T0, "n1", "GPU-a", "p", "ns", "c"), (T0 + 1, "n1", "GPU-a", "p", "ns", "c"),
+        (T0 + 1, "n1", "GPU-a", "q", "ns", "c"), (T0 + 1, "n1", "GPU-a", "q", "other", "c"),
+        (T0 + 1, "n1", "GPU-a", "q", "other", "d"), (T0 + 1, "n2", "GPU-a", "q", "other", "d"),
+        (T0, "n1", "GPU-a", "p", "ns", "c"), (T0, "n1", "GPU-b", "p", "ns", "c")]

@@ -6,14 +6,21 @@
  * sums named stacklens.<signal> or stacklens_<signal> that become GPU samples, host samples, placements
  * or GPU identity rows; points of a name nobody knows are counted as ignored, as there.
  *
+ * Also dcgm-exporter's series as an OpenTelemetry Collector forwards them (DCGM_FI_* names, in any case, read
+ * in upper case as _resolve_cached does; one the catalog does not know is ignored, as there): GPU samples
+ * scaled to the catalog's units, and what _dcgm_labels makes of their
+ * labels: the GPU's identity row (modelName, pci_bus_id, device) once per GPU and resource, and a
+ * placement without pid where a point names a pod or container (once for a GPU's points in a row that name the
+ * same pod at the same time).
+ *
  * Exactness by construction, as in _fastspans.c: whatever this file does not reproduce exactly it declines
  * (fm_decode reports FM_UNHANDLED) and the caller takes the reference path (upb + decode_metrics) with the
  * same bytes. Declined: every malformed or unusual wire shape (see _otlp_wire.h), exemplars, histograms,
  * exponential histograms and summaries, a metric with two data fields, and every name whose rows need
- * more than this file knows: serving-engine names, DCGM names (their labels make identity rows and
- * placements) and anything starting with "dcgm_" in any case, OpenTelemetry hw.* names (resolved by
- * attributes); value conversions that need Python (str() of a float, a list or a dict; int() of a string
- * that is not plain ASCII digits). The names and what becomes of their points are given by Python once
+ * more than this file knows: serving-engine names, a "dcgm_" name beyond ASCII or over 256 bytes,
+ * OpenTelemetry hw.* names (resolved by attributes); value
+ * conversions that need Python (str() of a float, a list or a dict; int() of a string that is not plain
+ * ASCII digits). The names and what becomes of their points are given by Python once
  * (fm_add_name, from the same catalog and rules), so the catalog is never written down twice.
  *
  * Plain C99, no Python headers. fm_decode keeps no state between calls and may run in several threads at
@@ -24,10 +31,10 @@
 #define FM_OK 0
 #define FM_UNHANDLED 1
 #define FM_NOMEM 2
-#define FM_ABI 2 /* fast_metrics.py's _ABI: the public head of fm_out, and the functions */
+#define FM_ABI 3 /* fast_metrics.py's _ABI: the public head of fm_out, and the functions */
 
 /* -- what becomes of a metric's points (fm_add_name) ------------------------------------------------- */
-enum { A_UNKNOWN, A_GPU, A_HOST, A_PROCESS, A_INFO, A_SKIP, A_DECLINE };
+enum { A_UNKNOWN, A_GPU, A_HOST, A_PROCESS, A_INFO, A_SKIP, A_DECLINE, A_DCGM };
 /* the attribute a GPU sample's sub is read from */
 enum { L_NONE, L_LINK, L_REASON, L_XID };
 
@@ -38,6 +45,7 @@ typedef struct {
     int action, label;
     char *signal; /* the canonical signal name stored */
     size_t signal_n;
+    double factor; /* A_DCGM: to the catalog's unit (r.factor) */
 } name_t;
 
 #define NAME_CAP 4096 /* a power of two, over twice the names of the catalog */
@@ -57,13 +65,14 @@ static const name_t *name_lookup(const uint8_t *p, size_t n) {
 enum {
     K_HOSTNAME_UC, K_HOSTNAME, K_NODE, K_HOST, K_GPU_UUID, K_UUID_UC, K_UUID, K_HW_ID, K_GPU_INDEX, K_GPU,
     K_LINK, K_REASON, K_XID, K_CGROUP_CONTAINER, K_CGROUP, K_PROCESS_PID, K_PID, K_CONTAINER_ID, K_POD_UID,
-    K_POD_NAME, K_POD, K_NS_NAME, K_NS, K_CONTAINER_NAME, K_CONTAINER, K_MODEL, K_PCI, K_DEVICE, K_COUNT
+    K_POD_NAME, K_POD, K_NS_NAME, K_NS, K_CONTAINER_NAME, K_CONTAINER, K_MODEL, K_PCI, K_DEVICE, K_MODEL_NAME,
+    K_DCGM_PCI, K_DCGM_DEVICE, K_COUNT
 };
 static const char *const KEYS[K_COUNT] = {
     "Hostname", "hostname", "k8s.node.name", "host.name", "gpu.uuid", "UUID", "uuid", "hw.id", "gpu.index", "gpu",
     "link", "reason", "xid", "container_id", "cgroup", "process.pid", "pid", "container.id", "k8s.pod.uid",
     "k8s.pod.name", "pod", "k8s.namespace.name", "namespace", "k8s.container.name", "container", "gpu.model",
-    "gpu.pci_bus_id", "gpu.device",
+    "gpu.pci_bus_id", "gpu.device", "modelName", "pci_bus_id", "device",
 };
 static keyset_t POINT_KEYS;
 static int keys_ready;
@@ -237,6 +246,18 @@ typedef struct {
     strtab_t tabs[NT][NC];
     arena_t res_arena;   /* strings made (decimal, hex) for the resource at hand */
     arena_t point_arena; /* ... and for the point at hand */
+    /* Origin.gpu_info_seen: info_seen[i] == res_gen where the GPU of gpu_info's gpu_uuid entry i has had
+     * its DCGM identity row in the resource at hand */
+    uint32_t *info_seen;
+    int64_t info_seen_cap;
+    uint32_t res_gen;
+    /* Origin.dcgm_placed: by placements' gpu_uuid entry, the last DCGM placement in the resource at hand */
+    struct placed {
+        uint32_t gen; /* res_gen when set */
+        int32_t node, pod, ns, container; /* entries of their columns (-1: None) */
+        int64_t t;
+    } *placed;
+    int64_t placed_cap;
 } fm_out;
 
 static int fail(fm_out *o, int status) {
@@ -303,6 +324,80 @@ static int node_of(fm_out *o, const attrs_t *a, const res_t *res, sref *out) {
     if (r != R_NONE) return r;
     *out = res->node;
     return res->node_rule;
+}
+
+/* _dcgm_labels: what a DCGM point's labels say besides its value. The GPU is named by its uuid, else
+ * f"{node}/gpu{idx}"; its identity row comes once per resource, where modelName, pci_bus_id or device is
+ * truthy; a point naming a pod or container is a placement without pid (pid 0: DCGM knows none). */
+static int dcgm_labels(fm_out *o, const attrs_t *a, int64_t t, sref node, sref uuid, int64_t idx, int has_idx) {
+    arena_t *pa = &o->point_arena;
+    sref gpu = uuid;
+    if (!gpu.p) { /* has_idx here: a point with neither was ignored before */
+        char num[32] = "/gpu";
+        size_t k = 4 + fmt_int(idx, num + 4);
+        sref head, tail; /* consecutive in the arena: one string (too long for the point's reserve: declined) */
+        if (!arena_put(pa, node.p, node.n, &head) || !arena_put(pa, num, k, &tail)) BAD();
+        gpu.p = head.p, gpu.n = node.n + k;
+    }
+    row_t row;
+    const val_t *model = av(a, K_MODEL_NAME), *pci = av(a, K_DCGM_PCI), *dev = av(a, K_DCGM_DEVICE);
+    if (truthy(model) || truthy(pci) || truthy(dev)) {
+        int64_t gi = dedup(o, T_INFO, 2, gpu);
+        if (gi == -2) NOMEM();
+        if (gi < 0) BAD();
+        if (gi >= o->info_seen_cap) {
+            int64_t cap = o->info_seen_cap ? o->info_seen_cap : 64;
+            while (cap <= gi) cap *= 2;
+            uint32_t *s = realloc(o->info_seen, (size_t)cap * sizeof *s);
+            if (!s) NOMEM();
+            memset(s + o->info_seen_cap, 0, (size_t)(cap - o->info_seen_cap) * sizeof *s);
+            o->info_seen = s, o->info_seen_cap = cap;
+        }
+        if (o->info_seen[gi] != o->res_gen) {
+            o->info_seen[gi] = o->res_gen;
+            row.i[0] = t, row.s[1] = node, row.s[2] = gpu, row.i[3] = has_idx ? idx : I64_NONE;
+            if (str_or_none(pa, model, &row.s[4]) == R_BAD) BAD();
+            if (str_or_none(pa, pci, &row.s[5]) == R_BAD) BAD();
+            if (str_or_none(pa, dev, &row.s[6]) == R_BAD) BAD();
+            if (!put_row(o, T_INFO, &row)) return 0;
+        }
+    }
+    const val_t *pod = av(a, K_POD), *container = av(a, K_CONTAINER);
+    if (truthy(pod) || truthy(container)) {
+        row.i[0] = t, row.s[1] = node, row.s[2] = gpu, row.i[3] = 0;
+        row.s[4].p = NULL, row.s[4].n = 0, row.s[5].p = NULL, row.s[5].n = 0;
+        if (str_or_none(pa, pod, &row.s[6]) == R_BAD) BAD();
+        if (str_or_none(pa, av(a, K_NS), &row.s[7]) == R_BAD) BAD();
+        if (str_or_none(pa, container, &row.s[8]) == R_BAD) BAD();
+        row.f[9] = NAN;
+        /* the same pod at the same time as this GPU's last placement here: the same placement (equal strings
+         * are equal entries of their columns) */
+        int64_t e[5];
+        const int cols[5] = {2, 1, 6, 7, 8};
+        for (int k = 0; k < 5; k++) {
+            e[k] = dedup(o, T_PROCESS, cols[k], row.s[cols[k]]);
+            if (e[k] == -2) NOMEM();
+            if (e[k] < -1) BAD();
+        }
+        int64_t gi = e[0];
+        if (gi >= o->placed_cap) {
+            int64_t cap = o->placed_cap ? o->placed_cap : 64;
+            while (cap <= gi) cap *= 2;
+            struct placed *p = realloc(o->placed, (size_t)cap * sizeof *p);
+            if (!p) NOMEM();
+            memset(p + o->placed_cap, 0, (size_t)(cap - o->placed_cap) * sizeof *p);
+            o->placed = p, o->placed_cap = cap;
+        }
+        struct placed *last = &o->placed[gi];
+        if (last->gen == o->res_gen && last->t == t && last->node == e[1] && last->pod == e[2] && last->ns == e[3]
+            && last->container == e[4])
+            return 1;
+        last->gen = o->res_gen, last->t = t;
+        last->node = (int32_t)e[1], last->pod = (int32_t)e[2], last->ns = (int32_t)e[3];
+        last->container = (int32_t)e[4];
+        if (!put_row(o, T_PROCESS, &row)) return 0;
+    }
+    return 1;
 }
 
 /* one NumberDataPoint of a metric whose points become rows by `name` (NULL: a name nobody knows) */
@@ -398,10 +493,11 @@ static int do_point(fm_out *o, rd m, const name_t *name, const res_t *res, int d
         if (str_or_none(pa, av(&a, K_DEVICE), &row.s[6]) == R_BAD) BAD();
         return put_row(o, T_INFO, &row);
     }
-    default: { /* A_GPU */
+    default: { /* A_GPU, A_DCGM */
         sref uuid;
         int64_t idx;
         int has_idx;
+        if (name->action == A_DCGM && !isnan(v) && name->factor != 1.0) v *= name->factor;
         if (gpu_of(pa, &a, &uuid, &idx, &has_idx) == R_BAD) BAD();
         if (!uuid.p && !has_idx) {
             o->ignored++;
@@ -416,7 +512,8 @@ static int do_point(fm_out *o, rd m, const name_t *name, const res_t *res, int d
             if (lv->type != V_ABSENT && lv->type != V_NONE && str_not_none(pa, lv, &row.s[5]) == R_BAD) BAD();
         }
         row.f[6] = v;
-        return put_row(o, T_GPU, &row);
+        if (!put_row(o, T_GPU, &row)) return 0;
+        return name->action != A_DCGM || dcgm_labels(o, &a, (int64_t)t, node, uuid, idx, has_idx);
     }
     }
 }
@@ -479,7 +576,17 @@ static int do_metric(fm_out *o, rd m, const res_t *res, int depth) {
     if (data_field != 5 && data_field != 7) BAD(); /* histograms and summaries: the reference path */
     size_t n = (size_t)(name.end - name.p);
     const name_t *e = name_lookup(name.p, n);
-    if (e ? e->action == A_DECLINE : starts_dcgm(name.p, n)) BAD();
+    if (!e && starts_dcgm(name.p, n)) {
+        /* _resolve_cached: a DCGM name in another case is read in upper case; one unknown even so is ignored */
+        uint8_t up[256];
+        if (n > sizeof up) BAD();
+        for (size_t i = 0; i < n; i++) {
+            if (name.p[i] >= 0x80) BAD(); /* str.upper() beyond ASCII: Python's */
+            up[i] = name.p[i] >= 'a' && name.p[i] <= 'z' ? (uint8_t)(name.p[i] - 32) : name.p[i];
+        }
+        e = name_lookup(up, n);
+    }
+    if (e && e->action == A_DECLINE) BAD();
     return do_points(o, data, data_field == 7, e, res, depth + 1);
 }
 
@@ -507,6 +614,7 @@ static int do_resource_metrics(void *ctx, rd m) {
         res.node.p = (const uint8_t *)"unknown", res.node.n = 7;
         res.node_rule = R_VAL;
     }
+    o->res_gen++; /* a new Origin: no GPU's DCGM identity row seen yet */
     /* the remembered strings of the previous resource may be overwritten now */
     for (int t = 0; t < NT; t++)
         for (int c = 0; c < NC; c++) o->tabs[t][c].last_p = NULL;
@@ -524,9 +632,11 @@ int fm_init(void) {
 }
 
 /* What becomes of the points of metric `name` (Python's rules, given once before any fm_decode): action
- * A_*, the attribute of a GPU sample's sub (L_*), and the canonical signal name stored. 1: added. */
-int fm_add_name(const char *name, size_t n, int action, int label, const char *signal, size_t signal_n) {
-    if (n_names >= NAME_CAP / 2 || action <= A_UNKNOWN || action > A_DECLINE || label < L_NONE || label > L_XID)
+ * A_*, the attribute of a GPU sample's sub (L_*), the canonical signal name stored, and (A_DCGM) the factor
+ * to the catalog's unit. 1: added. */
+int fm_add_name(const char *name, size_t n, int action, int label, const char *signal, size_t signal_n,
+                double factor) {
+    if (n_names >= NAME_CAP / 2 || action <= A_UNKNOWN || action > A_DCGM || label < L_NONE || label > L_XID)
         return 0;
     if (name_lookup((const uint8_t *)name, n)) return 0;
     uint64_t h = hash_words((const uint8_t *)name, n);
@@ -544,6 +654,7 @@ int fm_add_name(const char *name, size_t n, int action, int label, const char *s
     sig[signal_n] = 0;
     name_t *e = &NAMES[j];
     e->n = n, e->hash = h, e->action = action, e->label = label, e->signal = sig, e->signal_n = signal_n;
+    e->factor = factor;
     e->name = copy; /* last: a lookup sees a whole entry or none */
     n_names++;
     return 1;
@@ -559,6 +670,8 @@ void fm_free(fm_out *o) {
         }
     free(o->res_arena.buf);
     free(o->point_arena.buf);
+    free(o->info_seen);
+    free(o->placed);
     free(o);
 }
 

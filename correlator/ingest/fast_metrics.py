@@ -3,11 +3,12 @@ host samples, placements and GPU identity rows, exactly as :func:`correlator.ing
 makes them, without building the protobuf message or a dict per point.
 
 ``_fastmetrics.c`` (compiled at install time, loaded here with ctypes) reads the wire format and applies
-decode_metrics' rules for the agent's own metrics (``stacklens.*`` gauges and sums); which names it may meet
+decode_metrics' rules for the agent's own metrics (``stacklens.*`` gauges and sums) and for dcgm-exporter's
+series as an OpenTelemetry Collector forwards them (``DCGM_FI_*``, in any case); which names it may meet
 and what becomes of their points it learns here, once, from the same catalog and rules (:func:`name_actions`).
 This module turns its column buffers into one Arrow table per table (``ArrowRows``: strings as dictionary
 arrays, so the store maps names to ids once per distinct name; whoever reads ``data`` gets the same lists as
-decode_metrics'). Whatever the C does not handle exactly (serving-engine, DCGM and hw.* names, histograms,
+decode_metrics'). Whatever the C does not handle exactly (serving-engine and hw.* names, histograms,
 malformed or unusual wire data, a value that needs Python to convert) it declines, and :func:`decode` returns
 None: the caller then takes the reference path (upb parse + decode_metrics) with the same bytes, which also
 gives the same error for a bad body.
@@ -36,7 +37,7 @@ from correlator.ingest.batch import (
 )
 from correlator.ingest.otlp_metrics import _OTEL_HW, _SKIPPED, _SUB_LABEL, _resolve_cached
 
-_ABI = 2  # _fastmetrics.c's FM_ABI: the struct's layout and the functions
+_ABI = 3  # _fastmetrics.c's FM_ABI: the struct's layout and the functions
 # the C file's tables (T_*) and their columns' kinds (KINDS): i int64, f float64, s string
 TABLES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("gpu_samples", GPU_COLUMNS, "ississf"),
@@ -47,7 +48,7 @@ TABLES: tuple[tuple[str, tuple[str, ...], str], ...] = (
 _NT, _NC = 4, 10
 _I64_NONE = -(2**63)
 # fm_add_name's actions and labels (A_*, L_*)
-A_GPU, A_HOST, A_PROCESS, A_INFO, A_SKIP, A_DECLINE = 1, 2, 3, 4, 5, 6
+A_GPU, A_HOST, A_PROCESS, A_INFO, A_SKIP, A_DECLINE, A_DCGM = 1, 2, 3, 4, 5, 6, 7
 _LABELS = {None: 0, "link": 1, "reason": 2, "xid": 3}
 _INT32_TYPES = frozenset({"gpu_index", "pid"})
 
@@ -60,32 +61,36 @@ class _Out(ctypes.Structure):
                 ("blob", compiled.Blob * (_NT * _NC))]
 
 
-def name_actions() -> dict[str, tuple[int, int, str]]:
-    """What add_points does with the points of each name it may meet, as (action, label, signal stored):
-    the table the C decodes by. A name left out is one nobody knows (its points are counted as ignored)."""
-    out: dict[str, tuple[int, int, str]] = {}
+def name_actions() -> dict[str, tuple[int, int, str, float]]:
+    """What add_points does with the points of each name it may meet, as (action, label, signal stored, factor
+    to the catalog's unit): the table the C decodes by. A name left out is one nobody knows (its points are
+    counted as ignored). The C reads a DCGM name in another case in upper case, as ``_resolve_cached`` does."""
+    out: dict[str, tuple[int, int, str, float]] = {}
     for name in sorted(source_names() | {"stacklens.gpu_info"}):
         if name == "stacklens.gpu_info":
-            out[name] = (A_INFO, 0, "")
+            out[name] = (A_INFO, 0, "", 1.0)
             continue
         if resolve_engine(name) is not None or name in _OTEL_HW:
-            out[name] = (A_DECLINE, 0, "")  # engine rows; hw.* resolved by the points' attributes
+            out[name] = (A_DECLINE, 0, "", 1.0)  # engine rows; hw.* resolved by the points' attributes
             continue
         r = _resolve_cached(name)
         if r is None:
             continue
         sig = r.signal
-        if r.source != "stacklens" or r.factor != 1.0:
-            out[name] = (A_DECLINE, 0, "")  # DCGM: its labels also make identity rows and placements
+        label = _SUB_LABEL.get(sig.scope) or ("xid" if sig.name == "xid_events_total" else None)
+        if r.source not in ("stacklens", "dcgm") or (r.source == "stacklens" and r.factor != 1.0):
+            out[name] = (A_DECLINE, 0, "", 1.0)
         elif sig.name in _SKIPPED:
-            out[name] = (A_SKIP, 0, sig.name)
+            out[name] = (A_SKIP, 0, sig.name, 1.0)
+        elif r.source == "dcgm":  # a GPU sample scaled, and what its labels say (identity, pod)
+            gpu_sample = sig.scope not in ("host", "cgroup", "gpu_process") and label in _LABELS
+            out[name] = (A_DCGM, _LABELS[label], sig.name, r.factor) if gpu_sample else (A_DECLINE, 0, "", 1.0)
         elif sig.scope in ("host", "cgroup"):
-            out[name] = (A_HOST, 0, sig.name)
+            out[name] = (A_HOST, 0, sig.name, 1.0)
         elif sig.scope == "gpu_process":
-            out[name] = (A_PROCESS, 0, sig.name)
+            out[name] = (A_PROCESS, 0, sig.name, 1.0)
         else:
-            label = _SUB_LABEL.get(sig.scope) or ("xid" if sig.name == "xid_events_total" else None)
-            out[name] = (A_GPU, _LABELS[label], sig.name) if label in _LABELS else (A_DECLINE, 0, "")
+            out[name] = (A_GPU, _LABELS[label], sig.name, 1.0) if label in _LABELS else (A_DECLINE, 0, "", 1.0)
     return out
 
 
@@ -103,7 +108,7 @@ def _bind(lib: Any) -> Any:
     lib.fm_init.argtypes = []
     lib.fm_add_name.restype = ctypes.c_int
     lib.fm_add_name.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_char_p,
-                                ctypes.c_size_t]
+                                ctypes.c_size_t, ctypes.c_double]
     lib.fm_decode.restype = ctypes.POINTER(_Out)
     lib.fm_decode.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
     lib.fm_free.restype = None
@@ -111,9 +116,9 @@ def _bind(lib: Any) -> Any:
     # at import (under the import lock), before any thread decodes: the key tables and the names
     if not lib.fm_init():
         return None
-    for name, (action, label, signal) in name_actions().items():
+    for name, (action, label, signal, factor) in name_actions().items():
         n, s = name.encode(), signal.encode()
-        if not lib.fm_add_name(n, len(n), action, label, s, len(s)):
+        if not lib.fm_add_name(n, len(n), action, label, s, len(s), factor):
             return None
     return lib
 

@@ -115,6 +115,9 @@ class Origin:
     pid: int | None = None
     # GPUs whose identity (model, PCI bus id) from DCGM labels is already in the batch
     gpu_info_seen: set[str] = field(default_factory=set)
+    # each GPU's last placement from DCGM labels (time, node, pod, namespace, container): a scrape names the same
+    # pod on each of its ~20 series of a GPU, which is one placement, not 20
+    dcgm_placed: dict[str, tuple[object, ...]] = field(default_factory=dict)
     node: str = ""  # the resource's node, for points that do not name their own
 
     @classmethod
@@ -210,16 +213,19 @@ def add_points(out: IngestBatch, name: str, origin: Origin, points: Sequence[P],
 def _dcgm_labels(out: IngestBatch, origin: Origin, a: Mapping[str, object], t: int, node: str, uuid: str | None,
                  idx: int | None) -> None:
     """What dcgm-exporter's labels say besides the value: the GPU's identity (``modelName``,
-    ``pci_bus_id``, ``device``) and the pod it serves (a placement without pid: DCGM does not know one).
-    A GPU without a UUID label is named after its node and index, as the store names its samples."""
+    ``pci_bus_id``, ``device``) and the pod it serves (a placement without pid: DCGM does not know one; once for
+    the series of a GPU that name the same pod at the same time in a row). A GPU without a UUID label is named
+    after its node and index, as the store names its samples."""
     gpu = uuid if uuid is not None else f"{node}/gpu{idx}"
     if gpu not in origin.gpu_info_seen and (a.get("modelName") or a.get("pci_bus_id") or a.get("device")):
         origin.gpu_info_seen.add(gpu)
         out.gpu_info.append(t, node, gpu, idx, str_or_none(a.get("modelName")), str_or_none(a.get("pci_bus_id")),
                             str_or_none(a.get("device")))
     if a.get("pod") or a.get("container"):
-        out.placements.append(t, node, gpu, 0, None, None, str_or_none(a.get("pod")),
-                              str_or_none(a.get("namespace")), str_or_none(a.get("container")), None)
+        placed = (t, node, str_or_none(a.get("pod")), str_or_none(a.get("namespace")), str_or_none(a.get("container")))
+        if origin.dcgm_placed.get(gpu) != placed:
+            origin.dcgm_placed[gpu] = placed
+            out.placements.append(t, node, gpu, 0, None, None, *placed[2:], None)
 
 
 def _engine_points(out: IngestBatch, es: EngineSignal, origin: Origin, points: Sequence[P],
