@@ -189,6 +189,19 @@ def test_past_the_backlog_an_export_is_acknowledged_only_by_its_commit(tmp_path:
     store.close()
 
 
+def test_a_large_export_is_not_spooled_but_acknowledged_by_its_commit(tmp_path: Path) -> None:
+    store = _lazy_store(tmp_path / "l.duckdb", spool_max_rows=150)
+    small, large = _bodies(1, gpus=1)[0], _bodies(1, gpus=4, first_s=1)[0]
+    small_batch = decode_export("metrics", small, "application/x-protobuf")[0]
+    large_batch = decode_export("metrics", large, "application/x-protobuf")[0]
+    assert small_batch.row_count() < 150 <= large_batch.row_count()
+    store.submit(small_batch, _record(small)).result(10)
+    assert store.stats.spooled_exports == 1 and _samples(store) == []
+    store.submit(large_batch, _record(large)).result(10)  # committed before it is answered, the small one along
+    assert store.stats.spooled_exports == 1 and [t for t, _ in _samples(store)] == [T0, T0 + 10**9]
+    store.close()
+
+
 def test_a_spool_that_cannot_be_written_falls_back_to_acknowledging_on_commit(tmp_path: Path) -> None:
     store = _lazy_store(tmp_path / "f.duckdb")
     spool = store._spool

@@ -602,7 +602,7 @@ class Store:
     def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False, linger_s: float = 0.01,
                  max_batch_rows: int = 32768, max_wait_s: float = 1.0, threads: int | None = None,
                  spool: Spool | None = None, spool_commit_rows: int = 8192, spool_linger_s: float = 1.0,
-                 spool_backlog_rows: int = 262144) -> None:
+                 spool_backlog_rows: int = 262144, spool_max_rows: int = 4096) -> None:
         """``threads``: DuckDB's worker threads (None: its default, one per core). They serve every query of
         this process; the writer's small group commits run best on one (~10 % less CPU a span, measured in
         docs/performance.md), a scan of many hours on many.
@@ -610,7 +610,10 @@ class Store:
         ``spool``: acknowledge exports once their bodies are on it (``correlator/store/spool.py``); its records
         past the last committed one are decoded and committed here before anything else. Past
         ``spool_backlog_rows`` rows spooled and not yet committed, submitters wait for the commit again
-        (backpressure: the receivers answer only as fast as DuckDB takes the rows)."""
+        (backpressure: the receivers answer only as fast as DuckDB takes the rows). An export of
+        ``spool_max_rows`` rows or more is not spooled: its own commit already shares DuckDB's cost per commit
+        among that many rows, and writing its body (an OpenTelemetry Collector's 8k-point batch of DCGM series
+        is ~2.5 MB) would cost more than it saves (measured in docs/performance.md)."""
         self.path = str(path)
         self.read_only = read_only
         if threads is not None and threads < 1:
@@ -650,6 +653,7 @@ class Store:
         self._spool_commit_rows = spool_commit_rows
         self._spool_linger_s = spool_linger_s
         self._spool_backlog_rows = spool_backlog_rows
+        self._spool_max_rows = spool_max_rows
         self._closing = False
         self.stats = WriterStats()
         self._ids: dict[str, dict[str, int]] = {"nodes": {}, "gpus": {}, "signals": {}}
@@ -743,7 +747,8 @@ class Store:
                 fut.set_exception(StoreError("store is closing"))
                 return fut
             seq = None
-            if record is not None and self._spool is not None and self._pending_rows < self._spool_backlog_rows:
+            if (record is not None and self._spool is not None and rows < self._spool_max_rows
+                    and self._pending_rows < self._spool_backlog_rows):
                 try:
                     seq, synced = self._spool.append(record)
                     self.stats.spooled_exports += 1
