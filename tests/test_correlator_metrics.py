@@ -229,6 +229,10 @@ def test_findings_and_ingest_counters(api_correlator: Any) -> None:
     assert onset["interconnect"] == pytest.approx((T0 + 120 * 10**9) / 1e9)
     rows = {s.name: s.value for s in fams["stacklens_ingest_rows"].samples}
     assert rows["stacklens_ingest_rows_total"] == store.stats.rows > 0
+    spooled = {s.name: s.value for s in fams["stacklens_store_spooled_exports"].samples}
+    assert spooled["stacklens_store_spooled_exports_total"] == store.stats.spooled_exports > 0  # HTTP exports
+    assert {s.name: s.value for s in fams["stacklens_store_rejected_exports"].samples} == {
+        "stacklens_store_rejected_exports_total": 0}
     codes = {s.labels["code"]: s.value for s in fams["stacklens_ingest_requests"].samples}
     assert codes["200"] >= 5
 

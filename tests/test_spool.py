@@ -211,4 +211,5 @@ def test_a_spool_that_cannot_be_written_falls_back_to_acknowledging_on_commit(tm
     body = _bodies(1)[0]
     store.submit(decode_export("metrics", body, "application/x-protobuf")[0], _record(body)).result(10)
     assert store.stats.spooled_exports == 0 and len(_samples(store)) == 1  # committed before it was answered
+    assert store.stats.unspooled_exports == 1
     store.close()

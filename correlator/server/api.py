@@ -58,9 +58,11 @@ def api_routes(store: Store, stats: IngestStats, token: str | None = None) -> li
         return JSONResponse({"status": "ok", "rows": store.stats.rows})
 
     async def metrics(_: Request) -> Response:
-        counters = IngestCounters(by_status=dict(stats.by_status), rows=store.stats.rows,
-                                  transactions=store.stats.transactions,
-                                  failed_transactions=store.stats.failed_transactions)
+        w = store.stats
+        counters = IngestCounters(by_status=dict(stats.by_status), rows=w.rows, transactions=w.transactions,
+                                  failed_transactions=w.failed_transactions, spooled_exports=w.spooled_exports,
+                                  rejected_exports=w.rejected_exports, unspooled_exports=w.unspooled_exports,
+                                  pending_rows=store.pending_rows())
 
         def work() -> str:
             with store.reader() as cur:

@@ -48,6 +48,10 @@ class IngestCounters:
     rows: int = 0
     transactions: int = 0
     failed_transactions: int = 0
+    spooled_exports: int = 0
+    rejected_exports: int = 0
+    unspooled_exports: int = 0
+    pending_rows: int = 0
 
 
 @dataclass(slots=True)
@@ -152,6 +156,20 @@ def _render_ingest(lines: list[str], c: IngestCounters) -> None:
         "# HELP stacklens_store_failed_transactions_total Store commits that failed (exports answered 503).",
         "# TYPE stacklens_store_failed_transactions_total counter",
         f"stacklens_store_failed_transactions_total {c.failed_transactions}",
+        "# HELP stacklens_store_spooled_exports_total Exports acknowledged once on the spool, committed later.",
+        "# TYPE stacklens_store_spooled_exports_total counter",
+        f"stacklens_store_spooled_exports_total {c.spooled_exports}",
+        "# HELP stacklens_store_rejected_exports_total Acknowledged exports DuckDB refused even alone, kept in the "
+        "spool's rejected/ folder (alert on any).",
+        "# TYPE stacklens_store_rejected_exports_total counter",
+        f"stacklens_store_rejected_exports_total {c.rejected_exports}",
+        "# HELP stacklens_store_unspooled_exports_total Small exports acknowledged on their commits because the "
+        "spool could not be written.",
+        "# TYPE stacklens_store_unspooled_exports_total counter",
+        f"stacklens_store_unspooled_exports_total {c.unspooled_exports}",
+        "# HELP stacklens_store_pending_rows Rows queued for the store's writer, not yet committed.",
+        "# TYPE stacklens_store_pending_rows gauge",
+        f"stacklens_store_pending_rows {c.pending_rows}",
     ]
 
 

@@ -400,6 +400,7 @@ class WriterStats:
     spooled_exports: int = 0  # acknowledged once on the spool's disk, committed later in large groups
     replayed_exports: int = 0  # found on the spool at start, past the last committed record, and committed
     rejected_exports: int = 0  # spooled exports whose rows could not be committed even alone: in rejected/
+    unspooled_exports: int = 0  # small exports acknowledged on their commits because the spool could not be written
 
 
 def _arrow(rows: Rows) -> pa.Table:
@@ -753,7 +754,9 @@ class Store:
                     seq, synced = self._spool.append(record)
                     self.stats.spooled_exports += 1
                 except SpoolError as e:  # the commit acknowledges it instead (slower, as durable)
-                    log.error("store: %s; this export is acknowledged on its commit", e)
+                    self.stats.unspooled_exports += 1
+                    if self.stats.unspooled_exports == 1:  # once: it stays unwritable until restarted
+                        log.error("store: %s; exports are acknowledged on their commits from now on", e)
             first = not self._pending
             self._pending.append(_Pending(batch, fut, seq, time.monotonic()))
             self._pending_rows += rows
@@ -774,6 +777,10 @@ class Store:
 
         synced.add_done_callback(on_synced)
         return acknowledged
+
+    def pending_rows(self) -> int:
+        """Rows queued for the writer and not yet taken into a commit."""
+        return self._pending_rows
 
     def flush(self, timeout_s: float = 60.0) -> None:
         """Wait until everything submitted before this call is committed (or has failed)."""
