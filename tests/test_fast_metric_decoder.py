@@ -397,3 +397,39 @@ def test_a_dcgm_placement_is_repeated_only_when_time_node_or_pod_labels_change()
         (T0 + 1, "n1", "GPU-a", "q", "ns", "c"), (T0 + 1, "n1", "GPU-a", "q", "other", "c"),
         (T0 + 1, "n1", "GPU-a", "q", "other", "d"), (T0 + 1, "n2", "GPU-a", "q", "other", "d"),
         (T0, "n1", "GPU-a", "p", "ns", "c"), (T0, "n1", "GPU-b", "p", "ns", "c")]
+
+
+def _labels(**kv: str) -> bytes:
+    return b"".join(ld(7, kv_bytes(k, str_any(v.encode()))) for k, v in kv.items())
+
+
+def test_label_runs_parsed_once_give_the_rows_of_each_point() -> None:
+    """dcgm-exporter's labels (a run of ~300 bytes) are parsed once and taken from a cache by later points with
+    the same bytes; a run split by the value, a key repeated in the second run, a run of the same length with
+    other bytes, and short runs (parsed each time) all give the reference's rows."""
+    long_a = _labels(UUID="GPU-aaaa", gpu="0", Hostname="node-1", modelName="NVIDIA H100 80GB HBM3",
+                     pci_bus_id="00000000:18:00.0", device="nvidia0", pod="vllm-0", namespace="serving",
+                     container="vllm")
+    long_b = long_a.replace(b"GPU-aaaa", b"GPU-bbbb").replace(b"vllm-0", b"vllm-9")  # same length, other bytes
+    assert len(long_a) == len(long_b) >= 128
+    tail = _labels(pod="moved", gpu="5")  # after the value: later attributes of the same key win
+    points = [_point(long_a), _point(long_b), _point(long_a), _point(long_a, tag(4, 1) + struct.pack("<d", 1.0)
+                                                                        + tail),
+              _point(long_a), _point(long_b, tag(6, 1) + struct.pack("<q", 7) + tail), _point(GPU), _point(GPU)]
+    body = wrap([gauge(b"DCGM_FI_DEV_POWER_USAGE", *points), gauge(b"DCGM_FI_DEV_SM_CLOCK", *points[::-1])])
+    assert check(body)
+    batch = fast_metrics.decode(body)
+    assert batch is not None
+    g = batch.gpu_samples.data
+    assert g["gpu_uuid"][:6] == ["GPU-aaaa", "GPU-bbbb", "GPU-aaaa", "GPU-aaaa", "GPU-aaaa", "GPU-bbbb"]
+    assert g["gpu_index"][:6] == [0, 0, 0, 5, 0, 5]
+    assert "moved" in batch.placements.data["pod"]
+    # a long run after a short one: the cached run adds its labels to those before it
+    long_c = _labels(UUID="GPU-cccc", gpu="2", Hostname="node-1", modelName="NVIDIA H100 80GB HBM3",
+                     pci_bus_id="00000000:38:00.0", device="nvidia2", pod="vllm-1", container="vllm")
+    assert len(long_c) >= 128
+    early = _labels(namespace="early") + f64(3, T0) + tag(4, 1) + struct.pack("<d", 3.0) + long_c
+    body = wrap([gauge(b"DCGM_FI_DEV_POWER_USAGE", _point(long_c), early, early)])
+    assert check(body)
+    batch = fast_metrics.decode(body)
+    assert batch is not None and batch.placements.data["namespace"] == [None, "early"]

@@ -258,7 +258,18 @@ typedef struct {
         int64_t t;
     } *placed;
     int64_t placed_cap;
+    /* the attributes of recent points, by the bytes of their leading run of attribute fields (a GPU's points
+     * carry the same labels on every series: they are parsed once); entries point into the body */
+    struct attr_cache *attr_cache;
 } fm_out;
+
+#define ATTR_CACHE 32 /* a power of two */
+#define ATTR_CACHE_MIN 128 /* bytes of a run worth the cache (dcgm-exporter's ten labels: ~300) */
+struct attr_cache {
+    const uint8_t *run; /* NULL: empty */
+    size_t n;
+    attrs_t attrs;
+};
 
 static int fail(fm_out *o, int status) {
     if (o->status == FM_OK) o->status = status;
@@ -400,6 +411,52 @@ static int dcgm_labels(fm_out *o, const attrs_t *a, int64_t t, sref node, sref u
     return 1;
 }
 
+/* The run of consecutive attribute fields (7) at m into *a (later ones win, as add_attr one by one), m moved
+ * past it. Parsing a run is a function of its bytes and the depth (the same for every point), and a GPU's
+ * points carry the same labels on every series: a run whose bytes an earlier point's had is taken from the
+ * cache. 0: a bad attribute (the caller declines), or no memory (o->status says so). */
+static int attr_run(fm_out *o, rd *m, int depth, attrs_t *a) {
+    rd it = *m, sub;
+    const uint8_t *start = m->p;
+    for (;;) { /* the run's extent: tags and lengths only */
+        rd at = it;
+        uint32_t f;
+        int wt;
+        if (at.p >= at.end || !rd_tag(&at, &f, &wt) || f != 7 || wt != WT_LEN || !rd_len(&at, &sub)) break;
+        it = at;
+    }
+    size_t n = (size_t)(it.p - start);
+    if (!n) return 0; /* a field 7 that is not a message */
+    if (n < ATTR_CACHE_MIN) { /* a few labels (the agent's): parsing them costs less than the cache */
+        while (m->p < it.p) {
+            uint32_t f;
+            int wt;
+            if (!rd_tag(m, &f, &wt) || !rd_len(m, &sub) || !add_attr(sub, depth + 1, a)) return 0;
+        }
+        return 1;
+    }
+    if (!o->attr_cache && !(o->attr_cache = calloc(ATTR_CACHE, sizeof *o->attr_cache))) return fail(o, FM_NOMEM);
+    struct attr_cache *e = &o->attr_cache[hash_words(start, n) & (ATTR_CACHE - 1)];
+    if (!(e->run && e->n == n && memcmp(e->run, start, n) == 0)) {
+        attrs_t r;
+        attrs_clear(&r);
+        rd p = *m;
+        while (p.p < it.p) {
+            uint32_t f;
+            int wt;
+            if (!rd_tag(&p, &f, &wt) || !rd_len(&p, &sub) || !add_attr(sub, depth + 1, &r)) return 0;
+        }
+        e->run = start, e->n = n, e->attrs = r;
+    }
+    for (uint32_t set = e->attrs.set; set; set &= set - 1) {
+        int k = __builtin_ctz(set);
+        a->v[k] = e->attrs.v[k];
+    }
+    a->set |= e->attrs.set;
+    *m = it;
+    return 1;
+}
+
 /* one NumberDataPoint of a metric whose points become rows by `name` (NULL: a name nobody knows) */
 static int do_point(fm_out *o, rd m, const name_t *name, const res_t *res, int depth) {
     attrs_t a;
@@ -407,15 +464,22 @@ static int do_point(fm_out *o, rd m, const name_t *name, const res_t *res, int d
     uint64_t t = 0, bits = 0;
     uint32_t flags = 0;
     int which = 0; /* the value's oneof: 0 none, 4 as_double, 6 as_int (the last one on the wire) */
-    rd sub;
     if (!arena_reserve(&o->point_arena, 3 * (size_t)(m.end - m.p) + 64)) NOMEM();
     while (m.p < m.end) {
         uint32_t f;
         int wt, ok;
         uint64_t x;
-        if (!rd_tag(&m, &f, &wt)) BAD();
+        rd at = m;
+        if (!rd_tag(&at, &f, &wt)) BAD();
+        if (f == 7) { /* the attributes, a run at a time */
+            if (!attr_run(o, &m, depth, &a)) {
+                if (o->status == FM_OK) BAD();
+                return 0;
+            }
+            continue;
+        }
+        m = at;
         switch (f) {
-        case 7: ok = wt == WT_LEN && rd_len(&m, &sub) && add_attr(sub, depth + 1, &a); break;
         case 2: ok = wt == WT_I64 && skip_scalar(&m, wt); break;
         case 3: ok = wt == WT_I64 && rd_fixed64(&m, &t); break;
         case 4:
@@ -672,6 +736,7 @@ void fm_free(fm_out *o) {
     free(o->point_arena.buf);
     free(o->info_seen);
     free(o->placed);
+    free(o->attr_cache);
     free(o);
 }
 
