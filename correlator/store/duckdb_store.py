@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ from correlator.ingest.batch import REQUEST_COLUMNS, STORED_REQUEST_COLUMNS, Arr
 from correlator.store import request_rollups, rollups
 from correlator.store.schema import DDL, DERIVED_LATENCIES, READ_AS, SCHEMA_VERSION, TIMED_TABLES
 from correlator.store.spool import Spool, SpoolError, SpoolRecord
+from correlator.store.spool import settle as _settle
 
 log = logging.getLogger("stacklens.store")
 
@@ -373,16 +374,6 @@ def _stored_requests(t: pa.Table, node_ids: dict[str, int]) -> pa.Table:
 
 class StoreError(Exception):
     pass
-
-
-def _settle(f: Future[None], error: BaseException | None = None) -> None:
-    """Resolve a submitter's future; one it cancelled meanwhile (a receiver that gave up waiting: the client
-    retries, and the retry is stored once) is left as it is, rather than the writer thread dying of it."""
-    with contextlib.suppress(InvalidStateError):
-        if error is None:
-            f.set_result(None)
-        else:
-            f.set_exception(error)
 
 
 @dataclass(slots=True)

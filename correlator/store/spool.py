@@ -58,13 +58,19 @@ class SpoolRecord:
     body: bytes
 
 
+def settle(f: Future[None], error: BaseException | None = None) -> None:
+    """Resolve a waiter's future; one it cancelled meanwhile (a receiver that gave up waiting: the client
+    retries, and the retry is stored once) is left as it is, rather than the thread settling it dying of it."""
+    with contextlib.suppress(InvalidStateError):
+        if error is None:
+            f.set_result(None)
+        else:
+            f.set_exception(error)
+
+
 def _settle(waiters: list[Future[None]], error: BaseException | None = None) -> None:
     for f in waiters:
-        with contextlib.suppress(InvalidStateError):
-            if error is None:
-                f.set_result(None)
-            else:
-                f.set_exception(error)
+        settle(f, error)
 
 
 @dataclass(slots=True)
