@@ -302,7 +302,8 @@ class Spool:
             return sum(s.path.stat().st_size for s in self._segments if s.path.exists())
 
     def close(self) -> None:
-        """Sync what was appended, stop the syncer, close the segment."""
+        """Sync what was appended, stop the syncer, close the segment; with every record committed (a clean
+        stop), its segments and the folder, where nothing else is in it, are removed."""
         with self._lock:
             self._closing = True
             self._wake.notify_all()
@@ -315,3 +316,10 @@ class Spool:
                 os.close(self._fd)
                 self._fd = None
                 self._mark_synced(self._appended)
+            if not self._index:  # nothing left to commit
+                for seg in self._segments:
+                    with contextlib.suppress(FileNotFoundError):
+                        seg.path.unlink()
+                self._segments.clear()
+                with contextlib.suppress(OSError):
+                    self.directory.rmdir()  # only when empty: rejected/ stays
