@@ -215,3 +215,25 @@ def test_a_spool_that_cannot_be_written_falls_back_to_acknowledging_on_commit(tm
     assert store.stats.spooled_exports == 0 and len(_samples(store)) == 1  # committed before it was answered
     assert store.stats.unspooled_exports == 1
     store.close()
+
+
+def test_gzipped_json_spans_come_back_as_received(tmp_path: Path) -> None:
+    """An OTLP/JSON export (gzip on the wire) is kept inflated with its format; after a crash the recovered
+    request is the one the receiver decoded, hex ids and all."""
+    import gzip
+
+    from tests.test_correlator_ingest import _valid_spans_json
+
+    db = tmp_path / "j.duckdb"
+    body = _valid_spans_json()
+    batch, record = decode_export("traces", gzip.compress(body), "application/json; charset=utf-8", "gzip")
+    assert record == SpoolRecord("traces", "json", body)
+    store = _lazy_store(db)
+    store.submit(batch, record).result(10)
+    _crash(store)
+    store = _lazy_store(db)
+    assert store.stats.replayed_exports == 1
+    with store.reader() as cur:
+        assert cur.execute("SELECT trace_id, span_id, ttft_s, output_tokens FROM requests").fetchall() == [
+            ("5b8efff798038103d269b633813fc60c", "eee19b7ec3c1b174", 0.25, 11)]
+    store.close()
