@@ -144,6 +144,34 @@ DCGM_COUNTERS = ("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "DCGM_FI_DEV_PCIE_REPLA
                  "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL")
 
 
+def _dcgm_value(name: str, scrape: int, gpu: int, rng: random.Random) -> int | float:
+    """A plausible reading of a busy H100: clocks at their set values, temperatures and utilisation moving,
+    the energy and NVLink counters growing, error counters and the last XID at 0 (an XID is an event)."""
+    if name == "DCGM_FI_DEV_SM_CLOCK":
+        return 1980
+    if name == "DCGM_FI_DEV_MEM_CLOCK":
+        return 2619
+    if name.endswith("_TEMP"):
+        return rng.randrange(38, 72)
+    if name in ("DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_MEM_COPY_UTIL"):
+        return rng.randrange(0, 101)
+    if name == "DCGM_FI_DEV_FB_USED":
+        return 71_000 + rng.randrange(0, 4_000)
+    if name == "DCGM_FI_DEV_FB_FREE":
+        return 81_559 - 71_000 - rng.randrange(0, 4_000)
+    if name == "DCGM_FI_DEV_POWER_USAGE":
+        return 350.0 + rng.random() * 350.0
+    if name == "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION":
+        return 9_000_000_000 + scrape * 520_000 + gpu  # mJ
+    if name == "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL":
+        return scrape * 40_000_000_000 + gpu
+    if name.startswith("DCGM_FI_PROF_PCIE"):
+        return rng.random() * 2.0e10
+    if name.startswith("DCGM_FI_PROF"):
+        return rng.random()
+    return 0  # ENC/DEC utilisation, vGPU licence, XID, remapped rows, replays
+
+
 def dcgm_bodies(n_scrapes: int, gpus: int = 8, scrapes_per_export: int = 40) -> tuple[list[bytes], int]:
     """dcgm-exporter's series of one node scraped every second by an OpenTelemetry Collector's Prometheus
     receiver and forwarded over OTLP in the batch processor's ~8k-point exports: a resource per scrape target,
@@ -184,10 +212,11 @@ def dcgm_bodies(n_scrapes: int, gpus: int = 8, scrapes_per_export: int = 40) -> 
                 for g in range(gpus):
                     p = points.add(time_unix_nano=t, start_time_unix_nano=T0)
                     p.attributes.extend(labels[g])
-                    if name in DCGM_COUNTERS or name.endswith(("CLOCK", "TEMP", "FREE", "USED", "ROWS", "FAILURE")):
-                        p.as_int = rng.randrange(0, 1 << 40) if name in DCGM_COUNTERS else rng.randrange(30, 2000)
+                    value = _dcgm_value(name, s, g, rng)
+                    if isinstance(value, int):
+                        p.as_int = value
                     else:
-                        p.as_double = rng.random() * 100.0
+                        p.as_double = value
         bodies.append(msg.SerializeToString())
     samples = sum(len(decode("metrics", b, "application/x-protobuf").gpu_samples) for b in bodies[:1])
     return bodies, samples * len(bodies)  # approximate: every export holds the same scrapes' shape
