@@ -700,7 +700,7 @@ def report(doc: dict[str, Any]) -> str:
          points >= TARGETS["points_per_core_s"]),
         ("  the same from a fresh process' first export", "",
          f"{by['metrics_http']['cold_rows_per_cpu_s']:,} | {by['metrics_grpc']['cold_rows_per_cpu_s']:,}", None),
-        ("GPU samples/s per core from dcgm-exporter via a Collector (HTTP | gRPC)",
+        ("DCGM samples/s per core, via a Collector (HTTP | gRPC)",
          f"≥ {TARGETS['points_per_core_s']:,.0f}",
          f"{by['dcgm_http']['rows_per_cpu_s']:,} | {by['dcgm_grpc']['rows_per_cpu_s']:,}",
          dcgm_points >= TARGETS["points_per_core_s"]),
