@@ -158,9 +158,7 @@ def decode_export(signal: Signal, body: bytes, content_type: str, content_encodi
         raise PayloadError(413, f"body of {len(body)} bytes is over the limit of {limits.max_body_bytes}")
     raw = inflate(body, content_encoding, limits.max_decoded_bytes)
     record = SpoolRecord(signal, fmt, raw)
-    if fmt == "protobuf":
-        return decode_protobuf(signal, raw), record
-    return decode_message(signal, parse_message(signal, raw, fmt)), record
+    return decode_record(record), record
 
 
 def decode_record(record: SpoolRecord) -> IngestBatch:

@@ -913,7 +913,7 @@ class Store:
             cur.execute("BEGIN TRANSACTION")
             self._insert(cur, parts)
             if spool_seq is not None:
-                cur.execute("INSERT OR REPLACE INTO meta VALUES ('spool_seq', ?)", [str(spool_seq)])
+                rollups.set_meta(cur, "spool_seq", str(spool_seq))
             cur.execute("COMMIT")
             self._recent_keys.committed()
         except Exception as e:

@@ -104,9 +104,6 @@ class Spool:
         self._closing = False
         self._failed: BaseException | None = None
         self._syncer: threading.Thread | None = None
-        self.records_appended = 0
-        self.syncs = 0
-        self.rejected = 0
 
     # -- opening and recovery -------------------------------------------------------------------
     def open(self, committed_seq: int) -> Iterator[tuple[int, SpoolRecord]]:
@@ -199,7 +196,6 @@ class Spool:
             self._offset += size
             self._appended += size
             self._waiters.append((self._appended, synced))
-            self.records_appended += 1
             self._wake.notify()
         return seq, synced
 
@@ -234,7 +230,6 @@ class Spool:
         done = []
         while self._waiters and self._waiters[0][0] <= self._synced:
             done.append(self._waiters.popleft()[1])
-        self.syncs += 1
         _settle(done)
 
     def _sync_loop(self) -> None:
@@ -292,14 +287,8 @@ class Spool:
         target.with_suffix(".reason.txt").write_text(reason + "\n")
         with target.open("rb") as f:
             os.fsync(f.fileno())
-        self.rejected += 1
         log.error("spool: record %d could not be stored (%s); its body is kept in %s", seq, reason, target)
         return target
-
-    def backlog_bytes(self) -> int:
-        """Bytes in segments not yet deleted (committed records included until their segment goes)."""
-        with self._lock:
-            return sum(s.path.stat().st_size for s in self._segments if s.path.exists())
 
     def close(self) -> None:
         """Sync what was appended, stop the syncer, close the segment; with every record committed (a clean
