@@ -258,8 +258,8 @@ typedef struct {
         int64_t t;
     } *placed;
     int64_t placed_cap;
-    /* the attributes of recent points, by the bytes of their leading run of attribute fields (a GPU's points
-     * carry the same labels on every series: they are parsed once); entries point into the body */
+    /* the attributes of recent points, by the bytes of a run of attribute fields (a GPU's points carry the
+     * same labels on every series: they are parsed once); entries point into the body */
     struct attr_cache *attr_cache;
 } fm_out;
 
@@ -337,6 +337,19 @@ static int node_of(fm_out *o, const attrs_t *a, const res_t *res, sref *out) {
     return res->node_rule;
 }
 
+/* arr (of *cap elements of `size` bytes) grown, zero-filled, to hold element i: the array (arr itself when
+ * it holds it already), or NULL without memory (arr and *cap unchanged). */
+static void *cover(void *arr, int64_t *cap, int64_t i, size_t size) {
+    if (i < *cap) return arr;
+    int64_t n = *cap ? *cap : 64;
+    while (n <= i) n *= 2;
+    char *p = realloc(arr, (size_t)n * size);
+    if (!p) return NULL;
+    memset(p + (size_t)*cap * size, 0, (size_t)(n - *cap) * size);
+    *cap = n;
+    return p;
+}
+
 /* _dcgm_labels: what a DCGM point's labels say besides its value. The GPU is named by its uuid, else
  * f"{node}/gpu{idx}"; its identity row comes once per resource, where modelName, pci_bus_id or device is
  * truthy; a point naming a pod or container is a placement without pid (pid 0: DCGM knows none). */
@@ -356,14 +369,9 @@ static int dcgm_labels(fm_out *o, const attrs_t *a, int64_t t, sref node, sref u
         int64_t gi = dedup(o, T_INFO, 2, gpu);
         if (gi == -2) NOMEM();
         if (gi < 0) BAD();
-        if (gi >= o->info_seen_cap) {
-            int64_t cap = o->info_seen_cap ? o->info_seen_cap : 64;
-            while (cap <= gi) cap *= 2;
-            uint32_t *s = realloc(o->info_seen, (size_t)cap * sizeof *s);
-            if (!s) NOMEM();
-            memset(s + o->info_seen_cap, 0, (size_t)(cap - o->info_seen_cap) * sizeof *s);
-            o->info_seen = s, o->info_seen_cap = cap;
-        }
+        uint32_t *seen = cover(o->info_seen, &o->info_seen_cap, gi, sizeof *seen);
+        if (!seen) NOMEM();
+        o->info_seen = seen;
         if (o->info_seen[gi] != o->res_gen) {
             o->info_seen[gi] = o->res_gen;
             row.i[0] = t, row.s[1] = node, row.s[2] = gpu, row.i[3] = has_idx ? idx : I64_NONE;
@@ -391,14 +399,9 @@ static int dcgm_labels(fm_out *o, const attrs_t *a, int64_t t, sref node, sref u
             if (e[k] < -1) BAD();
         }
         int64_t gi = e[0];
-        if (gi >= o->placed_cap) {
-            int64_t cap = o->placed_cap ? o->placed_cap : 64;
-            while (cap <= gi) cap *= 2;
-            struct placed *p = realloc(o->placed, (size_t)cap * sizeof *p);
-            if (!p) NOMEM();
-            memset(p + o->placed_cap, 0, (size_t)(cap - o->placed_cap) * sizeof *p);
-            o->placed = p, o->placed_cap = cap;
-        }
+        struct placed *placed = cover(o->placed, &o->placed_cap, gi, sizeof *placed);
+        if (!placed) NOMEM();
+        o->placed = placed;
         struct placed *last = &o->placed[gi];
         if (last->gen == o->res_gen && last->t == t && last->node == e[1] && last->pod == e[2] && last->ns == e[3]
             && last->container == e[4])
@@ -415,6 +418,17 @@ static int dcgm_labels(fm_out *o, const attrs_t *a, int64_t t, sref node, sref u
  * past it. Parsing a run is a function of its bytes and the depth (the same for every point), and a GPU's
  * points carry the same labels on every series: a run whose bytes an earlier point's had is taken from the
  * cache. 0: a bad attribute (the caller declines), or no memory (o->status says so). */
+/* add_attr for each attribute field from m->p to end (a run attr_run has measured) */
+static int parse_run(rd *m, const uint8_t *end, int depth, attrs_t *a) {
+    rd sub;
+    while (m->p < end) {
+        uint32_t f;
+        int wt;
+        if (!rd_tag(m, &f, &wt) || !rd_len(m, &sub) || !add_attr(sub, depth + 1, a)) return 0;
+    }
+    return 1;
+}
+
 static int attr_run(fm_out *o, rd *m, int depth, attrs_t *a) {
     rd it = *m, sub;
     const uint8_t *start = m->p;
@@ -427,25 +441,15 @@ static int attr_run(fm_out *o, rd *m, int depth, attrs_t *a) {
     }
     size_t n = (size_t)(it.p - start);
     if (!n) return 0; /* a field 7 that is not a message */
-    if (n < ATTR_CACHE_MIN) { /* a few labels (the agent's): parsing them costs less than the cache */
-        while (m->p < it.p) {
-            uint32_t f;
-            int wt;
-            if (!rd_tag(m, &f, &wt) || !rd_len(m, &sub) || !add_attr(sub, depth + 1, a)) return 0;
-        }
-        return 1;
-    }
+    if (n < ATTR_CACHE_MIN) /* a few labels (the agent's): parsing them costs less than the cache */
+        return parse_run(m, it.p, depth, a);
     if (!o->attr_cache && !(o->attr_cache = calloc(ATTR_CACHE, sizeof *o->attr_cache))) return fail(o, FM_NOMEM);
     struct attr_cache *e = &o->attr_cache[hash_words(start, n) & (ATTR_CACHE - 1)];
     if (!(e->run && e->n == n && memcmp(e->run, start, n) == 0)) {
         attrs_t r;
         attrs_clear(&r);
         rd p = *m;
-        while (p.p < it.p) {
-            uint32_t f;
-            int wt;
-            if (!rd_tag(&p, &f, &wt) || !rd_len(&p, &sub) || !add_attr(sub, depth + 1, &r)) return 0;
-        }
+        if (!parse_run(&p, it.p, depth, &r)) return 0;
         e->run = start, e->n = n, e->attrs = r;
     }
     for (uint32_t set = e->attrs.set; set; set &= set - 1) {
