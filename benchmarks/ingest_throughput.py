@@ -112,7 +112,6 @@ def metric_bodies(n_cycles: int, gpus: int = 8, cycles_per_export: int = 10) -> 
     from collector.export.otlp_encode import OtlpMetricsEncoder, ResourceInfo
     from collector.records import NodeSnapshot
     from collector.simulated import SimulatedGpuSource
-    from correlator.ingest.payload import decode
 
     src = SimulatedGpuSource(gpus, seed=7)
     enc = OtlpMetricsEncoder(ResourceInfo("node-1"))
@@ -126,8 +125,7 @@ def metric_bodies(n_cycles: int, gpus: int = 8, cycles_per_export: int = 10) -> 
             chunk = []
     if chunk:
         bodies.append(b"".join(chunk))
-    points = decode("metrics", bodies[0], "application/x-protobuf").gpu_samples
-    return bodies, len(points) * len(bodies)  # approximate: every export holds the same cycles' shape
+    return bodies, gpu_samples(bodies[:1]) * len(bodies)  # approximate: every export holds the same cycles' shape
 
 
 # dcgm-exporter's default counters (etc/default-counters.csv): gauges, and the counters its Prometheus text
@@ -172,15 +170,24 @@ def _dcgm_value(name: str, scrape: int, gpu: int, rng: random.Random) -> int | f
     return 0  # ENC/DEC utilisation, vGPU licence, XID, remapped rows, replays
 
 
-def dcgm_bodies(n_scrapes: int, gpus: int = 8, scrapes_per_export: int = 40) -> tuple[list[bytes], int]:
+def gpu_samples(bodies: Sequence[bytes]) -> int:
+    """The GPU samples the reference decoder makes of metric ``bodies``."""
+    from correlator.ingest.payload import decode
+
+    return sum(len(decode("metrics", b, "application/x-protobuf").gpu_samples) for b in bodies)
+
+
+DCGM_SCRAPES_PER_EXPORT = 40  # 40 scrapes of 24 series of 8 GPUs: 7,680 points, a Collector's batch
+
+
+def dcgm_bodies(n_scrapes: int, gpus: int = 8,
+                scrapes_per_export: int = DCGM_SCRAPES_PER_EXPORT) -> tuple[list[bytes], int]:
     """dcgm-exporter's series of one node scraped every second by an OpenTelemetry Collector's Prometheus
     receiver and forwarded over OTLP in the batch processor's ~8k-point exports: a resource per scrape target,
     the exporter's labels as point attributes, every GPU serving a pod. Returns the bodies and the GPU
     samples they make."""
     from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
     from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-
-    from correlator.ingest.payload import decode
 
     rng = random.Random(3)
     labels = [[KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in (
@@ -218,8 +225,7 @@ def dcgm_bodies(n_scrapes: int, gpus: int = 8, scrapes_per_export: int = 40) -> 
                     else:
                         p.as_double = value
         bodies.append(msg.SerializeToString())
-    samples = sum(len(decode("metrics", b, "application/x-protobuf").gpu_samples) for b in bodies[:1])
-    return bodies, samples * len(bodies)  # approximate: every export holds the same scrapes' shape
+    return bodies, gpu_samples(bodies[:1]) * len(bodies)  # approximate: every export holds the same scrapes' shape
 
 
 # -- the correlator under test ----------------------------------------------------------------------
@@ -520,7 +526,6 @@ def compare(n_spans: int, n_cycles: int, concurrency: int, baseline: str, rounds
     exports of each phase sent before the measurement (left out of it). ``serve_args`` and
     ``baseline_serve_args``: options of each side's ``stacklens serve`` (e.g. ``--db-threads 1``; the baseline may
     be this tree too, ``.``)."""
-    from correlator.ingest.payload import decode
 
     loads: dict[str, tuple[str, str, str, list[bytes], list[bytes], int]] = {}  # phase → path, method, table, ...
     if "traces" in signals:
@@ -532,13 +537,11 @@ def compare(n_spans: int, n_cycles: int, concurrency: int, baseline: str, rounds
     if "metrics" in signals:
         metrics, _ = metric_bodies(n_cycles)
         warm = metrics[:warmup_exports]
-        loads["metrics"] = ("/v1/metrics", METRICS, "gpu_samples", warm, metrics[warmup_exports:],
-                            sum(len(decode("metrics", b, "application/x-protobuf").gpu_samples) for b in warm))
+        loads["metrics"] = ("/v1/metrics", METRICS, "gpu_samples", warm, metrics[warmup_exports:], gpu_samples(warm))
     if "dcgm" in signals:
-        dcgm, _ = dcgm_bodies(DCGM_SCRAPES + DCGM_WARMUP_EXPORTS * 40)
+        dcgm, _ = dcgm_bodies(DCGM_SCRAPES + DCGM_WARMUP_EXPORTS * DCGM_SCRAPES_PER_EXPORT)
         warm = dcgm[:DCGM_WARMUP_EXPORTS]
-        loads["dcgm"] = ("/v1/metrics", METRICS, "gpu_samples", warm, dcgm[DCGM_WARMUP_EXPORTS:],
-                         sum(len(decode("metrics", b, "application/x-protobuf").gpu_samples) for b in warm))
+        loads["dcgm"] = ("/v1/metrics", METRICS, "gpu_samples", warm, dcgm[DCGM_WARMUP_EXPORTS:], gpu_samples(warm))
     # another tree runs as it is: its compiled decoders too where it has them built (copy or build them there)
     base_tree, base_env = (REPO, {"STACKLENS_PURE_PYTHON": "1"}) if baseline == "pure" else (
         Path(baseline).resolve(), {})
@@ -604,23 +607,26 @@ DCGM_SCRAPES, DCGM_WARMUP_EXPORTS = 1600, 2
 
 
 def run(n_spans: int, n_cycles: int, concurrency: int) -> dict[str, Any]:
-    from correlator.ingest.payload import decode, upb_active
+    from correlator.ingest.payload import upb_active
 
     t = time.perf_counter()
     spans = span_bodies(n_spans)
     metrics, points = metric_bodies(n_cycles)
-    dcgm, dcgm_samples = dcgm_bodies(DCGM_SCRAPES + DCGM_WARMUP_EXPORTS * 40)
+    dcgm, dcgm_samples = dcgm_bodies(DCGM_SCRAPES + DCGM_WARMUP_EXPORTS * DCGM_SCRAPES_PER_EXPORT)
     prep_s = time.perf_counter() - t
     warm_spans, warm_metrics = spans[:WARMUP_SPAN_EXPORTS], metrics[:WARMUP_METRIC_EXPORTS]
-    span_rows = sum(_span_count(b) for b in warm_spans)
-    point_rows = sum(len(decode("metrics", b, "application/x-protobuf").gpu_samples) for b in warm_metrics)
+    warm_dcgm = dcgm[:DCGM_WARMUP_EXPORTS]
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="stacklens-ingest-bench-") as tmp:
         work = Path(tmp)
-        for name, path, method, table, warm, rest, warm_rows in (
-                ("spans", "/v1/traces", TRACES, "requests", warm_spans, spans[WARMUP_SPAN_EXPORTS:], span_rows),
+        for name, path, method, table, warm, rest, warm_rows, sizes in (
+                ("spans", "/v1/traces", TRACES, "requests", warm_spans, spans[WARMUP_SPAN_EXPORTS:],
+                 sum(_span_count(b) for b in warm_spans), True),
                 ("metrics", "/v1/metrics", METRICS, "gpu_samples", warm_metrics, metrics[WARMUP_METRIC_EXPORTS:],
-                 point_rows)):
+                 gpu_samples(warm_metrics), True),
+                # the bytes on disk of DCGM input are not a figure: the agent's samples give it
+                ("dcgm", "/v1/metrics", METRICS, "gpu_samples", warm_dcgm, dcgm[DCGM_WARMUP_EXPORTS:],
+                 gpu_samples(warm_dcgm), False)):
             for transport in ("http", "grpc"):
                 def send(bodies: list[bytes], grpc: bool = transport == "grpc", path: str = path,
                          method: str = method) -> Callable[[int, int], None]:
@@ -628,18 +634,8 @@ def run(n_spans: int, n_cycles: int, concurrency: int) -> dict[str, Any]:
                         return lambda port, c: send_grpc(port, method, bodies, c)
                     return lambda port, c: send_http(port, path, bodies, c)
 
-                results.append(phase(f"{name}_{transport}", work, table, send(rest), concurrency,
+                results.append(phase(f"{name}_{transport}", work, table, send(rest), concurrency, sizes=sizes,
                                      warmup=send(warm), warm_rows=warm_rows))
-        warm_dcgm = dcgm[:DCGM_WARMUP_EXPORTS]
-        dcgm_rows = sum(len(decode("metrics", b, "application/x-protobuf").gpu_samples) for b in warm_dcgm)
-        for transport in ("http", "grpc"):
-            def send_dcgm(bodies: list[bytes], grpc: bool = transport == "grpc") -> Callable[[int, int], None]:
-                if grpc:
-                    return lambda port, c: send_grpc(port, METRICS, bodies, c)
-                return lambda port, c: send_http(port, "/v1/metrics", bodies, c)
-
-            results.append(phase(f"dcgm_{transport}", work, "gpu_samples", send_dcgm(dcgm[DCGM_WARMUP_EXPORTS:]),
-                                 concurrency, sizes=False, warmup=send_dcgm(warm_dcgm), warm_rows=dcgm_rows))
         grown = grown_bytes_per_sample(work)
     span_bytes = sum(map(len, spans)) / n_spans
     return {"machine": {**machine(), "duckdb": duckdb.__version__, "upb": upb_active()},
