@@ -16,7 +16,7 @@ from collector.records import NodeSnapshot
 from collector.simulated import SimulatedGpuSource
 from correlator.ingest.payload import decode_export, decode_record
 from correlator.store.duckdb_store import Store
-from correlator.store.spool import Spool, SpoolRecord
+from correlator.store.spool import Spool, SpoolRecord, prepare
 
 T0 = 1_790_000_000_000_000_000
 
@@ -67,7 +67,7 @@ def test_records_read_back_in_order_and_a_cut_short_or_damaged_one_ends_its_segm
     bodies = _bodies(3)
     spool = Spool(tmp_path, decode_record)
     assert list(spool.open(0)) == []
-    acks = [spool.append(_record(b)) for b in bodies]
+    acks = [spool.append(prepare(_record(b))) for b in bodies]
     assert [seq for seq, _ in acks] == [1, 2, 3]
     for _, synced in acks:
         synced.result(10)
@@ -79,7 +79,7 @@ def test_records_read_back_in_order_and_a_cut_short_or_damaged_one_ends_its_segm
     got = list(again.open(0))
     assert [(seq, r.body) for seq, r in got] == list(zip([1, 2, 3], bodies, strict=True))
     assert all(r.signal == "metrics" and r.fmt == "protobuf" for _, r in got)
-    assert again.append(_record(b"x"))[0] == 4  # numbering goes on past what was found, in a new segment
+    assert again.append(prepare(_record(b"x")))[0] == 4  # numbering goes on past what was found, in a new segment
     again.close()
     spool.close()
     assert [seq for seq, _ in Spool(tmp_path, decode_record).open(2)] == [3, 4]
@@ -95,7 +95,7 @@ def test_segments_rotate_and_are_deleted_once_their_records_are_committed(tmp_pa
     spool = Spool(tmp_path, decode_record, segment_bytes=1)  # every append after the first starts a segment
     list(spool.open(0))
     for b in _bodies(3):
-        spool.append(_record(b))[1].result(10)
+        spool.append(prepare(_record(b)))[1].result(10)
     assert len(list(tmp_path.glob("*.spool"))) == 3
     spool.committed(2)
     assert sorted(p.name for p in tmp_path.glob("*.spool")) == [f"{3:020d}.spool"]

@@ -34,7 +34,7 @@ from collector.signals import CLOCK_EVENT_REASONS
 from correlator.ingest.batch import REQUEST_COLUMNS, STORED_REQUEST_COLUMNS, ArrowRows, IngestBatch, Rows
 from correlator.store import request_rollups, rollups
 from correlator.store.schema import DDL, DERIVED_LATENCIES, READ_AS, SCHEMA_VERSION, TIMED_TABLES
-from correlator.store.spool import Spool, SpoolError, SpoolRecord
+from correlator.store.spool import Spool, SpoolError, SpoolRecord, prepare
 from correlator.store.spool import settle as _settle
 
 log = logging.getLogger("stacklens.store")
@@ -734,15 +734,17 @@ class Store:
             fut.set_result(None)
             return fut
         synced: Future[None] | None = None
+        prepared = None
+        if record is not None and self._spool is not None and rows < self._spool_max_rows:
+            prepared = prepare(record)  # the body's CRC before the lock that orders appends: ~0.1 ms for 300 KB
         with self._cond:
             if self._closing:
                 fut.set_exception(StoreError("store is closing"))
                 return fut
             seq = None
-            if (record is not None and self._spool is not None and rows < self._spool_max_rows
-                    and self._pending_rows < self._spool_backlog_rows):
+            if prepared is not None and self._spool is not None and self._pending_rows < self._spool_backlog_rows:
                 try:
-                    seq, synced = self._spool.append(record)
+                    seq, synced = self._spool.append(prepared)
                     self.stats.spooled_exports += 1
                 except SpoolError as e:  # the commit acknowledges it instead (slower, as durable)
                     self.stats.unspooled_exports += 1

@@ -58,6 +58,22 @@ class SpoolRecord:
     body: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedRecord:
+    """A record with what its header needs that takes time (the body's CRC-32), made before the caller takes
+    the lock that orders appends."""
+
+    body: bytes
+    crc: int
+    signal: int
+    fmt: int
+
+
+def prepare(record: SpoolRecord) -> PreparedRecord:
+    return PreparedRecord(record.body, zlib.crc32(record.body), _SIGNALS.index(record.signal),
+                          _FORMATS.index(record.fmt))
+
+
 def settle(f: Future[None], error: BaseException | None = None) -> None:
     """Resolve a waiter's future; one it cancelled meanwhile (a receiver that gave up waiting: the client
     retries, and the retry is stored once) is left as it is, rather than the thread settling it dying of it."""
@@ -167,11 +183,10 @@ class Spool:
             os.close(fd)
 
     # -- appending ------------------------------------------------------------------------------
-    def append(self, record: SpoolRecord) -> tuple[int, Future[None]]:
-        """Write ``record``; its sequence number, and a future resolved once it is on disk (fsynced). The
-        caller holds whatever lock orders the sequence numbers with its own queue (the store's)."""
+    def append(self, record: PreparedRecord) -> tuple[int, Future[None]]:
+        """Write ``record`` (:func:`prepare`); its sequence number, and a future resolved once it is on disk
+        (fsynced). The caller holds whatever lock orders the sequence numbers with its own queue (the store's)."""
         body = record.body
-        crc, signal, fmt = zlib.crc32(body), _SIGNALS.index(record.signal), _FORMATS.index(record.fmt)
         synced: Future[None] = Future()
         with self._lock:
             if self._failed is not None:
@@ -181,7 +196,7 @@ class Spool:
             if self._offset >= self._segment_bytes:
                 self._rotate()
             seq = self._next_seq
-            header = _HEADER.pack(_MAGIC, seq, len(body), crc, signal, fmt)
+            header = _HEADER.pack(_MAGIC, seq, len(body), record.crc, record.signal, record.fmt)
             size = len(header) + len(body)
             try:
                 written = os.writev(self._fd, (header, body))
