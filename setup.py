@@ -16,8 +16,8 @@ setup(ext_modules=[
     Extension("correlator.ingest._fastmetrics", ["correlator/ingest/_fastmetrics.c"], depends=_WIRE,
               extra_compile_args=_FLAGS, optional=True),
     # the agent's field decoder (collector/nvml/compiled.py loads it)
-    Extension("collector.nvml._fastfields", ["collector/nvml/_fastfields.c"], extra_compile_args=_FLAGS,
-              optional=True),
+    Extension("collector.nvml._fastfields", ["collector/nvml/_fastfields.c"],
+              extra_compile_args=[*_FLAGS, "-pthread"], extra_link_args=["-pthread"], optional=True),
     # the PCIe byte counters' poller thread (collector/nvml/pcie_native.py loads it)
     Extension("collector.nvml._pcie_poller", ["collector/nvml/_pcie_poller.c"],
               extra_compile_args=[*_FLAGS, "-pthread"], extra_link_args=["-pthread"], optional=True),

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from collector.backend import GpuBackend
+from collector.backend import GpuBackend, RoundSampler
 from collector.host import HostSource
 from collector.placement.resolver import PlacementResolver
 from collector.records import GpuSample, HostSample, NodeSnapshot, Placement
@@ -28,6 +28,8 @@ T = TypeVar("T")
 _RETRYABLE_STATUS = {"driver_not_loaded", "no_permission", "error"}
 # waits up to this long between cycles are sleeps, longer ones wait on the stop event
 _SLEEP_MAX_S = 0.25
+# while the backend makes a round of cycles, the loop looks at the stop event at least this often
+_ROUND_WAIT_S = 1.0
 
 
 class SnapshotSink(Protocol):
@@ -40,6 +42,7 @@ class AgentStats:
     overruns: int = 0  # cycles that took longer than the interval
     last_cycle_s: float = 0.0
     cycle_cpu_s_total: float = 0.0
+    round_cycles: int = 0  # cycles the backend's thread made (in rounds), counted in cycles too
     part_errors: Counter[str] = field(default_factory=Counter)
 
 
@@ -76,6 +79,10 @@ class Agent:
         self._last_placements: tuple[Placement, ...] = ()
         self.stats = AgentStats()
         self._logged: set[str] = set()
+        # the backend makes the fast cycles between two of the loop's (on the real clocks only: its thread keeps them)
+        self._rounds: RoundSampler | None = (
+            backend if isinstance(backend, RoundSampler) and clock_ns is time.time_ns
+            and monotonic is time.monotonic else None)
 
     def open(self) -> str:
         self._opened_at = self._monotonic()
@@ -135,12 +142,12 @@ class Agent:
             self.stats.last_cycle_s = self._monotonic() - started
             if max_cycles is not None and self.stats.cycles >= max_cycles:
                 return
-            next_at += self.interval_s
-            now = self._monotonic()
-            if now > next_at:
-                missed = int((now - next_at) / self.interval_s) + 1
-                self.stats.overruns += 1
-                next_at += missed * self.interval_s
+            next_at = self._next_tick(next_at + self.interval_s)
+            ticks = self._round_ticks(max_cycles)
+            if ticks:
+                next_at = self._next_tick(next_at + self._round(next_at, ticks, stop) * self.interval_s)
+                if max_cycles is not None and self.stats.cycles >= max_cycles:
+                    return
             delay = max(0.0, next_at - self._monotonic())
             if delay <= _SLEEP_MAX_S:
                 # a sleep costs CPython a fraction of the CPU of a lock wait with a timeout (Event.wait),
@@ -148,6 +155,61 @@ class Agent:
                 time.sleep(delay)
             else:
                 stop.wait(delay)
+
+    def _next_tick(self, next_at: float) -> float:
+        """``next_at``, or the first tick of the grid still ahead when it has passed (the ticks missed skipped)."""
+        now = self._monotonic()
+        if now > next_at:
+            missed = int((now - next_at) / self.interval_s) + 1
+            self.stats.overruns += 1
+            next_at += missed * self.interval_s
+        return next_at
+
+    def _round_ticks(self, max_cycles: int | None) -> int:
+        """How many of the next cycles the backend may make as a round: those up to the next one that reads the slow
+        tier, placement or host signals (the loop's own), two at least; 0 for none."""
+        if self._rounds is None or self.backend.status != "ok":
+            return 0
+        n, ticks = self.stats.cycles, 0
+        limit = 1000 if max_cycles is None else max_cycles - n
+        while (ticks < limit and (n + ticks) % self._slow_every and (n + ticks) % self._placement_every
+               and (n + ticks) % self._host_every):
+            ticks += 1
+        return ticks if ticks >= 2 else 0
+
+    def _round(self, first_at: float, ticks: int, stop: threading.Event) -> int:
+        """Up to ``ticks`` of the next cycles made by the backend (its thread samples at each tick while this one
+        sleeps), then handed to the sinks as the loop's own cycles would be; how many ticks it took (kept or missed):
+        fewer when the backend makes fewer (it stops before its next medium cycle), the round ended at a tick it had
+        to judge in Python or the stop came, and 0 when it could not start."""
+        rounds = self._rounds
+        assert rounds is not None
+        ticks = self._guard("gpu", rounds.start_round, first_at, self.interval_s, ticks) or 0
+        if not ticks:
+            return 0
+        cut = False
+        while not rounds.wait_round(self._monotonic() + _ROUND_WAIT_S):
+            if stop.is_set() and not cut:
+                rounds.end_round()
+                cut = True
+        cpu0 = time.thread_time()
+        made = self._guard("gpu", rounds.round_samples)
+        if made is None:  # its ticks are lost; the loop's schedule goes on after them
+            self.stats.cycles += ticks
+            return ticks
+        samples, missed = made
+        backend = self.backend
+        for time_ns, gpus in samples:
+            snapshot = NodeSnapshot(node=self.node, time_ns=time_ns, gpus=gpus, host=None, placements=None,
+                                    events=(), gpu_status=backend.status, driver_version=backend.driver_version)
+            for sink in self.sinks:
+                self._guard(type(sink).__name__, sink.handle, snapshot)
+        self.stats.cycles += len(samples) + missed
+        self.stats.round_cycles += len(samples)
+        if missed:
+            self.stats.overruns += 1
+        self.stats.cycle_cpu_s_total += time.thread_time() - cpu0
+        return len(samples) + missed
 
     def close(self) -> None:
         self._guard("close", self.backend.close)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from collector.records import GpuIdentity, GpuSample, XidEvent
 
@@ -34,3 +34,26 @@ class GpuBackend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class RoundSampler(Protocol):
+    """A backend that can make the fast cycles between two of the agent's cycles itself, off Python (the NVML
+    backend's compiled sampler thread): the agent then wakes once a round, not once a cycle."""
+
+    def start_round(self, first_at: float, period_s: float, ticks: int) -> int:
+        """Make up to ``ticks`` of the next cycles, at ``first_at + k * period_s`` (time.monotonic): how many it
+        will make (0: none, the caller makes them)."""
+        ...
+
+    def wait_round(self, deadline: float) -> bool:
+        """Wait until the round is over or ``deadline`` (time.monotonic): whether it is over."""
+        ...
+
+    def end_round(self) -> None:
+        """No tick after the one being made."""
+        ...
+
+    def round_samples(self) -> tuple[list[tuple[int, tuple[GpuSample, ...]]], int]:
+        """Once over: per tick kept (its time in ns, its samples), and how many ticks were missed."""
+        ...

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import random
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -226,11 +227,13 @@ def standin_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @needs_build
-@pytest.mark.parametrize("scenario", ["counters", "getters"])
+@pytest.mark.parametrize("scenario", ["counters", "getters", "steady"])
 def test_agent_through_the_standin_the_same_both_ways(standin_lib: Path, tmp_path: Path, scenario: str) -> None:
     """The agent at 100 ms (fast cycles read by sl_sample, every third a medium one) makes the same NVML calls
     and reports the same values compiled and in pure Python: counters that wrap, reset, fail and are refused;
-    getters that fail, are refused mid-run, and a GPU lost mid-run."""
+    getters that fail, are refused mid-run, and a GPU lost mid-run. Compiled, the two fast cycles between two
+    medium ones are made by the sampler's thread (rounds) once the first fast cycle prepared the reads; a tick with
+    a failure in it ends its round and is judged as the live cycle judges it."""
     top = 2**32 - 1000
     script = h100_node(gpus=3)
     if scenario == "counters":
@@ -239,7 +242,7 @@ def test_agent_through_the_standin_the_same_both_ways(standin_lib: Path, tmp_pat
          .set(1, "field.186", "u32:1", "u32:612000", "ERR:999", "u32:700000", "d:650.5")
          .set(1, "field.138.3", 100, 200, "ERR:2", 400, 10, 20)  # a link failing, then reset
          .set(None, "field.139.0", 2**64 - 5000, 2**64 - 1000, 3000, 9000))  # a 64-bit wrap
-    else:
+    elif scenario == "getters":
         # cycle c reads tick c + 1; cycles 0, 3, 6, ... are medium ones, the fast ones from cycle 2 on sl_sample's
         ok = ["u32:612000"] * 5
         (script.set(0, "clock.sm", *[1980] * 5, "ERR:999", 1755, 1755, "ERR:999", 1410, 1410, 1410, "NS", 1980)
@@ -248,21 +251,34 @@ def test_agent_through_the_standin_the_same_both_ways(standin_lib: Path, tmp_pat
          .set(2, "util.gpu", *[97] * 8, "ERR:999", 95, 95, "ERR:3", 95)
          .set(2, "field.186", *ok, *ok, "u32:1", "u32:1", "u32:2", "ERR:15", "u32:700000")  # GPU_IS_LOST in a field
          .set(1, "lost_at_tick", 12))
-    outputs, logs = [], []
+    else:  # nothing unusual: each of the 4 links sends 1000 KiB a tick (100 ms of NVML time)
+        for link in range(4):
+            script.set(None, f"field.138.{link}", *[1000 * tick for tick in range(16)])
+        script.set(None, "field.186", *[f"u32:{600_000 + 1000 * tick}" for tick in range(16)])  # power, per tick
+    outputs, logs, round_cycles = [], [], []
     for pure in ("1", "0"):
         run_dir = tmp_path / pure
         run_dir.mkdir()
         proc, calls = run_agent(standin_lib, script, run_dir, "--interval", "100ms", "--cycles", "14", "-o", "json",
-                                "--prometheus-port", "0", "--no-xid-events", call_log=True,
+                                "--prometheus-port", "0", "--no-xid-events", "--log-level", "info", call_log=True,
                                 extra_env={"STACKLENS_PURE_PYTHON": pure, "STACKLENS_AGENT_MEDIUM_INTERVAL": "300ms"})
         assert proc.returncode == 0, proc.stderr
         outputs.append([[(g["lost"], g["signals"]) for g in line["gpus"]] for line in json_lines(proc.stdout)])
         logs.append(calls)
+        made = re.search(r"stopped after 14 cycles \((\d+) made by the sampler's thread\)", proc.stderr)
+        assert made is not None, proc.stderr
+        round_cycles.append(int(made.group(1)))
+    # cycles 4-5 and 7-8 can be rounds (10 reads host signals, 12 is a medium one), each ended by its first unusual tick
+    assert round_cycles == [0, {"counters": 1, "getters": 2, "steady": 4}[scenario]]
     assert len(outputs[0]) == 14
     assert outputs[1] == outputs[0]
     assert logs[1] == logs[0]
     if scenario == "counters":
         signals = outputs[0][3][0][1]
         assert signals["nvlink_rx_total_bytes_per_s"] is not None and signals["pcie_tx_bytes_per_s"] is not None
-    else:
+    elif scenario == "getters":
         assert outputs[0][-1][1][0] and outputs[0][-1][2][0]  # both lost by the end
+    else:  # every cycle's rate and power, rounds' included, is the script's (cycle c reads tick c + 1)
+        rates = {gpu[1]["nvlink_tx_total_bytes_per_s"] for cycle in outputs[1][1:] for gpu in cycle}
+        assert rates == {4e3 * 1024 / 0.1}
+        assert [cycle[0][1]["power_w"] for cycle in outputs[1]] == [601.0 + cycle for cycle in range(14)]

@@ -518,6 +518,56 @@ def test_each_sample_makes_one_of_the_pcie_polls_first(standin_lib: Path, tmp_pa
         assert reading_times == poll_times  # the sample's rate is as of the poll it made
 
 
+@needs_poller_build
+def test_a_round_makes_each_ticks_pcie_poll_and_reads_as_sample_does(standin_lib: Path, tmp_path: Path) -> None:
+    """The sampler's thread makes a round of fast cycles (compiled.Ring): at each tick the cycle's PCIe counter poll
+    (the compiled poller's, counted as the cycle's) and the GPUs' reads; each tick's samples have that tick's own
+    poll's rates and times and its own power reading, as a live cycle would have. Afterwards the live cycles go on
+    with the counters where the round left them."""
+    ticks = 40
+    script = (h100_node(gpus=2)
+              .set(None, "field.197", *[f"u32:{k * 1000}" for k in range(ticks)])
+              .set(None, "field.186", *[f"u32:{600_000 + 1000 * k}" for k in range(ticks)]))
+    path = script.write(tmp_path / "script.txt")
+    code = textwrap.dedent("""
+        import json, time
+        from collector.nvml.source import NvmlGpuSource
+        src = NvmlGpuSource(xid_events=False, interval_s=0.1)
+        src.open()
+        c = src._counters
+        def sample():
+            return src.sample(time.time_ns(), False, False)
+        def pick(gpus, signal):
+            return [[r.value, r.time_ns] for r in gpus[0].readings if r.signal == signal]
+        for _ in range(3):  # the medium cycle, then two fast ones (the first prepares sl_sample's reads)
+            sample()
+        before = c.cycle_polls
+        made = src.start_round(time.monotonic() + 0.02, 0.1, 9)
+        assert src.wait_round(time.monotonic() + 10)
+        samples, missed = src.round_samples()
+        out = {"made": made, "missed": missed, "cycle_polls": c.cycle_polls - before, "native": c.native,
+               "ticks": [t for t, _ in samples], "tx": [pick(g, "pcie_tx_bytes_per_s") for _, g in samples],
+               "power": [pick(g, "power_w") for _, g in samples]}
+        after = sample()
+        out.update(after_tx=pick(after, "pcie_tx_bytes_per_s"), after_polls=c.cycle_polls - before)
+        src.close()
+        print(json.dumps(out))
+    """)
+    out = _run_on_standin(code, standin_lib, path)
+    # the cycles up to the next medium one (cycle 10): 3 to 9
+    assert out["made"] == 7 and out["missed"] == 0 and out["native"] is True
+    assert out["cycle_polls"] == 7 and out["after_polls"] == 8
+    gaps = [b - a for a, b in itertools.pairwise(out["ticks"])]
+    assert len(out["ticks"]) == 7 and all(0.05e9 < g < 0.15e9 for g in gaps)  # on the 100 ms grid
+    rate = 1000 / (STEP_US * 1e-6)  # 1000 bytes a stand-in tick, whoever reads it
+    txs = [tx[0] for tx in out["tx"]]
+    assert [v for v, _ in txs] == [rate] * 7 and out["after_tx"][0][0] == rate
+    poll_times = [t for _, t in txs] + [out["after_tx"][0][1]]
+    assert poll_times == sorted(set(poll_times))  # each tick's rate as of its own poll, not an earlier one's
+    powers = [p[0][0] for p in out["power"]]
+    assert powers == sorted(set(powers))  # each tick's own read
+
+
 def test_agent_with_the_pcie_poller_exports_rates(standin_lib: Path, tmp_path: Path) -> None:
     proc, _ = run_agent(standin_lib, h100_node(gpus=2), tmp_path, "--interval", "100ms", "--cycles", "6", "-o",
                         "json", "--prometheus-port", "0", "--no-xid-events",

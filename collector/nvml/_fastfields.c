@@ -9,12 +9,26 @@
  * takes the slot over (its state moves into CounterRates for good) and decodes that item itself.
  *
  * sl_sample also makes a fast cycle's NVML calls of every GPU (the batched field read and the three getters),
- * one ctypes call a cycle instead of four a GPU; what they answer is judged by the access layer in Python. */
+ * one ctypes call a cycle instead of four a GPU; what they answer is judged by the access layer in Python.
+ *
+ * The ring (sl_ring_*) is a thread of its own that makes the fast cycles between two of the agent's Python cycles
+ * (the nine 100 ms cycles between two once-a-second ones): at each tick of the grid the Python loop would have
+ * woken at, the cycle's PCIe counter poll (the poller's pp_cycle, when it has one), sl_sample, and a copy of
+ * every answer (the memory regions Python named: the jobs' rows, outputs and answers, the poller's totals) into
+ * the tick's slot. Python wakes once a round, puts each slot back where sl_sample wrote it and makes the cycle's
+ * readings as if it had just sampled. A tick with anything unusual in it (a call or a field failing, an output
+ * left to Python, the poller handing over) ends the round there: Python judges it at once, as the live cycle
+ * would, with the counters' slots as that tick left them. */
 
+#define _POSIX_C_SOURCE 200809L
+
+#include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
-#define SL_ABI 2
+#define SL_ABI 3
 
 typedef struct {
     uint32_t fid, scope;
@@ -258,4 +272,239 @@ void sl_sample(sl_job *const *jobs, int64_t njobs, int64_t now_ns) {
         job->util_gpu = util[0];
         job->util_mem = util[1];
     }
+}
+
+/* -- the ring: the fast cycles between two Python cycles, on a thread of their own ----------------------------- */
+
+typedef struct {
+    void *src;
+    int64_t len;
+} sl_region;
+
+typedef int (*pcie_cycle_fn)(void *);
+
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    pthread_t thread;
+    int started, stop;
+} sl_runtime;
+
+typedef struct {
+    sl_job *const *jobs;
+    int64_t njobs;
+    const sl_region *regions; /* what a tick keeps, in this order */
+    int64_t nregions, slot_bytes, cap;
+    uint8_t *store;   /* cap * slot_bytes */
+    int64_t *tick_ns; /* cap: each kept tick's CLOCK_REALTIME time (the agent's time.time_ns) */
+    int32_t *pcie_rc; /* cap: what the PCIe poller's pp_cycle answered at the tick */
+    pcie_cycle_fn pcie_cycle; /* NULL: no polled PCIe counters */
+    void *pcie_poller;
+    /* a round: ticks at first_at + k * period, k < ticks <= cap (CLOCK_MONOTONIC seconds: time.monotonic) */
+    double first_at, period;
+    int64_t ticks;
+    /* under the lock: the round's ticks kept and missed (the thread got to them after the next tick's time) */
+    int64_t kept, missed;
+    int32_t armed;   /* a round is under way: only the thread touches the jobs and the store */
+    int32_t unusual; /* the round ended at its last kept tick, which has something only Python can judge */
+    int64_t rounds;
+    sl_runtime *rt;
+} sl_ring;
+
+static double mono_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int64_t realtime_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static struct timespec abs_time(double at) {
+    struct timespec ts;
+    if (at < 0.0) at = 0.0;
+    ts.tv_sec = (time_t)at;
+    ts.tv_nsec = (long)((at - (double)ts.tv_sec) * 1e9);
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec += 1;
+        ts.tv_nsec -= 1000000000L;
+    }
+    if (ts.tv_nsec < 0) ts.tv_nsec = 0;
+    return ts;
+}
+
+/* one tick into slot s: the cycle's PCIe poll, the GPUs' reads, the copy; whether it is unusual */
+static int take_tick(sl_ring *r, int64_t s) {
+    int64_t now_ns = realtime_ns();
+    int unusual = 0;
+    r->tick_ns[s] = now_ns;
+    r->pcie_rc[s] = 0;
+    if (r->pcie_cycle != NULL) {
+        int rc = r->pcie_cycle(r->pcie_poller);
+        r->pcie_rc[s] = rc;
+        unusual |= rc != 0;
+    }
+    sl_sample(r->jobs, r->njobs, now_ns);
+    for (int64_t g = 0; g < r->njobs; g++) {
+        const sl_job *job = r->jobs[g];
+        if (job->state != 2 || job->ncalled != 4 || job->rets[1] || job->rets[2] || job->rets[3]) {
+            unusual = 1;
+            continue;
+        }
+        for (int64_t j = 0; j < job->nitems; j++) unusual |= job->status[j] == ST_PY;
+    }
+    uint8_t *dst = r->store + s * r->slot_bytes;
+    for (int64_t k = 0; k < r->nregions; k++) {
+        memcpy(dst, r->regions[k].src, (size_t)r->regions[k].len);
+        dst += r->regions[k].len;
+    }
+    return unusual;
+}
+
+static void *ring_run(void *arg) {
+    sl_ring *r = (sl_ring *)arg;
+    sl_runtime *rt = r->rt;
+    pthread_mutex_lock(&rt->mu);
+    while (!rt->stop) {
+        if (!r->armed) {
+            pthread_cond_wait(&rt->cv, &rt->mu);
+            continue;
+        }
+        int64_t k = r->kept + r->missed;
+        if (k >= r->ticks) {
+            r->armed = 0;
+            pthread_cond_broadcast(&rt->cv);
+            continue;
+        }
+        double at = r->first_at + (double)k * r->period;
+        double now = mono_s();
+        if (now < at) {
+            struct timespec until = abs_time(at);
+            pthread_cond_timedwait(&rt->cv, &rt->mu, &until);
+            continue;
+        }
+        if (now - at >= r->period) { /* the next tick is due already: this one is skipped, as Agent.run skips */
+            r->missed++;
+            continue;
+        }
+        /* the lock is free while NVML is called: Python only waits (armed is set) */
+        pthread_mutex_unlock(&rt->mu);
+        int unusual = take_tick(r, r->kept);
+        pthread_mutex_lock(&rt->mu);
+        r->kept++;
+        if (unusual) {
+            r->unusual = 1;
+            r->armed = 0;
+            pthread_cond_broadcast(&rt->cv);
+        }
+    }
+    r->armed = 0;
+    pthread_cond_broadcast(&rt->cv);
+    pthread_mutex_unlock(&rt->mu);
+    return NULL;
+}
+
+/* the lock, the condition (on CLOCK_MONOTONIC) and the thread, idle until armed; 0, or -1 */
+int sl_ring_init(sl_ring *r) {
+    sl_runtime *rt = calloc(1, sizeof *rt);
+    if (rt == NULL) return -1;
+    pthread_condattr_t attr;
+    if (pthread_condattr_init(&attr) != 0) {
+        free(rt);
+        return -1;
+    }
+    int ok = pthread_condattr_setclock(&attr, CLOCK_MONOTONIC) == 0 && pthread_cond_init(&rt->cv, &attr) == 0;
+    pthread_condattr_destroy(&attr);
+    if (!ok) {
+        free(rt);
+        return -1;
+    }
+    if (pthread_mutex_init(&rt->mu, NULL) != 0) {
+        pthread_cond_destroy(&rt->cv);
+        free(rt);
+        return -1;
+    }
+    r->rt = rt;
+    if (pthread_create(&rt->thread, NULL, ring_run, r) != 0) {
+        pthread_mutex_destroy(&rt->mu);
+        pthread_cond_destroy(&rt->cv);
+        free(rt);
+        r->rt = NULL;
+        return -1;
+    }
+    rt->started = 1;
+    return 0;
+}
+
+/* a round of ticks at first_at + k * period (0 <= k < ticks <= cap); 0, or -1 (one under way, or stopped) */
+int sl_ring_arm(sl_ring *r, double first_at, double period, int64_t ticks) {
+    sl_runtime *rt = r->rt;
+    if (rt == NULL || ticks < 1 || ticks > r->cap || !(period > 0.0)) return -1;
+    pthread_mutex_lock(&rt->mu);
+    int rc = -1;
+    if (!r->armed && !rt->stop) {
+        r->first_at = first_at;
+        r->period = period;
+        r->ticks = ticks;
+        r->kept = r->missed = 0;
+        r->unusual = 0;
+        r->armed = 1;
+        r->rounds++;
+        pthread_cond_broadcast(&rt->cv);
+        rc = 0;
+    }
+    pthread_mutex_unlock(&rt->mu);
+    return rc;
+}
+
+/* waits until the round is over or until deadline (CLOCK_MONOTONIC seconds): 1 over, 0 still under way */
+int sl_ring_wait(sl_ring *r, double deadline) {
+    sl_runtime *rt = r->rt;
+    if (rt == NULL) return 1;
+    pthread_mutex_lock(&rt->mu);
+    struct timespec until = abs_time(deadline);
+    while (r->armed && mono_s() < deadline) pthread_cond_timedwait(&rt->cv, &rt->mu, &until);
+    int over = !r->armed;
+    pthread_mutex_unlock(&rt->mu);
+    return over;
+}
+
+/* the round cut short: no tick after the one being taken, if any (then sl_ring_wait) */
+void sl_ring_cut(sl_ring *r) {
+    sl_runtime *rt = r->rt;
+    if (rt == NULL) return;
+    pthread_mutex_lock(&rt->mu);
+    if (r->armed) r->ticks = r->kept + r->missed;
+    pthread_cond_broadcast(&rt->cv);
+    pthread_mutex_unlock(&rt->mu);
+}
+
+/* slot s's answers put back where they were taken from; 0, or -1 (a round under way, or no such slot) */
+int sl_ring_restore(sl_ring *r, int64_t s) {
+    if (r->armed || s < 0 || s >= r->kept) return -1;
+    const uint8_t *src = r->store + s * r->slot_bytes;
+    for (int64_t k = 0; k < r->nregions; k++) {
+        memcpy(r->regions[k].src, src, (size_t)r->regions[k].len);
+        src += r->regions[k].len;
+    }
+    return 0;
+}
+
+/* the thread stopped (after the tick it is taking, if any) and joined, the lock freed; idempotent */
+void sl_ring_free(sl_ring *r) {
+    sl_runtime *rt = r->rt;
+    if (rt == NULL) return;
+    pthread_mutex_lock(&rt->mu);
+    rt->stop = 1;
+    pthread_cond_broadcast(&rt->cv);
+    pthread_mutex_unlock(&rt->mu);
+    if (rt->started) pthread_join(rt->thread, NULL);
+    pthread_mutex_destroy(&rt->mu);
+    pthread_cond_destroy(&rt->cv);
+    free(rt);
+    r->rt = NULL;
+    r->armed = 0;
 }

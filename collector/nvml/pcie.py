@@ -243,14 +243,32 @@ class PcieCounterPoller:
             if self._access.verdict_counts() != self._verdicts and self._verdicts_touch_us():
                 self._take_over()
             else:
-                rc = nat.cycle()
-                if not self._native_polled(rc) and rc == pcie_native.NOT_POLLED:
-                    self.poll_once()  # the cycle's own poll (its time already marked)
+                self.cycle_answered(nat.cycle())
                 return
         if self._sched.cycle_mark(self._monotonic()):
             self._log_late()
         self._cycle_polls += 1
         self.poll_once()
+
+    def ring_target(self) -> tuple[tuple[int, int], list[tuple[int, int]]] | None:
+        """For the sampler's ring (compiled.Ring), which makes the cycle's poll at the ticks between two Python cycles:
+        the compiled poller's cycle poll (function and struct addresses) and the memory its totals are copied into;
+        None when Python polls (then the cycles stay Python's). The access layer's verdicts are checked as
+        :meth:`cycle_poll` checks them."""
+        nat = self._native
+        if nat is not None and self._access.verdict_counts() != self._verdicts and self._verdicts_touch_us():
+            self._take_over()
+            nat = None
+        if nat is None:
+            return None
+        return nat.cycle_target(), nat.out_regions()
+
+    def cycle_answered(self, rc: int) -> None:
+        """What the compiled poller's cycle poll answered (pp_cycle: the cycle's, or the ring's at a tick, its totals
+        then put back where the poll copied them); when it did not poll, Python makes the cycle's own poll (its time
+        already marked)."""
+        if not self._native_polled(rc) and rc == pcie_native.NOT_POLLED:
+            self.poll_once()
 
     def _verdicts_touch_us(self) -> bool:
         """Whether the access layer's verdicts changed about the polled GPUs or their counters (a GPU lost by the

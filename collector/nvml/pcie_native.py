@@ -166,6 +166,17 @@ class NativePoll:
         self._open = True
         _live.add(self)
 
+    def cycle_target(self) -> tuple[int, int]:
+        """(address of ``pp_cycle``, address of this poller's struct): the cycle's poll as another C thread makes it
+        (the sampler's ring, see compiled.Ring)."""
+        fn = ctypes.cast(self._lib.cycle, ctypes.c_void_p).value
+        assert fn is not None
+        return fn, self._addr
+
+    def out_regions(self) -> list[tuple[int, int]]:
+        """(address, size) of the arrays a poll copies the totals into (what the cycle reads, through the copy)."""
+        return [(ctypes.addressof(a), ctypes.sizeof(a)) for a in (self._out_total, self._out_time, self._out_has)]
+
     def start(self) -> int:
         """Start-up's poll, then the thread: POLLED, UNUSUAL (no thread), or -1 (the poll was fine, no thread)."""
         return int(self._lib.start(self._addr))

@@ -62,6 +62,8 @@ NVML_CLOCK_MEM = 2
 NVML_PCIE_UTIL_TX_BYTES = 0
 NVML_PCIE_UTIL_RX_BYTES = 1
 MAX_NVLINKS = 18  # NVML_NVLINK_MAX_LINKS is larger, but no GPU so far has more than 18
+# where a compiled job's answers start (rets .. util_mem): what a ring tick keeps of the job itself
+_JOB_ANSWERS = compiled.Job.rets.offset
 
 
 def _text(value: Any) -> str:
@@ -291,6 +293,11 @@ class NvmlGpuSource:
         lib = compiled.load() if self._rates.wrap_window == 0.25 else None
         self._decode_fn: Any = lib.decode if lib is not None else None
         self._sample_fn: Any = lib.sample if lib is not None else None
+        # the compiled sampler's thread for the fast cycles between two Python cycles (start_round): the library, the
+        # ring made for the current batch ((batch, PCIe poller) key, the batch, the ring) and the round armed
+        self._ring_lib: compiled.Library | None = lib
+        self._ring: tuple[tuple[int, tuple[int, int] | None], Any, compiled.Ring] | None = None
+        self._round: compiled.Ring | None = None
         # the fast-tier reads made by one compiled call per cycle (_batch_read): its GPUs' jobs, their addresses,
         # the access layer's verdict counts it was made for, and whether every GPU not lost is in it
         self._batch: tuple[dict[int, compiled.DecodeJob], Any, tuple[int, int, int], bool] | None = None
@@ -440,6 +447,14 @@ class NvmlGpuSource:
                     log.exception("PCIe counter poll in the cycle failed; continuing (logged once, counted)")
         # on fast cycles every GPU's batched read and three getters in one compiled call, where they can be made
         batched = self._batch_read(now_ns) if self._sample_fn is not None and not medium else None
+        out = self._sample_devices(now_ns, slow, medium, processes, batched)
+        if self._pcie is None and self._cycles == 1 and self._devices:
+            self._maybe_start_pcie_poller()
+        return out
+
+    def _sample_devices(self, now_ns: int, slow: bool, medium: bool, processes: bool,
+                        batched: dict[int, compiled.DecodeJob] | None) -> tuple[GpuSample, ...]:
+        """Every GPU's sample of the cycle; ``batched``: the jobs whose calls sl_sample made (their answers in them)."""
         out = []
         for dev in self._devices:
             i = dev.ident.index
@@ -456,9 +471,97 @@ class NvmlGpuSource:
                 out.append(self._lost_sample(dev, now_ns))
                 continue
             out.append(GpuSample(dev.ident, now_ns, tuple(readings), procs))
-        if self._pcie is None and self._cycles == 1 and self._devices:
-            self._maybe_start_pcie_poller()
         return tuple(out)
+
+    # -- rounds: the fast cycles between two Python cycles, made by the compiled sampler's thread ---------------
+    def start_round(self, first_at: float, period_s: float, ticks: int) -> int:
+        """Arm the compiled sampler's thread (compiled.Ring) to make up to ``ticks`` of the next cycles, at
+        ``first_at + k * period_s`` (time.monotonic seconds): each tick's PCIe counter poll and fast-tier reads as
+        :meth:`sample` makes them, kept for :meth:`round_samples`. Returns how many it will make: the fast cycles
+        before the next medium one; 0 (nothing armed: the caller samples as before) when there are fewer than two,
+        or they cannot be made in C: no compiled library, an injected clock, a GPU whose reads are not prepared for
+        sl_sample (the first fast cycle prepares them) or the PCIe counters polled by Python."""
+        lib = self._ring_lib
+        if lib is None or self._status != "ok" or self._clock_ns is not time.time_ns:
+            return 0
+        ticks = min(ticks, -self._cycles % self._medium_every)  # up to the next medium cycle, which is the caller's
+        if ticks < 2:
+            return 0
+        gen = self.access.verdict_counts()
+        batch = self._batch
+        if batch is None or batch[2] != gen:  # (an incomplete one is made again by the next fast cycle's _batch_read)
+            batch = self._batch = self._prepare_batch(gen)
+        jobs, addresses, _, complete = batch
+        if not complete or not jobs:
+            return 0
+        pcie: tuple[tuple[int, int], list[tuple[int, int]]] | None = None
+        if self._counters is not None:
+            pcie = self._counters.ring_target()
+            if pcie is None:
+                return 0
+        ring = self._ring
+        key = (id(batch), pcie[0] if pcie is not None else None)
+        if ring is None or ring[0] != key or ring[1] is not batch or ring[2].capacity < ticks:
+            self._close_ring()
+            regions = []
+            for job in jobs.values():  # everything sl_sample writes: the rows, the outputs, the answers
+                c = job.job
+                regions += [(c.array, c.nrows * FIELD_ROW.size), (c.values, 8 * job.n), (c.times, 8 * job.n),
+                            (c.status, job.n), (job.addr + _JOB_ANSWERS, ctypes.sizeof(compiled.Job) - _JOB_ANSWERS)]
+            if pcie is not None:
+                regions += pcie[1]
+            try:
+                made = compiled.Ring(lib, addresses, len(jobs), regions, max(ticks, self._medium_every - 1),
+                                     pcie[0] if pcie is not None else None)
+            except OSError:
+                log.warning("the compiled sampler's thread could not be started: every cycle is Python's")
+                self._ring_lib = None
+                return 0
+            ring = self._ring = (key, batch, made)
+        if not ring[2].arm(first_at, period_s, ticks):
+            return 0
+        self._round = ring[2]
+        return ticks
+
+    def wait_round(self, deadline: float) -> bool:
+        """Wait (the GIL released) until the armed round is over, or until ``deadline`` (time.monotonic): whether it
+        is over (True when none is armed)."""
+        return self._round is None or self._round.wait(deadline)
+
+    def end_round(self) -> None:
+        """Cut the armed round short: no tick after the one being made (then :meth:`wait_round`)."""
+        if self._round is not None:
+            self._round.cut()
+
+    def round_samples(self) -> tuple[list[tuple[int, tuple[GpuSample, ...]]], int]:
+        """The round's cycles once it is over: per tick kept, in order, (its time in ns, every GPU's sample, made from
+        the tick's answers put back where the cycle reads them), and how many ticks were missed (the thread got to
+        them after the next one's time, as a late cycle skips the ticks it missed). A round that ended at an unusual
+        tick ends with that tick, judged as the live cycle judges it."""
+        ring, self._round = self._round, None
+        if ring is None:
+            return [], 0
+        batch = self._ring[1] if self._ring is not None else None
+        jobs = batch[0] if batch is not None else {}
+        out = []
+        for slot in range(ring.kept):
+            now_ns, pcie_rc = ring.tick(slot)
+            self._cycles += 1
+            if self._counters is not None:
+                try:
+                    self._counters.cycle_answered(pcie_rc)
+                except Exception:  # as in sample: never the cycle's loss
+                    self.counter_poll_errors += 1
+                    if self.counter_poll_errors == 1:
+                        log.exception("PCIe counter poll of a ring tick failed; continuing (logged once, counted)")
+            out.append((now_ns, self._sample_devices(now_ns, False, False, False, jobs)))
+        self._cycles += ring.missed
+        return out, ring.missed
+
+    def _close_ring(self) -> None:
+        ring, self._ring, self._round = self._ring, None, None
+        if ring is not None:
+            ring[2].close()
 
     def _lost_sample(self, dev: _Device, now_ns: int) -> GpuSample:
         return GpuSample(dev.ident, now_ns, (Reading("gpu_lost", 1.0, now_ns),), (), lost=True)
@@ -807,7 +910,9 @@ class NvmlGpuSource:
         self._status = "closed"
 
     def _stop_threads(self) -> None:
-        """The XID watcher and the pollers stopped (joined): none may call NVML once it is shut down."""
+        """The sampler's ring, the XID watcher and the pollers stopped (joined): none may call NVML once it is shut
+        down (the ring first: it calls the PCIe poller's cycle poll)."""
+        self._close_ring()
         if self._xid is not None:
             self._xid.stop()
             self._xid = None
