@@ -28,6 +28,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "_monotonic_thread.h"
+
 #define SL_ABI 3
 
 typedef struct {
@@ -284,13 +286,6 @@ typedef struct {
 typedef int (*pcie_cycle_fn)(void *);
 
 typedef struct {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    pthread_t thread;
-    int started, stop;
-} sl_runtime;
-
-typedef struct {
     sl_job *const *jobs;
     int64_t njobs;
     const sl_region *regions; /* what a tick keeps, in this order */
@@ -308,32 +303,13 @@ typedef struct {
     int32_t armed;   /* a round is under way: only the thread touches the jobs and the store */
     int32_t unusual; /* the round ended at its last kept tick, which has something only Python can judge */
     int64_t rounds;
-    sl_runtime *rt;
+    mt_runtime *rt;
 } sl_ring;
-
-static double mono_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 static int64_t realtime_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-static struct timespec abs_time(double at) {
-    struct timespec ts;
-    if (at < 0.0) at = 0.0;
-    ts.tv_sec = (time_t)at;
-    ts.tv_nsec = (long)((at - (double)ts.tv_sec) * 1e9);
-    if (ts.tv_nsec >= 1000000000L) {
-        ts.tv_sec += 1;
-        ts.tv_nsec -= 1000000000L;
-    }
-    if (ts.tv_nsec < 0) ts.tv_nsec = 0;
-    return ts;
 }
 
 /* one tick into slot s: the cycle's PCIe poll, the GPUs' reads, the copy; whether it is unusual */
@@ -366,7 +342,7 @@ static int take_tick(sl_ring *r, int64_t s) {
 
 static void *ring_run(void *arg) {
     sl_ring *r = (sl_ring *)arg;
-    sl_runtime *rt = r->rt;
+    mt_runtime *rt = r->rt;
     pthread_mutex_lock(&rt->mu);
     while (!rt->stop) {
         if (!r->armed) {
@@ -380,9 +356,9 @@ static void *ring_run(void *arg) {
             continue;
         }
         double at = r->first_at + (double)k * r->period;
-        double now = mono_s();
+        double now = mt_now_s();
         if (now < at) {
-            struct timespec until = abs_time(at);
+            struct timespec until = mt_deadline(at);
             pthread_cond_timedwait(&rt->cv, &rt->mu, &until);
             continue;
         }
@@ -409,29 +385,11 @@ static void *ring_run(void *arg) {
 
 /* the lock, the condition (on CLOCK_MONOTONIC) and the thread, idle until armed; 0, or -1 */
 int sl_ring_init(sl_ring *r) {
-    sl_runtime *rt = calloc(1, sizeof *rt);
+    mt_runtime *rt = mt_new();
     if (rt == NULL) return -1;
-    pthread_condattr_t attr;
-    if (pthread_condattr_init(&attr) != 0) {
-        free(rt);
-        return -1;
-    }
-    int ok = pthread_condattr_setclock(&attr, CLOCK_MONOTONIC) == 0 && pthread_cond_init(&rt->cv, &attr) == 0;
-    pthread_condattr_destroy(&attr);
-    if (!ok) {
-        free(rt);
-        return -1;
-    }
-    if (pthread_mutex_init(&rt->mu, NULL) != 0) {
-        pthread_cond_destroy(&rt->cv);
-        free(rt);
-        return -1;
-    }
     r->rt = rt;
     if (pthread_create(&rt->thread, NULL, ring_run, r) != 0) {
-        pthread_mutex_destroy(&rt->mu);
-        pthread_cond_destroy(&rt->cv);
-        free(rt);
+        mt_free(rt);
         r->rt = NULL;
         return -1;
     }
@@ -441,7 +399,7 @@ int sl_ring_init(sl_ring *r) {
 
 /* a round of ticks at first_at + k * period (0 <= k < ticks <= cap); 0, or -1 (one under way, or stopped) */
 int sl_ring_arm(sl_ring *r, double first_at, double period, int64_t ticks) {
-    sl_runtime *rt = r->rt;
+    mt_runtime *rt = r->rt;
     if (rt == NULL || ticks < 1 || ticks > r->cap || !(period > 0.0)) return -1;
     pthread_mutex_lock(&rt->mu);
     int rc = -1;
@@ -462,11 +420,11 @@ int sl_ring_arm(sl_ring *r, double first_at, double period, int64_t ticks) {
 
 /* waits until the round is over or until deadline (CLOCK_MONOTONIC seconds): 1 over, 0 still under way */
 int sl_ring_wait(sl_ring *r, double deadline) {
-    sl_runtime *rt = r->rt;
+    mt_runtime *rt = r->rt;
     if (rt == NULL) return 1;
     pthread_mutex_lock(&rt->mu);
-    struct timespec until = abs_time(deadline);
-    while (r->armed && mono_s() < deadline) pthread_cond_timedwait(&rt->cv, &rt->mu, &until);
+    struct timespec until = mt_deadline(deadline);
+    while (r->armed && mt_now_s() < deadline) pthread_cond_timedwait(&rt->cv, &rt->mu, &until);
     int over = !r->armed;
     pthread_mutex_unlock(&rt->mu);
     return over;
@@ -474,7 +432,7 @@ int sl_ring_wait(sl_ring *r, double deadline) {
 
 /* the round cut short: no tick after the one being taken, if any (then sl_ring_wait) */
 void sl_ring_cut(sl_ring *r) {
-    sl_runtime *rt = r->rt;
+    mt_runtime *rt = r->rt;
     if (rt == NULL) return;
     pthread_mutex_lock(&rt->mu);
     if (r->armed) r->ticks = r->kept + r->missed;
@@ -495,16 +453,14 @@ int sl_ring_restore(sl_ring *r, int64_t s) {
 
 /* the thread stopped (after the tick it is taking, if any) and joined, the lock freed; idempotent */
 void sl_ring_free(sl_ring *r) {
-    sl_runtime *rt = r->rt;
+    mt_runtime *rt = r->rt;
     if (rt == NULL) return;
     pthread_mutex_lock(&rt->mu);
     rt->stop = 1;
     pthread_cond_broadcast(&rt->cv);
     pthread_mutex_unlock(&rt->mu);
     if (rt->started) pthread_join(rt->thread, NULL);
-    pthread_mutex_destroy(&rt->mu);
-    pthread_cond_destroy(&rt->cv);
-    free(rt);
+    mt_free(rt);
     r->rt = NULL;
     r->armed = 0;
 }

@@ -22,6 +22,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "_monotonic_thread.h"
+
 #define PP_ABI 1
 
 /* nvmlFieldValue_t as collector/nvml/access.py's FIELD_ROW reads it */
@@ -43,12 +45,6 @@ typedef struct {
     int64_t late_polls;
 } pp_sched;
 
-typedef struct {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    pthread_t thread;
-    int started, stop;
-} pp_runtime;
 
 typedef struct {
     pp_sched sched;
@@ -66,7 +62,7 @@ typedef struct {
     int64_t polls, cycle_polls, thread_polls, calls;
     int32_t unusual; /* a poll found what only Python can judge: its rows and rets are kept, nothing polls */
     int32_t pad;
-    pp_runtime *rt;
+    mt_runtime *rt;
 } pp_poller;
 
 int pp_abi(void) { return PP_ABI; }
@@ -132,11 +128,6 @@ void pp_plan(pp_sched *s, double now) {
 
 /* -- polls ------------------------------------------------------------------------------------------------ */
 
-static double mono_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 #define TS_LIMIT ((int64_t)1 << 52)
 #define WRAP ((uint64_t)1 << 32)
@@ -208,25 +199,18 @@ static void copy_out(pp_poller *p) {
 
 static void *run(void *arg) {
     pp_poller *p = (pp_poller *)arg;
-    pp_runtime *rt = p->rt;
+    mt_runtime *rt = p->rt;
     pthread_mutex_lock(&rt->mu);
-    pp_begin(&p->sched, mono_s());
+    pp_begin(&p->sched, mt_now_s());
     while (!rt->stop && !p->unusual) {
         double now;
-        while (!rt->stop && (now = mono_s()) < p->sched.next_at) {
-            double at = p->sched.next_at;
-            struct timespec until;
-            until.tv_sec = (time_t)at;
-            until.tv_nsec = (long)((at - (double)until.tv_sec) * 1e9);
-            if (until.tv_nsec >= 1000000000L) {
-                until.tv_sec += 1;
-                until.tv_nsec -= 1000000000L;
-            }
+        while (!rt->stop && (now = mt_now_s()) < p->sched.next_at) {
+            struct timespec until = mt_deadline(p->sched.next_at);
             /* the mutex is free while waiting: the cycle polls then */
             pthread_cond_timedwait(&rt->cv, &rt->mu, &until);
         }
         if (rt->stop) break;
-        now = mono_s();
+        now = mt_now_s();
         pp_wake(&p->sched, now);
         if (poll(p) != 0) break; /* Python takes over at the cycle's next poll */
         p->thread_polls++;
@@ -238,33 +222,17 @@ static void *run(void *arg) {
 
 /* the lock and the wake-up condition (on CLOCK_MONOTONIC); 0, or -1 */
 int pp_init(pp_poller *p) {
-    pp_runtime *rt = calloc(1, sizeof *rt);
+    mt_runtime *rt = mt_new();
     if (rt == NULL) return -1;
-    pthread_condattr_t attr;
-    if (pthread_condattr_init(&attr) != 0) {
-        free(rt);
-        return -1;
-    }
-    int ok = pthread_condattr_setclock(&attr, CLOCK_MONOTONIC) == 0 && pthread_cond_init(&rt->cv, &attr) == 0;
-    pthread_condattr_destroy(&attr);
-    if (!ok) {
-        free(rt);
-        return -1;
-    }
-    if (pthread_mutex_init(&rt->mu, NULL) != 0) {
-        pthread_cond_destroy(&rt->cv);
-        free(rt);
-        return -1;
-    }
     p->rt = rt;
     return 0;
 }
 
 /* start-up's poll, then the thread; 0, 1 when the poll was unusual (no thread), -1 when no thread could start */
 int pp_start(pp_poller *p) {
-    pp_runtime *rt = p->rt;
+    mt_runtime *rt = p->rt;
     pthread_mutex_lock(&rt->mu);
-    p->sched.last_poll_at = mono_s();
+    p->sched.last_poll_at = mt_now_s();
     p->sched.has_last = 1;
     int rc = poll(p);
     if (rc == 0) {
@@ -286,9 +254,9 @@ static int poll_and_copy(pp_poller *p) {
 
 /* the cycle's poll; 0, 1 or 2 as poll_and_copy */
 int pp_cycle(pp_poller *p) {
-    pp_runtime *rt = p->rt;
+    mt_runtime *rt = p->rt;
     pthread_mutex_lock(&rt->mu);
-    pp_cycle_mark(&p->sched, mono_s());
+    pp_cycle_mark(&p->sched, mt_now_s());
     p->cycle_polls++;
     int rc = poll_and_copy(p);
     pthread_mutex_unlock(&rt->mu);
@@ -297,7 +265,7 @@ int pp_cycle(pp_poller *p) {
 
 /* a poll outside the schedule (PcieCounterPoller.poll_once); 0, 1 or 2 as poll_and_copy */
 int pp_poll(pp_poller *p) {
-    pp_runtime *rt = p->rt;
+    mt_runtime *rt = p->rt;
     pthread_mutex_lock(&rt->mu);
     int rc = poll_and_copy(p);
     pthread_mutex_unlock(&rt->mu);
@@ -306,7 +274,7 @@ int pp_poll(pp_poller *p) {
 
 /* the thread stopped and joined (it polls no more); the state stays readable */
 void pp_stop(pp_poller *p) {
-    pp_runtime *rt = p->rt;
+    mt_runtime *rt = p->rt;
     if (rt == NULL) return;
     pthread_mutex_lock(&rt->mu);
     rt->stop = 1;
@@ -318,11 +286,9 @@ void pp_stop(pp_poller *p) {
 }
 
 void pp_free(pp_poller *p) {
-    pp_runtime *rt = p->rt;
+    mt_runtime *rt = p->rt;
     if (rt == NULL) return;
     pp_stop(p);
-    pthread_mutex_destroy(&rt->mu);
-    pthread_cond_destroy(&rt->cv);
-    free(rt);
+    mt_free(rt);
     p->rt = NULL;
 }
