@@ -148,7 +148,9 @@ class Agent:
                 next_at = self._next_tick(next_at + self._round(next_at, ticks, stop) * self.interval_s)
                 if max_cycles is not None and self.stats.cycles >= max_cycles:
                     return
-            delay = max(0.0, next_at - self._monotonic())
+            delay = next_at - self._monotonic()
+            if delay <= 0.0:
+                continue
             if delay <= _SLEEP_MAX_S:
                 # a sleep costs CPython a fraction of the CPU of a lock wait with a timeout (Event.wait),
                 # which matters ten times a second; a stop is then seen within one short interval
@@ -187,8 +189,10 @@ class Agent:
         ticks = self._guard("gpu", rounds.start_round, first_at, self.interval_s, ticks) or 0
         if not ticks:
             return 0
+        # one wake-up a round: when the loop's next cycle is due (sooner if the round ended at a tick to judge)
+        end = first_at + ticks * self.interval_s
         cut = False
-        while not rounds.wait_round(self._monotonic() + _ROUND_WAIT_S):
+        while not rounds.wait_round(min(end, self._monotonic() + _ROUND_WAIT_S)):
             if stop.is_set() and not cut:
                 rounds.end_round()
                 cut = True

@@ -47,7 +47,7 @@ class RoundSampler(Protocol):
         ...
 
     def wait_round(self, deadline: float) -> bool:
-        """Wait until the round is over or ``deadline`` (time.monotonic): whether it is over."""
+        """Wait until ``deadline`` (time.monotonic), or until the round ended early: whether it is over."""
         ...
 
     def end_round(self) -> None:

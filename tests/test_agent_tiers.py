@@ -542,8 +542,10 @@ def test_a_round_makes_each_ticks_pcie_poll_and_reads_as_sample_does(standin_lib
         for _ in range(3):  # the medium cycle, then two fast ones (the first prepares sl_sample's reads)
             sample()
         before = c.cycle_polls
-        made = src.start_round(time.monotonic() + 0.02, 0.1, 9)
-        assert src.wait_round(time.monotonic() + 10)
+        first = time.monotonic() + 0.02
+        made = src.start_round(first, 0.1, 9)
+        while not src.wait_round(first + made * 0.1):  # when the next cycle is due
+            pass
         samples, missed = src.round_samples()
         out = {"made": made, "missed": missed, "cycle_polls": c.cycle_polls - before, "native": c.native,
                "ticks": [t for t, _ in samples], "tx": [pick(g, "pcie_tx_bytes_per_s") for _, g in samples],
@@ -566,6 +568,37 @@ def test_a_round_makes_each_ticks_pcie_poll_and_reads_as_sample_does(standin_lib
     assert poll_times == sorted(set(poll_times))  # each tick's rate as of its own poll, not an earlier one's
     powers = [p[0][0] for p in out["power"]]
     assert powers == sorted(set(powers))  # each tick's own read
+
+
+@needs_poller_build
+def test_a_round_ends_at_a_tick_python_must_judge_and_wakes_the_loop(standin_lib: Path, tmp_path: Path) -> None:
+    """A failed power read at a round's second tick ends the round there and wakes the waiting loop at once (not at
+    the next cycle's time): the loop judges that tick as the live cycle would (the power missing, not 0) and
+    samples the rest of the interval itself."""
+    script = h100_node(gpus=2).set(0, "field.186", *["u32:600000"] * 5, "ERR:999", "u32:610000")
+    path = script.write(tmp_path / "script.txt")
+    code = textwrap.dedent("""
+        import json, time
+        from collector.nvml.source import NvmlGpuSource
+        src = NvmlGpuSource(xid_events=False, interval_s=0.1, pcie_counter_poll=False)  # no other reads move ticks
+        src.open()
+        for _ in range(3):  # the medium cycle, then two fast ones: the stand-in's fourth tick is next
+            src.sample(time.time_ns(), False, False)
+        first = time.monotonic() + 0.02
+        made = src.start_round(first, 0.1, 9)
+        over = src.wait_round(first + made * 0.1)
+        woke = time.monotonic() - first
+        samples, missed = src.round_samples()
+        power = [[r.value for r in g[0].readings if r.signal == "power_w"] for _, g in samples]
+        print(json.dumps({"made": made, "over": over, "woke": woke, "power": power, "missed": missed,
+                          "errors": [list(k) + [n] for k, n in src.access.errors.items()]}))
+        src.close()
+    """)
+    out = _run_on_standin(code, standin_lib, path)
+    assert out["made"] == 7 and out["over"] is True and out["missed"] == 0
+    assert out["power"] == [[600.0], [None]]  # the second tick's read failed: missing, and the round ended there
+    assert out["woke"] < 0.4  # at the failed tick (0.1 s in), not at the next cycle's time (0.7 s)
+    assert out["errors"] == [["field 186", "Unknown", 1]]
 
 
 def test_agent_with_the_pcie_poller_exports_rates(standin_lib: Path, tmp_path: Path) -> None:

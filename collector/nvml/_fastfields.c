@@ -30,7 +30,7 @@
 
 #include "_monotonic_thread.h"
 
-#define SL_ABI 3
+#define SL_ABI 4
 
 typedef struct {
     uint32_t fid, scope;
@@ -302,6 +302,8 @@ typedef struct {
     int64_t kept, missed;
     int32_t armed;   /* a round is under way: only the thread touches the jobs and the store */
     int32_t unusual; /* the round ended at its last kept tick, which has something only Python can judge */
+    int32_t early;   /* the round ended before its last tick: unusual, or cut */
+    int32_t pad;
     int64_t rounds;
     mt_runtime *rt;
 } sl_ring;
@@ -372,7 +374,7 @@ static void *ring_run(void *arg) {
         pthread_mutex_lock(&rt->mu);
         r->kept++;
         if (unusual) {
-            r->unusual = 1;
+            r->unusual = r->early = 1;
             r->armed = 0;
             pthread_cond_broadcast(&rt->cv);
         }
@@ -408,7 +410,7 @@ int sl_ring_arm(sl_ring *r, double first_at, double period, int64_t ticks) {
         r->period = period;
         r->ticks = ticks;
         r->kept = r->missed = 0;
-        r->unusual = 0;
+        r->unusual = r->early = 0;
         r->armed = 1;
         r->rounds++;
         pthread_cond_broadcast(&rt->cv);
@@ -418,13 +420,15 @@ int sl_ring_arm(sl_ring *r, double first_at, double period, int64_t ticks) {
     return rc;
 }
 
-/* waits until the round is over or until deadline (CLOCK_MONOTONIC seconds): 1 over, 0 still under way */
+/* waits until deadline (CLOCK_MONOTONIC seconds: when the caller's next cycle is due) with the round over, or
+ * until the round ended early (a tick only Python can judge, or cut): 1 over, 0 still under way at deadline.
+ * A round that ends as planned does not wake the caller before deadline: one wake-up a round. */
 int sl_ring_wait(sl_ring *r, double deadline) {
     mt_runtime *rt = r->rt;
     if (rt == NULL) return 1;
     pthread_mutex_lock(&rt->mu);
     struct timespec until = mt_deadline(deadline);
-    while (r->armed && mt_now_s() < deadline) pthread_cond_timedwait(&rt->cv, &rt->mu, &until);
+    while ((r->armed || !r->early) && mt_now_s() < deadline) pthread_cond_timedwait(&rt->cv, &rt->mu, &until);
     int over = !r->armed;
     pthread_mutex_unlock(&rt->mu);
     return over;
@@ -435,7 +439,10 @@ void sl_ring_cut(sl_ring *r) {
     mt_runtime *rt = r->rt;
     if (rt == NULL) return;
     pthread_mutex_lock(&rt->mu);
-    if (r->armed) r->ticks = r->kept + r->missed;
+    if (r->armed) {
+        r->ticks = r->kept + r->missed;
+        r->early = 1;
+    }
     pthread_cond_broadcast(&rt->cv);
     pthread_mutex_unlock(&rt->mu);
 }

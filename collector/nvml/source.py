@@ -524,8 +524,8 @@ class NvmlGpuSource:
         return ticks
 
     def wait_round(self, deadline: float) -> bool:
-        """Wait (the GIL released) until the armed round is over, or until ``deadline`` (time.monotonic): whether it
-        is over (True when none is armed)."""
+        """Wait (the GIL released) until ``deadline`` (time.monotonic), or until the armed round ended early (a tick
+        Python must judge, or cut): whether it is over (True when none is armed)."""
         return self._round is None or self._round.wait(deadline)
 
     def end_round(self) -> None:
