@@ -190,9 +190,8 @@ class Agent:
         if not ticks:
             return 0
         # one wake-up a round: when the loop's next cycle is due (sooner if the round ended at a tick to judge)
-        end = first_at + ticks * self.interval_s
         cut = False
-        while not rounds.wait_round(min(end, self._monotonic() + _ROUND_WAIT_S)):
+        while not rounds.wait_round(self._monotonic() + _ROUND_WAIT_S):
             if stop.is_set() and not cut:
                 rounds.end_round()
                 cut = True

@@ -46,8 +46,9 @@ class RoundSampler(Protocol):
         will make (0: none, the caller makes them)."""
         ...
 
-    def wait_round(self, deadline: float) -> bool:
-        """Wait until ``deadline`` (time.monotonic), or until the round ended early: whether it is over."""
+    def wait_round(self, limit: float) -> bool:
+        """Wait until the round is over and the caller's next cycle is due, or it ended early, or until ``limit``
+        (time.monotonic): whether it is over."""
         ...
 
     def end_round(self) -> None:

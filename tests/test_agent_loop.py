@@ -98,9 +98,9 @@ class RoundBackend(SimulatedGpuSource):
         self._ticks = ticks
         return ticks
 
-    def wait_round(self, deadline: float) -> bool:
+    def wait_round(self, limit: float) -> bool:
         if self.hold and not self.cut:
-            time.sleep(max(0.0, min(deadline - time.monotonic(), 0.05)))
+            time.sleep(max(0.0, min(limit - time.monotonic(), 0.05)))
             return False
         return True
 

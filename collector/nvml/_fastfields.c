@@ -30,7 +30,7 @@
 
 #include "_monotonic_thread.h"
 
-#define SL_ABI 4
+#define SL_ABI 5
 
 typedef struct {
     uint32_t fid, scope;
@@ -295,8 +295,9 @@ typedef struct {
     int32_t *pcie_rc; /* cap: what the PCIe poller's pp_cycle answered at the tick */
     pcie_cycle_fn pcie_cycle; /* NULL: no polled PCIe counters */
     void *pcie_poller;
-    /* a round: ticks at first_at + k * period, k < ticks <= cap (CLOCK_MONOTONIC seconds: time.monotonic) */
-    double first_at, period;
+    /* a round: ticks at first_at + k * period, k < ticks <= cap (CLOCK_MONOTONIC seconds: time.monotonic); due:
+     * first_at + ticks * period, when the caller's next cycle is (its waiting ends then, or sooner if early) */
+    double first_at, period, due;
     int64_t ticks;
     /* under the lock: the round's ticks kept and missed (the thread got to them after the next tick's time) */
     int64_t kept, missed;
@@ -354,7 +355,8 @@ static void *ring_run(void *arg) {
         int64_t k = r->kept + r->missed;
         if (k >= r->ticks) {
             r->armed = 0;
-            pthread_cond_broadcast(&rt->cv);
+            /* a waiter sleeps until due anyway: woken only when it is past (a late round) or the round was cut */
+            if (r->early || mt_now_s() >= r->due) pthread_cond_broadcast(&rt->cv);
             continue;
         }
         double at = r->first_at + (double)k * r->period;
@@ -408,6 +410,7 @@ int sl_ring_arm(sl_ring *r, double first_at, double period, int64_t ticks) {
     if (!r->armed && !rt->stop) {
         r->first_at = first_at;
         r->period = period;
+        r->due = first_at + (double)ticks * period;
         r->ticks = ticks;
         r->kept = r->missed = 0;
         r->unusual = r->early = 0;
@@ -420,15 +423,19 @@ int sl_ring_arm(sl_ring *r, double first_at, double period, int64_t ticks) {
     return rc;
 }
 
-/* waits until deadline (CLOCK_MONOTONIC seconds: when the caller's next cycle is due) with the round over, or
- * until the round ended early (a tick only Python can judge, or cut): 1 over, 0 still under way at deadline.
- * A round that ends as planned does not wake the caller before deadline: one wake-up a round. */
-int sl_ring_wait(sl_ring *r, double deadline) {
+/* waits until the round is over and its due time has come (the caller's next cycle), or until it ended early (a
+ * tick only Python can judge, or cut), or until limit (CLOCK_MONOTONIC seconds): 1 over, 0 still under way. A round
+ * that ends as planned wakes nobody before its due time: one wake-up a round. */
+int sl_ring_wait(sl_ring *r, double limit) {
     mt_runtime *rt = r->rt;
     if (rt == NULL) return 1;
     pthread_mutex_lock(&rt->mu);
-    struct timespec until = mt_deadline(deadline);
-    while ((r->armed || !r->early) && mt_now_s() < deadline) pthread_cond_timedwait(&rt->cv, &rt->mu, &until);
+    for (;;) {
+        double now = mt_now_s();
+        if ((!r->armed && (r->early || now >= r->due)) || now >= limit) break;
+        struct timespec until = mt_deadline(now < r->due && r->due < limit ? r->due : limit);
+        pthread_cond_timedwait(&rt->cv, &rt->mu, &until);
+    }
     int over = !r->armed;
     pthread_mutex_unlock(&rt->mu);
     return over;

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 from collector.native import built_library, load_library, pure_python
 
-ABI = 4
+ABI = 5
 
 K_GAUGE, K_RATE, K_LINKS, K_PY = 0, 1, 2, 3
 ST_VALUE, ST_NONE, ST_RC, ST_PY = 0, 1, 2, 3
@@ -62,10 +62,10 @@ class RingStruct(ctypes.Structure):
                 ("nregions", ctypes.c_int64), ("slot_bytes", ctypes.c_int64), ("cap", ctypes.c_int64),
                 ("store", ctypes.c_void_p), ("tick_ns", ctypes.c_void_p), ("pcie_rc", ctypes.c_void_p),
                 ("pcie_cycle", ctypes.c_void_p), ("pcie_poller", ctypes.c_void_p), ("first_at", ctypes.c_double),
-                ("period", ctypes.c_double), ("ticks", ctypes.c_int64), ("kept", ctypes.c_int64),
-                ("missed", ctypes.c_int64), ("armed", ctypes.c_int32), ("unusual", ctypes.c_int32),
-                ("early", ctypes.c_int32), ("pad", ctypes.c_int32), ("rounds", ctypes.c_int64),
-                ("rt", ctypes.c_void_p)]
+                ("period", ctypes.c_double), ("due", ctypes.c_double), ("ticks", ctypes.c_int64),
+                ("kept", ctypes.c_int64), ("missed", ctypes.c_int64), ("armed", ctypes.c_int32),
+                ("unusual", ctypes.c_int32), ("early", ctypes.c_int32), ("pad", ctypes.c_int32),
+                ("rounds", ctypes.c_int64), ("rt", ctypes.c_void_p)]
 
 
 class Library(NamedTuple):
@@ -73,7 +73,7 @@ class Library(NamedTuple):
     sample: Any  # sl_sample(array of job addresses, count, now_ns): the fast-tier reads of those GPUs
     ring_init: Any  # sl_ring_init(ring) -> 0, or -1: its thread started, idle
     ring_arm: Any  # sl_ring_arm(ring, first_at, period, ticks) -> 0, or -1
-    ring_wait: Any  # sl_ring_wait(ring, deadline) -> 1 the round is over, 0 not yet (see Ring.wait)
+    ring_wait: Any  # sl_ring_wait(ring, limit) -> 1 the round is over, 0 not yet (see Ring.wait)
     ring_restore: Any  # sl_ring_restore(ring, slot) -> 0, or -1
     ring_cut: Any  # sl_ring_cut(ring): no tick after the one being made
     ring_free: Any  # sl_ring_free(ring): the thread joined
@@ -206,11 +206,11 @@ class Ring:
         """A round of ``ticks`` ticks at ``first_at + k * period_s`` (time.monotonic seconds); False if refused."""
         return bool(self._open and self._lib.ring_arm(self._addr, first_at, period_s, ticks) == 0)
 
-    def wait(self, deadline: float) -> bool:
-        """Wait (the GIL released) until ``deadline`` (time.monotonic: when the caller's next cycle is due), or until
-        the round ended early (a tick only Python can judge, or :meth:`cut`): whether it is over. A round that ends
-        as planned wakes nobody before ``deadline``."""
-        return bool(self._lib.ring_wait(self._addr, deadline))
+    def wait(self, limit: float) -> bool:
+        """Wait (the GIL released) until the round is over and the caller's next cycle is due (``first_at + ticks *
+        period_s``), or it ended early (a tick only Python can judge, or :meth:`cut`), or until ``limit``
+        (time.monotonic): whether it is over. A round that ends as planned wakes nobody before that cycle is due."""
+        return bool(self._lib.ring_wait(self._addr, limit))
 
     def cut(self) -> None:
         """No tick after the one being made (then :meth:`wait`)."""

@@ -523,10 +523,11 @@ class NvmlGpuSource:
         self._round = ring[2]
         return ticks
 
-    def wait_round(self, deadline: float) -> bool:
-        """Wait (the GIL released) until ``deadline`` (time.monotonic), or until the armed round ended early (a tick
-        Python must judge, or cut): whether it is over (True when none is armed)."""
-        return self._round is None or self._round.wait(deadline)
+    def wait_round(self, limit: float) -> bool:
+        """Wait (the GIL released) until the armed round is over and the caller's next cycle is due, or it ended early
+        (a tick Python must judge, or cut), or until ``limit`` (time.monotonic): whether it is over (True when none
+        is armed)."""
+        return self._round is None or self._round.wait(limit)
 
     def end_round(self) -> None:
         """Cut the armed round short: no tick after the one being made (then :meth:`wait_round`)."""
