@@ -601,6 +601,44 @@ def test_a_round_ends_at_a_tick_python_must_judge_and_wakes_the_loop(standin_lib
     assert out["errors"] == [["field 186", "Unknown", 1]]
 
 
+@needs_poller_build
+def test_a_gpu_lost_in_a_round_hands_the_pcie_poller_to_python(standin_lib: Path, tmp_path: Path) -> None:
+    """GPU 1 falls off the bus during a round (whichever read meets it first: the ring's, or the compiled poller's
+    thread between the ticks): the round ends at that tick, which reports GPU 1 lost; the PCIe poller is Python's from
+    then on, so no more rounds are armed (their ticks' polls would be Python's); the live cycles go on, GPU 0 with
+    its PCIe rates."""
+    script = (h100_node(gpus=2).set(None, "field.197", *[f"u32:{k * 1000}" for k in range(200)])
+              .set(1, "lost_at_tick", 14))
+    path = script.write(tmp_path / "script.txt")
+    code = textwrap.dedent("""
+        import json, time
+        from collector.nvml.source import NvmlGpuSource
+        src = NvmlGpuSource(xid_events=False, interval_s=0.1)
+        src.open()
+        c = src._counters
+        for _ in range(3):
+            src.sample(time.time_ns(), False, False)
+        native_before = c.native
+        made = src.start_round(time.monotonic() + 0.02, 0.1, 9)
+        while not src.wait_round(time.monotonic() + 5):
+            pass
+        samples, missed = src.round_samples()
+        lost = [[g.lost for g in gpus] for _, gpus in samples]
+        again = src.start_round(time.monotonic() + 0.02, 0.1, 9)
+        live = src.sample(time.time_ns(), False, False)
+        tx = [r.value for r in live[0].readings if r.signal == "pcie_tx_bytes_per_s"]
+        print(json.dumps({"made": made, "lost": lost, "native": [native_before, c.native], "again": again,
+                          "live_lost": [g.lost for g in live], "tx": tx}))
+        src.close()
+    """)
+    out = _run_on_standin(code, standin_lib, path)
+    assert out["made"] == 7 and out["native"] == [True, False]
+    assert 1 <= len(out["lost"]) < 7 and out["lost"][-1] == [False, True]  # ended at the tick that met the loss
+    assert all(ticks == [False, False] for ticks in out["lost"][:-1])
+    assert out["again"] == 0 and out["live_lost"] == [False, True]
+    assert out["tx"] == [1000 / (STEP_US * 1e-6)]
+
+
 def test_agent_with_the_pcie_poller_exports_rates(standin_lib: Path, tmp_path: Path) -> None:
     proc, _ = run_agent(standin_lib, h100_node(gpus=2), tmp_path, "--interval", "100ms", "--cycles", "6", "-o",
                         "json", "--prometheus-port", "0", "--no-xid-events",
