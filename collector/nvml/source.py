@@ -294,9 +294,9 @@ class NvmlGpuSource:
         self._decode_fn: Any = lib.decode if lib is not None else None
         self._sample_fn: Any = lib.sample if lib is not None else None
         # the compiled sampler's thread for the fast cycles between two Python cycles (start_round): the library, the
-        # ring made for the current batch ((batch, PCIe poller) key, the batch, the ring) and the round armed
+        # ring made for the current batch (the batch, the PCIe poller's cycle poll it makes, the ring), the round armed
         self._ring_lib: compiled.Library | None = lib
-        self._ring: tuple[tuple[int, tuple[int, int] | None], Any, compiled.Ring] | None = None
+        self._ring: tuple[Any, tuple[int, int] | None, compiled.Ring] | None = None
         self._round: compiled.Ring | None = None
         # the fast-tier reads made by one compiled call per cycle (_batch_read): its GPUs' jobs, their addresses,
         # the access layer's verdict counts it was made for, and whether every GPU not lost is in it
@@ -439,12 +439,7 @@ class NvmlGpuSource:
         if self._counters is not None:
             # one of the wrap-safe polls of the PCIe counters is the cycle's own (it is awake anyway), made first so
             # that this sample's rates are as of now; the poller's thread makes the ones between the cycles
-            try:
-                self._counters.cycle_poll()
-            except Exception:  # never the sample's loss: the rates are then as of the poll before
-                self.counter_poll_errors += 1
-                if self.counter_poll_errors == 1:
-                    log.exception("PCIe counter poll in the cycle failed; continuing (logged once, counted)")
+            self._cycle_poll(self._counters.cycle_poll)
         # on fast cycles every GPU's batched read and three getters in one compiled call, where they can be made
         batched = self._batch_read(now_ns) if self._sample_fn is not None and not medium else None
         out = self._sample_devices(now_ns, slow, medium, processes, batched)
@@ -500,8 +495,8 @@ class NvmlGpuSource:
             if pcie is None:
                 return 0
         ring = self._ring
-        key = (id(batch), pcie[0] if pcie is not None else None)
-        if ring is None or ring[0] != key or ring[1] is not batch or ring[2].capacity < ticks:
+        target = pcie[0] if pcie is not None else None
+        if ring is None or ring[0] is not batch or ring[1] != target or ring[2].capacity < ticks:
             self._close_ring()
             regions = []
             for job in jobs.values():  # everything sl_sample writes: the rows, the outputs, the answers
@@ -517,7 +512,7 @@ class NvmlGpuSource:
                 log.warning("the compiled sampler's thread could not be started: every cycle is Python's")
                 self._ring_lib = None
                 return 0
-            ring = self._ring = (key, batch, made)
+            ring = self._ring = (batch, target, made)
         if not ring[2].arm(first_at, period_s, ticks):
             return 0
         self._round = ring[2]
@@ -542,22 +537,26 @@ class NvmlGpuSource:
         ring, self._round = self._round, None
         if ring is None:
             return [], 0
-        batch = self._ring[1] if self._ring is not None else None
-        jobs = batch[0] if batch is not None else {}
+        jobs = self._ring[0][0] if self._ring is not None else {}
         out = []
         for slot in range(ring.kept):
             now_ns, pcie_rc = ring.tick(slot)
             self._cycles += 1
             if self._counters is not None:
-                try:
-                    self._counters.cycle_answered(pcie_rc)
-                except Exception:  # as in sample: never the cycle's loss
-                    self.counter_poll_errors += 1
-                    if self.counter_poll_errors == 1:
-                        log.exception("PCIe counter poll of a ring tick failed; continuing (logged once, counted)")
+                self._cycle_poll(self._counters.cycle_answered, pcie_rc)  # the poll the ring made at the tick
             out.append((now_ns, self._sample_devices(now_ns, False, False, False, jobs)))
         self._cycles += ring.missed
         return out, ring.missed
+
+    def _cycle_poll(self, poll: Callable[..., None], *args: Any) -> None:
+        """The cycle's PCIe counter poll (or what the ring's answered), never the sample's loss: when it fails, the
+        rates are as of the poll before (logged once, counted)."""
+        try:
+            poll(*args)
+        except Exception:
+            self.counter_poll_errors += 1
+            if self.counter_poll_errors == 1:
+                log.exception("PCIe counter poll in the cycle failed; continuing (logged once, counted)")
 
     def _close_ring(self) -> None:
         ring, self._ring, self._round = self._ring, None, None
