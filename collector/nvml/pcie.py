@@ -238,13 +238,10 @@ class PcieCounterPoller:
 
     def cycle_poll(self) -> None:
         """The cycle's poll, one of the k per interval: the thread polls the k-1 between this one and the next."""
-        nat = self._native
+        nat = self._native_unless_judged()
         if nat is not None:
-            if self._access.verdict_counts() != self._verdicts and self._verdicts_touch_us():
-                self._take_over()
-            else:
-                self.cycle_answered(nat.cycle())
-                return
+            self.cycle_answered(nat.cycle())
+            return
         if self._sched.cycle_mark(self._monotonic()):
             self._log_late()
         self._cycle_polls += 1
@@ -253,15 +250,21 @@ class PcieCounterPoller:
     def ring_target(self) -> tuple[tuple[int, int], list[tuple[int, int]]] | None:
         """For the sampler's ring (compiled.Ring), which makes the cycle's poll at the ticks between two Python cycles:
         the compiled poller's cycle poll (function and struct addresses) and the memory its totals are copied into;
-        None when Python polls (then the cycles stay Python's). The access layer's verdicts are checked as
-        :meth:`cycle_poll` checks them."""
-        nat = self._native
-        if nat is not None and self._access.verdict_counts() != self._verdicts and self._verdicts_touch_us():
-            self._take_over()
-            nat = None
+        None when Python polls (then the cycles stay Python's)."""
+        nat = self._native_unless_judged()
         if nat is None:
             return None
         return nat.cycle_target(), nat.out_regions()
+
+    def _native_unless_judged(self) -> pcie_native.NativePoll | None:
+        """The compiled poller before a cycle's poll (its own, or the ring's ticks); None when Python polls: also
+        when the access layer's verdicts changed about the polled GPUs or their counters since, and Python takes it
+        over now."""
+        nat = self._native
+        if nat is not None and self._access.verdict_counts() != self._verdicts and self._verdicts_touch_us():
+            self._take_over()
+            return None
+        return nat
 
     def cycle_answered(self, rc: int) -> None:
         """What the compiled poller's cycle poll answered (pp_cycle: the cycle's, or the ring's at a tick, its totals

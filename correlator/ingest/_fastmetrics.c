@@ -414,10 +414,6 @@ static int dcgm_labels(fm_out *o, const attrs_t *a, int64_t t, sref node, sref u
     return 1;
 }
 
-/* The run of consecutive attribute fields (7) at m into *a (later ones win, as add_attr one by one), m moved
- * past it. Parsing a run is a function of its bytes and the depth (the same for every point), and a GPU's
- * points carry the same labels on every series: a run whose bytes an earlier point's had is taken from the
- * cache. 0: a bad attribute (the caller declines), or no memory (o->status says so). */
 /* add_attr for each attribute field from m->p to end (a run attr_run has measured) */
 static int parse_run(rd *m, const uint8_t *end, int depth, attrs_t *a) {
     rd sub;
@@ -429,6 +425,10 @@ static int parse_run(rd *m, const uint8_t *end, int depth, attrs_t *a) {
     return 1;
 }
 
+/* The run of consecutive attribute fields (7) at m into *a (later ones win, as add_attr one by one), m moved
+ * past it. Parsing a run is a function of its bytes and the depth (the same for every point), and a GPU's
+ * points carry the same labels on every series: a run whose bytes an earlier point's had is taken from the
+ * cache. 0: a bad attribute (the caller declines), or no memory (o->status says so). */
 static int attr_run(fm_out *o, rd *m, int depth, attrs_t *a) {
     rd it = *m, sub;
     const uint8_t *start = m->p;

@@ -50,6 +50,7 @@ _I64_NONE = -(2**63)
 # fm_add_name's actions and labels (A_*, L_*)
 A_GPU, A_HOST, A_PROCESS, A_INFO, A_SKIP, A_DECLINE, A_DCGM = 1, 2, 3, 4, 5, 6, 7
 _LABELS = {None: 0, "link": 1, "reason": 2, "xid": 3}
+_DECLINED = (A_DECLINE, 0, "", 1.0)  # name_actions' entry for a name the C leaves to the reference path
 _INT32_TYPES = frozenset({"gpu_index", "pid"})
 
 
@@ -71,7 +72,7 @@ def name_actions() -> dict[str, tuple[int, int, str, float]]:
             out[name] = (A_INFO, 0, "", 1.0)
             continue
         if resolve_engine(name) is not None or name in _OTEL_HW:
-            out[name] = (A_DECLINE, 0, "", 1.0)  # engine rows; hw.* resolved by the points' attributes
+            out[name] = _DECLINED  # engine rows; hw.* resolved by the points' attributes
             continue
         r = _resolve_cached(name)
         if r is None:
@@ -79,18 +80,18 @@ def name_actions() -> dict[str, tuple[int, int, str, float]]:
         sig = r.signal
         label = _SUB_LABEL.get(sig.scope) or ("xid" if sig.name == "xid_events_total" else None)
         if r.source not in ("stacklens", "dcgm") or (r.source == "stacklens" and r.factor != 1.0):
-            out[name] = (A_DECLINE, 0, "", 1.0)
+            out[name] = _DECLINED
         elif sig.name in _SKIPPED:
             out[name] = (A_SKIP, 0, sig.name, 1.0)
         elif r.source == "dcgm":  # a GPU sample scaled, and what its labels say (identity, pod)
             gpu_sample = sig.scope not in ("host", "cgroup", "gpu_process") and label in _LABELS
-            out[name] = (A_DCGM, _LABELS[label], sig.name, r.factor) if gpu_sample else (A_DECLINE, 0, "", 1.0)
+            out[name] = (A_DCGM, _LABELS[label], sig.name, r.factor) if gpu_sample else _DECLINED
         elif sig.scope in ("host", "cgroup"):
             out[name] = (A_HOST, 0, sig.name, 1.0)
         elif sig.scope == "gpu_process":
             out[name] = (A_PROCESS, 0, sig.name, 1.0)
         else:
-            out[name] = (A_GPU, _LABELS[label], sig.name, 1.0) if label in _LABELS else (A_DECLINE, 0, "", 1.0)
+            out[name] = (A_GPU, _LABELS[label], sig.name, 1.0) if label in _LABELS else _DECLINED
     return out
 
 
