@@ -297,6 +297,9 @@ def serve(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    from correlator.server.allocator import keep_freed_memory
+
+    keep_freed_memory()  # multi-megabyte exports reuse freed pages instead of faulting fresh ones in
     try:
         addresses = correlator.start()
     except Exception as e:
