@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pytest
 
@@ -196,6 +197,111 @@ def test_under_load_the_writer_summarises_whole_chunks_of_minutes(tmp_path: Path
         assert step(whole_chunks=False)  # idle: the rest of what is complete
         assert store._rolled_until["gpu_minutes"] == rollups.floor_minute(
             T0 + ((chunk + 4) * 60 - 1) * S - rollups.GRACE_NS)
+    finally:
+        store.close()
+
+
+def _with_host(b: IngestBatch, first_s: int, seconds: int) -> IngestBatch:
+    for s in range(first_s, first_s + seconds):
+        b.host_samples.append(T0 + s * S, "node-1", "cpu_util_ratio", None, 0.25 + (s % 7) / 100)
+    return b
+
+
+def _exact_gpu_minutes(cur: duckdb.DuckDBPyConnection, until: int) -> list[tuple[object, ...]]:
+    return cur.execute("SELECT minute_ns, gpu_id, signal_id, sub, n, lo, hi FROM gpu_minutes WHERE minute_ns < ? "
+                       "ORDER BY ALL", [until]).fetchall()
+
+
+def test_a_summary_step_writes_every_table_in_one_transaction_and_each_alone_when_that_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store(tmp_path / "s.duckdb")
+    try:
+        store.roll_up_enabled = False
+        store.write(_with_host(_samples(0, 8 * 60), 0, 8 * 60))
+        real = rollups.roll_up
+        calls: list[str] = []
+
+        def failing_host(cur: duckdb.DuckDBPyConnection, table: str, *a: object, **k: object) -> int:
+            calls.append(table)
+            if table == "host_minutes":
+                raise duckdb.ConversionException("host summaries broken")
+            return real(cur, table, *a, **k)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(rollups, "roll_up", failing_host)
+        with store._write_lock:
+            store.roll_up_enabled = True
+            assert store._roll_up_step()
+        # tried together first (gpu, then host), then each alone: the GPU minutes are written, the host's not
+        assert calls == ["gpu_minutes", "host_minutes", "gpu_minutes", "host_minutes"]
+        gpu_until = store._rolled_until["gpu_minutes"]
+        assert gpu_until is not None and gpu_until > rollups.floor_minute(T0)
+        assert store._rolled_until["host_minutes"] == rollups.floor_minute(T0)  # where it starts: nothing written
+        with store.reader() as cur:
+            assert rollups.watermark(cur, "gpu_minutes") == gpu_until
+            assert rollups.watermark(cur, "host_minutes") is None
+            assert cur.execute("SELECT count(*) FROM host_minutes").fetchall()[0][0] == 0
+        monkeypatch.setattr(rollups, "roll_up", real)
+        calls.clear()
+        with store._write_lock:
+            assert store._roll_up_step()  # the host's chunk and the GPUs' next one, in one transaction
+        with store.reader() as cur:
+            host_until = rollups.watermark(cur, "host_minutes")
+            assert host_until == store._rolled_until["host_minutes"] != rollups.floor_minute(T0)
+            assert cur.execute("SELECT count(*) FROM host_minutes").fetchall()[0][0] > 0
+    finally:
+        store.close()
+
+
+def test_summaries_left_past_the_watermark_are_cleared_once_not_kept_twice(tmp_path: Path) -> None:
+    """A summary past the watermark is none the writer made (it moves the watermark in the transaction that
+    adds summaries): the first step of a table clears from its watermark on, later steps need not."""
+    store = Store(tmp_path / "s.duckdb")
+    try:
+        store.write(_samples(0, 4 * 60))
+        store.catch_up_rollups()
+        with store.reader() as cur:
+            until = rollups.watermark(cur)
+            assert until is not None
+            good = _exact_gpu_minutes(cur, until)
+            # a stray summary of a minute not summarised yet (as an older writer could leave behind)
+            cur.execute("INSERT INTO gpu_minutes (minute_ns, gpu_id, signal_id, sub, n, lo, hi) "
+                        "SELECT ?, gpu_id, signal_id, sub, 999, -1, -1 FROM gpu_minutes WHERE minute_ns = ?",
+                        [until + rollups.MINUTE_NS, until - rollups.MINUTE_NS])
+    finally:
+        store.close()
+    store = Store(tmp_path / "s.duckdb")
+    try:
+        for first in range(4 * 60, 12 * 60, 60):
+            store.write(_samples(first, 60))
+            store.catch_up_rollups()
+        with store.reader() as cur:
+            end = rollups.watermark(cur)
+            assert end is not None and end > until + 2 * rollups.MINUTE_NS
+            assert cur.execute("SELECT count(*) FROM gpu_minutes WHERE n = 999").fetchall()[0][0] == 0
+            assert _exact_gpu_minutes(cur, until) == good
+            # one summary per minute and series, each that of its own samples
+            dup = cur.execute("SELECT count(*) FROM (SELECT minute_ns, gpu_id, signal_id, sub FROM gpu_minutes "
+                              "GROUP BY ALL HAVING count(*) > 1)").fetchall()[0][0]
+            assert dup == 0
+            exact = cur.execute(
+                "SELECT time_ns // 60000000000 * 60000000000 AS m, gpu_id, signal_id, sub, count(value)::INTEGER, "
+                "min(value), max(value) FROM gpu_samples WHERE time_ns < ? GROUP BY ALL ORDER BY ALL",
+                [end]).fetchall()
+            assert _exact_gpu_minutes(cur, end) == exact
+    finally:
+        store.close()
+
+
+def test_set_metas_updates_and_adds_keys_in_one_go(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.duckdb")
+    try:
+        with store.reader() as cur:
+            rollups.set_meta(cur, "a_until_ns", "1")
+            rollups.set_metas(cur, {"a_until_ns": "5", "b_until_ns": "7", "c_until_ns": "9"})
+            rollups.set_metas(cur, {"a_until_ns": "6", "c_until_ns": "10"})
+            got = dict(cur.execute("SELECT key, value FROM meta WHERE key LIKE '%_until_ns' "
+                                   "AND key IN ('a_until_ns', 'b_until_ns', 'c_until_ns')").fetchall())
+        assert got == {"a_until_ns": "6", "b_until_ns": "7", "c_until_ns": "10"}
     finally:
         store.close()
 

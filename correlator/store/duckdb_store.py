@@ -657,6 +657,7 @@ class Store:
         # per-minute (per-hour) summaries: complete before ``_rolled_until[table]``; the newest sample time
         # seen per sample table
         self._rolled_until: dict[str, int | None] = {}
+        self._cleared_onward: set[str] = set()  # summary tables with nothing past their watermark (_roll_up)
         self._newest_ns: dict[str, int | None] = {}
         self.roll_up_enabled = True
         # the request summaries of long windows: complete before ``_requests_rolled_until``; the newest start
@@ -955,54 +956,85 @@ class Store:
 
     def _roll_up_step(self, whole_chunks: bool = False) -> bool:
         """Summarise up to a few complete minutes of each sample table (once its newest sample is
-        ``GRACE_NS`` past them), and an hour once its minutes are, each in a transaction of its own that
-        also moves the watermark; with ``whole_chunks`` (more batches are waiting) only once a whole chunk
-        of minutes is complete (readers summarise the minutes after the watermark on the fly). True when it
-        wrote some."""
+        ``GRACE_NS`` past them), and an hour once its minutes are, all in one transaction that also moves their
+        watermarks (should it fail, each table in a transaction of its own: one's failure is not the others');
+        with ``whole_chunks`` (more batches are waiting) only once a whole chunk of minutes is complete (readers
+        summarise the minutes after the watermark on the fly). True when it wrote some."""
         if self.read_only or not self.roll_up_enabled:
             return False
+        plan, _ = self._roll_up_plan(whole_chunks)
+        if not plan:
+            return False
+        return self._roll_up(plan) or self._roll_up_plan(whole_chunks, each=True)[1]
+
+    def _roll_up_plan(self, whole_chunks: bool, each: bool = False) -> tuple[list[tuple[str, int, int]], bool]:
+        """The next summaries of every table, (table, start, end) in the order they are made (an hour table
+        after its minutes, up to where they will be); with ``each``, written at once, each table in a
+        transaction of its own (an hour table up to where its minutes got): then also whether any was."""
+        plan: list[tuple[str, int, int]] = []
         wrote = False
+        until = self._rolled_until if each else dict(self._rolled_until)
         for source, chain in rollups.CHAINS.items():
             newest = self._newest_ns.get(source)
             if newest is None:
                 continue
             target: int | None = rollups.floor_minute(newest - rollups.GRACE_NS)
             for table in chain:  # minutes, then the hours they complete
-                if target is not None:
-                    wrote = self._roll_up_table(table, target, whole_chunks) or wrote
-                target = self._rolled_until.get(table)
-        return wrote
+                span = None if target is None else self._roll_up_span(table, target, whole_chunks, until)
+                if span is not None and each:
+                    wrote = self._roll_up([(table, *span)]) or wrote  # moves until[table] when it commits
+                elif span is not None:
+                    plan.append((table, *span))
+                    until[table] = span[1]
+                target = until.get(table)
+        return plan, wrote
 
-    def _roll_up_table(self, table: str, target_ns: int, whole_chunks: bool = False) -> bool:
+    def _roll_up_span(self, table: str, target_ns: int, whole_chunks: bool,
+                      until: dict[str, int | None]) -> tuple[int, int] | None:
+        """The steps of ``table`` the next summary writes, [start, end): from its watermark in ``until`` up to
+        ``target_ns``, at most a chunk; None when there is nothing (or, with ``whole_chunks``, not a whole chunk)."""
         s = rollups.SUMMARIES[table]
-        start = self._rolled_until.get(table)
+        start = until.get(table)
         if start is None:
             row = self._con.execute(f"SELECT min({s.time}) FROM {s.source}").fetchall()
             if not row or row[0][0] is None:
-                return False
+                return None
             # nothing before the first sample needs a summary (a sample older than it is late, see below)
-            start = self._rolled_until[table] = int(row[0][0]) // s.step_ns * s.step_ns
+            start = self._rolled_until[table] = until[table] = int(row[0][0]) // s.step_ns * s.step_ns
         target = target_ns // s.step_ns * s.step_ns
         chunk_ns = self._ROLL_UP_CHUNK_MINUTES * rollups.MINUTE_NS if s.step_ns == rollups.MINUTE_NS else s.step_ns
         if target <= start or (whole_chunks and target - start < chunk_ns):
+            return None
+        return start, min(target, start + chunk_ns)
+
+    def _roll_up(self, plan: list[tuple[str, int, int]]) -> bool:
+        """Write the summaries of ``plan`` ((table, start, end), each starting at its table's watermark) and
+        move the watermarks, in one transaction. Nothing at or past a watermark is kept but what the writer adds
+        in the transaction that moves it, so a table's first step in this process clears everything from its
+        watermark on (a summary left there by an older version is not trusted) and later steps clear nothing."""
+        if not plan:
             return False
-        end = min(target, start + chunk_ns)
         cur = self._con.cursor()
         try:
             cur.execute("BEGIN TRANSACTION")
-            rollups.roll_up(cur, table, start, end, self._ids["signals"])
-            rollups.set_meta(cur, s.watermark_key, str(end))
+            for table, start, end in plan:
+                rollups.roll_up(cur, table, start, end, self._ids["signals"],
+                                clear="none" if table in self._cleared_onward else "onward")
+            rollups.set_metas(cur, {rollups.SUMMARIES[t].watermark_key: str(end) for t, _, end in plan})
             cur.execute("COMMIT")
         except duckdb.Error as e:
             with contextlib.suppress(duckdb.Error):
                 cur.execute("ROLLBACK")
-            log.error("store: summaries %s of [%d, %d) failed: %s", table, start, end, e)
+            log.error("store: summaries %s failed: %s",
+                      ", ".join(f"{t} of [{start}, {end})" for t, start, end in plan), e)
             return False
         finally:
             cur.close()
-        self._rolled_until[table] = end
-        if table == "gpu_minutes":
-            self.stats.minutes_rolled_up += (end - start) // rollups.MINUTE_NS
+        for table, start, end in plan:
+            self._rolled_until[table] = end
+            self._cleared_onward.add(table)
+            if table == "gpu_minutes":
+                self.stats.minutes_rolled_up += (end - start) // rollups.MINUTE_NS
         return True
 
     def catch_up_rollups(self) -> int:
