@@ -261,8 +261,14 @@ typedef struct {
     /* the attributes of recent points, by the bytes of a run of attribute fields (a GPU's points carry the
      * same labels on every series: they are parsed once); entries point into the body */
     struct attr_cache *attr_cache;
+    /* the entry the point at the same place of the metric before took (a Collector's metrics list a scrape's
+     * series one after the other, each with the same targets' points in the same order): checked before
+     * hashing the run */
+    struct attr_cache *attr_at[64];
+    uint32_t point_no; /* the place of the point at hand in its metric */
 } fm_out;
 
+#define ATTR_AT (sizeof ((fm_out *)0)->attr_at / sizeof ((fm_out *)0)->attr_at[0])
 #define ATTR_CACHE 32 /* a power of two */
 #define ATTR_CACHE_MIN 128 /* bytes of a run worth the cache (dcgm-exporter's ten labels: ~300) */
 struct attr_cache {
@@ -444,13 +450,18 @@ static int attr_run(fm_out *o, rd *m, int depth, attrs_t *a) {
     if (n < ATTR_CACHE_MIN) /* a few labels (the agent's): parsing them costs less than the cache */
         return parse_run(m, it.p, depth, a);
     if (!o->attr_cache && !(o->attr_cache = calloc(ATTR_CACHE, sizeof *o->attr_cache))) return fail(o, FM_NOMEM);
-    struct attr_cache *e = &o->attr_cache[hash_words(start, n) & (ATTR_CACHE - 1)];
-    if (!(e->run && e->n == n && memcmp(e->run, start, n) == 0)) {
-        attrs_t r;
-        attrs_clear(&r);
-        rd p = *m;
-        if (!parse_run(&p, it.p, depth, &r)) return 0;
-        e->run = start, e->n = n, e->attrs = r;
+    uint32_t at = o->point_no;
+    struct attr_cache *e = at < ATTR_AT ? o->attr_at[at] : NULL;
+    if (!(e && e->run && e->n == n && memcmp(e->run, start, n) == 0)) {
+        e = &o->attr_cache[hash_words(start, n) & (ATTR_CACHE - 1)];
+        if (!(e->run && e->n == n && memcmp(e->run, start, n) == 0)) {
+            attrs_t r;
+            attrs_clear(&r);
+            rd p = *m;
+            if (!parse_run(&p, it.p, depth, &r)) return 0;
+            e->run = start, e->n = n, e->attrs = r;
+        }
+        if (at < ATTR_AT) o->attr_at[at] = e;
     }
     for (uint32_t set = e->attrs.set; set; set &= set - 1) {
         int k = __builtin_ctz(set);
@@ -588,6 +599,7 @@ static int do_point(fm_out *o, rd m, const name_t *name, const res_t *res, int d
 
 /* Gauge (field 1: data_points) or Sum (1: data_points, 2: temporality, 3: monotonic) */
 static int do_points(fm_out *o, rd m, int is_sum, const name_t *name, const res_t *res, int depth) {
+    o->point_no = 0;
     while (m.p < m.end) {
         uint32_t f;
         int wt, ok;
@@ -597,6 +609,7 @@ static int do_points(fm_out *o, rd m, int is_sum, const name_t *name, const res_
             if (wt != WT_LEN || !rd_len(&m, &sub)) BAD();
             if (!do_point(o, sub, name, res, depth + 1)) return 0;
             if (!name) o->ignored++;
+            o->point_no++;
             continue;
         }
         if (is_sum && (f == 2 || f == 3)) ok = wt == WT_VARINT && skip_scalar(&m, wt);
