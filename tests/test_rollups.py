@@ -170,33 +170,94 @@ def test_writer_rolls_up_as_data_arrives_and_retention_prunes_summaries(tmp_path
         again.close()
 
 
-def test_under_load_the_writer_summarises_whole_chunks_of_minutes(tmp_path: Path) -> None:
-    """With batches waiting, a summary step (~10 ms whatever its length) waits for a whole chunk of complete
-    minutes; idle, every complete minute is summarised."""
-    store = Store(tmp_path / "s.duckdb")
+def test_under_load_the_writer_summarises_whole_chunks_of_minutes_it_did_not_count(tmp_path: Path) -> None:
+    """Minutes with rows stored before this writer (its rows per minute unknown): with batches waiting, a summary
+    step (~5-10 ms whatever its length) waits for a whole chunk of complete minutes; idle, every complete minute
+    is summarised."""
     chunk = Store._ROLL_UP_CHUNK_MINUTES
 
-    def step(whole_chunks: bool) -> bool:
+    def reopened_after(first_s: int, seconds: int) -> Store:
+        writer = Store(tmp_path / "s.duckdb")
+        writer.roll_up_enabled = False
+        writer.write(_samples(first_s, seconds))
+        writer.close()
+        store = Store(tmp_path / "s.duckdb")
+        store.roll_up_enabled = False
+        return store
+
+    def step(store: Store, whole_chunks: bool) -> bool:
         with store._write_lock:  # as the writer thread steps (it does not: roll-ups are off meanwhile)
             store.roll_up_enabled = True
             try:
-                return store._roll_up_step(whole_chunks=whole_chunks)
+                return store._roll_up_step(whole_chunks=whole_chunks, now_s=100.0)
             finally:
                 store.roll_up_enabled = False
 
+    store = reopened_after(0, 3 * 60)  # minutes 0-2 complete (past the grace), fewer than a chunk
     try:
-        store.roll_up_enabled = False
-        store.write(_samples(0, 3 * 60))  # minutes 0-2 complete (past the grace), fewer than a chunk
-        assert not step(whole_chunks=True)
+        assert not step(store, whole_chunks=True)
         assert store._rolled_until.get("gpu_minutes") == rollups.floor_minute(T0)  # where it starts: nothing written
-        store.write(_samples(3 * 60, (chunk + 1) * 60))
-        assert step(whole_chunks=True)  # a whole chunk: summarised in one step
+    finally:
+        store.close()
+    store = reopened_after(3 * 60, (chunk + 1) * 60)
+    try:
+        assert step(store, whole_chunks=True)  # a whole chunk: summarised in one step
         until = store._rolled_until["gpu_minutes"]
         assert until is not None and until - rollups.floor_minute(T0) == chunk * rollups.MINUTE_NS
-        assert not step(whole_chunks=True)  # what is left is less than a chunk
-        assert step(whole_chunks=False)  # idle: the rest of what is complete
+        assert not step(store, whole_chunks=True)  # what is left is less than a chunk
+        assert step(store, whole_chunks=False)  # idle: the rest of what is complete
         assert store._rolled_until["gpu_minutes"] == rollups.floor_minute(
             T0 + ((chunk + 4) * 60 - 1) * S - rollups.GRACE_NS)
+    finally:
+        store.close()
+
+
+def test_a_summary_step_takes_a_number_of_rows_or_what_a_second_brought(tmp_path: Path) -> None:
+    """Minutes whose rows this writer counted: a step summarises whole minutes until it has
+    ``_ROLL_UP_STEP_ROWS`` rows (however many minutes that is); fewer wait until a second after the last step."""
+    store = Store(tmp_path / "s.duckdb")
+    store._ROLL_UP_STEP_ROWS = 4_000  # ~2 minutes of the three GPUs' rows
+
+    def step(now_s: float) -> bool:
+        with store._write_lock:
+            store.roll_up_enabled = True
+            try:
+                return store._roll_up_step(whole_chunks=True, now_s=now_s)
+            finally:
+                store.roll_up_enabled = False
+
+    def rows(lo: int, hi: int) -> int:
+        with store.reader() as cur:
+            n: int = cur.execute("SELECT count(*) FROM gpu_samples WHERE time_ns >= ? AND time_ns < ?",
+                                 [lo, hi]).fetchall()[0][0]
+        return n
+
+    try:
+        store.roll_up_enabled = False
+        for first in range(0, 12 * 60, 90):  # 12 minutes, in exports of 90 s
+            store.write(_samples(first, 90))
+        complete = rollups.floor_minute(T0 + (12 * 60 - 1) * S - rollups.GRACE_NS)
+        start = rollups.floor_minute(T0)
+        ends = []
+        now = 100.0
+        while step(now):
+            end = store._rolled_until["gpu_minutes"]
+            assert end is not None
+            ends.append(end)
+            if end < complete:  # a full step: enough rows, and a minute fewer would not have been
+                assert rows(start, end) >= 4_000 > rows(start, end - rollups.MINUTE_NS)
+            start = end
+            now += 0.1
+        assert len(ends) >= 3 and ends[-1] < complete  # full steps at once; the rest waits
+        assert rows(ends[-1], complete) < 4_000
+        assert not step(now + 0.5)  # still within a second of the last step
+        assert step(now + 1.0)  # a second later: what is complete, whatever its rows
+        assert store._rolled_until["gpu_minutes"] == complete
+        assert all(m >= complete for m in store._minute_rows["gpu_samples"])  # counts of summarised minutes go
+        with store.reader() as cur:
+            exact = cur.execute("SELECT count(*) FROM (SELECT DISTINCT time_ns // 60000000000, gpu_id, signal_id, sub "
+                                "FROM gpu_samples WHERE time_ns < ?)", [complete]).fetchall()[0][0]
+            assert cur.execute("SELECT count(*) FROM gpu_minutes").fetchall()[0][0] == exact
     finally:
         store.close()
 
