@@ -261,14 +261,23 @@ typedef struct {
     /* the attributes of recent points, by the bytes of a run of attribute fields (a GPU's points carry the
      * same labels on every series: they are parsed once); entries point into the body */
     struct attr_cache *attr_cache;
-    /* the entry the point at the same place of the metric before took (a Collector's metrics list a scrape's
-     * series one after the other, each with the same targets' points in the same order): checked before
-     * hashing the run */
-    struct attr_cache *attr_at[64];
+    /* the run of the point at the same place of the metric before, by place (a Collector's metrics list a
+     * scrape's series one after the other, each with the same targets' points in the same order): checked
+     * before hashing the run; entries of their own, so that runs whose hashes collide do not evict them */
+    struct attr_cache *attr_at;
     uint32_t point_no; /* the place of the point at hand in its metric */
+    /* where each string column found a string of the body lately, by its address: the cached labels' strings
+     * are the same bytes of the body point after point, and the body outlives the decode */
+    struct memo {
+        const uint8_t *p;
+        size_t n;
+        int64_t idx;
+    } *memo;
+    sref body;
 } fm_out;
 
-#define ATTR_AT (sizeof ((fm_out *)0)->attr_at / sizeof ((fm_out *)0)->attr_at[0])
+#define ATTR_AT 64
+#define MEMO 16 /* per string column, a power of two */
 #define ATTR_CACHE 32 /* a power of two */
 #define ATTR_CACHE_MIN 128 /* bytes of a run worth the cache (dcgm-exporter's ten labels: ~300) */
 struct attr_cache {
@@ -299,8 +308,17 @@ static int grow_rows(fm_out *o, int t) {
 /* the index of s among column (t, c)'s distinct strings, added if new: >= 0; -1 None; -2 no memory;
  * -3 a NUL in the string */
 static int64_t dedup(fm_out *o, int t, int c, sref s) {
+    struct memo *e = NULL;
+    if (s.p && (uintptr_t)s.p - (uintptr_t)o->body.p < o->body.n) {
+        if (!o->memo && !(o->memo = calloc((size_t)NT * NC * MEMO, sizeof *o->memo))) return -2;
+        uint64_t h = ((uint64_t)(uintptr_t)s.p * 0x9E3779B97F4A7C15ULL) >> 60; /* MEMO = 16 */
+        e = &o->memo[((size_t)t * NC + (size_t)c) * MEMO + h];
+        if (e->p == s.p && e->n == s.n) return e->idx;
+    }
     /* a string made for the point at hand is overwritten by the next point's */
-    return strtab_index(&o->tabs[t][c], &o->blob[t][c], s, &o->point_arena);
+    int64_t i = strtab_index(&o->tabs[t][c], &o->blob[t][c], s, &o->point_arena);
+    if (e && i >= 0) e->p = s.p, e->n = s.n, e->idx = i;
+    return i;
 }
 
 /* one row's cells, in column order: ints, doubles and strings taken from these in turn */
@@ -450,18 +468,20 @@ static int attr_run(fm_out *o, rd *m, int depth, attrs_t *a) {
     if (n < ATTR_CACHE_MIN) /* a few labels (the agent's): parsing them costs less than the cache */
         return parse_run(m, it.p, depth, a);
     if (!o->attr_cache && !(o->attr_cache = calloc(ATTR_CACHE, sizeof *o->attr_cache))) return fail(o, FM_NOMEM);
+    if (!o->attr_at && !(o->attr_at = calloc(ATTR_AT, sizeof *o->attr_at))) return fail(o, FM_NOMEM);
     uint32_t at = o->point_no;
-    struct attr_cache *e = at < ATTR_AT ? o->attr_at[at] : NULL;
+    struct attr_cache *e = at < ATTR_AT ? &o->attr_at[at] : NULL;
     if (!(e && e->run && e->n == n && memcmp(e->run, start, n) == 0)) {
-        e = &o->attr_cache[hash_words(start, n) & (ATTR_CACHE - 1)];
-        if (!(e->run && e->n == n && memcmp(e->run, start, n) == 0)) {
+        struct attr_cache *h = &o->attr_cache[hash_words(start, n) & (ATTR_CACHE - 1)];
+        if (!(h->run && h->n == n && memcmp(h->run, start, n) == 0)) {
             attrs_t r;
             attrs_clear(&r);
             rd p = *m;
             if (!parse_run(&p, it.p, depth, &r)) return 0;
-            e->run = start, e->n = n, e->attrs = r;
+            h->run = start, h->n = n, h->attrs = r;
         }
-        if (at < ATTR_AT) o->attr_at[at] = e;
+        if (e) *e = *h;
+        e = h;
     }
     for (uint32_t set = e->attrs.set; set; set &= set - 1) {
         int k = __builtin_ctz(set);
@@ -754,6 +774,8 @@ void fm_free(fm_out *o) {
     free(o->info_seen);
     free(o->placed);
     free(o->attr_cache);
+    free(o->attr_at);
+    free(o->memo);
     free(o);
 }
 
@@ -767,6 +789,7 @@ fm_out *fm_decode(const uint8_t *buf, size_t len) {
         return o;
     }
     rd m = {buf, buf + len};
+    o->body.p = buf, o->body.n = len;
     if (!each_resource(m, do_resource_metrics, o)) fail(o, FM_UNHANDLED); /* a callback's own reason stays */
     return o;
 }
