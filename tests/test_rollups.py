@@ -262,6 +262,34 @@ def test_a_summary_step_takes_a_number_of_rows_or_what_a_second_brought(tmp_path
         store.close()
 
 
+def test_rows_appended_past_the_writer_are_summarised_in_chunks_of_minutes(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bulk load past the writer (what catch_up_rollups is for): the writer did not count those rows, so it
+    must not take their minutes for empty ones and summarise them all in one step."""
+    store = Store(tmp_path / "s.duckdb")
+    try:
+        store.roll_up_enabled = False
+        store.write(_samples(0, 60))
+        with store.reader() as cur:  # 20 more minutes of the same rows, appended straight to the table
+            for k in range(1, 21):
+                cur.execute("INSERT INTO gpu_samples SELECT time_ns + ? * 60000000000, gpu_id, signal_id, sub, value "
+                            "FROM gpu_samples WHERE time_ns < ?", [k, T0 + 60 * S])
+        steps: list[tuple[str, int, int]] = []
+        real = store._roll_up
+
+        def record(plan: list[tuple[str, int, int]], now_s: float | None = None) -> bool:
+            steps.extend(plan)
+            return real(plan, now_s)
+
+        monkeypatch.setattr(store, "_roll_up", record)
+        store.roll_up_enabled = True
+        assert store.catch_up_rollups() >= 19
+        spans = [(end - start) // rollups.MINUTE_NS for table, start, end in steps if table == "gpu_minutes"]
+        assert len(spans) >= 4 and max(spans) <= Store._ROLL_UP_CHUNK_MINUTES
+    finally:
+        store.close()
+
+
 def _with_host(b: IngestBatch, first_s: int, seconds: int) -> IngestBatch:
     for s in range(first_s, first_s + seconds):
         b.host_samples.append(T0 + s * S, "node-1", "cpu_util_ratio", None, 0.25 + (s % 7) / 100)

@@ -1083,6 +1083,8 @@ class Store:
                 row = self._con.execute(f"SELECT max(time_ns) FROM {source}").fetchall()
                 if row and row[0][0] is not None:
                     self._newest_ns[source] = max(int(row[0][0]), self._newest_ns.get(source) or 0)
+                    # and this writer did not count them: those minutes go in chunks of minutes, not of rows
+                    self._counted_from[source] = rollups.floor_minute(self._newest_ns[source] or 0) + rollups.MINUTE_NS
             while self._roll_up_step():
                 pass
             row = self._con.execute("SELECT max(start_ns) FROM request_rows").fetchall()
