@@ -37,6 +37,7 @@ round and their medians.
 from __future__ import annotations
 
 import argparse
+import gzip
 import http.client
 import json
 import math
@@ -282,7 +283,9 @@ class Server:
 
 
 # -- senders -----------------------------------------------------------------------------------------
-def send_http(port: int, path: str, bodies: Sequence[bytes], concurrency: int) -> None:
+def send_http(port: int, path: str, bodies: Sequence[bytes], concurrency: int, gzipped: bool = False) -> None:
+    """POST ``bodies`` (``gzipped``: each already compressed, sent with Content-Encoding: gzip)."""
+    headers = {"Content-Type": "application/x-protobuf", **({"Content-Encoding": "gzip"} if gzipped else {})}
     work: queue.Queue[bytes | None] = queue.Queue()
     for b in bodies:
         work.put(b)
@@ -298,7 +301,7 @@ def send_http(port: int, path: str, bodies: Sequence[bytes], concurrency: int) -
             if body is None:
                 break
             for _attempt in range(20):
-                conn.request("POST", path, body, {"Content-Type": "application/x-protobuf"})
+                conn.request("POST", path, body, headers)
                 resp = conn.getresponse()
                 resp.read()
                 if resp.status == 200:
@@ -318,8 +321,12 @@ def send_http(port: int, path: str, bodies: Sequence[bytes], concurrency: int) -
         raise RuntimeError(f"{len(errors)} exports failed: {errors[:3]}")
 
 
-def send_grpc(port: int, method: str, bodies: Sequence[bytes], concurrency: int) -> None:
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+def send_grpc(port: int, method: str, bodies: Sequence[bytes], concurrency: int, gzip_: bool = False) -> None:
+    """Unary exports of ``bodies`` (``gzip_``: compressed by gRPC, as an OpenTelemetry Collector's otlp exporter
+    does by default)."""
+    compression = grpc.Compression.Gzip if gzip_ else grpc.Compression.NoCompression
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)],
+                               compression=compression) as ch:
         export: Callable[..., Any] = ch.unary_unary(method)
         pending: list[Any] = []
         for b in bodies:
@@ -520,12 +527,14 @@ def _span_count(body: bytes) -> int:
 
 def compare(n_spans: int, n_cycles: int, concurrency: int, baseline: str, rounds: int, warmup_exports: int = 0,
             signals: Sequence[str] = ("traces", "metrics"), spans_per_export: int = 512,
-            serve_args: Sequence[str] = (), baseline_serve_args: Sequence[str] = ()) -> dict[str, Any]:
+            serve_args: Sequence[str] = (), baseline_serve_args: Sequence[str] = (),
+            gzip_: bool = False) -> dict[str, Any]:
     """The span and/or metric phases of this tree and of a baseline (``pure``: this tree without the fast
     paths; else a path to another tree), alternating, on the same payloads; the first ``warmup_exports``
     exports of each phase sent before the measurement (left out of it). ``serve_args`` and
     ``baseline_serve_args``: options of each side's ``stacklens serve`` (e.g. ``--db-threads 1``; the baseline may
-    be this tree too, ``.``)."""
+    be this tree too, ``.``). ``gzip_``: every export gzip-compressed (the OpenTelemetry Collector's default for
+    both of its OTLP exporters)."""
 
     loads: dict[str, tuple[str, str, str, list[bytes], list[bytes], int]] = {}  # phase → path, method, table, ...
     if "traces" in signals:
@@ -549,8 +558,10 @@ def compare(n_spans: int, n_cycles: int, concurrency: int, baseline: str, rounds
 
     def sender(path: str, method: str, bodies: list[bytes], grpc: bool) -> Callable[[int, int], None]:
         if grpc:
-            return lambda port, c: send_grpc(port, method, bodies, c)
-        return lambda port, c: send_http(port, path, bodies, c)
+            return lambda port, c: send_grpc(port, method, bodies, c, gzip_)
+        if gzip_:  # compressed here, before the measurement, at Go's default level
+            bodies = [gzip.compress(b, 6) for b in bodies]
+        return lambda port, c: send_http(port, path, bodies, c, gzip_)
 
     with tempfile.TemporaryDirectory(prefix="stacklens-ingest-cmp-") as tmp:
         work = Path(tmp)
@@ -576,7 +587,7 @@ def compare(n_spans: int, n_cycles: int, concurrency: int, baseline: str, rounds
     return {"baseline": baseline, "serve_args": list(serve_args), "baseline_serve_args": list(baseline_serve_args),
             "rounds": rounds, "loads": {k: sum(1 for _ in v[4]) for k, v in loads.items()},
             "spans_per_export": spans_per_export, "concurrency": concurrency,
-            "warmup_exports": warmup_exports, "runs": runs, "median_rows_per_cpu_s": medians,
+            "warmup_exports": warmup_exports, "gzip": gzip_, "runs": runs, "median_rows_per_cpu_s": medians,
             "decode": decode_figures}
 
 
@@ -585,6 +596,7 @@ def compare_report(doc: dict[str, Any]) -> str:
              f" spans an export, {doc['concurrency']} in flight), {doc['rounds']} rounds"
              " alternating; rows (request spans, GPU samples) per CPU-second of the correlator process"
              + (f" (after {doc['warmup_exports']} warm-up exports, left out)" if doc.get("warmup_exports") else "")
+             + ("; every export gzip-compressed" if doc.get("gzip") else "")
              + "".join(f"; {who} serve {' '.join(doc[k])}" for who, k in (("this", "serve_args"),
                                                                          ("baseline", "baseline_serve_args"))
                        if doc.get(k)),
@@ -735,13 +747,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--serve-args", default="", help="--compare: options of this tree's stacklens serve, e.g. "
                     "'--db-threads 1'")
     ap.add_argument("--baseline-serve-args", default="", help="--compare: options of the baseline's stacklens serve")
+    ap.add_argument("--gzip", action="store_true", help="--compare: gzip every export (Content-Encoding over HTTP, "
+                    "gRPC's own compression), as an OpenTelemetry Collector's exporters do by default")
     args = ap.parse_args(argv)
     if args.quick:
         args.spans, args.cycles = 20_000, 100
     if args.compare:
         cmp = compare(args.spans, args.cycles, args.concurrency, args.compare, args.rounds, args.warmup,
                       tuple(args.signals.split(",")), args.spans_per_export, shlex.split(args.serve_args),
-                      shlex.split(args.baseline_serve_args))
+                      shlex.split(args.baseline_serve_args), args.gzip)
         print(compare_report(cmp))
         if args.json:
             print(json.dumps(cmp, indent=2))

@@ -353,8 +353,9 @@ def test_otel_collector_listens_where_compose_publishes_and_sends_to_the_correla
     published = {int(str(p).rsplit(":", 1)[1]) for p in svc["ports"]}
     assert {port_of(protocols["grpc"]["endpoint"]), port_of(protocols["http"]["endpoint"])} == published
     _, params = _correlator()
-    exporter = cfg["exporters"]["otlp/stacklens"]
-    assert exporter["endpoint"] == f"correlator:{port_of(params['otlp_grpc'])}"
+    exporter = cfg["exporters"]["otlphttp/stacklens"]  # OTLP/HTTP: grpcio's gzip inflate costs ~1.5x the CPU
+    assert exporter["endpoint"] == f"http://correlator:{port_of(params['otlp_http'])}"
+    assert exporter["compression"] == "gzip"  # ~30x fewer bytes between them; the correlator inflates it
     assert exporter["headers"]["authorization"] == "Bearer ${env:STACKLENS_TOKEN}"
     env_refs = set(re.findall(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}", OTEL_CONFIG.read_text()))
     assert env_refs <= set(env_of(svc)), f"variables the collector config reads but compose does not set: {env_refs}"
