@@ -468,6 +468,24 @@ def test_inflate_stops_at_the_limit(n: int, limit: int, members: int, encoding: 
         assert total <= limit and out == raw * (members if encoding == "gzip" else 1)
 
 
+@pytest.mark.parametrize(("tail", "status"), [
+    (b"", 0),  # one member: handed back as zlib made it
+    (b"\0" * 16, 0),  # zero padding after it
+    (gzip.compress(b"more"), 0),  # a second member
+    (gzip.compress(b"more")[:-6], 400),  # a second member cut short
+    (b"\x1f\x8bgarbage", 400),  # not a member
+])
+def test_inflate_after_a_whole_first_member(tail: bytes, status: int) -> None:
+    body = gzip.compress(b"first" * 100) + tail
+    if status:
+        with pytest.raises(PayloadError) as e:
+            inflate(body, "gzip", 10_000)
+        assert e.value.status == status
+        return
+    more = b"more" if tail.startswith(b"\x1f\x8b\x08") else b""
+    assert inflate(body, "gzip", 10_000) == b"first" * 100 + more
+
+
 # -- 6. valid messages round-trip -----------------------------------------------------------------------
 LAT = st.floats(0.0, 100.0, allow_nan=False)
 REQS = st.lists(st.tuples(LAT, LAT, LAT, st.integers(0, 10**6), st.integers(1, 10**5),

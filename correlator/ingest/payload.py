@@ -55,8 +55,21 @@ def inflate(body: bytes, encoding: str, limit: int) -> bytes:
     if enc not in ("gzip", "deflate"):
         raise PayloadError(415, f"unsupported Content-Encoding {encoding!r}: use gzip, deflate or none")
     d = zlib.decompressobj(wbits=47)  # 32 + 15: zlib or gzip header, detected
-    out = bytearray()
-    data = body
+    try:
+        # the usual body, one member: its bytes as zlib gives them (no copy into a buffer and out again)
+        first = d.decompress(body, limit + 1)
+        if d.eof and len(first) <= limit and not d.unused_data.strip(b"\0"):
+            return first
+    except zlib.error as e:
+        raise PayloadError(400, f"body is not valid {enc}: {e}") from e
+    out = bytearray(first)
+    if len(out) > limit:
+        raise PayloadError(413, f"payload inflates past the limit of {limit} bytes")
+    if d.eof:  # further members follow
+        data = d.unused_data
+        d = zlib.decompressobj(wbits=47)
+    else:
+        data = d.unconsumed_tail
     try:
         while data:
             # never more than one byte past the limit per step: a bomb is stopped at the limit
