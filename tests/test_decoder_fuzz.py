@@ -486,6 +486,30 @@ def test_inflate_after_a_whole_first_member(tail: bytes, status: int) -> None:
     assert inflate(body, "gzip", 10_000) == b"first" * 100 + more
 
 
+def test_inflate_takes_the_standard_librarys_zlib_without_zlib_ng(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    from correlator.ingest import payload
+
+    real_import = builtins.__import__
+
+    def without_zlib_ng(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name.startswith("zlib_ng"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    assert payload._inflater()[0] is not zlib.decompressobj  # zlib-ng, a dependency, where installed
+    monkeypatch.setattr(builtins, "__import__", without_zlib_ng)
+    decompressobj, errors = payload._inflater()
+    assert decompressobj is zlib.decompressobj and errors == (zlib.error,)
+    monkeypatch.setattr(payload, "_decompressobj", decompressobj)
+    monkeypatch.setattr(payload, "_INFLATE_ERRORS", errors)
+    assert inflate(gzip.compress(b"x" * 1000), "gzip", 10_000) == b"x" * 1000
+    with pytest.raises(PayloadError) as e:
+        inflate(b"\x1f\x8b\x08\x00garbage", "gzip", 10_000)
+    assert e.value.status == 400
+
+
 # -- 6. valid messages round-trip -----------------------------------------------------------------------
 LAT = st.floats(0.0, 100.0, allow_nan=False)
 REQS = st.lists(st.tuples(LAT, LAT, LAT, st.integers(0, 10**6), st.integers(1, 10**5),

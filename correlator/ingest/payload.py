@@ -11,8 +11,9 @@ from __future__ import annotations
 import base64
 import json
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
@@ -24,6 +25,19 @@ from correlator.ingest.batch import IngestBatch
 from correlator.ingest.otlp_metrics import decode_metrics
 from correlator.ingest.otlp_spans import decode_spans
 from correlator.store.spool import SpoolRecord
+
+
+def _inflater() -> tuple[Callable[..., Any], tuple[type[Exception], ...]]:
+    """zlib-ng's decompressobj (the same formats, inflated ~4x faster than by the system's zlib: a Collector
+    gzips its exports) and its errors; the standard library's should the wheel be missing."""
+    try:
+        from zlib_ng import zlib_ng
+    except ImportError:
+        return zlib.decompressobj, (zlib.error,)
+    return zlib_ng.decompressobj, (cast("type[Exception]", zlib_ng.error), zlib.error)
+
+
+_decompressobj, _INFLATE_ERRORS = _inflater()
 
 Signal = Literal["traces", "metrics"]
 DEFAULT_MAX_BODY_BYTES = 16 << 20
@@ -54,20 +68,20 @@ def inflate(body: bytes, encoding: str, limit: int) -> bytes:
         return body
     if enc not in ("gzip", "deflate"):
         raise PayloadError(415, f"unsupported Content-Encoding {encoding!r}: use gzip, deflate or none")
-    d = zlib.decompressobj(wbits=47)  # 32 + 15: zlib or gzip header, detected
+    d = _decompressobj(wbits=47)  # 32 + 15: zlib or gzip header, detected
     try:
         # the usual body, one member: its bytes as zlib gives them (no copy into a buffer and out again)
-        first = d.decompress(body, limit + 1)
+        first: bytes = d.decompress(body, limit + 1)
         if d.eof and len(first) <= limit and not d.unused_data.strip(b"\0"):
             return first
-    except zlib.error as e:
+    except _INFLATE_ERRORS as e:
         raise PayloadError(400, f"body is not valid {enc}: {e}") from e
     out = bytearray(first)
     if len(out) > limit:
         raise PayloadError(413, f"payload inflates past the limit of {limit} bytes")
     if d.eof:  # further members follow
         data = d.unused_data
-        d = zlib.decompressobj(wbits=47)
+        d = _decompressobj(wbits=47)
     else:
         data = d.unconsumed_tail
     try:
@@ -81,11 +95,11 @@ def inflate(body: bytes, encoding: str, limit: int) -> bytes:
                 data = d.unused_data
                 if not data.strip(b"\0"):
                     break
-                d = zlib.decompressobj(wbits=47)
+                d = _decompressobj(wbits=47)
             else:
                 data = d.unconsumed_tail
         out += d.flush()
-    except zlib.error as e:
+    except _INFLATE_ERRORS as e:
         raise PayloadError(400, f"body is not valid {enc}: {e}") from e
     if not d.eof:
         raise PayloadError(400, f"{enc} body is truncated")
