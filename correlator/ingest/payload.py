@@ -69,26 +69,15 @@ def inflate(body: bytes, encoding: str, limit: int) -> bytes:
     if enc not in ("gzip", "deflate"):
         raise PayloadError(415, f"unsupported Content-Encoding {encoding!r}: use gzip, deflate or none")
     d = _decompressobj(wbits=47)  # 32 + 15: zlib or gzip header, detected
-    try:
-        # the usual body, one member: its bytes as zlib gives them (no copy into a buffer and out again)
-        first: bytes = d.decompress(body, limit + 1)
-        if d.eof and len(first) <= limit and not d.unused_data.strip(b"\0"):
-            return first
-    except _INFLATE_ERRORS as e:
-        raise PayloadError(400, f"body is not valid {enc}: {e}") from e
-    out = bytearray(first)
-    if len(out) > limit:
-        raise PayloadError(413, f"payload inflates past the limit of {limit} bytes")
-    if d.eof:  # further members follow
-        data = d.unused_data
-        d = _decompressobj(wbits=47)
-    else:
-        data = d.unconsumed_tail
+    parts: list[bytes] = []  # joined at the end: the usual one-member body is handed on as zlib made it
+    size = 0
+    data = body
     try:
         while data:
             # never more than one byte past the limit per step: a bomb is stopped at the limit
-            out += d.decompress(data, limit + 1 - len(out))
-            if len(out) > limit:
+            parts.append(d.decompress(data, limit + 1 - size))
+            size += len(parts[-1])
+            if size > limit:
                 raise PayloadError(413, f"payload inflates past the limit of {limit} bytes")
             if d.eof:
                 # gzip allows several members one after the other (and zero padding at the end)
@@ -98,14 +87,17 @@ def inflate(body: bytes, encoding: str, limit: int) -> bytes:
                 d = _decompressobj(wbits=47)
             else:
                 data = d.unconsumed_tail
-        out += d.flush()
+        tail = d.flush()
     except _INFLATE_ERRORS as e:
         raise PayloadError(400, f"body is not valid {enc}: {e}") from e
     if not d.eof:
         raise PayloadError(400, f"{enc} body is truncated")
-    if len(out) > limit:
+    if tail:
+        parts.append(tail)
+        size += len(tail)
+    if size > limit:
         raise PayloadError(413, f"payload inflates past the limit of {limit} bytes")
-    return bytes(out)
+    return b"".join(parts)  # one part: that very object, no copy
 
 
 _ID_KEYS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
