@@ -676,10 +676,7 @@ class Store:
             for source in rollups.CHAINS:
                 row = self._con.execute(f"SELECT max(time_ns) FROM {source}").fetchall()
                 self._newest_ns[source] = row[0][0] if row and row[0][0] is not None else None
-                newest = self._newest_ns[source]
-                # the minute of the newest row may have rows from before this writer: count from the next one
-                self._counted_from[source] = (-2**63 if newest is None
-                                              else rollups.floor_minute(int(newest)) + rollups.MINUTE_NS)
+                self._count_after_newest(source)
             self._requests_rolled_until = request_rollups.watermark(self._con)
             row = self._con.execute("SELECT max(start_ns) FROM request_rows").fetchall()
             self._newest_request_ns = row[0][0] if row and row[0][0] is not None else None
@@ -1083,8 +1080,7 @@ class Store:
                 row = self._con.execute(f"SELECT max(time_ns) FROM {source}").fetchall()
                 if row and row[0][0] is not None:
                     self._newest_ns[source] = max(int(row[0][0]), self._newest_ns.get(source) or 0)
-                    # and this writer did not count them: those minutes go in chunks of minutes, not of rows
-                    self._counted_from[source] = rollups.floor_minute(self._newest_ns[source] or 0) + rollups.MINUTE_NS
+                    self._count_after_newest(source)  # this writer did not count those rows
             while self._roll_up_step():
                 pass
             row = self._con.execute("SELECT max(start_ns) FROM request_rows").fetchall()
@@ -1411,6 +1407,14 @@ class Store:
         else:  # pragma: no cover - a table of another column order
             self._append(cur, "request_rows", table)
 
+    def _count_after_newest(self, source: str) -> None:
+        """Rows of ``source`` up to its newest one may have come past this writer (before it opened the store, or
+        appended around it): only the minutes after the newest one's are counted, the others go in chunks of
+        minutes (_roll_up_span)."""
+        newest = self._newest_ns.get(source)
+        self._counted_from[source] = (-2**63 if newest is None
+                                      else rollups.floor_minute(int(newest)) + rollups.MINUTE_NS)
+
     def _count_minutes(self, source: str, view: pa.Table, until: int | None) -> None:
         """Add the rows of ``view`` to its table's rows per minute (those past the summaries' watermark
         ``until``): what a summary step takes is measured in rows (_roll_up_span)."""
@@ -1431,9 +1435,10 @@ class Store:
                 counted[minute] = counted.get(minute, 0) + n
 
     def _summarise_late(self, cur: duckdb.DuckDBPyConnection, source: str, view: pa.Table) -> None:
-        """Rows of ``source`` (its columns ``time_ns`` and the summaries' scope) of minutes already
-        summarised (a buffered export after an outage): summarise those minutes of those GPUs or nodes, and
-        their hours, again, in this transaction, so that the summaries never go stale."""
+        """Rows of ``source`` (its columns ``time_ns`` and the summaries' scope) just added: its newest time and
+        rows per minute are kept (the summary steps' measure), and rows of minutes already summarised (a buffered
+        export after an outage) have those minutes of those GPUs or nodes, and their hours, summarised again, in
+        this transaction, so that the summaries never go stale."""
         newest = pc.max(view["time_ns"]).as_py()
         if newest is not None and (self._newest_ns.get(source) is None or newest > (self._newest_ns[source] or 0)):
             self._newest_ns[source] = int(newest)
